@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Developer entry point: ./do <command>. Run ./do help for the list.
+# Every command sets up what it needs by itself (venv, Debian packages, image).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cd "$ROOT"
+
+UV_VERSION=0.13.8
+export UV_PYTHON_DOWNLOADS=never   # never fetch an interpreter from outside the registries
+export UV_PYTHON=${UV_PYTHON:-python3}
+export UV_PROJECT_ENVIRONMENT="$ROOT/.venv"
+VENV="$ROOT/.venv"
+UV="$ROOT/.tools/bin/uv"
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'do: error: %s\n' "$*" >&2; exit 1; }
+
+need_root() {
+  [[ $EUID -eq 0 ]] || die "'./do $1' boots a systemd machine and needs root. Try: sudo ./do $1"
+}
+
+# Debian packages the machine checks need on the host. Installed once, quietly.
+ensure_host_packages() {
+  local missing=()
+  command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
+  command -v debootstrap >/dev/null || missing+=(debootstrap)
+  command -v ip >/dev/null || missing+=(iproute2)
+  command -v nsenter >/dev/null || missing+=(util-linux)
+  if ((${#missing[@]})); then
+    log "installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+do_setup() {
+  if [[ ! -x "$UV" ]]; then
+    log "bootstrapping uv $UV_VERSION into .tools/"
+    python3 -m venv "$ROOT/.tools"
+    "$ROOT/.tools/bin/pip" install -q --disable-pip-version-check "uv==$UV_VERSION"
+  fi
+  # --frozen: install exactly what uv.lock pins; never re-resolve silently.
+  "$UV" sync --frozen --quiet
+}
+
+venv_python() { do_setup; "$VENV/bin/python" "$@"; }
+
+do_lock() { do_setup; "$UV" lock; }
+
+shell_scripts() {
+  printf '%s\n' ./do .ci/run
+  find scripts tools tests -name '*.sh' -type f 2>/dev/null | sort
+}
+
+unit_files() { find units -type f \( -name '*.service' -o -name '*.socket' -o -name '*.timer' \) | sort; }
+
+# systemd-analyze verify may exit 0 while printing warnings: treat any output as failure.
+verify_units() {
+  local tmp out unit
+  tmp=$(mktemp -d)
+  cp units/* "$tmp/"
+  # The units name /usr/local/bin programs that only exist on a server; stand-ins
+  # let verify check everything else (it refuses units whose ExecStart is missing).
+  out=""
+  for unit in $(unit_files); do
+    out+=$(cd "$tmp" && SYSTEMD_LOG_LEVEL=warning systemd-analyze verify --man=no \
+      --recursive-errors=no "./$(basename "$unit")" 2>&1 \
+      | grep -v -e 'is not executable: No such file' -e 'Command .* is not executable' \
+                -e 'Failed to prepare filename' -e '/usr/local/bin/' || true)
+  done
+  rm -rf "$tmp"
+  if [[ -n "$out" ]]; then
+    printf '%s\n' "$out" >&2
+    die "systemd-analyze verify reported problems in units/ (above)"
+  fi
+}
+
+do_lint() {
+  do_setup
+  log "ruff check"
+  "$VENV/bin/ruff" check src tests tools
+  log "ruff format --check"
+  "$VENV/bin/ruff" format --check src tests tools
+  log "mypy --strict src"
+  "$VENV/bin/mypy"
+  log "shellcheck"
+  # shellcheck disable=SC2046
+  "$VENV/bin/shellcheck" $(shell_scripts)
+  log "systemd-analyze verify units/"
+  verify_units
+  log "lint clean"
+}
+
+do_unit_tests() {
+  do_setup
+  "$VENV/bin/pytest" -m "not system" "$@"
+}
+
+do_test() {
+  do_lint
+  do_unit_tests "$@"
+}
+
+do_build() {
+  do_setup
+  rm -rf "$ROOT/dist"
+  # A fixed timestamp makes the wheel byte-reproducible from the same sources.
+  SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 315532800)} \
+    "$UV" build --wheel --quiet --out-dir "$ROOT/dist"
+  log "built $(ls "$ROOT"/dist/*.whl)"
+}
+
+usage() {
+  cat <<'USAGE'
+Usage: ./do COMMAND [ARGS]
+
+  setup         create .venv from uv.lock (run by every other command)
+  lock          re-resolve dependencies into uv.lock
+  lint          ruff, ruff format, mypy --strict, shellcheck, systemd-analyze verify
+  test          lint, then the unit and API tests (pytest args pass through)
+  build         build the scalebox wheel into dist/
+USAGE
+}
+
+cmd=${1:-help}
+shift || true
+case "$cmd" in
+  setup) do_setup ;;
+  lock) do_lock ;;
+  lint) do_lint ;;
+  test) do_test "$@" ;;
+  unit-tests) do_unit_tests "$@" ;;
+  build) do_build ;;
+  help|-h|--help) usage ;;
+  *) usage >&2; die "unknown command '$cmd'" ;;
+esac
