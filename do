@@ -120,6 +120,12 @@ Usage: ./do COMMAND [ARGS]
   lint          ruff, ruff format, mypy --strict, shellcheck, systemd-analyze verify
   test          lint, then the unit and API tests (pytest args pass through)
   build         build the scalebox wheel into dist/
+  keygen        make a release-signing key in keys/ (kept out of git)
+  tarball       build builds/scalebox-<version>-<arch>.tar.gz, signed
+  machine       boot or inspect a local systemd test server (nspawn); see ./do machine --help
+  check         tarball, boot a server, install.sh, API tests against it, tear down [--keep-vm]
+  system-tests  the update system tests on nspawn machines (root)
+  bench         the update benchmarks; prints the figures
 USAGE
 }
 
@@ -132,6 +138,13 @@ case "$cmd" in
   test) do_test "$@" ;;
   unit-tests) do_unit_tests "$@" ;;
   build) do_build ;;
+  keygen) venv_python -m tools.keygen "$@" ;;
+  tarball) venv_python -m tools.tarball "$@" ;;
+  machine) need_root machine; ensure_host_packages; venv_python -m tools.machine "$@" ;;
+  check) need_root check; ensure_host_packages; venv_python -m tools.check "$@" ;;
+  system-tests) need_root system-tests; ensure_host_packages; do_setup
+    "$VENV/bin/pytest" -m system tests/system "$@" ;;
+  bench) need_root bench; ensure_host_packages; venv_python -m tools.bench "$@" ;;
   help|-h|--help) usage ;;
   *) usage >&2; die "unknown command '$cmd'" ;;
 esac
