@@ -1,0 +1,198 @@
+"""The one HTTP door of the CLI: a thin client of the scaleboxd API.
+
+Every method returns the API's JSON unchanged (``--json`` prints it as is).
+httpx exceptions and error answers are translated here, at the boundary, into
+the CLI's errors: Unreachable, AuthRefused, NotFound, ApiError. Tests may pass
+an httpx transport; the CLI uses the real network.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from scalebox.cli.errors import ApiError, AuthRefused, NotFound, Unreachable
+
+# Connecting to a live server takes milliseconds; creating a VM copies a disk.
+DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
+
+Json = dict[str, Any]
+
+_HINTS = {
+    400: "check the command's options (see `scalebox COMMAND --help`)",
+    403: "the server does not allow this",
+    409: "choose another name; `scalebox template list` shows the names in use",
+    507: "free space on the server: delete VMs or templates you no longer need",
+}
+_SERVER_FAULT_HINT = "the server failed; its log says why (journalctl -u scaleboxd)"
+
+
+def _segment(value: str) -> str:
+    """Quote one path segment so that a name can never address another route."""
+    return quote(value, safe="")
+
+
+def _reason(exc: httpx.TransportError) -> str:
+    text = str(exc) or type(exc).__name__
+    # "[Errno 111] Connection refused" reads better without the errno.
+    return re.sub(r"^\[Errno -?\d+\]\s*", "", text).strip()
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+class Client:
+    """scaleboxd's REST API at ``url``, authenticated with ``token``."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        token_source: str = "",
+        transport: httpx.BaseTransport | None = None,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.url = url
+        self._token_source = token_source
+        headers = {"Accept": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        # Redirects are not followed: a redirect would carry the token to another host.
+        self._http = httpx.Client(
+            base_url=url,
+            headers=headers,
+            transport=transport,
+            timeout=timeout,
+            follow_redirects=False,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the API ---------------------------------------------------------
+
+    def health(self) -> Json:
+        return self._json(self._request("GET", "/health"))
+
+    def info(self) -> Json:
+        return self._json(self._request("GET", "/info"))
+
+    def list_vms(self) -> Json:
+        return self._json(self._request("GET", "/vms"))
+
+    def get_vm(self, id_or_name: str) -> Json:
+        return self._json(
+            self._request("GET", f"/vms/{_segment(id_or_name)}", not_found=_vm_gone(id_or_name))
+        )
+
+    def create_vm(self, body: Json) -> Json:
+        template = str(body.get("template", ""))
+        not_found = (
+            f"template '{template}' not found",
+            "`scalebox template list` shows the templates",
+        )
+        return self._json(self._request("POST", "/vms", body=body, not_found=not_found))
+
+    def delete_vm(self, id_or_name: str) -> None:
+        self._request("DELETE", f"/vms/{_segment(id_or_name)}", not_found=_vm_gone(id_or_name))
+
+    def snapshot_vm(self, id_or_name: str, template_name: str) -> Json:
+        return self._json(
+            self._request(
+                "POST",
+                f"/vms/{_segment(id_or_name)}/snapshot",
+                body={"template_name": template_name},
+                not_found=_vm_gone(id_or_name),
+            )
+        )
+
+    def list_templates(self) -> Json:
+        return self._json(self._request("GET", "/templates"))
+
+    def delete_template(self, name: str) -> None:
+        self._request(
+            "DELETE",
+            f"/templates/{_segment(name)}",
+            not_found=(f"template '{name}' not found", "`scalebox template list` shows them"),
+        )
+
+    # -- translation of answers into errors --------------------------------
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Json | None = None,
+        not_found: tuple[str, str] | None = None,
+    ) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, json=body)
+        except httpx.TimeoutException as exc:
+            raise Unreachable(
+                f"the Scalebox server at {self.url} did not answer in time ({_reason(exc)})",
+                "check that scaleboxd is running and not overloaded, then retry",
+            ) from exc
+        except httpx.TransportError as exc:
+            raise Unreachable(
+                f"cannot reach the Scalebox server at {self.url}: {_reason(exc)}",
+                "check the URL (SCALEBOX_URL or `scalebox login`) and that scaleboxd is running",
+            ) from exc
+        if response.is_success:
+            return response
+        message = self._error_text(response)
+        status = response.status_code
+        if status == 401:
+            source = f" from {self._token_source}" if self._token_source else ""
+            raise AuthRefused(
+                f"the server refused the token{source}",
+                "run `scalebox login` to store a valid one",
+                status,
+            )
+        if status == 404 and not_found is not None:
+            raise NotFound(not_found[0], not_found[1], status)
+        if status == 404:
+            raise NotFound(f"{method} {path}: {message}", "check SCALEBOX_URL", status)
+        hint = _HINTS.get(status, _SERVER_FAULT_HINT if status >= 500 else None)
+        raise ApiError(f"{message} (HTTP {status})", hint, status)
+
+    def _error_text(self, response: httpx.Response) -> str:
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if isinstance(payload, dict) and isinstance(payload.get("error"), str):
+            return _one_line(payload["error"])
+        if response.text.strip():
+            return _one_line(response.text)
+        return response.reason_phrase or "error"
+
+    def _json(self, response: httpx.Response) -> Json:
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            raise ApiError(
+                f"the server at {self.url} answered {response.request.url.path} "
+                "with something that is not a JSON object",
+                "check that the URL points at scaleboxd",
+                response.status_code,
+            )
+        return payload
+
+
+def _vm_gone(id_or_name: str) -> tuple[str, str]:
+    return (f"VM '{id_or_name}' not found", "`scalebox vm list` shows the VMs")

@@ -1,0 +1,53 @@
+"""Errors of the scalebox CLI and the exit codes they map to.
+
+The exit codes are part of the CLI's interface (scripts test them) and are
+printed in ``scalebox --help``; keep them stable.
+"""
+
+from __future__ import annotations
+
+from scalebox.errors import ScaleboxError
+
+EXIT_OK = 0
+EXIT_API_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_AUTH = 4
+EXIT_NOT_FOUND = 5
+
+EXIT_CODES_HELP = (
+    (EXIT_OK, "success"),
+    (EXIT_API_ERROR, "the server answered with an error"),
+    (EXIT_USAGE, "usage or configuration error (nothing was sent)"),
+    (EXIT_UNREACHABLE, "cannot reach the server"),
+    (EXIT_AUTH, "the server refused the token"),
+    (EXIT_NOT_FOUND, "the VM or template does not exist"),
+)
+
+
+class ApiError(ScaleboxError):
+    """The server answered with an error; ``what`` is its ``{"error"}`` text."""
+
+    exit_code = EXIT_API_ERROR
+
+    def __init__(self, what: str, hint: str | None = None, status: int = 0) -> None:
+        super().__init__(what, hint)
+        self.status = status
+
+
+class Unreachable(ScaleboxError):
+    """No HTTP answer: connection refused, DNS failure, timeout, TLS failure."""
+
+    exit_code = EXIT_UNREACHABLE
+
+
+class AuthRefused(ApiError):
+    """401: the token is missing or wrong."""
+
+    exit_code = EXIT_AUTH
+
+
+class NotFound(ApiError):
+    """404: the VM or template named on the command line does not exist."""
+
+    exit_code = EXIT_NOT_FOUND

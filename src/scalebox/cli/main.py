@@ -1,0 +1,375 @@
+"""scalebox: the user CLI of a Scalebox server.
+
+The one top-level handler is ScaleboxGroup.invoke: a ScaleboxError becomes a
+single line on stderr and its exit code (see scalebox.cli.errors); any other
+exception keeps its traceback, because it is a bug.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from scalebox import __version__, fsutil
+from scalebox.cli import output, settings
+from scalebox.cli.client import Client, Json
+from scalebox.cli.errors import EXIT_CODES_HELP
+from scalebox.cli.sshkey import choose_public_key
+from scalebox.errors import ConfigError, ScaleboxError, UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+TEMPLATE_NAME = re.compile(r"^[a-zA-Z0-9_-]+$")  # the API contract's rule for template names
+
+EPILOG = (
+    "\b\nConfiguration, first found wins:\n"
+    "  environment: SCALEBOX_URL, SCALEBOX_TOKEN\n"
+    "  $XDG_CONFIG_HOME/scalebox/config (default ~/.config/scalebox/config)\n"
+    "  /etc/scalebox/config\n"
+    "Files hold KEY=VALUE lines; `scalebox login` writes the user file.\n"
+    "\n\b\nExit codes:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES_HELP)
+)
+
+
+class ReportedError(click.ClickException):
+    """A ScaleboxError on its way out: one line on stderr, the error's exit code."""
+
+    def __init__(self, error: ScaleboxError) -> None:
+        what = error.what.rstrip(".")
+        super().__init__(f"{what}; {error.hint}" if error.hint else what)
+        # click declares exit_code a ClassVar but reads it from the instance it catches.
+        self.exit_code = error.exit_code  # type: ignore[misc]
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"scalebox: error: {self.message}", err=True)
+
+
+class ScaleboxGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ScaleboxError as exc:
+            raise ReportedError(exc) from exc
+
+
+def json_option(func: F) -> F:
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print the API's JSON instead of text."
+    )(func)
+
+
+def warn(message: str) -> None:
+    click.echo(f"scalebox: warning: {message}", err=True)
+
+
+def current_settings() -> settings.Settings:
+    found = settings.load()
+    for message in found.warnings:
+        warn(message)
+    return found
+
+
+def connect(*, auth: bool = True) -> Client:
+    found = current_settings()
+    url = found.require_url()
+    if not auth:
+        return Client(url)
+    return Client(url, found.require_token(), token_source=found.token_source)
+
+
+def check_vm_ref(value: str) -> str:
+    # A VM id or name becomes one URL path segment; these could never name a VM.
+    if value in {"", ".", ".."} or "/" in value or not value.isprintable():
+        raise UsageError(f"{value!r} is not a VM id or name", "`scalebox vm list` shows the VMs")
+    return value
+
+
+def check_template_name(value: str, option: str) -> str:
+    if not TEMPLATE_NAME.match(value):
+        raise UsageError(
+            f"{option} {value!r} is not a valid template name",
+            "use letters, digits, '-' and '_' only",
+        )
+    return value
+
+
+@click.group(
+    cls=ScaleboxGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]}
+)
+@click.version_option(__version__, prog_name="scalebox")
+def cli() -> None:
+    """Create and manage sandbox VMs on a Scalebox server."""
+
+
+# -- status ----------------------------------------------------------------
+
+
+@cli.command()
+@json_option
+def status(as_json: bool) -> None:
+    """Show whether the server is up, its version and its resources."""
+    with connect(auth=False) as client:
+        health = client.health()
+        info = client.info()
+        url = client.url
+    if as_json:
+        output.print_json({"health": health, "info": info})
+        return
+    storage = info.get("storage") or {}
+    memory = info.get("memory") or {}
+    output.print_fields(
+        [
+            ("server", url),
+            ("status", output.text(health.get("status"))),
+            ("version", output.text(health.get("version"))),
+            ("host ip", output.text(info.get("host_ip"))),
+            ("vms", output.text(info.get("vms_count"))),
+            ("templates", output.text(info.get("templates_count"))),
+            (
+                "storage",
+                f"{output.text(storage.get('free_gb'))} GB free of "
+                f"{output.text(storage.get('total_gb'))} GB",
+            ),
+            (
+                "memory",
+                f"{output.text(memory.get('free_gb'))} GB free of "
+                f"{output.text(memory.get('total_gb'))} GB",
+            ),
+            ("cpu", f"{output.text(info.get('cpu_percent'))} %"),
+        ]
+    )
+
+
+# -- vm --------------------------------------------------------------------
+
+
+@cli.group()
+def vm() -> None:
+    """Create, list, inspect, snapshot and delete VMs."""
+
+
+VM_HEADERS = ("ID", "NAME", "TEMPLATE", "STATUS", "SSH", "CREATED")
+
+
+def vm_row(item: Json) -> list[str]:
+    return [
+        output.text(item.get(key))
+        for key in ("id", "name", "template", "status", "ssh", "created_at")
+    ]
+
+
+def print_vm(item: Json) -> None:
+    output.print_fields(
+        [
+            ("id", output.text(item.get("id"))),
+            ("name", output.text(item.get("name"))),
+            ("template", output.text(item.get("template"))),
+            ("status", output.text(item.get("status"))),
+            ("ip", output.text(item.get("ip"))),
+            ("ssh port", output.text(item.get("ssh_port"))),
+            ("ssh", output.text(item.get("ssh"))),
+            ("url", output.text(item.get("url"))),
+            ("created", output.text(item.get("created_at"))),
+        ]
+    )
+
+
+@vm.command("list")
+@json_option
+def vm_list(as_json: bool) -> None:
+    """List the VMs."""
+    with connect() as client:
+        answer = client.list_vms()
+    if as_json:
+        output.print_json(answer)
+        return
+    vms = answer.get("vms") or []
+    if not vms:
+        click.echo("No VMs. Create one with `scalebox vm create`.")
+        return
+    output.print_table(VM_HEADERS, [vm_row(item) for item in vms])
+
+
+@vm.command("get")
+@click.argument("vm_ref", metavar="VM")
+@json_option
+def vm_get(vm_ref: str, as_json: bool) -> None:
+    """Show one VM, by id or name."""
+    check_vm_ref(vm_ref)
+    with connect() as client:
+        answer = client.get_vm(vm_ref)
+    if as_json:
+        output.print_json(answer)
+    else:
+        print_vm(answer)
+
+
+@vm.command("create")
+@click.option("--template", default="debian-base", show_default=True, help="Template to copy.")
+@click.option(
+    "--ssh-key",
+    "ssh_key_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Public key file the VM accepts [default: ~/.ssh/id_ed25519.pub or id_rsa.pub].",
+)
+@click.option("--ssh-public-key", "ssh_key_text", help="The public key itself, instead of a file.")
+@click.option("--name", help="VM name [default: the server picks one].")
+@click.option("--vcpu", type=click.IntRange(min=1), help="Virtual CPUs [default: the server's].")
+@click.option("--mem", type=click.IntRange(min=1), help="Memory in MiB [default: the server's].")
+@click.option("--disk", type=click.IntRange(min=1), help="Disk in GiB [default: the server's].")
+@json_option
+def vm_create(
+    *,
+    template: str,
+    ssh_key_file: Path | None,
+    ssh_key_text: str | None,
+    name: str | None,
+    vcpu: int | None,
+    mem: int | None,
+    disk: int | None,
+    as_json: bool,
+) -> None:
+    """Create a VM from a template and print how to reach it."""
+    check_template_name(template, "--template")
+    if name is not None:
+        check_vm_ref(name)
+    key = choose_public_key(ssh_key_file, ssh_key_text, Path.home() / ".ssh")
+    body: Json = {"template": template, "ssh_public_key": key}
+    optional = {"name": name, "vcpu_count": vcpu, "mem_size_mib": mem, "disk_size_gib": disk}
+    body.update({field: value for field, value in optional.items() if value is not None})
+    with connect() as client:
+        answer = client.create_vm(body)
+    if as_json:
+        output.print_json(answer)
+        return
+    click.echo(f"Created VM {answer.get('name')} ({answer.get('id')}). Connect with:")
+    click.echo(f"  {answer.get('ssh')}")
+    print_vm(answer)
+
+
+@vm.command("delete")
+@click.argument("vm_ref", metavar="VM")
+@json_option
+def vm_delete(vm_ref: str, as_json: bool) -> None:
+    """Delete a VM and its disk, by id or name. With --json, prints nothing."""
+    check_vm_ref(vm_ref)
+    with connect() as client:
+        client.delete_vm(vm_ref)
+    if not as_json:
+        click.echo(f"Deleted VM {vm_ref}.")
+
+
+@vm.command("snapshot")
+@click.argument("vm_ref", metavar="VM")
+@click.argument("template_name", metavar="TEMPLATE_NAME")
+@json_option
+def vm_snapshot(vm_ref: str, template_name: str, as_json: bool) -> None:
+    """Copy a VM's disk into a new template named TEMPLATE_NAME."""
+    check_vm_ref(vm_ref)
+    check_template_name(template_name, "TEMPLATE_NAME")
+    with connect() as client:
+        answer = client.snapshot_vm(vm_ref, template_name)
+    if as_json:
+        output.print_json(answer)
+        return
+    click.echo(
+        f"Saved VM {vm_ref} as template {answer.get('template')} "
+        f"({output.size(answer.get('size_bytes'))})."
+    )
+
+
+# -- template --------------------------------------------------------------
+
+
+@cli.group()
+def template() -> None:
+    """List and delete templates (VMs are created from them)."""
+
+
+@template.command("list")
+@json_option
+def template_list(as_json: bool) -> None:
+    """List the templates."""
+    with connect() as client:
+        answer = client.list_templates()
+    if as_json:
+        output.print_json(answer)
+        return
+    templates = answer.get("templates") or []
+    if not templates:
+        click.echo("No templates.")
+        return
+    rows = [
+        [
+            output.text(t.get("name")),
+            output.size(t.get("size_bytes")),
+            output.text(t.get("created_at")),
+        ]
+        for t in templates
+    ]
+    output.print_table(("NAME", "SIZE", "CREATED"), rows)
+
+
+@template.command("delete")
+@click.argument("name")
+@json_option
+def template_delete(name: str, as_json: bool) -> None:
+    """Delete a template. debian-base is protected. With --json, prints nothing."""
+    check_template_name(name, "NAME")
+    with connect() as client:
+        client.delete_template(name)
+    if not as_json:
+        click.echo(f"Deleted template {name}.")
+
+
+# -- login -----------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--url", help="Server URL, e.g. http://203.0.113.7:8080 (prompted when missing).")
+@click.option("--token", help="API token (prompted without echo when missing).")
+@json_option
+def login(url: str | None, token: str | None, as_json: bool) -> None:
+    """Check a server URL and token, then save them in your config file (mode 0600)."""
+    path = settings.user_config_path(os.environ)
+    if url is None:
+        try:
+            default = settings.load().url
+        except ConfigError:
+            default = None  # a broken old config must not block writing a good one
+        url = click.prompt("Server URL", default=default)
+    url = settings.normalize_url(url, "--url")
+    if token is None:
+        token = click.prompt("API token", hide_input=True)
+    token = settings.check_token(token.strip(), "--token")
+    # Only credentials the server accepts are saved: a bad token changes nothing.
+    with Client(url, token, token_source="--token") as client:  # noqa: S106 - a label
+        vms = client.list_vms().get("vms") or []
+    save_login(path, url, token)
+    if as_json:
+        output.print_json({"url": url, "config": str(path), "vms_count": len(vms)})
+    else:
+        click.echo(f"Logged in to {url} ({len(vms)} VMs). Saved to {path}.")
+    for key in (settings.URL_KEY, settings.TOKEN_KEY):
+        if os.environ.get(key):
+            warn(f"{key} is set in your environment and overrides the saved value")
+
+
+def save_login(path: Path, url: str, token: str) -> None:
+    # The directory holds a secret too: create it private (mkdir honours umask too).
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    text = (
+        "# Written by `scalebox login`. KEY=VALUE lines.\n"
+        f"{settings.URL_KEY}={url}\n"
+        f"{settings.TOKEN_KEY}={token}\n"
+    )
+    fsutil.atomic_write(path, text, mode=0o600)
+
+
+def main() -> None:
+    cli(prog_name="scalebox")
