@@ -1,0 +1,222 @@
+"""scaleboxd: the API daemon's entry point.
+
+    scaleboxd [--config PATH] [--bind HOST]   run the API
+    scaleboxd --check-config [PATH]           validate the config and exit
+    scaleboxd --version                       print the version /health reports
+    scaleboxd --config PATH --run-guest ID    the guest program of one VM
+
+Exit codes: 0 ok, 1 failure (see the log), 2 invalid config or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Generator, Sequence
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+import scalebox
+from scalebox import config as config_module
+from scalebox.config import ServerConfig
+from scalebox.daemon import systemd
+from scalebox.errors import ConfigError, ScaleboxError
+
+log = logging.getLogger("scaleboxd")
+
+# Below systemd's TimeoutStopSec=30, so state is saved before a SIGKILL.
+GRACEFUL_SHUTDOWN_SECONDS = 20
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="scaleboxd",
+        description="The Scalebox API daemon. Exit codes: 0 ok, 1 failure, 2 invalid config.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=config_module.DEFAULT_PATH,
+        help=f"config file (default {config_module.DEFAULT_PATH})",
+    )
+    parser.add_argument(
+        "--check-config",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="validate the config (PATH, else --config) and exit: 0 valid, 2 invalid",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument(
+        "--bind",
+        default="0.0.0.0",
+        metavar="HOST",
+        help="address to listen on when not socket-activated (default 0.0.0.0)",
+    )
+    parser.add_argument("--run-guest", metavar="VM_ID", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def setup_logging() -> None:
+    """One line per event on stderr; under systemd journald adds time and unit."""
+    under_journald = bool(os.environ.get("JOURNAL_STREAM"))
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not under_journald:
+        fmt = "%(asctime)s " + fmt
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def check_config(path: Path) -> int:
+    try:
+        config = config_module.load(path, os.environ)
+    except ConfigError as exc:
+        print(f"scaleboxd: {exc}", file=sys.stderr)
+        return ConfigError.exit_code
+    print(f"config OK: {path}")
+    for warning in config.warnings:
+        print(f"warning: {warning}")
+    return 0
+
+
+def load_config(path: Path) -> ServerConfig:
+    config = config_module.load(path, os.environ)
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    return config
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, telling systemd when it is ready and when it stops."""
+
+    def __init__(self, config: uvicorn.Config, early_signals: list[int]) -> None:
+        super().__init__(config)
+        self.early_signals = early_signals
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.early_signals:  # arrived between VM reconciliation and uvicorn's handlers
+            self.should_exit = True
+        if self.started and not self.should_exit:
+            systemd.notify(f"READY=1\nSTATUS=serving, version {scalebox.__version__}")
+            log.info("scaleboxd %s ready", scalebox.__version__)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        systemd.notify("STOPPING=1")
+        log.info("stopping: finishing in-flight requests")
+        await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # uvicorn re-raises the signal after a graceful stop, which would kill
+        # the process before the VM state is saved; only record it here.
+        originals = {
+            sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+
+def listening_socket(bind: str, port: int) -> socket.socket:
+    sock = systemd.take_activation_socket(os.environ, os.getpid())
+    if sock is not None:
+        log.info("using the listening socket passed by systemd (%s)", _address(sock))
+        return sock
+    try:
+        sock = systemd.bind_socket(bind, port)
+    except OSError as exc:
+        raise ScaleboxError(
+            f"cannot listen on {bind}:{port}: {exc.strerror}",
+            "stop whatever uses the port, or set API_PORT in the config",
+        ) from None
+    log.info("listening on %s", _address(sock))
+    return sock
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+def serve(config: ServerConfig, bind: str) -> int:
+    from scalebox.daemon.app import create_app  # noqa: PLC0415  (fastapi import is slow)
+    from scalebox.daemon.vms.service import VMService  # noqa: PLC0415
+
+    # A signal before uvicorn takes over (while VMs are reconciled) must still
+    # end in a clean stop with state saved.
+    stop_requested: list[int] = []
+
+    def early_stop(signum: int, _frame: FrameType | None) -> None:
+        stop_requested.append(signum)
+
+    signal.signal(signal.SIGTERM, early_stop)
+    signal.signal(signal.SIGINT, early_stop)
+
+    # Listen first: with socket activation connections already queue in the
+    # kernel, and without it clients get queued instead of refused while VMs
+    # are reconciled.
+    sock = listening_socket(bind, config.api_port)
+    service = VMService(config, log.getChild("vms"))
+    try:
+        service.start()
+        if stop_requested:
+            log.info("stopping before serving: received signal %d", stop_requested[0])
+            systemd.notify("STOPPING=1")
+            return 0
+        app = create_app(config, service, log.getChild("api"))
+        uv_config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,  # AccessLogMiddleware logs the path only, never headers
+            lifespan="off",
+            proxy_headers=False,
+            server_header=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        )
+        Server(uv_config, stop_requested).run(sockets=[sock])
+    finally:
+        service.close()
+        log.info("state saved; scaleboxd %s exits", scalebox.__version__)
+    return 0
+
+
+def run_guest(config_path: Path, vm_id: str) -> int:
+    from scalebox.daemon.vms import guest  # noqa: PLC0415
+
+    config = config_module.load(config_path, os.environ)
+    return guest.run(config, vm_id)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.version:
+        print(scalebox.__version__)
+        return 0
+    if args.check_config is not None:
+        return check_config(Path(args.check_config) if args.check_config else args.config)
+    setup_logging()
+    try:
+        if args.run_guest is not None:
+            return run_guest(args.config, args.run_guest)
+        log.info("scaleboxd %s starting with config %s", scalebox.__version__, args.config)
+        return serve(load_config(args.config), args.bind)
+    except ScaleboxError as exc:
+        log.error("%s", exc)  # noqa: TRY400  (a ScaleboxError is for people; no traceback)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
