@@ -1,0 +1,255 @@
+"""Where a VM's guest runs: the Backend interface and its implementations.
+
+A backend starts, stops and observes guests; it knows nothing about state,
+names or templates. Two run the process guest (``guest.py``) today:
+
+- ``SystemdBackend``: one unit ``scalebox-vm@<id>.service`` per VM, so
+  restarting or updating scaleboxd never touches a VM;
+- ``ProcessBackend``: outside systemd (tests, development), a detached
+  process group per VM, found again by its command line under /proc.
+
+A Firecracker backend implements the same four methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from scalebox.daemon.vms.command import run
+from scalebox.daemon.vms.naming import VM_ID_RE
+
+GUEST_MODULE = "scalebox.daemon.vms.guest"
+GUEST_LOG_NAME = "guest.log"
+STOP_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class GuestStatus:
+    status: str  # running, starting, stopping, stopped, failed
+    pid: int | None = None
+
+
+class Backend(Protocol):
+    def start(self, vm_id: str) -> int | None:
+        """Start the guest of ``vm_id`` (its directory and vm.json exist); return its pid."""
+
+    def stop(self, vm_id: str, pid: int | None) -> None:
+        """Stop the guest of ``vm_id``; nothing running is fine."""
+
+    def status(self, vm_id: str, pid: int | None) -> GuestStatus:
+        """What the guest of ``vm_id`` is doing now; ``pid`` is the last one seen."""
+
+    def list_running(self) -> dict[str, int | None]:
+        """Every guest of this DATA_DIR that runs, known to the state or not: id -> pid."""
+
+    def logs_hint(self, vm_id: str) -> str:
+        """Where a person finds the guest's output."""
+
+
+def running_under_systemd() -> bool:
+    """True when scaleboxd itself runs as a systemd service.
+
+    /run/systemd/system says systemd is PID 1; INVOCATION_ID says we are one
+    of its services. A developer's shell on a systemd host has only the
+    first, and must not put test VMs into system units.
+    """
+    return Path("/run/systemd/system").is_dir() and "INVOCATION_ID" in os.environ
+
+
+def unit_name(vm_id: str) -> str:
+    return f"scalebox-vm@{vm_id}.service"
+
+
+def parse_show(text: str) -> GuestStatus:
+    """``systemctl show -p MainPID,ActiveState`` output -> GuestStatus."""
+    props = dict(line.partition("=")[::2] for line in text.splitlines() if "=" in line)
+    active = props.get("ActiveState", "")
+    pid = int(props["MainPID"]) if props.get("MainPID", "0").isdigit() else 0
+    status = {
+        "active": "running",
+        "reloading": "running",
+        "activating": "starting",
+        "deactivating": "stopping",
+        "failed": "failed",
+    }.get(active, "stopped")
+    return GuestStatus(status, pid or None)
+
+
+def parse_list_units(text: str) -> list[str]:
+    """VM ids of the ``scalebox-vm@`` units in ``systemctl list-units --plain --no-legend``."""
+    ids = []
+    for line in text.splitlines():
+        unit = line.split(maxsplit=1)[0] if line.strip() else ""
+        if unit.startswith("scalebox-vm@") and unit.endswith(".service"):
+            vm_id = unit[len("scalebox-vm@") : -len(".service")]
+            if VM_ID_RE.fullmatch(vm_id):
+                ids.append(vm_id)
+    return ids
+
+
+class SystemdBackend:
+    """Each guest in its own unit; systemd keeps it when scaleboxd restarts."""
+
+    def start(self, vm_id: str) -> int | None:
+        unit = unit_name(vm_id)
+        self._reset_if_failed(vm_id)
+        run(["systemctl", "start", unit], f"start unit {unit} of VM {vm_id}")
+        return self.status(vm_id, None).pid
+
+    def stop(self, vm_id: str, pid: int | None) -> None:
+        unit = unit_name(vm_id)
+        run(["systemctl", "stop", unit], f"stop unit {unit} of VM {vm_id}")
+        self._reset_if_failed(vm_id)
+
+    def status(self, vm_id: str, pid: int | None) -> GuestStatus:
+        unit = unit_name(vm_id)
+        out = run(
+            ["systemctl", "show", "-p", "MainPID,ActiveState", unit],
+            f"read the state of unit {unit}",
+        )
+        return parse_show(out)
+
+    def list_running(self) -> dict[str, int | None]:
+        out = run(
+            [
+                "systemctl", "list-units", "--plain", "--no-legend",
+                "--state=active,activating,deactivating,reloading", "scalebox-vm@*.service",
+            ],
+            "list the units of running VMs",
+        )  # fmt: skip
+        return {vm_id: self.status(vm_id, None).pid for vm_id in parse_list_units(out)}
+
+    def logs_hint(self, vm_id: str) -> str:
+        return f"journalctl -u {unit_name(vm_id)}"
+
+    def _reset_if_failed(self, vm_id: str) -> None:
+        # A failed unit keeps its old failure in `systemctl status` and the
+        # unit list; clear it so what is shown is this VM's present.
+        if self.status(vm_id, None).status == "failed":
+            unit = unit_name(vm_id)
+            run(["systemctl", "reset-failed", unit], f"reset the failed unit {unit}")
+
+
+# Guests this process started, so their exit status is collected (no zombies)
+# and their end can be awaited. Module-level: a second VMService in the same
+# process (tests) must reap the first one's children too.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def guest_argv(data_dir: Path, vm_id: str) -> list[str]:
+    # -P: do not put the working directory on sys.path; a VM's files never shadow our modules.
+    return [sys.executable, "-P", "-m", GUEST_MODULE, "--data-dir", str(data_dir), "--vm-id", vm_id]
+
+
+def guest_of(cmdline: list[str], data_dir: Path) -> str | None:
+    """The VM id a process with ``cmdline`` serves for ``data_dir``, or None."""
+    if GUEST_MODULE not in cmdline:
+        return None
+    args = cmdline[cmdline.index(GUEST_MODULE) + 1 :]
+    pairs = dict(zip(args[::2], args[1::2], strict=False))
+    vm_id = pairs.get("--vm-id", "")
+    if pairs.get("--data-dir") == str(data_dir) and VM_ID_RE.fullmatch(vm_id):
+        return vm_id
+    return None
+
+
+def _live_cmdline(pid: int) -> list[str] | None:
+    """The command line of live process ``pid``; None if it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    # Field 3, after the parenthesised command name (which may hold spaces).
+    if stat.rpartition(")")[2].split()[:1] in (["Z"], ["X"]):
+        return None
+    return [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]]
+
+
+class ProcessBackend:
+    """Each guest in a detached process group (start_new_session), outside systemd.
+
+    The pid is recorded, and a guest is only trusted (adopted or signalled)
+    when /proc shows it is our guest program for this DATA_DIR and VM id, so
+    a reused pid never makes us adopt or kill a stranger.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self._data_dir = data_dir
+
+    def start(self, vm_id: str) -> int | None:
+        vm_dir = self._data_dir / "vms" / vm_id
+        with (vm_dir / GUEST_LOG_NAME).open("ab") as log:
+            child = subprocess.Popen(
+                guest_argv(self._data_dir, vm_id),
+                cwd=vm_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        _children[child.pid] = child
+        return child.pid
+
+    def stop(self, vm_id: str, pid: int | None) -> None:
+        pids = {p for p in (pid,) if p is not None and self._serves(p, vm_id)}
+        pids |= {p for other, p in self._scan().items() if other == vm_id}
+        for p in pids:
+            self._signal(p, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for p in pids:
+            if not self._wait_gone(p, vm_id, deadline):
+                self._signal(p, signal.SIGKILL)
+                self._wait_gone(p, vm_id, time.monotonic() + STOP_TIMEOUT)
+
+    def status(self, vm_id: str, pid: int | None) -> GuestStatus:
+        if pid is not None and self._serves(pid, vm_id):
+            return GuestStatus("running", pid)
+        return GuestStatus("stopped", None)
+
+    def list_running(self) -> dict[str, int | None]:
+        return dict(self._scan())
+
+    def logs_hint(self, vm_id: str) -> str:
+        return str(self._data_dir / "vms" / vm_id / GUEST_LOG_NAME)
+
+    def _scan(self) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                cmdline = _live_cmdline(int(entry.name))
+                vm_id = guest_of(cmdline, self._data_dir) if cmdline else None
+                if vm_id:
+                    found[vm_id] = int(entry.name)
+        return found
+
+    def _serves(self, pid: int, vm_id: str) -> bool:
+        child = _children.get(pid)
+        if child is not None and child.poll() is not None:
+            del _children[pid]  # reaped: its pid may be reused from now on
+            return False
+        cmdline = _live_cmdline(pid)
+        return cmdline is not None and guest_of(cmdline, self._data_dir) == vm_id
+
+    def _signal(self, pid: int, signum: signal.Signals) -> None:
+        try:
+            os.killpg(pid, signum)  # the guest leads its own group: its children go too
+        except ProcessLookupError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def _wait_gone(self, pid: int, vm_id: str, deadline: float) -> bool:
+        while time.monotonic() < deadline:
+            if not self._serves(pid, vm_id):
+                return True
+            time.sleep(0.02)
+        return False

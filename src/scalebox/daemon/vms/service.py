@@ -1,0 +1,425 @@
+"""VMService: the VM domain of scaleboxd, the one thing the HTTP layer calls.
+
+It owns DATA_DIR (``templates/<name>/{disk/,template.json}``,
+``vms/<id>/{disk/,vm.json,guest.log}``, ``state.json``) and decides; the
+backend (backend.py) only starts, stops and observes guests. Every change
+runs under one lock and is saved atomically before the call returns. Bad
+input is rejected before anything changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shutil
+import socket
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from scalebox.config import ServerConfig
+from scalebox.daemon.errors import ApiError, Conflict, InsufficientStorage, NotFound, Protected
+from scalebox.daemon.vms import disks, hostinfo, naming, state
+from scalebox.daemon.vms.backend import (
+    Backend,
+    ProcessBackend,
+    SystemdBackend,
+    running_under_systemd,
+)
+from scalebox.daemon.vms.models import VM, Template, now_iso
+from scalebox.fsutil import atomic_write
+
+__all__ = ["VM", "GuestFailed", "NoFreePort", "Template", "VMService"]
+
+BASE_TEMPLATE = "debian-base"
+PROTECTED_TEMPLATES = frozenset({BASE_TEMPLATE})
+BASE_HELLO = "hello from debian-base\n"
+GUEST_IP = "127.0.0.1"  # process guests share the host's network; Firecracker gives each its own
+MAX_VCPU_COUNT = 256
+MIN_MEM_SIZE_MIB, MAX_MEM_SIZE_MIB = 64, 1048576
+READY_TIMEOUT = 10.0
+GIB = 1024**3
+TMP_PREFIX = ".tmp-"
+
+
+class NoFreePort(ApiError):
+    """Every ssh port of PORT_MIN..PORT_MAX is taken."""
+
+    status = 503
+
+
+class GuestFailed(ApiError):
+    """A VM's guest did not come up."""
+
+    status = 500
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a guest could listen on ``port`` now (binds the way the guest does)."""
+    try:
+        with socket.create_server(("0.0.0.0", port)):
+            return True
+    except OSError:
+        return False
+
+
+def is_listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class VMService:
+    def __init__(
+        self, config: ServerConfig, log: logging.Logger, *, use_systemd: bool | None = None
+    ) -> None:
+        self._config = config
+        self._log = log
+        self._data_dir = config.data_dir
+        self._templates_dir = config.data_dir / "templates"
+        self._vms_dir = config.data_dir / "vms"
+        self._state_path = config.data_dir / "state.json"
+        if use_systemd is None:
+            use_systemd = running_under_systemd()
+        self._backend: Backend = SystemdBackend() if use_systemd else ProcessBackend(self._data_dir)
+        self._vms: dict[str, VM] = {}
+        self._lock = threading.RLock()
+        self._cpu = hostinfo.CpuMeter()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the storage, the base template, load state and reconcile it with what runs."""
+        with self._lock:
+            for directory in (self._data_dir, self._templates_dir, self._vms_dir):
+                directory.mkdir(parents=True, exist_ok=True)
+            self._remove_unfinished()
+            self._ensure_base_template()
+            loaded = state.load(self._state_path)
+            vms = loaded.vms
+            if loaded.problem is not None:
+                vms = self._recover_from_vm_records()
+                self._log.error(
+                    "state file %s is corrupt (%s); kept it as %s and rebuilt the list of %d "
+                    "VM(s) from %s/*/vm.json",
+                    self._state_path, loaded.problem, loaded.kept_as, len(vms), self._vms_dir,
+                )  # fmt: skip
+            self._vms = {vm.id: vm for vm in vms}
+            self._reconcile()
+            self._save()
+
+    def close(self) -> None:
+        """Save the state. VMs keep running: they outlive the daemon on purpose."""
+        with self._lock:
+            self._save()
+
+    # -- templates -------------------------------------------------------------
+
+    def list_templates(self) -> list[Template]:
+        with self._lock:
+            names = sorted(
+                entry.name
+                for entry in self._templates_dir.iterdir()
+                if naming.NAME_RE.fullmatch(entry.name) and (entry / "disk").is_dir()
+            )
+            return [self._template(name) for name in names]
+
+    def delete_template(self, name: str) -> None:
+        name = naming.check_template_name(name, "template name")
+        if name in PROTECTED_TEMPLATES:
+            raise Protected(
+                f"template {name} is protected", "only templates made by snapshots can be deleted"
+            )
+        with self._lock:
+            path = self._templates_dir / name
+            if not (path / "disk").is_dir():
+                raise NotFound(
+                    f"template {name} not found", "list templates: scalebox template list"
+                )
+            # Rename first: readers never see half a template, and a crash
+            # leaves a .tmp- directory that the next start removes.
+            doomed = self._templates_dir / f"{TMP_PREFIX}delete-{name}-{secrets.token_hex(4)}"
+            path.rename(doomed)
+            disks.remove_tree(doomed)
+
+    # -- VMs ---------------------------------------------------------------------
+
+    def list_vms(self) -> list[VM]:
+        with self._lock:
+            vms = sorted(self._vms.values(), key=lambda vm: (vm.created_at, vm.id))
+            return [self._with_status(vm) for vm in vms]
+
+    def get_vm(self, id_or_name: str) -> VM:
+        with self._lock:
+            return self._with_status(self._find(id_or_name))
+
+    def create_vm(
+        self,
+        *,
+        template: str,
+        ssh_public_key: str,
+        name: str | None = None,
+        vcpu_count: int | None = None,
+        mem_size_mib: int | None = None,
+        disk_size_gib: int | None = None,
+    ) -> VM:
+        cfg = self._config
+        template = naming.check_template_name(template)
+        key = naming.check_ssh_key(ssh_public_key)
+        wanted_name = None if name is None else naming.check_vm_name(name)
+        vcpus = naming.check_int(
+            cfg.default_vcpu_count if vcpu_count is None else vcpu_count,
+            "vcpu_count", 1, MAX_VCPU_COUNT,
+        )  # fmt: skip
+        mem = naming.check_int(
+            cfg.default_mem_size_mib if mem_size_mib is None else mem_size_mib,
+            "mem_size_mib", MIN_MEM_SIZE_MIB, MAX_MEM_SIZE_MIB,
+        )  # fmt: skip
+        disk = naming.check_int(
+            cfg.default_disk_size_gib if disk_size_gib is None else disk_size_gib,
+            "disk_size_gib", 1, cfg.max_disk_size_gib,
+        )  # fmt: skip
+        with self._lock:
+            template_disk = self._templates_dir / template / "disk"
+            if not template_disk.is_dir():
+                raise NotFound(
+                    f"template {template} not found", "list templates: scalebox template list"
+                )
+            taken = {vm.name.lower(): vm.id for vm in self._vms.values()}
+            if wanted_name is not None and wanted_name.lower() in taken:
+                raise Conflict(
+                    f"name {wanted_name} is already used by VM {taken[wanted_name.lower()]}",
+                    "choose another name, or leave it out for a generated one",
+                )
+            free = shutil.disk_usage(self._data_dir).free
+            if disk * GIB > free:
+                raise InsufficientStorage(
+                    f"not enough storage for a {disk} GiB disk: {free / GIB:.1f} GiB free "
+                    f"in {self._data_dir}",
+                    "delete VMs or templates, or ask for a smaller disk_size_gib",
+                )
+            used_ports = {vm.ssh_port for vm in self._vms.values()}
+            port = naming.pick_port(used_ports, cfg.port_min, cfg.port_max, port_is_free)
+            if port is None:
+                raise NoFreePort(
+                    f"no free ssh port in PORT_MIN..PORT_MAX ({cfg.port_min}..{cfg.port_max})",
+                    "delete a VM, or widen PORT_MIN/PORT_MAX in the server config",
+                )
+            vm = VM(
+                id=naming.new_vm_id(set(self._vms) | self._dir_names(self._vms_dir)),
+                name=wanted_name or naming.random_name(taken),
+                template=template,
+                ip=GUEST_IP,
+                ssh_port=port,
+                status="starting",
+                created_at=now_iso(),
+                vcpu_count=vcpus,
+                mem_size_mib=mem,
+                disk_size_gib=disk,
+                ssh_public_key=key,
+            )
+            self._make_vm_dir(vm, template_disk)
+            try:
+                vm = self._start_guest(vm)
+                self._vms[vm.id] = vm
+                self._save()
+            except BaseException:
+                self._vms.pop(vm.id, None)
+                self._backend.stop(vm.id, vm.pid)
+                disks.remove_tree(self._vms_dir / vm.id)
+                raise
+            self._log.info("created VM %s (%s) from %s on port %d", vm.id, vm.name, template, port)
+            return vm
+
+    def delete_vm(self, id_or_name: str) -> None:
+        with self._lock:
+            vm = self._find(id_or_name)
+            self._backend.stop(vm.id, vm.pid)
+            del self._vms[vm.id]
+            self._save()
+            disks.remove_tree(self._vms_dir / vm.id)
+            self._log.info("deleted VM %s (%s); port %d is free", vm.id, vm.name, vm.ssh_port)
+
+    def snapshot_vm(self, id_or_name: str, template_name: str) -> tuple[Template, VM]:
+        """Copy the VM's disk into a new template; VMs made from it start with that disk."""
+        template_name = naming.check_template_name(template_name, "template_name")
+        with self._lock:
+            vm = self._find(id_or_name)
+            target = self._templates_dir / template_name
+            if target.exists():
+                raise Conflict(
+                    f"template {template_name} already exists", "choose another template_name"
+                )
+            building = self._templates_dir / f"{TMP_PREFIX}{template_name}-{secrets.token_hex(4)}"
+            try:
+                building.mkdir()
+                disks.copy_tree(self._vms_dir / vm.id / "disk", building / "disk")
+                self._write_template_meta(building, template_name, source_vm=vm.id)
+                building.rename(target)
+            except BaseException:
+                disks.remove_tree(building)
+                raise
+            self._log.info(
+                "snapshot of VM %s (%s) saved as template %s", vm.id, vm.name, template_name
+            )
+            return self._template(template_name), self._with_status(vm)
+
+    def info(self) -> dict[str, object]:
+        with self._lock:
+            vms_count = len(self._vms)
+        cfg = self._config
+        return {
+            "host_ip": cfg.host_ip,
+            "api_domain": cfg.api_domain,
+            "vm_domain": cfg.vm_domain,
+            "templates_count": len(self.list_templates()),
+            "vms_count": vms_count,
+            "storage": hostinfo.storage(self._data_dir),
+            "memory": hostinfo.memory(),
+            "cpu_percent": self._cpu.percent(),
+        }
+
+    # -- internals ---------------------------------------------------------------
+
+    def _find(self, id_or_name: str) -> VM:
+        if id_or_name in self._vms:
+            return self._vms[id_or_name]
+        for vm in self._vms.values():
+            if vm.name == id_or_name:
+                return vm
+        raise NotFound("VM not found", "list VMs: scalebox vm list")
+
+    def _with_status(self, vm: VM) -> VM:
+        seen = self._backend.status(vm.id, vm.pid)
+        return replace(vm, status=seen.status, pid=seen.pid if seen.pid is not None else vm.pid)
+
+    def _save(self) -> None:
+        state.save(self._state_path, list(self._vms.values()))
+
+    def _template(self, name: str) -> Template:
+        path = self._templates_dir / name
+        try:
+            meta = json.loads((path / "template.json").read_text())
+            created_at = str(meta["created_at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            created_at = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(path.stat().st_mtime))
+        return Template(
+            name=name,
+            size_bytes=disks.tree_size(path / "disk"),
+            created_at=created_at,
+            protected=name in PROTECTED_TEMPLATES,
+        )
+
+    def _write_template_meta(self, path: Path, name: str, source_vm: str | None) -> None:
+        meta = {"name": name, "created_at": now_iso(), "source_vm": source_vm}
+        atomic_write(path / "template.json", json.dumps(meta, indent=2) + "\n")
+
+    def _ensure_base_template(self) -> None:
+        if (self._templates_dir / BASE_TEMPLATE / "disk").is_dir():
+            return
+        building = self._templates_dir / f"{TMP_PREFIX}{BASE_TEMPLATE}-{secrets.token_hex(4)}"
+        (building / "disk").mkdir(parents=True)
+        atomic_write(building / "disk" / "hello.txt", BASE_HELLO)
+        self._write_template_meta(building, BASE_TEMPLATE, source_vm=None)
+        building.rename(self._templates_dir / BASE_TEMPLATE)
+        self._log.info("created the protected template %s", BASE_TEMPLATE)
+
+    def _make_vm_dir(self, vm: VM, template_disk: Path) -> None:
+        building = self._vms_dir / f"{TMP_PREFIX}{vm.id}"
+        try:
+            building.mkdir()
+            disks.copy_tree(template_disk, building / "disk")
+            state.write_vm_record(building, vm)
+            building.rename(self._vms_dir / vm.id)
+        except BaseException:
+            disks.remove_tree(building)
+            raise
+
+    def _start_guest(self, vm: VM) -> VM:
+        """Start the guest and wait until it answers on its port."""
+        pid = self._backend.start(vm.id)
+        vm = replace(vm, pid=pid)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            seen = self._backend.status(vm.id, vm.pid)
+            if seen.status in {"stopped", "failed"}:
+                break
+            if seen.status == "running" and is_listening(vm.ssh_port):
+                state.write_vm_record(self._vms_dir / vm.id, replace(vm, pid=seen.pid))
+                return replace(vm, status="running", pid=seen.pid)
+            time.sleep(0.02)
+        raise GuestFailed(
+            f"the guest of VM {vm.id} did not start listening on port {vm.ssh_port}",
+            f"see {self._backend.logs_hint(vm.id)}",
+        )
+
+    def _recover_from_vm_records(self) -> list[VM]:
+        vms = []
+        for vm_dir in sorted(self._vms_dir.iterdir()):
+            if naming.VM_ID_RE.fullmatch(vm_dir.name):
+                try:
+                    vms.append(state.read_vm_record(vm_dir))
+                except (OSError, ValueError) as exc:
+                    self._log.warning("could not recover VM %s: %s", vm_dir.name, exc)
+        return vms
+
+    def _remove_unfinished(self) -> None:
+        """Remove .tmp- directories left by a create, snapshot or delete that was cut off."""
+        for parent in (self._templates_dir, self._vms_dir):
+            for entry in parent.iterdir():
+                if entry.name.startswith(TMP_PREFIX):
+                    disks.remove_tree(entry)
+                    self._log.warning("removed %s, left over by an interrupted operation", entry)
+
+    def _reconcile(self) -> None:
+        """Make what runs match the state: adopt, restart, and clean up orphans (logged)."""
+        running = self._backend.list_running()
+        for vm in list(self._vms.values()):
+            vm_dir = self._vms_dir / vm.id
+            if not (vm_dir / "disk").is_dir():
+                self._log.error(
+                    "VM %s (%s) is in the state file but its disk %s is missing; "
+                    "dropped it from the state", vm.id, vm.name, vm_dir / "disk",
+                )  # fmt: skip
+                self._backend.stop(vm.id, running.get(vm.id, vm.pid))
+                del self._vms[vm.id]
+            elif vm.id in running:
+                pid = running[vm.id]
+                self._vms[vm.id] = replace(vm, pid=pid if pid is not None else vm.pid)
+                self._log.info("re-adopted VM %s (%s), guest pid %s", vm.id, vm.name, pid)
+            else:
+                self._restart(vm)
+        for vm_id, pid in running.items():
+            if vm_id not in self._vms:
+                self._backend.stop(vm_id, pid)
+                self._log.warning(
+                    "cleaned up orphan guest of VM %s (pid %s): it is not in the state file",
+                    vm_id, pid,
+                )  # fmt: skip
+        for entry in sorted(self._vms_dir.iterdir()):
+            if entry.name not in self._vms:
+                disks.remove_tree(entry)
+                self._log.warning(
+                    "cleaned up orphan disk %s: no VM in the state file uses it", entry
+                )
+
+    def _restart(self, vm: VM) -> None:
+        try:
+            self._vms[vm.id] = self._start_guest(vm)
+        except ApiError as exc:
+            self._vms[vm.id] = replace(vm, pid=None)
+            self._log.error("VM %s (%s) is not running and could not be started: %s",
+                            vm.id, vm.name, exc)  # fmt: skip
+        else:
+            self._log.warning(
+                "VM %s (%s) was not running; started its guest again (pid %s)",
+                vm.id, vm.name, self._vms[vm.id].pid,
+            )  # fmt: skip
+
+    @staticmethod
+    def _dir_names(path: Path) -> set[str]:
+        return {entry.name for entry in path.iterdir()}
