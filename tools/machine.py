@@ -1,0 +1,587 @@
+"""A local systemd test server: a Debian 12 image booted with systemd-nspawn.
+
+    with Machine.boot(release_dir=Path("builds")) as m:
+        m.run(["systemctl", "is-system-running"])
+        httpx.get(m.url(8080, "/health"))          # url() checks the route first
+
+Each machine has its own network namespace (see tools/netns.py), a volatile
+overlay (every boot is a fresh server; the cached image is never written) and
+real systemd as PID 1. It is always torn down: on return, on any exception, on
+Ctrl-C and on SIGTERM; a run killed with SIGKILL is cleaned up by the stale
+sweep that every boot (and `./do machine down --stale`) runs first.
+
+CLI (`./do machine ...`): up [--release DIR], shell NAME [CMD...], down NAME...
+| --stale | --all, list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from scalebox.errors import ScaleboxError
+from scalebox.fsutil import atomic_write
+from tools import image, netns
+from tools.netns import Slot
+
+BOOT_TIMEOUT = 90.0
+STOP_TIMEOUT = 30.0
+LOG_DIR = image.CACHE_DIR / "logs"
+MACHINE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": "/root",
+    "TERM": "dumb",
+    "SYSTEMD_PAGER": "",
+}
+PR_SET_PDEATHSIG = 1
+
+
+class MachineError(ScaleboxError):
+    """A test machine could not boot, run a command, or be torn down."""
+
+
+# --- processes ------------------------------------------------------------------
+
+
+def start_time(pid: int) -> int | None:
+    """The kernel's start time of a live process (None when gone or a zombie).
+
+    Recorded with each pid so that a reused pid is never mistaken for ours.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def is_alive(pid: int | None, started: int | None) -> bool:
+    return pid is not None and started is not None and start_time(pid) == started
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def _is_namespace_init(pid: int) -> bool:
+    """True for the PID 1 of a child PID namespace ("NSpid: <host pid> 1")."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    for line in status.splitlines():
+        if line.startswith("NSpid:"):
+            ids = line.split()[1:]
+            return len(ids) >= 2 and ids[-1] == "1"
+    return False
+
+
+def find_init(nspawn_pid: int) -> int | None:
+    """The container's init: the descendant of nspawn that is PID 1 of its namespace."""
+    todo = _children(nspawn_pid)
+    for _ in range(200):
+        if not todo:
+            return None
+        pid = todo.pop(0)
+        if _is_namespace_init(pid):
+            return pid
+        todo += _children(pid)
+    return None
+
+
+def _wait_gone(pid: int, started: int | None, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not is_alive(pid, started):
+            return True
+        time.sleep(0.1)
+    return not is_alive(pid, started)
+
+
+def _kill(pid: int, started: int | None, sig: signal.Signals) -> None:
+    if is_alive(pid, started):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child after fork
+    # If the harness is SIGKILLed, the container goes with it instead of lingering.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Teardown must finish: a second Ctrl-C must not leave half a machine."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit so `finally` and `with` blocks run their cleanup."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    saved = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+
+
+# --- state files -----------------------------------------------------------------
+
+
+def read_state(slot: Slot, state_dir: Path = netns.STATE_DIR) -> dict[str, Any] | None:
+    try:
+        data = json.loads(slot.state_file(state_dir).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_state(slot: Slot, state: dict[str, Any], state_dir: Path) -> None:
+    atomic_write(slot.state_file(state_dir), json.dumps(state, indent=2) + "\n")
+
+
+def _state_slots(state_dir: Path) -> list[Slot]:
+    if not state_dir.is_dir():
+        return []
+    slots = []
+    for path in sorted(state_dir.glob(f"{netns.PREFIX}*.json")):
+        with contextlib.suppress(netns.NetnsError):
+            slots.append(netns.parse_name(path.stem))
+    return sorted(slots, key=lambda s: s.n)
+
+
+def is_stale(state: dict[str, Any], state_age: float) -> bool:
+    """Whether a machine's state says nobody will ever tear it down.
+
+    Stale: its nspawn is dead; or its owner is dead and it was not kept on
+    purpose (--keep-vm / `machine up`). A state file still being written
+    (unreadable and young) is not stale yet.
+    """
+    if not state:
+        return state_age > 60
+    if "nspawn_pid" in state and not is_alive(state["nspawn_pid"], state.get("nspawn_start")):
+        return True
+    return not state.get("keep") and not is_alive(state.get("owner_pid"), state.get("owner_start"))
+
+
+def destroy(slot: Slot, state_dir: Path = netns.STATE_DIR, timeout: float = STOP_TIMEOUT) -> None:
+    """Stop machine ``slot`` (SIGTERM, then SIGKILL), delete its network, free N."""
+    state = read_state(slot, state_dir)
+    if state is None:
+        raise MachineError(
+            f"no machine {slot.name}: {slot.state_file(state_dir)} does not exist",
+            "`./do machine list` shows the machines this harness runs",
+        )
+    pid, started = state.get("nspawn_pid"), state.get("nspawn_start")
+    if isinstance(pid, int):
+        _kill(pid, started, signal.SIGTERM)
+        if not _wait_gone(pid, started, timeout):
+            _kill(pid, started, signal.SIGKILL)
+            _wait_gone(pid, started, 5)
+    init_pid, init_start = state.get("init_pid"), state.get("init_start")
+    if isinstance(init_pid, int):
+        # Killing a namespace's PID 1 kills every process in it.
+        _kill(init_pid, init_start, signal.SIGKILL)
+        _wait_gone(init_pid, init_start, 5)
+    netns.delete_network(slot)
+    netns.release_slot(slot, state_dir)
+
+
+def sweep_stale(state_dir: Path = netns.STATE_DIR) -> list[str]:
+    """Tear down machines left by killed runs; only ones with our state files."""
+    removed = []
+    for slot in _state_slots(state_dir):
+        state = read_state(slot, state_dir)
+        if state is None:
+            continue
+        try:
+            age = time.time() - slot.state_file(state_dir).stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if is_stale(state, age):
+            destroy(slot, state_dir, timeout=10)
+            removed.append(slot.name)
+    return removed
+
+
+# --- the machine ------------------------------------------------------------------
+
+
+class Machine:
+    """One booted test server. Make it with ``Machine.boot()``."""
+
+    def __init__(
+        self, slot: Slot, image_dir: Path, release_dir: Path | None, state_dir: Path
+    ) -> None:
+        self.slot = slot
+        self.image_dir = image_dir
+        self.release_dir = release_dir
+        self.state_dir = state_dir
+        self.log_path = LOG_DIR / f"{slot.name}.console.log"
+        self.nspawn: subprocess.Popen[bytes] | None = None
+        self.init_pid: int | None = None
+        self.boot_seconds: float | None = None
+        self._state: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return self.slot.name
+
+    @property
+    def ip(self) -> str:
+        """The machine's address, unchecked; use address() or url() before sending."""
+        return self.slot.machine_ip
+
+    # ---- life cycle
+
+    @classmethod
+    @contextlib.contextmanager
+    def boot(
+        cls,
+        release_dir: Path | None = None,
+        *,
+        keep: bool = False,
+        timeout: float = BOOT_TIMEOUT,
+        state_dir: Path = netns.STATE_DIR,
+    ) -> Iterator[Machine]:
+        """Boot a fresh machine; tear it down on leaving the block unless ``keep``."""
+        for name in sweep_stale(state_dir):
+            _say(f"removed the stale machine {name} of a killed run")
+        image_dir = image.ensure_image()
+        with sigterm_raises():
+            owner_pid = os.getpid()
+            owner = {"owner_pid": owner_pid, "owner_start": start_time(owner_pid), "keep": keep}
+            slot = netns.claim_slot(owner, state_dir)
+            machine = cls(slot, image_dir, release_dir, state_dir)
+            machine._state = {"name": slot.name, **owner}
+            booted = False
+            try:
+                machine._start(keep=keep)
+                machine._wait_running(timeout)
+                booted = True
+                yield machine
+            finally:
+                if keep and booted:
+                    _say(machine.keep_instructions())
+                else:
+                    machine.teardown()
+
+    def _save(self, **changes: Any) -> None:
+        self._state.update(changes)
+        _write_state(self.slot, self._state, self.state_dir)
+
+    def _start(self, *, keep: bool) -> None:
+        if self.release_dir is not None and not self.release_dir.is_dir():
+            raise MachineError(
+                f"release folder {self.release_dir} does not exist",
+                "build it first (`./do tarball`) or pass an existing folder",
+            )
+        _say(f"booting {self.name} at {self.ip} from {self.image_dir.name}")
+        started = time.monotonic()
+        netns.create_network(self.slot)
+        self._save(
+            ip=self.ip,
+            image=str(self.image_dir),
+            log=str(self.log_path),
+            release_dir=str(self.release_dir) if self.release_dir else None,
+            created=time.time(),
+        )
+        argv = [
+            "systemd-nspawn",
+            "--quiet",
+            # The host has no systemd-machined and systemd is not its PID 1.
+            "--register=no",
+            "--keep-unit",
+            # Writes go to a tmpfs overlay: every boot is a fresh server.
+            "--volatile=overlay",
+            f"--machine={self.name}",
+            f"--network-namespace-path={self.slot.netns_path}",
+            "--console=read-only",
+        ]
+        if self.release_dir is not None:
+            argv.append(f"--bind-ro={self.release_dir.resolve()}:/mnt/release")
+        argv += ["-D", str(self.image_dir), "-b"]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            # Own session: a Ctrl-C on the terminal reaches only the harness,
+            # which then shuts the container down in order.
+            self.nspawn = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=None if keep else _die_with_parent,  # noqa: PLW1509
+            )
+        self._save(nspawn_pid=self.nspawn.pid, nspawn_start=start_time(self.nspawn.pid))
+        self._boot_started = started
+
+    def _wait_running(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            self._check_nspawn_alive()
+            if self.init_pid is None:
+                self.init_pid = find_init(self.nspawn_pid)
+                if self.init_pid is not None:
+                    self._save(init_pid=self.init_pid, init_start=start_time(self.init_pid))
+            if self.init_pid is not None:
+                result = self.run(["systemctl", "is-system-running"], check=False, timeout=10)
+                state = result.stdout.strip()
+                if state in ("running", "degraded"):
+                    break
+            time.sleep(0.2)
+        else:
+            raise MachineError(
+                f"{self.name} did not finish booting within {timeout:.0f} s "
+                f"(systemctl is-system-running: {state or 'no answer'})\n{self.log_tail()}",
+                f"the console log is {self.log_path}",
+            )
+        self.boot_seconds = time.monotonic() - self._boot_started
+        if state == "degraded":
+            failed = self.run(["systemctl", "--failed", "--no-legend", "--plain"], check=False)
+            _say(f"{self.name} is degraded; failed units:\n{failed.stdout.rstrip()}")
+        _say(f"{self.name} is {state} after {self.boot_seconds:.1f} s")
+
+    @property
+    def nspawn_pid(self) -> int:
+        if self.nspawn is None:
+            raise MachineError(f"{self.name} was never started", "use Machine.boot()")
+        return self.nspawn.pid
+
+    def _check_nspawn_alive(self) -> None:
+        if self.nspawn is not None and self.nspawn.poll() is not None:
+            raise MachineError(
+                f"systemd-nspawn for {self.name} exited with code {self.nspawn.returncode}"
+                f"\n{self.log_tail()}",
+                f"the console log is {self.log_path}",
+            )
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no console log)"
+        return "\n".join("    " + line for line in text.splitlines()[-lines:])
+
+    def teardown(self) -> None:
+        """Stop the container, delete its network, free its slot. Safe to call twice."""
+        with _signals_ignored():
+            if self.nspawn is not None and self.nspawn.poll() is None:
+                self.nspawn.terminate()
+                try:
+                    self.nspawn.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    _say(f"{self.name} did not stop within {STOP_TIMEOUT:.0f} s; killing it")
+                    self.nspawn.kill()
+                    self.nspawn.wait(10)
+            if read_state(self.slot, self.state_dir) is not None:
+                destroy(self.slot, self.state_dir, timeout=5)
+            else:
+                netns.delete_network(self.slot)
+
+    def keep_instructions(self) -> str:
+        return (
+            f"kept machine {self.name} at {self.ip} (console log {self.log_path})\n"
+            f"  shell:     ./do machine shell {self.name}\n"
+            f"         or: nsenter -t {self.init_pid} -a /bin/bash -l\n"
+            f"  API:       http://{self.ip}:8080\n"
+            f"  tear down: ./do machine down {self.name}"
+        )
+
+    # ---- using it
+
+    def address(self) -> str:
+        """The machine's IP, after checking the host routes it through our veth."""
+        netns.guard(self.slot)
+        return self.ip
+
+    def url(self, port: int = 8080, path: str = "") -> str:
+        """``http://<machine>:<port><path>``, after the route guard."""
+        return f"http://{self.address()}:{port}{path}"
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        input: str | None = None,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` inside the machine (all its namespaces) and capture its output."""
+        if self.init_pid is None:
+            raise MachineError(f"{self.name} has not booted", "use Machine.boot()")
+        cmd = ["nsenter", "-t", str(self.init_pid), "-a", "--", *argv]
+        try:
+            result = subprocess.run(
+                cmd,
+                input=input,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=MACHINE_ENV,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise MachineError(
+                f"`{shlex.join(argv)}` in {self.name} did not finish within {timeout:.0f} s",
+                "run it by hand: " + self.shell_hint(),
+            ) from exc
+        if check and result.returncode != 0:
+            raise MachineError(
+                f"`{shlex.join(argv)}` in {self.name} exited with code {result.returncode}:\n"
+                + _indent(result.stdout + result.stderr),
+                "rerun with --keep-vm and look inside: " + self.shell_hint(),
+            )
+        return result
+
+    def shell_hint(self) -> str:
+        return f"./do machine shell {self.name}"
+
+    def copy_in(self, source: Path, dest: str) -> None:
+        """Copy a host file into the machine (its overlay; gone after teardown)."""
+        if self.init_pid is None:
+            raise MachineError(f"{self.name} has not booted", "use Machine.boot()")
+        target = Path(f"/proc/{self.init_pid}/root") / dest.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+
+
+def _indent(text: str, lines: int = 40) -> str:
+    return "\n".join("    " + line for line in text.rstrip().splitlines()[-lines:])
+
+
+def _say(message: str) -> None:
+    print(f"==> {message}", file=sys.stderr, flush=True)
+
+
+# --- CLI -------------------------------------------------------------------------
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    with Machine.boot(args.release, keep=True):
+        pass
+    return 0
+
+
+def _kept_init_pid(slot: Slot, state_dir: Path) -> int:
+    state = read_state(slot, state_dir)
+    if not state or not is_alive(state.get("init_pid"), state.get("init_start")):
+        raise MachineError(
+            f"machine {slot.name} is not running",
+            "`./do machine list` shows the running ones; `./do machine up` boots one",
+        )
+    pid = state["init_pid"]
+    assert isinstance(pid, int)
+    return int(pid)
+
+
+def _cmd_shell(args: argparse.Namespace) -> int:
+    slot = netns.parse_name(args.name)
+    pid = _kept_init_pid(slot, netns.STATE_DIR)
+    command = args.command or ["/bin/bash", "-l"]
+    env = {**MACHINE_ENV, "TERM": os.environ.get("TERM", "xterm")}
+    os.execvpe("nsenter", ["nsenter", "-t", str(pid), "-a", "--", *command], env)  # noqa: S606
+    return 0  # not reached
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    if args.stale:
+        removed = sweep_stale()
+        _say(f"removed {', '.join(removed)}" if removed else "no stale machines")
+        return 0
+    slots = _state_slots(netns.STATE_DIR) if args.all else [netns.parse_name(n) for n in args.names]
+    if not slots:
+        raise MachineError("no machine named", "give names (`./do machine list`), --stale or --all")
+    for slot in slots:
+        destroy(slot)
+        _say(f"{slot.name} is down")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    slots = _state_slots(netns.STATE_DIR)
+    if not slots:
+        print("no machines")
+    for slot in slots:
+        state = read_state(slot, netns.STATE_DIR) or {}
+        running = is_alive(state.get("nspawn_pid"), state.get("nspawn_start"))
+        owner = "kept" if state.get("keep") else f"owner pid {state.get('owner_pid')}"
+        print(
+            f"{slot.name}  {slot.machine_ip}  {'running' if running else 'dead'}  "
+            f"nspawn pid {state.get('nspawn_pid')}  init pid {state.get('init_pid')}  {owner}"
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="./do machine", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="boot a machine and keep it running")
+    up.add_argument("--release", type=Path, help="host folder bound read-only at /mnt/release")
+    up.set_defaults(func=_cmd_up)
+    shell = sub.add_parser("shell", help="a shell (or a command) inside a running machine")
+    shell.add_argument("name")
+    shell.add_argument("command", nargs=argparse.REMAINDER)
+    shell.set_defaults(func=_cmd_shell)
+    down = sub.add_parser("down", help="tear machines down")
+    down.add_argument("names", nargs="*")
+    down.add_argument("--stale", action="store_true", help="only those of killed runs")
+    down.add_argument("--all", action="store_true", help="every machine of this harness")
+    down.set_defaults(func=_cmd_down)
+    ls = sub.add_parser("list", help="machines of this harness")
+    ls.set_defaults(func=_cmd_list)
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ScaleboxError as exc:
+        print(f"machine: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
