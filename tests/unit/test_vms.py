@@ -1,0 +1,495 @@
+"""VMService with real guest processes on loopback ports and a real temp DATA_DIR.
+
+Only the non-systemd path (detached process groups) runs here; the systemd
+units are exercised on the nspawn machine. Every guest a test starts is
+killed in teardown, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scalebox.config import ServerConfig
+from scalebox.daemon.errors import (
+    Conflict,
+    InsufficientStorage,
+    InvalidInput,
+    NotFound,
+    Protected,
+)
+from scalebox.daemon.vms.backend import ProcessBackend
+from scalebox.daemon.vms.service import VM, VMService
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleKeyOnlyForTests test@host"
+
+
+def port_block(size: int = 40) -> tuple[int, int]:
+    """A random block of high ports below the ephemeral range, free right now."""
+    for _ in range(100):
+        low = 40000 + secrets.randbelow(8000)
+        if all(_free(p) for p in range(low, low + size)):
+            return low, low + size - 1
+    raise RuntimeError("no free block of loopback ports for the guests")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def knock(port: int) -> dict[str, str]:
+    """Connect to a guest the way a client would and return its one JSON line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        data = conn.makefile("rb").read()
+    answer = json.loads(data)
+    assert data.endswith(b"\n") and data.count(b"\n") == 1
+    return answer  # type: ignore[no-any-return]
+
+
+def refused(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except OSError:
+        return True
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_dead(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> ServerConfig:
+    low, high = port_block()
+    return ServerConfig(
+        api_token="t" * 32,
+        data_dir=tmp_path / "data",
+        port_min=low,
+        port_max=high,
+        host_ip="127.0.0.1",
+        vm_domain="vms.example.test",
+        max_disk_size_gib=100,
+    )
+
+
+@pytest.fixture
+def guests(config: ServerConfig) -> Iterator[None]:
+    """Kill every guest serving this DATA_DIR at teardown, pass or fail."""
+    yield
+    backend = ProcessBackend(config.data_dir)
+    for vm_id, pid in backend.list_running().items():
+        backend.stop(vm_id, pid)
+    assert backend.list_running() == {}
+
+
+def new_service(config: ServerConfig, name: str = "vms") -> VMService:
+    service = VMService(config, logging.getLogger(f"test.{name}"), use_systemd=False)
+    service.start()
+    return service
+
+
+@pytest.fixture
+def service(config: ServerConfig, guests: None) -> Iterator[VMService]:
+    service = new_service(config)
+    yield service
+    service.close()
+
+
+def snapshot_of(data_dir: Path) -> dict[str, object]:
+    """Everything a bad request must leave unchanged."""
+    return {
+        "state": (data_dir / "state.json").read_bytes(),
+        "vms": sorted(p.name for p in (data_dir / "vms").iterdir()),
+        "templates": sorted(p.name for p in (data_dir / "templates").iterdir()),
+    }
+
+
+# -- start ---------------------------------------------------------------------
+
+
+def test_start_creates_storage_and_the_protected_base_template(
+    service: VMService, config: ServerConfig
+) -> None:
+    for sub in ("templates", "vms"):
+        assert (config.data_dir / sub).is_dir()
+    assert json.loads((config.data_dir / "state.json").read_text()) == {"format": 1, "vms": []}
+    [base] = service.list_templates()
+    assert base.name == "debian-base" and base.protected
+    assert base.size_bytes == len("hello from debian-base\n")
+    assert base.to_api() == {
+        "name": "debian-base",
+        "size_bytes": base.size_bytes,
+        "created_at": base.created_at,
+    }
+
+
+# -- create, get, list, delete ---------------------------------------------------
+
+
+def test_created_vm_answers_on_its_port_with_its_id_and_disk_file(
+    service: VMService, config: ServerConfig
+) -> None:
+    vm = service.create_vm(template="debian-base", ssh_public_key=KEY)
+    assert vm.status == "running"
+    assert vm.id.startswith("vm-") and len(vm.id) == 15 and int(vm.id[3:], 16) >= 0
+    assert len(vm.name.split("-")) == 3
+    assert config.port_min <= vm.ssh_port <= config.port_max
+    assert (vm.vcpu_count, vm.mem_size_mib, vm.disk_size_gib) == (2, 2048, 2)  # config defaults
+    assert knock(vm.ssh_port) == {"vm": vm.id, "file": "hello from debian-base\n"}
+    # Each connection gets its own answer.
+    assert knock(vm.ssh_port)["vm"] == vm.id
+    assert (config.data_dir / "vms" / vm.id / "disk" / "hello.txt").is_file()
+    saved = json.loads((config.data_dir / "state.json").read_text())
+    assert [r["id"] for r in saved["vms"]] == [vm.id]
+
+
+def test_to_api_has_the_contract_shape(service: VMService) -> None:
+    vm = service.create_vm(template="debian-base", ssh_public_key=KEY, name="box-1")
+    assert vm.to_api("203.0.113.7", "vms.example.com") == {
+        "id": vm.id,
+        "name": "box-1",
+        "template": "debian-base",
+        "ip": vm.ip,
+        "ssh_port": vm.ssh_port,
+        "ssh": f"ssh -p {vm.ssh_port} user@203.0.113.7",
+        "url": "https://box-1.vms.example.com",
+        "status": "running",
+        "created_at": vm.created_at,
+    }
+    assert vm.to_api("203.0.113.7", "")["url"] is None
+
+
+def test_get_and_list_find_vms_by_id_and_name(service: VMService) -> None:
+    one = service.create_vm(template="debian-base", ssh_public_key=KEY, name="one")
+    two = service.create_vm(template="debian-base", ssh_public_key=KEY, vcpu_count=4)
+    assert one.ssh_port != two.ssh_port
+    assert two.vcpu_count == 4
+    assert service.get_vm(one.id).name == "one"
+    assert service.get_vm("one").id == one.id
+    assert service.get_vm(two.name).id == two.id
+    assert [vm.id for vm in service.list_vms()] == [one.id, two.id]
+    with pytest.raises(NotFound, match="VM not found"):
+        service.get_vm("vm-000000000000")
+    with pytest.raises(NotFound, match="VM not found"):
+        service.get_vm("../one")
+
+
+def test_delete_stops_the_guest_removes_the_disk_and_frees_the_port(
+    service: VMService, config: ServerConfig
+) -> None:
+    vm = service.create_vm(template="debian-base", ssh_public_key=KEY, name="doomed")
+    assert vm.pid is not None
+    service.delete_vm("doomed")
+    assert wait_dead(vm.pid)
+    assert refused(vm.ssh_port)
+    assert not (config.data_dir / "vms" / vm.id).exists()
+    assert service.list_vms() == []
+    with pytest.raises(NotFound):
+        service.get_vm(vm.id)
+    with pytest.raises(NotFound):
+        service.delete_vm(vm.id)
+    again = service.create_vm(template="debian-base", ssh_public_key=KEY)
+    assert again.ssh_port == vm.ssh_port  # the lowest free port is handed out again
+
+
+def test_status_is_the_real_state_of_the_guest(service: VMService) -> None:
+    vm = service.create_vm(template="debian-base", ssh_public_key=KEY)
+    assert vm.pid is not None
+    os.killpg(vm.pid, signal.SIGKILL)
+    assert wait_dead(vm.pid)
+    assert service.get_vm(vm.id).status == "stopped"
+    assert [v.status for v in service.list_vms()] == ["stopped"]
+
+
+def test_ports_already_in_use_are_skipped(service: VMService, config: ServerConfig) -> None:
+    with socket.create_server(("0.0.0.0", config.port_min)):
+        vm = service.create_vm(template="debian-base", ssh_public_key=KEY)
+    assert vm.ssh_port == config.port_min + 1
+    assert knock(vm.ssh_port)["vm"] == vm.id
+
+
+# -- restart of the daemon: re-adoption, orphans, corrupt state ------------------
+
+
+def test_a_new_service_re_adopts_running_guests_with_the_same_pid(
+    config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = new_service(config, "first")
+    vm = first.create_vm(template="debian-base", ssh_public_key=KEY)
+    first.close()
+    assert vm.pid is not None and alive(vm.pid)  # close never stops a VM
+
+    caplog.set_level(logging.INFO)
+    second = new_service(config, "second")
+    again = second.get_vm(vm.id)
+    assert again.pid == vm.pid and again.status == "running"
+    assert knock(vm.ssh_port) == {"vm": vm.id, "file": "hello from debian-base\n"}
+    assert f"re-adopted VM {vm.id}" in caplog.text
+    second.close()
+
+
+def test_start_restarts_a_guest_that_died_while_the_daemon_was_down(
+    config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = new_service(config, "first")
+    vm = first.create_vm(template="debian-base", ssh_public_key=KEY)
+    first.close()
+    assert vm.pid is not None
+    os.killpg(vm.pid, signal.SIGKILL)
+    assert wait_dead(vm.pid)
+
+    second = new_service(config, "second")
+    again = second.get_vm(vm.id)
+    assert again.status == "running" and again.pid != vm.pid
+    assert knock(vm.ssh_port)["vm"] == vm.id
+    assert f"VM {vm.id} ({vm.name}) was not running; started its guest again" in caplog.text
+
+
+def test_after_the_state_file_is_deleted_orphans_are_cleaned_up_with_a_log_line(
+    config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = new_service(config, "first")
+    vm = first.create_vm(template="debian-base", ssh_public_key=KEY)
+    first.close()
+    (config.data_dir / "state.json").unlink()
+
+    second = new_service(config, "second")
+    assert vm.pid is not None and wait_dead(vm.pid)
+    assert refused(vm.ssh_port)
+    assert not (config.data_dir / "vms" / vm.id).exists()
+    assert second.list_vms() == []
+    orphan_lines = [r.getMessage() for r in caplog.records if "orphan" in r.getMessage()]
+    assert len(orphan_lines) == 2, orphan_lines
+    assert f"cleaned up orphan guest of VM {vm.id} (pid {vm.pid})" in orphan_lines[0]
+    assert f"cleaned up orphan disk {config.data_dir / 'vms' / vm.id}" in orphan_lines[1]
+    second.close()
+
+
+def test_a_corrupt_state_file_is_kept_and_the_vms_are_rebuilt_not_deleted(
+    config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = new_service(config, "first")
+    vm = first.create_vm(template="debian-base", ssh_public_key=KEY, name="keep-me")
+    first.close()
+    torn = b'{"format": 1, "vms": [{"id": "vm-'
+    (config.data_dir / "state.json").write_bytes(torn)
+
+    second = new_service(config, "second")
+    [kept] = config.data_dir.glob("state.json.corrupt-*")
+    assert kept.read_bytes() == torn
+    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "is corrupt" in line and str(kept) in line and "rebuilt the list of 1 VM(s)" in line
+    again = second.get_vm("keep-me")
+    assert again.id == vm.id and again.pid == vm.pid and again.status == "running"
+    assert knock(vm.ssh_port)["vm"] == vm.id
+    # The rebuilt state was saved: a third start reads it cleanly.
+    assert [r["id"] for r in json.loads((config.data_dir / "state.json").read_text())["vms"]] == [
+        vm.id
+    ]
+    second.close()
+
+
+def test_leftovers_of_an_interrupted_create_are_removed_on_start(
+    config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    new_service(config).close()
+    leftover = config.data_dir / "vms" / ".tmp-vm-0123456789ab" / "disk"
+    leftover.mkdir(parents=True)
+    new_service(config).close()
+    assert not leftover.parent.exists()
+    assert "left over by an interrupted operation" in caplog.text
+
+
+# -- snapshots and templates -------------------------------------------------------
+
+
+def test_a_vm_made_from_a_snapshot_answers_with_the_same_file(
+    service: VMService, config: ServerConfig
+) -> None:
+    vm = service.create_vm(template="debian-base", ssh_public_key=KEY)
+    (config.data_dir / "vms" / vm.id / "disk" / "hello.txt").write_text("changed inside the VM\n")
+    assert knock(vm.ssh_port)["file"] == "changed inside the VM\n"
+
+    template, source = service.snapshot_vm(vm.name, "my-snap")
+    assert source.id == vm.id
+    assert template.name == "my-snap" and not template.protected
+    assert template.size_bytes == len("changed inside the VM\n")
+    assert [t.name for t in service.list_templates()] == ["debian-base", "my-snap"]
+
+    child = service.create_vm(template="my-snap", ssh_public_key=KEY)
+    assert knock(child.ssh_port) == {"vm": child.id, "file": "changed inside the VM\n"}
+    # The copy is independent: the source VM's disk changing later does not leak.
+    (config.data_dir / "vms" / vm.id / "disk" / "hello.txt").write_text("later\n")
+    assert knock(child.ssh_port)["file"] == "changed inside the VM\n"
+
+
+def test_snapshot_errors_change_nothing(service: VMService, config: ServerConfig) -> None:
+    vm = service.create_vm(template="debian-base", ssh_public_key=KEY)
+    service.snapshot_vm(vm.id, "taken")
+    before = snapshot_of(config.data_dir)
+    with pytest.raises(Conflict, match="template taken already exists"):
+        service.snapshot_vm(vm.id, "taken")
+    with pytest.raises(Conflict):
+        service.snapshot_vm(vm.id, "debian-base")
+    for bad in ("", "a/b", "..", "../x", "x" * 65, "sp ace"):
+        with pytest.raises(InvalidInput, match="template_name"):
+            service.snapshot_vm(vm.id, bad)
+    with pytest.raises(NotFound, match="VM not found"):
+        service.snapshot_vm("no-such-vm", "fine")
+    assert snapshot_of(config.data_dir) == before
+
+
+def test_delete_template(service: VMService, config: ServerConfig) -> None:
+    vm = service.create_vm(template="debian-base", ssh_public_key=KEY)
+    service.snapshot_vm(vm.id, "gone-soon")
+    before = snapshot_of(config.data_dir)
+    with pytest.raises(Protected, match="debian-base is protected"):
+        service.delete_template("debian-base")
+    with pytest.raises(NotFound, match="template nope not found"):
+        service.delete_template("nope")
+    for bad in ("", "..", "a/b", "../templates", "x" * 65):
+        with pytest.raises(InvalidInput):
+            service.delete_template(bad)
+    assert snapshot_of(config.data_dir) == before
+    service.delete_template("gone-soon")
+    assert [t.name for t in service.list_templates()] == ["debian-base"]
+    assert not (config.data_dir / "templates" / "gone-soon").exists()
+    # A VM made from a deleted template keeps its own copy of the disk.
+    assert knock(vm.ssh_port)["vm"] == vm.id
+
+
+# -- bad input to create_vm ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"disk_size_gib": 0}, "disk_size_gib"),
+        ({"disk_size_gib": 101}, "disk_size_gib"),  # above MAX_DISK_SIZE_GIB
+        ({"disk_size_gib": 10**30}, "disk_size_gib"),
+        ({"disk_size_gib": -1}, "disk_size_gib"),
+        ({"disk_size_gib": True}, "disk_size_gib"),
+        ({"vcpu_count": 10**18}, "vcpu_count"),
+        ({"vcpu_count": 0}, "vcpu_count"),
+        ({"vcpu_count": "2"}, "vcpu_count"),
+        ({"mem_size_mib": 10**12}, "mem_size_mib"),
+        ({"mem_size_mib": 1.5}, "mem_size_mib"),
+        ({"template": "../debian-base"}, "template"),
+        ({"template": "a/b"}, "template"),
+        ({"template": ".."}, "template"),
+        ({"template": ""}, "template"),
+        ({"name": "a/b"}, "name"),
+        ({"name": ".."}, "name"),
+        ({"name": "x" * 64}, "name"),
+        ({"name": ""}, "name"),
+        ({"name": "vm-0123456789ab"}, "name"),
+        ({"ssh_public_key": ""}, "ssh_public_key"),
+        ({"ssh_public_key": "ssh-ed25519 AAAA\nssh-rsa BBBB"}, "ssh_public_key"),
+    ],
+)
+def test_invalid_input_names_the_field_and_changes_nothing(
+    service: VMService, config: ServerConfig, overrides: dict[str, object], field: str
+) -> None:
+    before = snapshot_of(config.data_dir)
+    args: dict[str, object] = {"template": "debian-base", "ssh_public_key": KEY, **overrides}
+    with pytest.raises(InvalidInput) as caught:
+        service.create_vm(**args)  # type: ignore[arg-type]
+    assert caught.value.what.startswith(field), caught.value.what
+    assert caught.value.hint
+    assert snapshot_of(config.data_dir) == before
+    assert service.list_vms() == []
+
+
+def test_unknown_template_is_not_found(service: VMService, config: ServerConfig) -> None:
+    before = snapshot_of(config.data_dir)
+    with pytest.raises(NotFound, match="template no-such not found"):
+        service.create_vm(template="no-such", ssh_public_key=KEY)
+    assert snapshot_of(config.data_dir) == before
+
+
+def test_a_taken_name_is_a_conflict(service: VMService, config: ServerConfig) -> None:
+    vm = service.create_vm(template="debian-base", ssh_public_key=KEY, name="taken")
+    before = snapshot_of(config.data_dir)
+    for name in ("taken", "TAKEN"):  # one DNS name: https://taken.<VM_DOMAIN>
+        with pytest.raises(Conflict, match=f"already used by VM {vm.id}"):
+            service.create_vm(template="debian-base", ssh_public_key=KEY, name=name)
+    assert snapshot_of(config.data_dir) == before
+
+
+def test_a_disk_larger_than_the_free_storage_is_refused(config: ServerConfig, guests: None) -> None:
+    from dataclasses import replace  # noqa: PLC0415
+
+    roomy = replace(config, max_disk_size_gib=65536)  # far more than this host has free
+    service = new_service(roomy)
+    before = snapshot_of(config.data_dir)
+    with pytest.raises(InsufficientStorage, match="not enough storage for a 65536 GiB disk"):
+        service.create_vm(template="debian-base", ssh_public_key=KEY, disk_size_gib=65536)
+    assert snapshot_of(config.data_dir) == before
+    service.close()
+
+
+def test_running_out_of_ports_is_an_error_not_a_clash(config: ServerConfig, guests: None) -> None:
+    from dataclasses import replace  # noqa: PLC0415
+
+    service = new_service(replace(config, port_max=config.port_min + 1))
+    service.create_vm(template="debian-base", ssh_public_key=KEY)
+    service.create_vm(template="debian-base", ssh_public_key=KEY)
+    before = snapshot_of(config.data_dir)
+    with pytest.raises(Exception, match="no free ssh port") as caught:
+        service.create_vm(template="debian-base", ssh_public_key=KEY)
+    assert getattr(caught.value, "status", None) == 503
+    assert snapshot_of(config.data_dir) == before
+    service.close()
+
+
+# -- info ---------------------------------------------------------------------------
+
+
+def test_info_reports_counts_and_host_figures(service: VMService) -> None:
+    service.create_vm(template="debian-base", ssh_public_key=KEY)
+    info = service.info()
+    assert info["host_ip"] == "127.0.0.1" and info["vm_domain"] == "vms.example.test"
+    assert info["templates_count"] == 1 and info["vms_count"] == 1
+    storage, memory = info["storage"], info["memory"]
+    assert isinstance(storage, dict) and isinstance(memory, dict)
+    assert storage["total_gb"] >= storage["free_gb"] > 0 and storage["used_gb"] > 0
+    assert memory["total_gb"] >= memory["free_gb"] > 0
+    assert isinstance(info["cpu_percent"], float) and 0 <= info["cpu_percent"] <= 100
+    assert all(round(v, 1) == v for v in [*storage.values(), *memory.values()])
+
+
+def test_vm_record_round_trips_through_json() -> None:
+    vm = VM(
+        id="vm-0123456789ab", name="a-b-c", template="t", ip="127.0.0.1", ssh_port=40001,
+        status="running", created_at="2024-01-01T00:00:00.000Z", vcpu_count=2,
+        mem_size_mib=2048, disk_size_gib=2, ssh_public_key=KEY, pid=42,
+    )  # fmt: skip
+    again = VM.from_record(json.loads(json.dumps(vm.to_record())))
+    assert again == VM(**{**vm.__dict__, "status": "unknown"})
