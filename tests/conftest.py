@@ -71,10 +71,14 @@ def daemon_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def guest_pids(config_path: Path) -> list[int]:
-    """PIDs of VM guests started with this config (cmdline: ... --config PATH --run-guest ID)."""
+def guest_pids(config_path: Path, data_dir: Path) -> list[int]:
+    """PIDs of VM guests of this daemon, found by their command line.
+
+    Under systemd a guest runs as ``scaleboxd --config PATH --run-guest ID``;
+    outside it as ``python -m scalebox.daemon.vms.guest --data-dir DATA_DIR ...``.
+    """
     pids = []
-    needle = str(config_path).encode()
+    config, data = str(config_path).encode(), str(data_dir).encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -82,13 +86,15 @@ def guest_pids(config_path: Path) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"--run-guest" in argv and needle in argv:
+        if (b"--run-guest" in argv and config in argv) or (
+            b"scalebox.daemon.vms.guest" in argv and data in argv
+        ):
             pids.append(int(entry.name))
     return pids
 
 
-def kill_guests(config_path: Path) -> list[int]:
-    killed = guest_pids(config_path)
+def kill_guests(config_path: Path, data_dir: Path) -> list[int]:
+    killed = guest_pids(config_path, data_dir)
     for pid in killed:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             # Guests run in their own process group; take the whole group.
@@ -206,8 +212,8 @@ class Scaleboxd:
         try:
             self.stop()
         finally:
-            assert self.config_path is not None
-            kill_guests(self.config_path)
+            assert self.config_path is not None and self.data_dir is not None
+            kill_guests(self.config_path, self.data_dir)
 
 
 def write_config(directory: Path, **overrides: str) -> tuple[Path, dict[str, str]]:

@@ -142,8 +142,9 @@ def template_json(template: TemplateLike) -> dict[str, Any]:
     }
 
 
-def _error(status: int, what: str) -> JSONResponse:
-    return JSONResponse({"error": what}, status_code=status)
+def _error(status: int, what: str, hint: str | None = None) -> JSONResponse:
+    body = {"error": what} if hint is None else {"error": what, "hint": hint}
+    return JSONResponse(body, status_code=status)
 
 
 def validation_message(errors: Sequence[Any]) -> str:
@@ -300,7 +301,7 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.what)
+        return _error(exc.status, exc.what, exc.hint)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -312,6 +313,8 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
             return _error(404, f"no such route: {request.method} {request.url.path}")
         if exc.status_code == 405:
             return _error(405, f"method {request.method} is not allowed on {request.url.path}")
+        if exc.status_code == 400:  # FastAPI's answer to a body json.loads refused
+            return _error(400, "body: could not be parsed as JSON")
         return _error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)
