@@ -1,0 +1,51 @@
+"""Commit: the new release is verified; record it and prune old releases.
+
+Idempotent, so a commit interrupted by a crash is finished by the next run:
+the version file is rewritten with the same bytes, the history line is
+appended only once per transaction, pruning skips what is already gone.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from scalebox.fsutil import atomic_write
+from scalebox.update import history, plan, stage
+from scalebox.update.context import Context
+from scalebox.update.journal import Journal
+
+
+def commit(ctx: Context, journal: Journal) -> list[str]:
+    """Write /etc/scaleboxd/version, append history, prune; return the pruned release names."""
+    p = ctx.paths
+    atomic_write(p.version_file, f"{journal.to_version}\n")
+    entries = history.read(p.history)
+    if not history.has(entries, journal.id, history.UPDATED):
+        entries.append(
+            history.record(
+                p.history,
+                transaction_id=journal.id,
+                action=journal.action,
+                from_version=journal.from_version,
+                to_version=journal.to_version,
+                result=history.UPDATED,
+            )
+        )
+    return prune(ctx, previous=journal.from_release, entries=entries)
+
+
+def prune(ctx: Context, *, previous: str | None, entries: list[history.Entry]) -> list[str]:
+    p = ctx.paths
+    current = stage.current_name(p)
+    if current is None:
+        return []
+    doomed = plan.to_prune(
+        stage.list_releases(p),
+        current=current,
+        previous=previous,
+        failed=plan.failed_versions(entries),
+    )
+    for name in doomed:
+        ctx.report(f"pruning releases/{name}")
+        shutil.rmtree(p.release_dir(name), ignore_errors=True)
+    return doomed

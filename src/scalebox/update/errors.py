@@ -1,0 +1,37 @@
+"""The updater's errors, one class per exit code (see main.py for the table)."""
+
+from __future__ import annotations
+
+from scalebox.errors import ScaleboxError
+
+
+class UpdateError(ScaleboxError):
+    """Refused before any change to the running install: nothing was changed."""
+
+    exit_code = 1
+
+
+class CommandError(UpdateError):
+    """A program the updater ran (systemctl, pip, the new scaleboxd) failed."""
+
+
+class VerifyError(UpdateError):
+    """The service did not come up healthy with the expected version."""
+
+
+class RolledBack(UpdateError):
+    """The new release failed after the switch; the old one runs again, verified healthy."""
+
+    exit_code = 3
+
+
+class RollbackFailed(UpdateError):
+    """The old release could not be brought back healthy: a person must step in."""
+
+    exit_code = 4
+
+
+class LockHeld(UpdateError):
+    """Another scalebox-update holds the lock."""
+
+    exit_code = 5

@@ -1,0 +1,105 @@
+"""The update history: /var/lib/scalebox-update/history.jsonl, one JSON object a line.
+
+Append-only. Each line: ``at`` (UTC), ``id`` (transaction id), ``action``
+(update, rollback, recover), ``from``, ``to``, ``result`` (updated,
+rolled back, rollback failed, refused) and ``reason``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from scalebox.fsutil import fsync_dir
+from scalebox.update.journal import now
+
+UPDATED = "updated"
+ROLLED_BACK = "rolled back"
+ROLLBACK_FAILED = "rollback failed"
+REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class Entry:
+    at: str
+    id: str
+    action: str
+    from_version: str
+    to_version: str
+    result: str
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, str | None]:
+        return {
+            "at": self.at,
+            "id": self.id,
+            "action": self.action,
+            "from": self.from_version,
+            "to": self.to_version,
+            "result": self.result,
+            "reason": self.reason,
+        }
+
+
+def append(path: Path, entry: Entry) -> None:
+    """Add one line and fsync it. A line torn by a crash is skipped by ``read``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not path.exists()
+    line = json.dumps(entry.to_json(), sort_keys=True) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if new_file:
+        fsync_dir(path.parent)
+
+
+def record(
+    path: Path,
+    *,
+    transaction_id: str,
+    action: str,
+    from_version: str,
+    to_version: str,
+    result: str,
+    reason: str | None = None,
+) -> Entry:
+    entry = Entry(now(), transaction_id, action, from_version, to_version, result, reason)
+    append(path, entry)
+    return entry
+
+
+def read(path: Path) -> list[Entry]:
+    """All entries, oldest first; lines that are not whole JSON objects are skipped."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    entries = []
+    for line in text.splitlines():
+        try:
+            raw = json.loads(line)
+            entries.append(
+                Entry(
+                    at=str(raw["at"]),
+                    id=str(raw["id"]),
+                    action=str(raw["action"]),
+                    from_version=str(raw["from"]),
+                    to_version=str(raw["to"]),
+                    result=str(raw["result"]),
+                    reason=raw.get("reason"),
+                )
+            )
+        except (ValueError, KeyError, TypeError):
+            continue
+    return entries
+
+
+def has(entries: Sequence[Entry], transaction_id: str, result: str) -> bool:
+    """Whether the transaction already has this result recorded (keeps recovery idempotent)."""
+    return any(e.id == transaction_id and e.result == result for e in entries)

@@ -1,0 +1,40 @@
+"""One updater at a time: an fcntl lock on /var/lib/scalebox-update/lock.
+
+The kernel drops the lock when its holder dies, even by kill -9, so a stale
+lock file never blocks the next run. The holder writes its PID into the file
+so a refused run can name it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from scalebox.update.errors import LockHeld
+
+
+@contextmanager
+def held(path: Path) -> Iterator[None]:
+    """Hold the updater lock for the ``with`` block, or raise LockHeld naming the holder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise LockHeld(
+                f"another scalebox-update is running (PID {holder})",
+                f"wait for it to finish; check it with `ps -p {holder}`",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

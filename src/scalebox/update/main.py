@@ -1,0 +1,495 @@
+"""scalebox-update: the command line, and the one place errors become exit codes.
+
+Exit codes (also in --help):
+
+    0   updated, or already up to date (--check: up to date)
+    1   refused before any change: nothing was changed
+    2   usage error
+    3   the new release failed and was rolled back: the old version runs, verified healthy
+    4   rollback failed: manual intervention needed (the message says what to run)
+    5   another scalebox-update is running
+    10  --check: an update is available
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import httpx
+
+import scalebox
+from scalebox.errors import ScaleboxError, UsageError
+from scalebox.release.verify import Release, open_release, trusted_keys_in
+from scalebox.update import (
+    fetch,
+    history,
+    journal,
+    lock,
+    plan,
+    preflight,
+    resolve,
+    stage,
+    transaction,
+    versions,
+)
+from scalebox.update.context import DEFAULT_STABILITY_WINDOW, Context
+from scalebox.update.errors import UpdateError
+from scalebox.update.paths import Paths
+from scalebox.update.systemd import SERVICE, Systemctl
+
+EXIT_OK = 0
+EXIT_UPDATE_AVAILABLE = 10
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0   updated, or already up to date (--check: up to date)
+  1   refused before any change: nothing was changed
+  2   usage error
+  3   the new release failed and was rolled back; the old version runs, healthy
+  4   rollback failed: manual intervention needed (the message says what to run)
+  5   another scalebox-update is running
+  10  --check: an update is available
+"""
+
+Result = dict[str, Any]
+
+
+class Interrupted(UpdateError):
+    """SIGTERM or SIGINT arrived; raised where the updater was, so rollback runs."""
+
+
+def _report(message: str) -> None:
+    click.echo(f"scalebox-update: {message}", err=True)
+
+
+def _paths() -> Paths:
+    # Only the system tests' machines set this; on a server it is unset.
+    return Paths(Path(os.environ.get("SCALEBOX_UPDATE_ROOT", "/")))
+
+
+def _stability_window(value: float | None) -> float:
+    if value is not None:
+        return value
+    raw = os.environ.get("SCALEBOX_UPDATE_STABILITY", "")
+    try:
+        return float(raw) if raw else DEFAULT_STABILITY_WINDOW
+    except ValueError:
+        raise UsageError(
+            f"SCALEBOX_UPDATE_STABILITY={raw!r} is not a number of seconds",
+            "set it to e.g. 5, or unset it",
+        ) from None
+
+
+@contextmanager
+def _context(window: float | None) -> Iterator[Context]:
+    # The /health probes go to 127.0.0.1 only; no proxy from the environment applies.
+    with httpx.Client(trust_env=False) as http:
+        yield Context(
+            paths=_paths(),
+            service=Systemctl(),
+            http=http,
+            report=_report,
+            stability_window=_stability_window(window),
+        )
+
+
+def _on_signal(signum: int, _frame: types.FrameType | None) -> NoReturn:
+    raise Interrupted(
+        f"interrupted by {signal.Signals(signum).name}",
+        "run scalebox-update again; it finishes any interrupted transaction first",
+    )
+
+
+@contextmanager
+def _transaction_guard(ctx: Context) -> Iterator[str | None]:
+    """Hold the lock, catch SIGTERM as an exception, and finish any interrupted transaction."""
+    with lock.held(ctx.paths.lock):
+        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            recovered = transaction.recover(ctx)
+            if recovered:
+                _report(recovered)
+            transaction.clean_leftovers(ctx)
+            yield recovered
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _emit(result: Result, as_json: bool) -> int:
+    code = int(result.get("exit_code", 0))
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))
+    elif result.get("message"):
+        click.echo(result["message"])
+    return code
+
+
+@click.group(
+    invoke_without_command=True,
+    epilog=EXIT_CODES_HELP,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.option("--to", "to_version", metavar="VERSION", help="Install this version.")
+@click.option("--force", is_flag=True, help="Reinstall even when already at that version.")
+@click.option("--allow-downgrade", is_flag=True, help="Allow installing an older version.")
+@click.option("--allow-http", is_flag=True, help="Allow plain-http release URLs.")
+@click.option("--check", is_flag=True, help="Only say whether an update is available (exit 10).")
+@click.option("--dry-run", is_flag=True, help="Resolve, download and verify; change nothing.")
+@click.option("--rollback", is_flag=True, help="Go back to the previous kept release.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON result object on stdout.")
+@click.option(
+    "--stability-window",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help="How long the new version must stay up (default 5, or SCALEBOX_UPDATE_STABILITY).",
+)
+@click.option("--version", "show_version", is_flag=True, help="Print the updater's version.")
+@click.pass_context
+def cli(  # noqa: PLR0917 - click passes every option as an argument
+    click_ctx: click.Context,
+    to_version: str | None,
+    force: bool,
+    allow_downgrade: bool,
+    allow_http: bool,
+    check: bool,
+    dry_run: bool,
+    rollback: bool,
+    as_json: bool,
+    stability_window: float | None,
+    show_version: bool,
+) -> None:
+    """Update Scalebox on this server to the latest release (run as root).
+
+    The release comes from SCALEBOX_RELEASE_URL (https URL, file URL or path)
+    when set, else --to VERSION, else the latest GitHub release. It is
+    verified before anything changes; a release that fails after the switch
+    is rolled back automatically. Progress goes to stderr.
+    """
+    click_ctx.obj = as_json
+    if click_ctx.invoked_subcommand is not None:
+        return
+    if show_version:
+        click_ctx.exit(
+            _emit(
+                {
+                    "result": "version",
+                    "version": scalebox.__version__,
+                    "message": f"scalebox-update {scalebox.__version__}",
+                },
+                as_json,
+            )
+        )
+    if rollback and (to_version or force or allow_downgrade):
+        raise UsageError(
+            "--rollback cannot be combined with --to, --force or --allow-downgrade",
+            "run `scalebox-update --rollback` alone",
+        )
+    if check and dry_run:
+        raise UsageError("--check and --dry-run are separate modes", "choose one")
+    preflight.require_root()
+    with _context(stability_window) as ctx, _transaction_guard(ctx) as recovered:
+        if rollback:
+            result = _rollback(ctx)
+        else:
+            result = _update(
+                ctx,
+                to_version=to_version,
+                force=force,
+                allow_downgrade=allow_downgrade,
+                allow_http=allow_http,
+                check=check,
+                dry_run=dry_run,
+            )
+    result["recovered"] = recovered
+    click_ctx.exit(_emit(result, as_json))
+
+
+def _update(
+    ctx: Context,
+    *,
+    to_version: str | None,
+    force: bool,
+    allow_downgrade: bool,
+    allow_http: bool,
+    check: bool,
+    dry_run: bool,
+) -> Result:
+    installed = preflight.check(ctx)
+    source = resolve.source_from_env(os.environ, to_version=to_version, allow_http=allow_http)
+    with fetch.make_client(
+        source.github_token, api_base=source.api_base, allow_http=source.allow_http
+    ) as client:
+        candidate = resolve.resolve(source, client)
+        _report(f"installed {installed.version}; release from {candidate.origin}: {candidate.url}")
+        if candidate.version is not None:
+            early = _decide(installed, candidate.version, force, allow_downgrade, check)
+            if early is not None:
+                return early
+        tarball = ctx.paths.downloads / candidate.asset_name
+        try:
+            fetch.fetch(candidate.url, tarball, client)
+            release = _open(ctx, tarball)
+        finally:
+            tarball.unlink(missing_ok=True)
+    if candidate.version is not None and versions.compare(candidate.version, release.version):
+        raise UpdateError(
+            f"{candidate.url} was listed as version {candidate.version} "
+            f"but its signed RELEASE.json says {release.version}; nothing was changed",
+            "report this to the release's publisher",
+        )
+    decided = _decide(installed, release.version, force, allow_downgrade, check)
+    if decided is not None:
+        return decided
+    if dry_run:
+        return _result(
+            "dry run",
+            installed.version,
+            release.version,
+            f"would update {installed.version} -> {release.version} "
+            f"(verified, signed by {release.signed_by}); nothing was changed",
+        )
+    outcome = transaction.install(
+        ctx,
+        action="update",
+        from_version=installed.version,
+        from_release=installed.release,
+        target=transaction.Target(release.version, release.root),
+    )
+    return _result(
+        outcome.result,
+        outcome.from_version,
+        outcome.to_version,
+        outcome.message,
+        pruned=outcome.pruned,
+    )
+
+
+def _decide(
+    installed: preflight.Installed, version: str, force: bool, allow_downgrade: bool, check: bool
+) -> Result | None:
+    """A final answer without installing (up to date, --check), or None to go on."""
+    decision = plan.decide(
+        installed.version, version, force=force, allow_downgrade=allow_downgrade or check
+    )
+    if check:
+        if decision is plan.Decision.UPDATE:
+            return _result(
+                "update available",
+                installed.version,
+                version,
+                f"update available: {installed.version} -> {version}",
+                exit_code=EXIT_UPDATE_AVAILABLE,
+            )
+        return _result(
+            "up to date",
+            installed.version,
+            version,
+            f"up to date: installed {installed.version}, latest {version}",
+        )
+    if decision is plan.Decision.UP_TO_DATE:
+        return _result(
+            "up to date",
+            installed.version,
+            version,
+            f"already at {version}; nothing to do (--force reinstalls)",
+        )
+    return None
+
+
+def _open(ctx: Context, tarball: Path) -> Release:
+    keys = trusted_keys_in(ctx.paths.keys_dir)
+    if not keys:
+        raise UpdateError(
+            f"no trusted release keys in {ctx.paths.keys_dir}; cannot verify any release",
+            f"put the release-signing public key (*.pub) into {ctx.paths.keys_dir}",
+        )
+    _report(f"verifying {tarball.name}")
+    return open_release(tarball, ctx.paths.work / "release", keys)
+
+
+def _rollback(ctx: Context) -> Result:
+    installed = preflight.check(ctx)
+    kept = {r.version: r.name for r in stage.list_releases(ctx.paths) if r.complete}
+    previous = plan.choose_previous(history.read(ctx.paths.history), installed.version, list(kept))
+    if previous is None:
+        raise UpdateError(
+            f"there is no earlier release kept to roll back to from {installed.version}",
+            "install a specific version with `scalebox-update --to VERSION --allow-downgrade`",
+        )
+    _report(f"rolling back {installed.version} -> {previous} (releases/{kept[previous]})")
+    outcome = transaction.install(
+        ctx,
+        action="rollback",
+        from_version=installed.version,
+        from_release=installed.release,
+        target=transaction.Target(previous, None),
+    )
+    return _result(
+        outcome.result,
+        outcome.from_version,
+        outcome.to_version,
+        f"rolled back {installed.version} -> {previous}; scaleboxd {previous} is healthy",
+        pruned=outcome.pruned,
+    )
+
+
+def _result(
+    result: str,
+    installed: str,
+    target: str,
+    message: str,
+    *,
+    exit_code: int = 0,
+    pruned: list[str] | None = None,
+) -> Result:
+    out: Result = {
+        "result": result,
+        "installed": installed,
+        "target": target,
+        "message": message,
+        "exit_code": exit_code,
+    }
+    if pruned is not None:
+        out["pruned"] = pruned
+    return out
+
+
+@cli.command("recover")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON result object.")
+@click.pass_context
+def recover_command(click_ctx: click.Context, as_json: bool) -> None:
+    """Finish an update a crash or power loss interrupted (run at boot by a unit)."""
+    as_json = as_json or bool(click_ctx.obj)
+    preflight.require_root()
+    with _context(None) as ctx, _transaction_guard(ctx) as recovered:
+        pass
+    message = recovered or "no interrupted update; nothing to do"
+    click_ctx.exit(
+        _emit(
+            {
+                "result": "recovered" if recovered else "nothing to recover",
+                "message": message,
+                "exit_code": 0,
+            },
+            as_json,
+        )
+    )
+
+
+@cli.command("history")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+def history_command(click_ctx: click.Context, as_json: bool) -> None:
+    """Show every update: when, from, to, result and reason."""
+    entries = history.read(_paths().history)
+    if as_json or click_ctx.obj:
+        for entry in entries:
+            click.echo(json.dumps(entry.to_json(), sort_keys=True))
+        return
+    if not entries:
+        click.echo("no updates recorded yet")
+        return
+    click.echo(f"{'WHEN':20}  {'ACTION':8}  {'FROM':12}  {'TO':12}  {'RESULT':15}  REASON")
+    for e in entries:
+        click.echo(
+            f"{e.at:20}  {e.action:8}  {e.from_version:12}  {e.to_version:12}  "
+            f"{e.result:15}  {e.reason or ''}"
+        )
+
+
+@cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def status_command(click_ctx: click.Context, as_json: bool) -> None:
+    """Show the installed release, kept releases, the service and any unfinished update."""
+    p = _paths()
+    current = stage.current_name(p)
+    try:
+        pending = journal.read(p.journal)
+    except UpdateError as exc:
+        pending = None
+        _report(str(exc))
+    try:
+        state = Systemctl().state(SERVICE)
+        service = f"{state.active}/{state.sub} (main PID {state.main_pid})"
+    except UpdateError:
+        service = "unknown (systemctl unavailable)"
+    try:
+        version_file = p.version_file.read_text().strip()
+    except OSError:
+        version_file = ""
+    info: Result = {
+        "current": current,
+        "version": stage.manifest_version(p.release_dir(current)) if current else None,
+        "version_file": version_file or None,
+        "releases": [r.name for r in stage.list_releases(p) if r.complete],
+        "service": service,
+        "unfinished": None
+        if pending is None
+        else {"step": pending.step, "from": pending.from_version, "to": pending.to_version},
+    }
+    if as_json or click_ctx.obj:
+        click.echo(json.dumps(info, sort_keys=True))
+        return
+    where = f"current -> releases/{current}" if current else f"no {p.current}"
+    click.echo(f"installed: {info['version'] or 'none'} ({where})")
+    click.echo(f"/etc/scaleboxd/version: {info['version_file'] or 'missing'}")
+    click.echo(f"kept releases: {', '.join(info['releases']) or 'none'}")
+    click.echo(f"scaleboxd: {service}")
+    if pending is not None:
+        click.echo(
+            f"UNFINISHED update {pending.from_version} -> {pending.to_version} "
+            f"at step {pending.step}: run `scalebox-update recover`"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The entry point: the one handler that turns errors into a line and an exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in args
+    try:
+        cli.main(args=args, prog_name="scalebox-update", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return _fail_json(as_json, "usage error", exc.format_message(), None, exc.exit_code)
+    except click.exceptions.Abort:
+        return _fail_json(as_json, "interrupted", "interrupted", None, 1)
+    except ScaleboxError as exc:
+        click.echo(f"scalebox-update: error: {exc.what}", err=True)
+        if exc.hint:
+            click.echo(f"  hint: {exc.hint}", err=True)
+        return _fail_json(
+            as_json, _RESULTS.get(exc.exit_code, "refused"), exc.what, exc.hint, exc.exit_code
+        )
+    return 0
+
+
+_RESULTS = {1: "refused", 2: "usage error", 3: "rolled back", 4: "rollback failed", 5: "busy"}
+
+
+def _fail_json(as_json: bool, result: str, message: str, hint: str | None, code: int) -> int:
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"result": result, "message": message, "hint": hint, "exit_code": code},
+                sort_keys=True,
+            )
+        )
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

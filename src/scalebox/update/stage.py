@@ -1,0 +1,178 @@
+"""Stage: build releases/<version> from a verified release, offline, next to the running one.
+
+A venv's scripts carry their absolute path, so the release is built in place
+and marked ``.complete`` last; a directory without it is unfinished and is
+removed, never used. Then the *new* release's own ``scaleboxd
+--check-config`` judges the live config, so a release that cannot start with
+it is refused before the service is touched (design section 8).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from scalebox.fsutil import atomic_write, fsync_dir
+from scalebox.update import process
+from scalebox.update.errors import UpdateError
+from scalebox.update.paths import Paths
+from scalebox.update.plan import ReleaseDir
+
+COMPLETE = ".complete"
+MANIFEST = "RELEASE.json"
+
+Report = Callable[[str], None]
+
+
+def check_name(version: str) -> str:
+    """A version is used as a directory name: refuse anything that is not one plain name."""
+    if not version or version.startswith(".") or "/" in version or "\0" in version:
+        raise UpdateError(
+            f"release version {version!r} cannot name a directory under releases/",
+            "the release is malformed; use another release",
+        )
+    return version
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / COMPLETE).is_file()
+
+
+def manifest_version(directory: Path) -> str:
+    """The version a release directory's RELEASE.json names ('' when unreadable)."""
+    try:
+        return str(json.loads((directory / MANIFEST).read_text())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def current_name(paths: Paths) -> str | None:
+    """The directory name under releases/ that ``current`` points at, or None."""
+    try:
+        target = paths.current.readlink()
+    except OSError:
+        return None
+    return Path(target).name
+
+
+def list_releases(paths: Paths) -> list[ReleaseDir]:
+    if not paths.releases.is_dir():
+        return []
+    return [
+        ReleaseDir(d.name, manifest_version(d) or d.name, is_complete(d))
+        for d in sorted(paths.releases.iterdir())
+        if d.is_dir() and not d.is_symlink()
+    ]
+
+
+def remove_unfinished(paths: Paths, report: Report) -> list[str]:
+    """Delete release directories without .complete (left by an interrupted stage)."""
+    removed = []
+    current = current_name(paths)
+    for release in list_releases(paths):
+        if not release.complete and release.name != current:
+            report(f"removing unfinished release directory releases/{release.name}")
+            shutil.rmtree(paths.release_dir(release.name))
+            removed.append(release.name)
+    return removed
+
+
+def python_version(python: str) -> str:
+    out = process.run(
+        [python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        f"ask {python} for its version",
+        timeout=30,
+    )
+    return out.strip()
+
+
+def build(paths: Paths, release_root: Path, version: str, *, python: str, report: Report) -> bool:
+    """Make releases/<version> a complete release built from ``release_root``.
+
+    Returns True when it built the directory, False when an identical complete
+    build was already there (reused as is).
+    """
+    name = check_name(version)
+    target = paths.release_dir(name)
+    new_manifest = (release_root / MANIFEST).read_bytes()
+    if target.exists():
+        same = (target / MANIFEST).is_file() and (target / MANIFEST).read_bytes() == new_manifest
+        if is_complete(target) and same:
+            report(f"releases/{name} is already built from this release; reusing it")
+            return False
+        if current_name(paths) == name:
+            raise UpdateError(
+                f"releases/{name} is the running release but was built from a different "
+                f"{MANIFEST}; it cannot be rebuilt while it runs",
+                "install another version first, or publish this build under a new version",
+            )
+        report(f"removing stale releases/{name}")
+        shutil.rmtree(target)
+
+    wanted = _supported_pythons(new_manifest)
+    have = python_version(python)
+    if wanted and have not in wanted:
+        raise UpdateError(
+            f"release {version} supports Python {', '.join(wanted)}, this server has {have}",
+            "use a release built for this server's Python",
+        )
+
+    report(f"building releases/{name} (offline, from the release's wheels)")
+    target.mkdir(parents=True)
+    for entry in sorted(release_root.iterdir()):
+        if entry.name == "wheels":
+            continue  # installed into the venv below; not needed afterwards
+        if entry.is_dir():
+            shutil.copytree(entry, target / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, target / entry.name)
+    process.run([python, "-m", "venv", str(target / "venv")], "create the release venv")
+    process.run(
+        [
+            str(target / "venv" / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-index",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "--find-links",
+            str(release_root / "wheels"),
+            f"scalebox=={version}",
+        ],
+        f"install scalebox {version} from the release's wheels",
+        env={**os.environ, "PIP_CONFIG_FILE": os.devnull},
+        hint="the release's wheels/ do not install on this server; nothing was changed",
+    )
+    fsync_dir(target)
+    atomic_write(target / COMPLETE, f"{version}\n")
+    return True
+
+
+def _supported_pythons(manifest: bytes) -> list[str]:
+    try:
+        raw = json.loads(manifest).get("python", [])
+    except (ValueError, AttributeError):
+        return []
+    return [str(v) for v in raw] if isinstance(raw, list) else []
+
+
+def check_config(paths: Paths, name: str) -> None:
+    """Run the staged release's own config check on the live config; refuse on failure."""
+    scaleboxd = paths.release_dir(name) / "venv" / "bin" / "scaleboxd"
+    try:
+        process.run(
+            [str(scaleboxd), "--check-config", str(paths.config)],
+            f"the new release's config check ({scaleboxd} --check-config {paths.config})",
+            timeout=60,
+        )
+    except UpdateError as exc:
+        raise UpdateError(
+            f"release {name} rejects the live config {paths.config}: {exc.what}",
+            "nothing was changed and scaleboxd keeps running; fix the config "
+            "(see docs/operations.md) or wait for a release that accepts it",
+        ) from None

@@ -1,0 +1,100 @@
+"""Switch: back up units and config, swap ``current``, install changed units, restart.
+
+The backup lives in /var/lib/scalebox-update/backups/<transaction id>/:
+``units/<name>`` copies, ``config`` (bytes, mode and owner kept) and
+``backup.json`` naming which units existed before, written last, so a
+rollback also removes units this update added.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from scalebox.fsutil import atomic_symlink, atomic_write, fsync_dir
+from scalebox.update.paths import Paths
+from scalebox.update.systemd import SERVICE, SOCKET, ServiceManager
+
+BACKUP_INDEX = "backup.json"
+
+
+def release_units(release_dir: Path) -> list[str]:
+    units = release_dir / "units"
+    return sorted(p.name for p in units.iterdir() if p.is_file()) if units.is_dir() else []
+
+
+def back_up(paths: Paths, backup_dir: Path, unit_names: Iterable[str]) -> None:
+    """Copy every unit the switch may replace, and the config, into ``backup_dir``."""
+    if backup_dir.exists():
+        shutil.rmtree(backup_dir)  # a half-made backup from an interrupted run
+    (backup_dir / "units").mkdir(parents=True)
+    present: dict[str, bool] = {}
+    for name in sorted(set(unit_names)):
+        installed = paths.systemd_dir / name
+        present[name] = installed.is_file()
+        if present[name]:
+            shutil.copy2(installed, backup_dir / "units" / name)
+    shutil.copy2(paths.config, backup_dir / "config")
+    st = paths.config.stat()
+    fsync_dir(backup_dir / "units")
+    atomic_write(
+        backup_dir / BACKUP_INDEX,
+        json.dumps({"units": present, "config_uid": st.st_uid, "config_gid": st.st_gid}),
+        mode=0o600,
+    )
+
+
+def swap_current(paths: Paths, release_name: str) -> None:
+    """Point ``current`` at releases/<release_name> in one rename."""
+    atomic_symlink(Path("releases") / release_name, paths.current)
+
+
+def install_units(paths: Paths, release_dir: Path) -> list[str]:
+    """Copy the release's unit files that differ into /etc/systemd/system; return their names."""
+    changed = []
+    for name in release_units(release_dir):
+        new = (release_dir / "units" / name).read_bytes()
+        installed = paths.systemd_dir / name
+        if installed.is_file() and installed.read_bytes() == new:
+            continue
+        atomic_write(installed, new, mode=0o644)
+        changed.append(name)
+    return changed
+
+
+def restart(service: ServiceManager, changed_units: Iterable[str], timeout: float) -> None:
+    """daemon-reload, then restart scaleboxd (and its socket first if the socket changed)."""
+    service.daemon_reload()
+    if SOCKET in set(changed_units):
+        # Restarting the socket stops the service too (Requires=); it is started below.
+        service.restart(SOCKET, timeout)
+    service.restart(SERVICE, timeout)
+
+
+def restore(paths: Paths, backup_dir: Path) -> list[str]:
+    """Put units and config back exactly as backed up; return the unit names touched.
+
+    Idempotent: a file that already matches its backup is not rewritten.
+    """
+    index = json.loads((backup_dir / BACKUP_INDEX).read_text())
+    touched = []
+    for name, was_present in sorted(index["units"].items()):
+        installed = paths.systemd_dir / name
+        if was_present:
+            saved = (backup_dir / "units" / name).read_bytes()
+            if not installed.is_file() or installed.read_bytes() != saved:
+                atomic_write(installed, saved, mode=0o644)
+                touched.append(name)
+        elif installed.exists():
+            installed.unlink()
+            fsync_dir(installed.parent)
+            touched.append(name)
+    saved_config = backup_dir / "config"
+    config = saved_config.read_bytes()
+    if not paths.config.is_file() or paths.config.read_bytes() != config:
+        atomic_write(paths.config, config, mode=saved_config.stat().st_mode & 0o7777)
+        os.chown(paths.config, index["config_uid"], index["config_gid"])
+    return touched
