@@ -316,6 +316,24 @@ def test_a_corrupt_state_file_is_kept_and_the_vms_are_rebuilt_not_deleted(
     second.close()
 
 
+def test_with_a_corrupt_state_file_unrecoverable_disks_are_kept_not_deleted(
+    config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    new_service(config).close()
+    stray = config.data_dir / "vms" / "vm-0123456789ab"
+    (stray / "disk").mkdir(parents=True)
+    (stray / "disk" / "precious.txt").write_text("user data")
+    (config.data_dir / "state.json").write_text("not json")
+
+    new_service(config).close()
+    assert (stray / "disk" / "precious.txt").read_text() == "user data"
+    assert f"kept {stray}, which no VM in the state uses" in caplog.text
+    # Once the state is readable again, the stray directory is an ordinary orphan.
+    new_service(config).close()
+    assert not stray.exists()
+    assert f"cleaned up orphan disk {stray}" in caplog.text
+
+
 def test_leftovers_of_an_interrupted_create_are_removed_on_start(
     config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture
 ) -> None:

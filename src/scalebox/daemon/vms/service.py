@@ -109,7 +109,9 @@ class VMService:
                     self._state_path, loaded.problem, loaded.kept_as, len(vms), self._vms_dir,
                 )  # fmt: skip
             self._vms = {vm.id: vm for vm in vms}
-            self._reconcile()
+            # With a corrupt state file, what could not be recovered is kept,
+            # not cleaned up: nothing is deleted because a file was unreadable.
+            self._reconcile(clean_orphans=loaded.problem is None)
             self._save()
 
     def close(self) -> None:
@@ -375,7 +377,7 @@ class VMService:
                     disks.remove_tree(entry)
                     self._log.warning("removed %s, left over by an interrupted operation", entry)
 
-    def _reconcile(self) -> None:
+    def _reconcile(self, *, clean_orphans: bool) -> None:
         """Make what runs match the state: adopt, restart, and clean up orphans (logged)."""
         running = self._backend.list_running()
         for vm in list(self._vms.values()):
@@ -394,14 +396,18 @@ class VMService:
             else:
                 self._restart(vm)
         for vm_id, pid in running.items():
-            if vm_id not in self._vms:
+            if vm_id not in self._vms and not clean_orphans:
+                self._log.warning("kept the guest of VM %s (pid %s), not in the state", vm_id, pid)
+            elif vm_id not in self._vms:
                 self._backend.stop(vm_id, pid)
                 self._log.warning(
                     "cleaned up orphan guest of VM %s (pid %s): it is not in the state file",
                     vm_id, pid,
                 )  # fmt: skip
         for entry in sorted(self._vms_dir.iterdir()):
-            if entry.name not in self._vms:
+            if entry.name not in self._vms and not clean_orphans:
+                self._log.warning("kept %s, which no VM in the state uses", entry)
+            elif entry.name not in self._vms:
                 disks.remove_tree(entry)
                 self._log.warning(
                     "cleaned up orphan disk %s: no VM in the state file uses it", entry

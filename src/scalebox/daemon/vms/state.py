@@ -9,6 +9,7 @@ rebuilt from these copies instead of losing the VMs.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,7 +53,13 @@ def render(vms: list[VM]) -> str:
 
 
 def load(path: Path) -> Loaded:
-    """Read the state file. Missing: no VMs. Unreadable: renamed aside, never deleted."""
+    """Read the state file. Missing: no VMs. Unreadable: copied aside, never deleted.
+
+    The unreadable file stays in place until a good one replaces it
+    atomically: if the daemon dies before that, the next start finds it
+    corrupt again (and recovers again) instead of missing (which would make
+    every VM an orphan).
+    """
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -66,7 +73,7 @@ def load(path: Path) -> Loaded:
             problem = str(exc)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     kept = path.with_name(f"{path.name}.corrupt-{stamp}")
-    path.replace(kept)
+    shutil.copy2(path, kept)
     return Loaded([], problem=problem, kept_as=kept)
 
 
