@@ -161,6 +161,8 @@ def validation_message(errors: Sequence[Any]) -> str:
     if kind == "missing":
         message = "field required"
     if not loc or all(part.isdigit() for part in loc):
+        if kind == "missing":
+            return "body: missing; send a JSON object with Content-Type: application/json"
         if kind in {"model_attributes_type", "dict_type", "model_type"}:
             return "body: expected a JSON object (send Content-Type: application/json)"
         return f"body: {message}"
