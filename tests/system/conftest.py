@@ -1,0 +1,56 @@
+"""Fixtures that boot real systemd machines (tools/machine.py) for the system tests.
+
+``machine`` yields a freshly booted Debian 12 machine (systemd as PID 1, its
+own network namespace, a volatile overlay), torn down after the test however
+it ends. ``boot_machine(release_dir=...)`` boots more, e.g. with a folder bound
+read-only at /mnt/release. Every test in tests/system is marked ``system``;
+without root the fixtures skip with the reason, so a skip is never a pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from tools.machine import Machine
+
+BootMachine = Callable[..., Machine]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.system)
+
+
+def _skip_unless_able() -> None:
+    if os.geteuid() != 0:
+        pytest.skip(
+            "system test: needs root to boot an nspawn machine (try: sudo ./do system-tests)"
+        )
+    missing = [t for t in ("systemd-nspawn", "debootstrap", "ip", "nsenter") if not shutil.which(t)]
+    if missing:
+        pytest.skip(f"system test: missing {', '.join(missing)} (./do system-tests installs them)")
+
+
+@pytest.fixture
+def boot_machine() -> Iterator[BootMachine]:
+    """A function that boots a machine; all of them are torn down after the test."""
+    _skip_unless_able()
+    with contextlib.ExitStack() as stack:
+
+        def boot(release_dir: Path | None = None) -> Machine:
+            return stack.enter_context(Machine.boot(release_dir))
+
+        yield boot
+
+
+@pytest.fixture
+def machine(boot_machine: BootMachine) -> Machine:
+    """One freshly booted machine, torn down after the test."""
+    return boot_machine()

@@ -1,0 +1,173 @@
+"""The test server harness itself: boots real systemd, guards traffic, always cleans up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from tools import image, netns
+from tools.machine import Machine, MachineError, sweep_stale
+from tools.netns import Slot
+
+from .conftest import BootMachine
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _nothing_left(name: str) -> list[str]:
+    """What is still around of machine ``name`` (empty when fully torn down)."""
+    slot = netns.parse_name(name)
+    left = []
+    if slot.netns_path.exists():
+        left.append(f"namespace {slot.netns_path}")
+    if (
+        subprocess.run(
+            ["ip", "link", "show", slot.host_if], capture_output=True, check=False
+        ).returncode
+        == 0
+    ):
+        left.append(f"veth {slot.host_if}")
+    if slot.state_file().exists():
+        left.append(f"state file {slot.state_file()}")
+    nspawns = subprocess.run(
+        ["pgrep", "-f", f"systemd-nspawn.*--machine={name} "],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if nspawns.stdout.strip():
+        left.append(f"systemd-nspawn pids {nspawns.stdout.split()}")
+    return left
+
+
+def test_machine_runs_systemd_as_pid_1(machine: Machine) -> None:
+    state = machine.run(["systemctl", "is-system-running"], check=False).stdout.strip()
+    assert state in ("running", "degraded")
+    assert machine.run(["cat", "/proc/1/comm"]).stdout.strip() == "systemd"
+    # systemd-run works: the updater's tests start transient units.
+    machine.run(["systemd-run", "--wait", "--quiet", "true"])
+
+
+def test_route_guard_refuses_addresses_not_on_our_veth(machine: Machine) -> None:
+    assert machine.url(8080, "/health") == f"http://{machine.ip}:8080/health"
+    # A slot nobody made: its address would leave through the default route.
+    unmade = Slot(250)
+    assert not netns.network_exists(unmade)
+    with pytest.raises(netns.NetnsError, match="refusing to send traffic"):
+        netns.guard(unmade)
+    # Our own machine, once its veth is gone, is refused too.
+    subprocess.run(["ip", "link", "del", machine.slot.host_if], check=True)
+    with pytest.raises(netns.NetnsError, match=machine.slot.host_if):
+        machine.url()
+
+
+def test_two_machines_run_at_once_with_their_own_addresses(boot_machine: BootMachine) -> None:
+    first, second = boot_machine(), boot_machine()
+    assert first.ip != second.ip
+    assert first.address() != second.address()
+    for m in (first, second):
+        addrs = m.run(["ip", "-4", "-o", "addr", "show", m.slot.machine_if]).stdout
+        assert f"{m.ip}/30" in addrs
+    # Volatile overlays: what one writes, the other does not see.
+    first.run(["touch", "/root/only-in-first"])
+    assert second.run(["test", "-e", "/root/only-in-first"], check=False).returncode == 1
+
+
+def test_writes_inside_never_reach_the_cached_image(machine: Machine) -> None:
+    machine.run(["sh", "-c", "echo dirty > /etc/scalebox-written-inside"])
+    assert machine.run(["cat", "/etc/scalebox-written-inside"]).stdout == "dirty\n"
+    assert not (machine.image_dir / "etc/scalebox-written-inside").exists()
+
+
+def test_release_dir_is_bound_read_only(boot_machine: BootMachine, tmp_path: Path) -> None:
+    (tmp_path / "install.sh").write_text("echo hello from the host\n")
+    m = boot_machine(tmp_path)
+    assert m.run(["bash", "/mnt/release/install.sh"]).stdout == "hello from the host\n"
+    assert m.run(["touch", "/mnt/release/x"], check=False).returncode != 0
+
+
+def test_failing_command_raises_with_its_output(machine: Machine) -> None:
+    with pytest.raises(MachineError, match=r"(?s)exited with code 3.*oops"):
+        machine.run(["sh", "-c", "echo oops >&2; exit 3"])
+
+
+def test_exception_in_the_block_tears_everything_down() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("system test: needs root to boot an nspawn machine")
+    name = ""
+    with pytest.raises(RuntimeError, match="injected"), Machine.boot() as m:
+        name = m.name
+        raise RuntimeError("injected")
+    assert name
+    assert _nothing_left(name) == []
+
+
+BOOT_AND_WAIT = textwrap.dedent(
+    """
+    import signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    from tools.machine import Machine
+    with Machine.boot() as m:
+        print(m.name, flush=True)
+        time.sleep(120)
+    """
+)
+
+
+def _start_booted_child() -> tuple[subprocess.Popen[str], str]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", BOOT_AND_WAIT],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    name = child.stdout.readline().strip()
+    assert name.startswith("sb"), f"child did not boot a machine (exit {child.poll()})"
+    return child, name
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_to_the_harness_tears_everything_down(sig: signal.Signals) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("system test: needs root to boot an nspawn machine")
+    child, name = _start_booted_child()
+    assert netns.parse_name(name).netns_path.exists()
+    child.send_signal(sig)
+    assert child.wait(60) != 0
+    assert _nothing_left(name) == []
+
+
+def test_stale_sweep_removes_what_a_killed_run_left() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("system test: needs root to boot an nspawn machine")
+    child, name = _start_booted_child()
+    child.kill()  # SIGKILL: no cleanup code runs in the harness
+    child.wait(10)
+    slot = netns.parse_name(name)
+    assert slot.netns_path.exists(), "a killed run leaves its namespace behind"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _nothing_left(name) != [
+        f"namespace {slot.netns_path}",
+        f"veth {slot.host_if}",
+        f"state file {slot.state_file()}",
+    ]:
+        time.sleep(0.2)  # the container dies with its parent (PDEATHSIG)
+    assert name in sweep_stale()
+    assert _nothing_left(name) == []
+
+
+def test_image_is_cached_and_complete() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("system test: needs root to build the machine image")
+    path = image.ensure_image()
+    assert image.is_complete(path)
+    assert (path / "usr/lib/systemd/systemd").exists()
+    assert (path / "usr/bin/python3").exists()
+    assert image.ensure_image() == path  # second call: from the cache
