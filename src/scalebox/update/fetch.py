@@ -1,0 +1,457 @@
+"""Get a release tarball's bytes onto disk, safely: the updater's one HTTP door.
+
+``make_client`` builds the one ``httpx.Client`` the updater uses (timeouts,
+User-Agent, the GitHub token only for the API's own origin, plain http refused
+even after a redirect). ``fetch`` streams a URL into ``dest.part`` and renames
+it to ``dest`` only when every byte arrived: it resumes a partial file with a
+Range request, retries connection errors, 5xx answers and cut-off transfers
+with exponential backoff, never retries a 4xx, and refuses anything larger than
+``max_bytes``. file:// URLs and plain paths are copied under the same cap.
+
+Nothing here trusts the bytes: the caller verifies signature and hashes next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Protocol
+
+import httpx
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+import scalebox
+from scalebox.errors import ScaleboxError
+from scalebox.fsutil import fsync_dir
+
+MiB = 1024 * 1024
+DEFAULT_MAX_BYTES = 512 * MiB
+DEFAULT_API_BASE = "https://api.github.com"
+# connect: a dead host fails fast; read: the longest silence we accept mid-transfer.
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+_COPY_CHUNK = MiB
+
+ALLOW_HTTP_HINT = (
+    "use an https URL, or set SCALEBOX_ALLOW_HTTP=1 (or pass --allow-http) "
+    "if you trust every network hop to the server"
+)
+
+
+class FetchError(ScaleboxError):
+    """A release could not be downloaded or copied; nothing was changed."""
+
+    exit_code = 1
+
+
+class PlainHttpRefused(FetchError):
+    """A request (possibly a redirect) would go over unencrypted http."""
+
+
+def user_agent() -> str:
+    return f"scalebox-update/{scalebox.__version__}"
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return (url.scheme, url.host, url.port or default)
+
+
+def make_client(
+    token: str | None = None,
+    *,
+    api_base: str = DEFAULT_API_BASE,
+    allow_http: bool = False,
+    timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+) -> httpx.Client:
+    """The updater's HTTP client.
+
+    ``token`` (GITHUB_TOKEN) is sent only to ``api_base``'s origin (scheme,
+    host, port); an Authorization header is removed from every request, or
+    redirect, to any other origin, so asset hosts never see a token. With
+    ``allow_http`` false every request, including a redirect target, must be
+    https.
+    """
+    api_origin = _origin(httpx.URL(api_base))
+
+    def on_request(request: httpx.Request) -> None:
+        if request.url.scheme == "http" and not allow_http:
+            raise PlainHttpRefused(
+                f"refusing to fetch {request.url} over plain http", ALLOW_HTTP_HINT
+            )
+        if _origin(request.url) != api_origin:
+            request.headers.pop("Authorization", None)
+        elif token:
+            request.headers["Authorization"] = f"Bearer {token}"
+
+    return httpx.Client(
+        timeout=timeout,
+        follow_redirects=True,
+        headers={"User-Agent": user_agent()},
+        event_hooks={"request": [on_request]},
+    )
+
+
+def backoff_delays(
+    retries: int, base: float = 0.5, cap: float = 8.0, *, rng: random.Random | None = None
+) -> list[float]:
+    """The pauses before each of ``retries`` retries: exponential, capped, jittered.
+
+    Delay i lies in [d/2, d] with d = min(cap, base * 2**i) ("equal jitter"): it
+    grows, never collapses to zero, and many servers retrying at once spread out.
+    Pure for a given ``rng``.
+    """
+    # Jitter only spreads retries in time; nothing secret depends on it.
+    rng = rng or random.Random()  # noqa: S311
+    delays = []
+    for i in range(retries):
+        d = min(cap, base * 2**i)
+        delays.append(d / 2 + rng.random() * d / 2)
+    return delays
+
+
+class _Progress(Protocol):
+    def start(self, total: int | None, done: int) -> None: ...
+    def advance(self, n: int) -> None: ...
+
+
+class _NoProgress:
+    def start(self, total: int | None, done: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _progress_bar(name: str, show: bool) -> Iterator[_Progress]:
+    if not show:
+        yield _NoProgress()
+        return
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
+    task = bar.add_task(name, total=None)
+
+    class _Rich:
+        def start(self, total: int | None, done: int) -> None:
+            bar.update(task, total=total, completed=done)
+
+        def advance(self, n: int) -> None:
+            bar.advance(task, n)
+
+    with bar:
+        yield _Rich()
+
+
+class _Retryable(Exception):
+    """One attempt failed in a way another attempt may fix."""
+
+    def __init__(self, reason: str, total: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.total = total
+
+
+# What another attempt may fix. Not UnsupportedProtocol, LocalProtocolError and
+# the like (also TransportErrors): those are a bad URL or a bug, not a bad link.
+_TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+
+def _part_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".part")
+
+
+def _too_big(url: str, size: int, max_bytes: int) -> FetchError:
+    return FetchError(
+        f"{url} is larger than the {max_bytes // MiB} MiB limit ({size} bytes or more); refused",
+        "a Scalebox release is far smaller: check the URL; the limit protects the disk",
+    )
+
+
+def _finish(part: Path, dest: Path) -> Path:
+    with part.open("rb+") as f:
+        os.fsync(f.fileno())
+    part.replace(dest)
+    fsync_dir(dest.parent)
+    return dest
+
+
+def _local_source(url: str) -> Path | None:
+    """The file a file:// URL or a plain path names; None for a network URL."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise FetchError(
+                f"{url} names a file on another host ({parsed.netloc})",
+                "use file:///path for a file on this server, or an https URL",
+            )
+        return Path(urllib.request.url2pathname(parsed.path))
+    if "://" not in url:
+        return Path(url)
+    return None
+
+
+def _copy_local(src: Path, dest: Path, max_bytes: int) -> Path:
+    part = _part_path(dest)
+    try:
+        with src.open("rb") as inp:
+            size = os.fstat(inp.fileno()).st_size
+            if size > max_bytes:
+                raise _too_big(str(src), size, max_bytes)
+            copied = 0
+            with part.open("wb") as out:
+                # The file may still be growing: the cap applies to what is read.
+                while chunk := inp.read(_COPY_CHUNK):
+                    copied += len(chunk)
+                    if copied > max_bytes:
+                        raise _too_big(str(src), copied, max_bytes)
+                    out.write(chunk)
+    except FetchError:
+        part.unlink(missing_ok=True)
+        raise
+    except FileNotFoundError as exc:
+        part.unlink(missing_ok=True)
+        raise FetchError(
+            f"release file {src} does not exist",
+            "check the path in SCALEBOX_RELEASE_URL (an https URL, file:///path or a path)",
+        ) from exc
+    except IsADirectoryError as exc:
+        part.unlink(missing_ok=True)
+        raise FetchError(
+            f"release file {src} is a directory, not a tarball",
+            "point SCALEBOX_RELEASE_URL at the scalebox-<version>-<arch>.tar.gz file",
+        ) from exc
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise FetchError(
+            f"cannot copy {src} to {dest}: {exc.strerror or exc}",
+            "check that the file is readable and the disk has room, then run again",
+        ) from exc
+    return _finish(part, dest)
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def _where_body_goes(
+    resp: httpx.Response, url: str, part: Path, have: int, max_bytes: int
+) -> tuple[int, int | None] | None:
+    """From the answer's status: (offset the body starts at, total size), or None
+    when the partial file is already the whole file.
+
+    Raises _Retryable for what another attempt may fix, FetchError for what it won't.
+    """
+    status = resp.status_code
+    if status == 416:
+        # Range not satisfiable: either the partial file is already whole,
+        # or it is not a prefix of this file at all.
+        whole = re.fullmatch(r"bytes \*/(\d+)", resp.headers.get("Content-Range", ""))
+        if whole and int(whole[1]) == have:
+            return None
+        part.unlink(missing_ok=True)
+        raise _Retryable(f"the server would not resume at byte {have}; starting over")
+    if status >= 500:
+        raise _Retryable(f"the server answered {status} {resp.reason_phrase}")
+    if status >= 400:
+        raise _client_error(url, status, resp.reason_phrase)
+    if status == 206:
+        resumed = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
+        if resumed is None or int(resumed[1]) != have:
+            part.unlink(missing_ok=True)
+            raise _Retryable("the server resumed at the wrong byte; starting over")
+        start, total = have, None if resumed[3] == "*" else int(resumed[3])
+    elif status == 200:
+        # The server ignored Range (or there was none): start from zero.
+        length = resp.headers.get("Content-Length", "")
+        start, total = 0, int(length) if length.isdigit() else None
+    else:
+        raise FetchError(
+            f"{url} answered {status} {resp.reason_phrase} instead of the file",
+            "check the URL; it should lead to the release tarball itself",
+        )
+    if total is not None and total > max_bytes:
+        part.unlink(missing_ok=True)
+        raise _too_big(url, total, max_bytes)
+    return start, total
+
+
+def _http_attempt(
+    url: str, part: Path, client: httpx.Client, max_bytes: int, bar: _Progress
+) -> None:
+    """One GET into ``part``, resuming it if it exists; complete when it returns."""
+    have = part.stat().st_size if part.exists() else 0
+    if have > max_bytes:
+        part.unlink()
+        have = 0
+    # identity: Content-Length and Range then count the very bytes we store.
+    headers = {"Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    with client.stream("GET", url, headers=headers) as resp:
+        plan = _where_body_goes(resp, url, part, have, max_bytes)
+        if plan is None:
+            return
+        got, total = plan
+        bar.start(total, got)
+        with part.open("ab" if got else "wb") as out:
+            try:
+                # Unsized: chunks as they arrive, so a cut keeps every byte received.
+                for chunk in resp.iter_bytes():
+                    got += len(chunk)
+                    if got > max_bytes:
+                        out.close()
+                        part.unlink(missing_ok=True)
+                        raise _too_big(url, got, max_bytes)
+                    out.write(chunk)
+                    bar.advance(len(chunk))
+            except _TRANSIENT as exc:
+                _flush(out)
+                raise _Retryable(_describe(exc, got, total), total) from exc
+        if total is not None and got < total:
+            raise _Retryable(f"the connection ended at {got} of {total} bytes", total)
+
+
+def _flush(out: IO[bytes]) -> None:
+    # Keep what did arrive: the next attempt resumes after it.
+    out.flush()
+    os.fsync(out.fileno())
+
+
+def _client_error(url: str, status: int, reason: str) -> FetchError:
+    if status == 404:
+        return FetchError(
+            f"{url} does not exist (404)",
+            "check the release URL or version; `scalebox-update --check` shows what is available",
+        )
+    if status in (401, 403):
+        return FetchError(
+            f"{url} refused access ({status} {reason})",
+            "check that the release is public, or that GITHUB_TOKEN may read it",
+        )
+    return FetchError(f"{url} answered {status} {reason}", "check the release URL, then run again")
+
+
+def _describe(exc: httpx.HTTPError, got: int, total: int | None) -> str:
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "connecting timed out"
+    if isinstance(exc, httpx.TimeoutException):
+        return "the server stopped sending (read timed out)"
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot connect ({exc})"
+    if total is not None and got < total:
+        return f"the connection was cut at {got} of {total} bytes"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _retrying_download(
+    url: str,
+    dest: Path,
+    client: httpx.Client,
+    *,
+    max_bytes: int,
+    retries: int,
+    show: bool,
+    sleep: Callable[[float], None],
+) -> Path:
+    part = _part_path(dest)
+    delays = backoff_delays(retries)
+    failures = 0
+    attempts = 0
+    reason = ""
+    total: int | None = None
+    with _progress_bar(dest.name, show) as bar:
+        while True:
+            attempts += 1
+            before = part.stat().st_size if part.exists() else 0
+            try:
+                _http_attempt(url, part, client, max_bytes, bar)
+            except _Retryable as retry:
+                reason = retry.reason
+                total = retry.total if retry.total is not None else total
+            except _TRANSIENT as exc:
+                reason = _describe(exc, 0, None)
+            else:
+                return _finish(part, dest)
+            # An attempt that added bytes to the partial file costs no retry:
+            # a link that drops every few MB still finishes, and this ends
+            # because the file cannot grow past max_bytes.
+            after = part.stat().st_size if part.exists() else 0
+            if after > before:
+                continue
+            failures += 1
+            if failures > retries:
+                break
+            sleep(delays[failures - 1])
+
+    have = part.stat().st_size if part.exists() else 0
+    if have:
+        of_total = f" of {total}" if total is not None else ""
+        raise FetchError(
+            f"download of {url} stopped at {have}{of_total} bytes "
+            f"after {attempts} attempts ({reason})",
+            "the partial download is kept; run scalebox-update again to resume",
+        )
+    raise FetchError(
+        f"could not download {url} after {attempts} attempts: {reason}",
+        "check the network and the URL, then run scalebox-update again",
+    )
+
+
+def fetch(
+    candidate_url: str,
+    dest: Path,
+    client: httpx.Client,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    retries: int = 4,
+    progress: bool | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Path:
+    """Put the bytes at ``candidate_url`` into ``dest`` and return ``dest``.
+
+    ``candidate_url`` is an http(s) URL, a file:// URL or a plain path.
+    ``dest`` appears only once complete (written as ``dest.part``, renamed); a
+    ``dest.part`` left by an interrupted run is resumed. ``progress`` None shows
+    a progress bar only when stderr is a terminal. Raises FetchError.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    local = _local_source(candidate_url)
+    if local is not None:
+        return _copy_local(local, dest, max_bytes)
+    show = sys.stderr.isatty() if progress is None else progress
+    try:
+        return _retrying_download(
+            candidate_url,
+            dest,
+            client,
+            max_bytes=max_bytes,
+            retries=retries,
+            show=show,
+            sleep=sleep,
+        )
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise FetchError(
+            f"could not download {candidate_url}: {exc}",
+            "check the URL, then run scalebox-update again",
+        ) from exc

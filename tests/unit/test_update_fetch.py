@@ -1,0 +1,362 @@
+"""fetch: streamed, capped, resumable downloads over real loopback HTTP."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import httpx
+import pytest
+
+import scalebox
+from scalebox.update.fetch import (
+    FetchError,
+    PlainHttpRefused,
+    backoff_delays,
+    fetch,
+    make_client,
+)
+from tests.unit.loopback_http import (
+    Server,
+    send_body,
+    send_range,
+    serve,
+    unused_port,
+)
+
+BODY = os.urandom(300_000)
+HALF = 100_000
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    with serve() as srv:
+        yield srv
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    with make_client(allow_http=True, timeout=httpx.Timeout(2.0, connect=2.0)) as c:
+        yield c
+
+
+class Sleeps(list[float]):
+    """Records the backoff pauses instead of sleeping them, so retry tests run fast."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def test_downloads_the_whole_file_and_leaves_no_part(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    server.routes["/a.tar.gz"] = lambda req: send_body(req, BODY)
+    dest = tmp_path / "dl" / "a.tar.gz"
+    assert fetch(server.url("/a.tar.gz"), dest, client, progress=False) == dest
+    assert dest.read_bytes() == BODY
+    assert not (tmp_path / "dl" / "a.tar.gz.part").exists()
+    sent = server.requests_to("/a.tar.gz")[0].headers
+    assert sent["user-agent"] == f"scalebox-update/{scalebox.__version__}"
+    assert "range" not in sent
+    assert "authorization" not in sent
+
+
+def test_a_cut_connection_is_resumed_with_range(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    calls: list[int] = []
+
+    def flaky(req: BaseHTTPRequestHandler) -> None:
+        calls.append(1)
+        send_range(req, BODY, cut_after=HALF if len(calls) == 1 else None)
+
+    server.routes["/a.tar.gz"] = flaky
+    sleeps = Sleeps()
+    dest = tmp_path / "a.tar.gz"
+    fetch(server.url("/a.tar.gz"), dest, client, progress=False, sleep=sleeps)
+    assert dest.read_bytes() == BODY
+    ranges = [s.headers.get("range") for s in server.requests_to("/a.tar.gz")]
+    assert ranges == [None, f"bytes={HALF}-"]
+    assert sleeps == []  # the cut attempt made progress: resume at once
+
+
+def test_a_part_left_by_an_earlier_run_is_resumed(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    server.routes["/a.tar.gz"] = lambda req: send_range(req, BODY)
+    dest = tmp_path / "a.tar.gz"
+    (tmp_path / "a.tar.gz.part").write_bytes(BODY[:HALF])
+    fetch(server.url("/a.tar.gz"), dest, client, progress=False)
+    assert dest.read_bytes() == BODY
+    assert [s.headers.get("range") for s in server.seen] == [f"bytes={HALF}-"]
+
+
+def test_a_server_that_ignores_range_restarts_from_zero(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    server.routes["/a.tar.gz"] = lambda req: send_body(req, BODY)  # always 200, whole file
+    dest = tmp_path / "a.tar.gz"
+    (tmp_path / "a.tar.gz.part").write_bytes(b"x" * HALF)
+    fetch(server.url("/a.tar.gz"), dest, client, progress=False)
+    assert dest.read_bytes() == BODY
+
+
+def test_416_for_a_part_that_is_already_whole_finishes_it(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    server.routes["/a.tar.gz"] = lambda req: send_range(req, BODY)
+    dest = tmp_path / "a.tar.gz"
+    (tmp_path / "a.tar.gz.part").write_bytes(BODY)
+    fetch(server.url("/a.tar.gz"), dest, client, progress=False)
+    assert dest.read_bytes() == BODY
+    assert len(server.seen) == 1
+
+
+def test_416_for_a_part_longer_than_the_file_starts_over(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    server.routes["/a.tar.gz"] = lambda req: send_range(req, BODY)
+    dest = tmp_path / "a.tar.gz"
+    (tmp_path / "a.tar.gz.part").write_bytes(BODY + b"stale tail")
+    fetch(server.url("/a.tar.gz"), dest, client, progress=False, sleep=Sleeps())
+    assert dest.read_bytes() == BODY
+    assert [s.headers.get("range") for s in server.seen] == [f"bytes={len(BODY) + 10}-", None]
+
+
+def test_a_download_that_never_completes_says_where_it_stopped_and_keeps_the_part(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    # Ignores Range and always drops the line at HALF: no attempt can get further.
+    server.routes["/a.tar.gz"] = lambda req: send_body(req, BODY, cut_after=HALF)
+    sleeps = Sleeps()
+    dest = tmp_path / "a.tar.gz"
+    with pytest.raises(FetchError) as info:
+        fetch(server.url("/a.tar.gz"), dest, client, retries=3, progress=False, sleep=sleeps)
+    err = info.value
+    assert f"stopped at {HALF} of {len(BODY)} bytes" in err.what
+    assert server.url("/a.tar.gz") in err.what
+    assert err.hint is not None
+    assert "run scalebox-update again to resume" in err.hint
+    assert not dest.exists()
+    assert (tmp_path / "a.tar.gz.part").stat().st_size == HALF
+    # The first attempt made progress (free); three more failed; the fourth failure ends it.
+    assert len(server.seen) == 5
+    assert len(sleeps) == 3
+
+    # "Run again to resume": the next run continues from the kept part.
+    server.routes["/a.tar.gz"] = lambda req: send_range(req, BODY)
+    fetch(server.url("/a.tar.gz"), dest, client, progress=False)
+    assert dest.read_bytes() == BODY
+    assert server.seen[-1].headers.get("range") == f"bytes={HALF}-"
+
+
+def test_a_500_is_retried_after_a_backoff_pause(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    calls: list[int] = []
+
+    def fails_once(req: BaseHTTPRequestHandler) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            send_body(req, b"oops", status=500)
+        else:
+            send_body(req, BODY)
+
+    server.routes["/a.tar.gz"] = fails_once
+    sleeps = Sleeps()
+    dest = tmp_path / "a.tar.gz"
+    fetch(server.url("/a.tar.gz"), dest, client, progress=False, sleep=sleeps)
+    assert dest.read_bytes() == BODY
+    assert len(calls) == 2
+    assert len(sleeps) == 1
+    assert 0.25 <= sleeps[0] <= 0.5
+
+
+def test_a_server_that_keeps_failing_with_5xx_gives_up_after_the_retries(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    server.routes["/a.tar.gz"] = lambda req: send_body(req, b"busy", status=503)
+    sleeps = Sleeps()
+    with pytest.raises(FetchError) as info:
+        fetch(server.url("/a.tar.gz"), tmp_path / "a", client, retries=2, sleep=sleeps)
+    assert "after 3 attempts" in info.value.what
+    assert "503" in info.value.what
+    assert len(sleeps) == 2
+    assert sleeps[1] > sleeps[0] / 2  # pauses grow (within jitter)
+
+
+@pytest.mark.parametrize(("status", "words"), [(404, "does not exist"), (403, "refused access")])
+def test_a_4xx_is_never_retried(
+    server: Server, client: httpx.Client, tmp_path: Path, status: int, words: str
+) -> None:
+    server.routes["/a.tar.gz"] = lambda req: send_body(req, b"no", status=status)
+    sleeps = Sleeps()
+    with pytest.raises(FetchError) as info:
+        fetch(server.url("/a.tar.gz"), tmp_path / "a", client, sleep=sleeps)
+    assert words in info.value.what
+    assert str(status) in info.value.what
+    assert info.value.hint
+    assert len(server.seen) == 1
+    assert sleeps == []
+
+
+def test_a_too_large_content_length_is_refused_before_reading_the_body(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    server.routes["/big"] = lambda req: send_body(req, BODY)
+    sleeps = Sleeps()
+    with pytest.raises(FetchError) as info:
+        fetch(server.url("/big"), tmp_path / "big", client, max_bytes=HALF, sleep=sleeps)
+    assert "larger than" in info.value.what
+    assert str(len(BODY)) in info.value.what
+    assert len(server.seen) == 1
+    assert sleeps == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_body_without_length_is_cut_off_at_the_cap(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    def endless(req: BaseHTTPRequestHandler) -> None:
+        # HTTP/1.0 style: no Content-Length, the body ends when the connection does.
+        req.send_response(200)
+        req.end_headers()
+        chunk = b"z" * 65536
+        try:
+            for _ in range(200):  # 12.5 MiB, far beyond the cap below
+                req.wfile.write(chunk)
+        except OSError:
+            pass  # the client hung up: what we want
+
+    server.routes["/endless"] = endless
+    with pytest.raises(FetchError) as info:
+        fetch(server.url("/endless"), tmp_path / "e", client, max_bytes=HALF, sleep=Sleeps())
+    assert "larger than" in info.value.what
+    assert len(server.seen) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stalled_server_times_out_and_is_retried(server: Server, tmp_path: Path) -> None:
+    def stalls(req: BaseHTTPRequestHandler) -> None:
+        req.send_response(200)
+        req.send_header("Content-Length", str(len(BODY)))
+        req.end_headers()
+        req.wfile.write(BODY[:1000])
+        req.wfile.flush()
+        server.stopping.wait(10)
+
+    server.routes["/slow"] = stalls
+    sleeps = Sleeps()
+    dest = tmp_path / "slow"
+    with (
+        make_client(allow_http=True, timeout=0.3) as client,
+        pytest.raises(FetchError) as info,
+    ):
+        fetch(server.url("/slow"), dest, client, retries=1, progress=False, sleep=sleeps)
+    assert "timed out" in info.value.what
+    assert f"stopped at 1000 of {len(BODY)} bytes" in info.value.what
+    assert len(sleeps) == 1
+
+
+def test_an_unreachable_server_is_retried_then_reported(
+    client: httpx.Client, tmp_path: Path
+) -> None:
+    url = f"http://127.0.0.1:{unused_port()}/a.tar.gz"
+    sleeps = Sleeps()
+    with pytest.raises(FetchError) as info:
+        fetch(url, tmp_path / "a", client, retries=2, sleep=sleeps)
+    assert f"could not download {url} after 3 attempts" in info.value.what
+    assert "cannot connect" in info.value.what
+    assert info.value.hint is not None
+    assert "run scalebox-update again" in info.value.hint
+    assert len(sleeps) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plain_http_is_refused_unless_allowed(server: Server, tmp_path: Path) -> None:
+    server.routes["/a"] = lambda req: send_body(req, BODY)
+    with make_client() as strict, pytest.raises(PlainHttpRefused) as info:
+        fetch(server.url("/a"), tmp_path / "a", strict)
+    assert "plain http" in info.value.what
+    assert info.value.hint is not None
+    assert "SCALEBOX_ALLOW_HTTP=1" in info.value.hint
+    assert server.seen == []  # refused before a single byte went out
+
+
+def test_the_token_goes_to_the_api_origin_only_even_across_redirects(tmp_path: Path) -> None:
+    with serve() as api, serve() as assets:
+        assets.routes["/a.tar.gz"] = lambda req: send_body(req, BODY)
+        api.routes["/download/a.tar.gz"] = lambda req: send_body(
+            req, b"", status=302, headers={"Location": assets.url("/a.tar.gz")}
+        )
+        with make_client("s3cret", api_base=api.base, allow_http=True) as client:
+            client.get(api.url("/ping"))
+            fetch(api.url("/download/a.tar.gz"), tmp_path / "a", client, progress=False)
+            # Even a header set by hand is stripped on the way to another origin.
+            client.get(assets.url("/a.tar.gz"), headers={"Authorization": "Bearer s3cret"})
+    assert (tmp_path / "a").read_bytes() == BODY
+    assert {s.headers.get("authorization") for s in api.seen} == {"Bearer s3cret"}
+    assert len(assets.seen) == 2
+    assert all("authorization" not in s.headers for s in assets.seen)
+
+
+def test_progress_on_demand_reports_the_file(
+    server: Server, client: httpx.Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.routes["/a.tar.gz"] = lambda req: send_body(req, BODY)
+    fetch(server.url("/a.tar.gz"), tmp_path / "scalebox-9.9.9-x.tar.gz", client, progress=True)
+    err = capsys.readouterr().err
+    assert "scalebox-9.9.9-x.tar.gz" in err
+    assert (tmp_path / "scalebox-9.9.9-x.tar.gz").read_bytes() == BODY
+
+
+def test_progress_is_off_when_stderr_is_not_a_terminal(
+    server: Server, client: httpx.Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.routes["/a.tar.gz"] = lambda req: send_body(req, BODY)
+    fetch(server.url("/a.tar.gz"), tmp_path / "quiet.tar.gz", client)
+    assert capsys.readouterr().err == ""
+
+
+def test_file_urls_and_paths_are_copied(client: httpx.Client, tmp_path: Path) -> None:
+    src = tmp_path / "src dir" / "scalebox-1.0-x.tar.gz"
+    src.parent.mkdir()
+    src.write_bytes(BODY)
+    by_path = fetch(str(src), tmp_path / "out" / "p.tar.gz", client)
+    by_url = fetch(src.as_uri(), tmp_path / "out" / "u.tar.gz", client)
+    assert by_path.read_bytes() == BODY
+    assert by_url.read_bytes() == BODY
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p.tar.gz", "u.tar.gz"]
+
+
+def test_a_local_file_over_the_cap_is_refused(client: httpx.Client, tmp_path: Path) -> None:
+    src = tmp_path / "big.tar.gz"
+    src.write_bytes(BODY)
+    with pytest.raises(FetchError) as info:
+        fetch(str(src), tmp_path / "out" / "big.tar.gz", client, max_bytes=HALF)
+    assert "larger than" in info.value.what
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_missing_local_file_says_which(client: httpx.Client, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.tar.gz"
+    with pytest.raises(FetchError) as info:
+        fetch(missing.as_uri(), tmp_path / "out" / "x", client)
+    assert str(missing) in info.value.what
+    assert "does not exist" in info.value.what
+    assert info.value.hint is not None
+    assert "SCALEBOX_RELEASE_URL" in info.value.hint
+
+
+def test_backoff_delays_grow_are_capped_and_jittered() -> None:
+    delays = backoff_delays(6, base=0.5, cap=4.0, rng=random.Random(7))
+    assert len(delays) == 6
+    bounds = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    for delay, upper in zip(delays, bounds, strict=True):
+        assert upper / 2 <= delay <= upper
+    assert delays == backoff_delays(6, base=0.5, cap=4.0, rng=random.Random(7))
+    assert delays != backoff_delays(6, base=0.5, cap=4.0, rng=random.Random(8))
+    assert backoff_delays(0) == []
