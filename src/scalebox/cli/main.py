@@ -24,7 +24,9 @@ from scalebox.errors import ConfigError, ScaleboxError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-TEMPLATE_NAME = re.compile(r"^[a-zA-Z0-9_-]+$")  # the API contract's rule for template names
+# The API's rule for template names and VM ids and names; checked here too so
+# that a bad name is refused before anything is sent.
+NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 EPILOG = (
     "\b\nConfiguration, first found wins:\n"
@@ -83,17 +85,19 @@ def connect(*, auth: bool = True) -> Client:
 
 
 def check_vm_ref(value: str) -> str:
-    # A VM id or name becomes one URL path segment; these could never name a VM.
-    if value in {"", ".", ".."} or "/" in value or not value.isprintable():
-        raise UsageError(f"{value!r} is not a VM id or name", "`scalebox vm list` shows the VMs")
+    if not NAME_RE.match(value):
+        raise UsageError(
+            f"{value[:64]!r} is not a VM id or name",
+            "use 1 to 64 letters, digits, '-' and '_'; `scalebox vm list` shows the VMs",
+        )
     return value
 
 
 def check_template_name(value: str, option: str) -> str:
-    if not TEMPLATE_NAME.match(value):
+    if not NAME_RE.match(value):
         raise UsageError(
-            f"{option} {value!r} is not a valid template name",
-            "use letters, digits, '-' and '_' only",
+            f"{option} {value[:64]!r} is not a valid template name",
+            "use 1 to 64 letters, digits, '-' and '_'",
         )
     return value
 
@@ -157,10 +161,8 @@ VM_HEADERS = ("ID", "NAME", "TEMPLATE", "STATUS", "SSH", "CREATED")
 
 
 def vm_row(item: Json) -> list[str]:
-    return [
-        output.text(item.get(key))
-        for key in ("id", "name", "template", "status", "ssh", "created_at")
-    ]
+    cells = [output.text(item.get(key)) for key in ("id", "name", "template", "status", "ssh")]
+    return [*cells, output.timestamp(item.get("created_at"))]
 
 
 def print_vm(item: Json) -> None:
@@ -174,7 +176,7 @@ def print_vm(item: Json) -> None:
             ("ssh port", output.text(item.get("ssh_port"))),
             ("ssh", output.text(item.get("ssh"))),
             ("url", output.text(item.get("url"))),
-            ("created", output.text(item.get("created_at"))),
+            ("created", output.timestamp(item.get("created_at"))),
         ]
     )
 
@@ -308,7 +310,7 @@ def template_list(as_json: bool) -> None:
         [
             output.text(t.get("name")),
             output.size(t.get("size_bytes")),
-            output.text(t.get("created_at")),
+            output.timestamp(t.get("created_at")),
         ]
         for t in templates
     ]

@@ -8,6 +8,7 @@ two spaces, never truncated (rich would squeeze them to 80 columns).
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -29,8 +30,11 @@ def render_rich_table(
     headers: Sequence[str], rows: Sequence[Sequence[str]], console: Console
 ) -> None:
     table = Table(*headers, header_style="bold", box=None, pad_edge=False)
-    for column in table.columns:
+    for index, column in enumerate(table.columns):
         column.overflow = "fold"
+        if index == 0:
+            # The first column is the identifier people copy: keep it on one line.
+            column.min_width = max(len(str(row[0])) for row in [headers, *rows])
     for row in rows:
         table.add_row(*row)
     console.print(table)
@@ -64,6 +68,13 @@ def print_fields(fields: Sequence[tuple[str, str]]) -> None:
 def text(value: object) -> str:
     """A cell: None is shown as '-', everything else as str()."""
     return "-" if value is None or value == "" else str(value)
+
+
+def timestamp(value: object) -> str:
+    """An API time such as 2026-01-02T03:04:05.678Z shown to the second."""
+    if not isinstance(value, str):
+        return text(value)
+    return re.sub(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.\d+", r"\1", value)
 
 
 def size(num_bytes: object) -> str:
