@@ -1,0 +1,353 @@
+"""scaleboxd as a process: command line, config, logs, signals, systemd protocols, VM survival.
+
+Every test here needs a daemon started by the tests (its files, its log, its
+signals) and is skipped with that reason when SCALEBOX_URL points elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import scalebox
+from tests.api.conftest import SSH_KEY, guest_answer, run_scaleboxd, wait_until
+from tests.conftest import Scaleboxd, daemon_env, guest_pids, kill_guests, write_config
+
+
+@pytest.fixture
+def local(fresh_scaleboxd: Scaleboxd) -> Scaleboxd:
+    fresh_scaleboxd.require_local()
+    return fresh_scaleboxd
+
+
+def create_vm(server: Scaleboxd, **body: Any) -> dict[str, Any]:
+    with server.client() as client:
+        response = client.post(
+            "/vms", json={"template": "debian-base", "ssh_public_key": SSH_KEY, **body}
+        )
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def only_guest_pid(server: Scaleboxd) -> int:
+    assert server.config_path is not None and server.data_dir is not None
+    pids = guest_pids(server.config_path, server.data_dir)
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+# -- command line ---------------------------------------------------------------
+
+
+def test_version_flag_prints_what_health_reports(local: Scaleboxd) -> None:
+    done = run_scaleboxd("--version")
+    assert done.returncode == 0
+    with local.client() as client:
+        assert done.stdout == client.get("/health").json()["version"] + "\n"
+    assert done.stdout.strip() == scalebox.__version__
+
+
+def test_check_config_accepts_a_valid_config_and_prints_warnings(tmp_path: Path) -> None:
+    config, values = write_config(tmp_path, SPELLING_MISTAKE="1")
+    done = run_scaleboxd("--check-config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert f"config OK: {config}" in done.stdout
+    assert "SPELLING_MISTAKE" in done.stdout
+    assert not Path(values["DATA_DIR"]).exists(), "a check must not create directories"
+
+
+def test_check_config_uses_the_config_option_when_no_path_is_given(tmp_path: Path) -> None:
+    config, _ = write_config(tmp_path)
+    done = run_scaleboxd("--config", str(config), "--check-config")
+    assert done.returncode == 0, done.stderr
+    assert f"config OK: {config}" in done.stdout
+
+
+def test_check_config_rejects_a_bad_value_with_its_key_and_line(tmp_path: Path) -> None:
+    config, values = write_config(tmp_path)
+    config.write_text(config.read_text() + "MAX_DISK_SIZE_GIB=lots\n")
+    done = run_scaleboxd("--check-config", str(config))
+    assert done.returncode == 2
+    assert "MAX_DISK_SIZE_GIB" in done.stderr
+    assert f"line {len(values) + 1}" in done.stderr
+    assert done.stdout == ""
+    assert not Path(values["DATA_DIR"]).exists()
+
+
+def test_check_config_rejects_a_missing_file_and_a_missing_token(tmp_path: Path) -> None:
+    done = run_scaleboxd("--check-config", str(tmp_path / "nope"))
+    assert done.returncode == 2
+    assert "does not exist" in done.stderr
+    (tmp_path / "empty").write_text("# nothing\n")
+    done = run_scaleboxd("--check-config", str(tmp_path / "empty"))
+    assert done.returncode == 2
+    assert "API_TOKEN" in done.stderr
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    config, _ = write_config(tmp_path)
+    done = run_scaleboxd("--check-config", str(config), env={"API_PORT": "not-a-port"})
+    assert done.returncode == 2
+    assert "environment variable API_PORT" in done.stderr
+
+
+def test_start_refuses_a_bad_config_with_exit_2(tmp_path: Path) -> None:
+    config, values = write_config(tmp_path, PORT_MIN="30000", PORT_MAX="20000")
+    done = run_scaleboxd("--config", str(config))
+    assert done.returncode == 2
+    assert "PORT_MIN" in done.stderr
+    assert not Path(values["DATA_DIR"]).exists()
+
+
+def test_start_logs_config_warnings(local: Scaleboxd) -> None:
+    assert local.config_path is not None
+    local.config_path.write_text(local.config_path.read_text() + "OLD_KEY=1\n")
+    local.restart()
+    assert "unknown key OLD_KEY" in local.stderr_text()
+
+
+# -- logs -------------------------------------------------------------------------
+
+
+def test_the_token_never_appears_in_the_log(local: Scaleboxd) -> None:
+    wrong = f"sb-{secrets.token_hex(24)}"
+    with local.client() as client:
+        vm = client.post("/vms", json={"template": "debian-base", "ssh_public_key": SSH_KEY})
+        assert vm.status_code == 201
+        client.get(f"/vms/{vm.json()['id']}")
+        client.get("/no-such-route", params={"x": "1"})
+        client.post("/vms", content=b"{")
+    with local.client(token=wrong) as client:
+        assert client.get("/vms").status_code == 401
+    local.restart()
+    log = local.stderr_text()
+    assert "POST /vms 201" in log, "the access log names method, path and status"
+    assert "GET /vms 401" in log
+    assert local.token not in log
+    assert local.token[3:] not in log
+    assert wrong not in log
+    assert "Authorization" not in log and "Bearer" not in log
+
+
+# -- state and VMs across restarts -------------------------------------------------
+
+
+def test_a_vm_guest_survives_a_daemon_restart_and_is_readopted(local: Scaleboxd) -> None:
+    vm = create_vm(local)
+    pid = only_guest_pid(local)
+    assert guest_answer(local, vm["ssh_port"])["vm"] == vm["id"]
+    old_daemon = local.pid
+
+    local.restart()
+
+    assert local.pid != old_daemon
+    assert only_guest_pid(local) == pid
+    assert guest_answer(local, vm["ssh_port"]) == {
+        "vm": vm["id"],
+        "file": "hello from debian-base\n",
+    }
+    with local.client() as client:
+        again = client.get(f"/vms/{vm['id']}").json()
+    assert again["status"] == "running"
+    assert again["ssh_port"] == vm["ssh_port"]
+    readopted = [line for line in local.stderr_text().splitlines() if "adopt" in line]
+    assert any(vm["id"] in line for line in readopted), readopted
+
+
+def test_an_orphan_guest_is_cleaned_up_with_a_log_line(local: Scaleboxd) -> None:
+    assert local.data_dir is not None
+    vm = create_vm(local)
+    pid = only_guest_pid(local)
+    local.stop()
+    assert Path(f"/proc/{pid}").exists(), "stopping the daemon must not stop a VM"
+    (local.data_dir / "state.json").unlink()
+
+    local.start()
+
+    assert wait_until(lambda: not Path(f"/proc/{pid}").exists())
+    orphan_lines = [line for line in local.stderr_text().splitlines() if "orphan" in line]
+    assert any(vm["id"] in line for line in orphan_lines), local.stderr_text()
+    with local.client() as client:
+        assert client.get("/vms").json()["vms"] == []
+        assert client.get(f"/vms/{vm['id']}").status_code == 404
+
+
+def test_a_corrupt_state_file_is_logged_and_the_daemon_still_starts(local: Scaleboxd) -> None:
+    assert local.data_dir is not None
+    vm = create_vm(local)
+    local.stop()
+    (local.data_dir / "state.json").write_text('{"vms": [tor')
+
+    local.start()
+
+    assert "corrupt" in local.stderr_text()
+    with local.client() as client:
+        assert client.get("/health").status_code == 200
+        assert client.get(f"/vms/{vm['id']}").status_code == 200, "nothing silently deleted"
+
+
+# -- signals ------------------------------------------------------------------------
+
+
+def test_sigterm_finishes_an_in_flight_request_and_saves_state(local: Scaleboxd) -> None:
+    """A create whose body is still arriving when SIGTERM comes is answered, then saved."""
+    assert local.process is not None
+    body = json.dumps(
+        {"template": "debian-base", "ssh_public_key": SSH_KEY, "name": "in-flight"}
+    ).encode()
+    port = int(local.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(
+            b"POST /vms HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {local.token}\r\n".encode()
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[:10]
+        )
+        time.sleep(0.5)  # the daemon has the request and waits for the rest of the body
+        local.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert local.process.poll() is None, "it must wait for the request in flight"
+        conn.sendall(body[10:])
+        response = b""
+        while chunk := conn.recv(65536):
+            response += chunk
+    status_line, _, rest = response.partition(b"\r\n")
+    assert b" 201 " in status_line, response
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["name"] == "in-flight"
+    assert local.process.wait(30) == 0
+    assert "state saved" in local.stderr_text()
+
+    local.start()
+    with local.client() as client:
+        assert client.get("/vms/in-flight").json()["status"] == "running"
+
+
+# -- systemd: socket activation and sd_notify ---------------------------------------
+
+
+# What systemd does before exec: the socket becomes fd 3 and LISTEN_PID the
+# pid of the process that is exec'd (the same pid: exec keeps it).
+ACTIVATE = """
+import os, sys
+fd = int(sys.argv[1])
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[tuple[socket.socket, str]]:
+    """A datagram socket like systemd's, under an abstract name ('@...')."""
+    name = f"scalebox-test-notify-{secrets.token_hex(8)}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(30)
+    try:
+        yield sock, "@" + name
+    finally:
+        sock.close()
+
+
+def read_notification(sock: socket.socket) -> dict[str, str]:
+    data = sock.recv(4096).decode()
+    return dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+
+
+def test_socket_activation_and_ready_notification(
+    tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    """scaleboxd serves on the socket passed as fd 3 and says READY=1 only when it answers."""
+    notify, notify_name = notify_socket
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    config, values = write_config(tmp_path)  # its API_PORT is not the socket's port
+    assert int(values["API_PORT"]) != port
+    fd = listener.fileno()
+    argv = [sys.executable, "-c", ACTIVATE, str(fd), "-m", "scalebox.daemon.main"]
+    stderr_path = tmp_path / "stderr"
+
+    # A client that connects before the daemon runs waits in the kernel's queue.
+    early = socket.create_connection(("127.0.0.1", port), timeout=30)
+    early.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    with stderr_path.open("wb") as stderr:
+        daemon = subprocess.Popen(
+            [*argv, "--config", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=stderr,
+            stderr=stderr,
+            pass_fds=(fd,),
+            env=daemon_env({"LISTEN_FDS": "1", "NOTIFY_SOCKET": notify_name}),
+            start_new_session=True,
+        )
+    listener.close()  # the daemon has its own copy now, as with systemd
+    try:
+        ready = read_notification(notify)
+        assert ready.get("READY") == "1", ready
+        # READY=1 means it answers now: no retry loop.
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        assert health.json() == {"status": "ok", "version": scalebox.__version__}
+        early_answer = b""
+        while chunk := early.recv(4096):
+            early_answer += chunk
+        assert b"200 OK" in early_answer.split(b"\r\n")[0]
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{values['API_PORT']}/health", timeout=2)
+        assert "passed by systemd" in stderr_path.read_text()
+
+        # VM guests must not inherit the activation variables.
+        token = values["API_TOKEN"]
+        created = httpx.post(
+            f"http://127.0.0.1:{port}/vms",
+            json={"template": "debian-base", "ssh_public_key": SSH_KEY},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        )
+        assert created.status_code == 201, created.text
+        guests = guest_pids(config, Path(values["DATA_DIR"]))
+        assert len(guests) == 1
+        environ = Path(f"/proc/{guests[0]}/environ").read_bytes().split(b"\0")
+        assert not [v for v in environ if v.startswith((b"LISTEN_FDS=", b"LISTEN_PID="))]
+
+        daemon.send_signal(signal.SIGTERM)
+        stopping = read_notification(notify)
+        assert stopping.get("STOPPING") == "1", stopping
+        assert daemon.wait(30) == 0
+    finally:
+        early.close()
+        if daemon.poll() is None:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
+        kill_guests(config, Path(values["DATA_DIR"]))
+
+
+def test_without_listen_pid_match_it_binds_its_own_port(tmp_path: Path) -> None:
+    """LISTEN_FDS meant for another process (wrong LISTEN_PID) is ignored."""
+    server_dir = tmp_path / "s"
+    server_dir.mkdir()
+    from tests.conftest import local_scaleboxd  # noqa: PLC0415
+
+    server = local_scaleboxd(server_dir)
+    try:
+        server.start(extra_env={"LISTEN_FDS": "1", "LISTEN_PID": "1"})
+        with server.client() as client:
+            assert client.get("/health").status_code == 200
+        assert "passed by systemd" not in server.stderr_text()
+    finally:
+        server.close()
