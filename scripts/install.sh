@@ -164,7 +164,7 @@ if [[ -L $OPT/current ]]; then
 fi
 if [[ -n $INSTALLED && $INSTALLED != "$VERSION" ]]; then
   die "scalebox $INSTALLED is installed here; install.sh only makes the first install" \
-    "to move to $VERSION run: sudo SCALEBOX_RELEASE_URL=$TARBALL scalebox-update --to $VERSION"
+    "to move to $VERSION run: sudo SCALEBOX_RELEASE_URL=$TARBALL scalebox-update"
 fi
 
 # --- install: each step checks first, so a re-run changes only what is missing --

@@ -1,0 +1,466 @@
+"""open_release: a good release verifies; every kind of bad tarball is refused with its reason.
+
+Real ed25519 keys, real gzip tarballs, real files under tmp_path. Malicious
+archives are written member by member with tarfile, the way an attacker would.
+Each refusal also proves that nothing was written outside ``dest`` and that
+``dest`` is left empty.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from scalebox.release import build, extract, manifest, signing
+from scalebox.release.errors import ReleaseError
+from scalebox.release.verify import open_release, this_python
+
+VERSION = "1.2.3"
+ARCH = platform.machine()
+
+
+def write_key(directory: Path, name: str = "release") -> tuple[Ed25519PrivateKey, Path]:
+    """A fresh key pair; the public half is written to directory/<name>.pub."""
+    private_pem, public_pem = signing.generate()
+    directory.mkdir(parents=True, exist_ok=True)
+    pub = directory / f"{name}.pub"
+    pub.write_bytes(public_pem)
+    return signing.load_private_key(private_pem, name), pub
+
+
+def make_tree(root: Path, key: Ed25519PrivateKey, version: str = VERSION) -> Path:
+    """A small but complete release tree (the wheel is a stand-in: only its bytes matter here)."""
+    (root / "wheels").mkdir(parents=True)
+    (root / "wheels" / f"scalebox-{version}-py3-none-any.whl").write_bytes(b"wheel " * 1000)
+    (root / "wheels" / "click-8.5.1-py3-none-any.whl").write_bytes(b"click")
+    (root / "units").mkdir()
+    (root / "units" / "scaleboxd.service").write_text("[Service]\nExecStart=/bin/true\n")
+    (root / "units" / "scaleboxd.socket").write_text("[Socket]\nListenStream=8080\n")
+    (root / "scripts").mkdir()
+    (root / "scripts" / "install.sh").write_text("#!/bin/bash\n")
+    (root / "scripts" / "install.sh").chmod(0o755)
+    (root / "keys").mkdir()
+    (root / "keys" / "release.pub").write_bytes(signing.public_pem(key.public_key()))
+    return root
+
+
+def pack(
+    tmp: Path,
+    key: Ed25519PrivateKey,
+    *,
+    version: str = VERSION,
+    arch: str = ARCH,
+    python: tuple[str, ...] = ("3.11", "3.13", this_python()),
+    after_seal: Callable[[Path], None] | None = None,
+    name: str = "release",
+) -> Path:
+    """Build, seal and pack a release; ``after_seal`` may tamper with the tree before packing."""
+    tree = make_tree(tmp / f"{name}-tree", key, version)
+    release = build.make_manifest(
+        tree,
+        version=version,
+        arch=arch,
+        python=sorted(set(python)),
+        entry_points=["scalebox", "scalebox-update", "scaleboxd"],
+    )
+    build.seal(tree, release, key)
+    if after_seal is not None:
+        after_seal(tree)
+    out = tmp / f"{name}-out" / f"{release.top_dir}.tar.gz"
+    return build.write_tarball(tree, out, release.top_dir)
+
+
+@pytest.fixture
+def key_pair(tmp_path: Path) -> tuple[Ed25519PrivateKey, Path]:
+    return write_key(tmp_path / "trusted")
+
+
+def refused(tarball: Path, dest: Path, keys: list[Path] | None, match: str) -> ReleaseError:
+    """open_release refuses with ``match`` in its message and leaves ``dest`` empty."""
+    with pytest.raises(ReleaseError, match=match) as caught:
+        open_release(tarball, dest, keys)
+    assert not dest.exists() or list(dest.iterdir()) == []
+    assert caught.value.hint  # every refusal says what to do next
+    return caught.value
+
+
+def test_good_release_verifies_and_is_extracted(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    key, pub = key_pair
+    tarball = pack(tmp_path, key)
+    release = open_release(tarball, tmp_path / "dest", [pub])
+    assert release.version == VERSION
+    assert release.arch == ARCH
+    assert this_python() in release.python
+    assert release.root == tmp_path / "dest" / f"scalebox-{VERSION}-{ARCH}"
+    assert release.units == ("scaleboxd.service", "scaleboxd.socket")
+    assert release.entry_points == ("scalebox", "scalebox-update", "scaleboxd")
+    assert (release.wheels_dir / f"scalebox-{VERSION}-py3-none-any.whl").is_file()
+    assert (release.units_dir / "scaleboxd.socket").read_text().startswith("[Socket]")
+    assert os.access(release.root / "scripts" / "install.sh", os.X_OK)
+    assert str(pub) in release.signed_by
+    assert release.manifest["files"]["keys/release.pub"] == manifest.sha256_file(
+        release.root / "keys" / "release.pub"
+    )
+
+
+def test_first_install_may_trust_the_shipped_key(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    tarball = pack(tmp_path, key_pair[0])
+    release = open_release(tarball, tmp_path / "dest", None)
+    assert "shipped keys/release.pub" in release.signed_by
+
+
+def test_key_not_trusted_is_refused(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    _, trusted_pub = key_pair
+    other_key, _ = write_key(tmp_path / "other")
+    tarball = pack(tmp_path, other_key)
+    refused(tarball, tmp_path / "dest", [trusted_pub], "not signed by a trusted key")
+
+
+def test_no_trusted_keys_at_all_is_refused(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    tarball = pack(tmp_path, key_pair[0])
+    refused(tarball, tmp_path / "dest", [], "no trusted release keys")
+
+
+def test_manifest_changed_after_signing_is_refused(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    key, pub = key_pair
+
+    def edit_manifest(tree: Path) -> None:
+        path = tree / manifest.MANIFEST
+        path.write_bytes(path.read_bytes().replace(b'"1.2.3"', b'"9.9.9"'))
+
+    tarball = pack(tmp_path, key, after_seal=edit_manifest)
+    refused(tarball, tmp_path / "dest", [pub], "not signed by a trusted key")
+
+
+def test_garbage_signature_is_refused(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    key, pub = key_pair
+
+    def break_signature(tree: Path) -> None:
+        (tree / manifest.SIGNATURE).write_bytes(b"not a signature")
+
+    tarball = pack(tmp_path, key, after_seal=break_signature)
+    refused(tarball, tmp_path / "dest", [pub], "signature is 15 bytes")
+
+
+def test_unsigned_release_is_refused(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    key, pub = key_pair
+    tarball = pack(tmp_path, key, after_seal=lambda tree: (tree / manifest.SIGNATURE).unlink())
+    refused(tarball, tmp_path / "dest", [pub], "has no RELEASE.json.sig")
+
+
+def test_corrupt_byte_in_a_file_is_refused(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    key, pub = key_pair
+
+    def flip_a_byte(tree: Path) -> None:
+        wheel = tree / "wheels" / f"scalebox-{VERSION}-py3-none-any.whl"
+        data = bytearray(wheel.read_bytes())
+        data[100] ^= 0x01
+        wheel.write_bytes(bytes(data))
+
+    tarball = pack(tmp_path, key, after_seal=flip_a_byte)
+    refused(tarball, tmp_path / "dest", [pub], r"scalebox-1\.2\.3-py3-none-any\.whl does not match")
+
+
+def test_truncated_file_is_refused(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    key, pub = key_pair
+
+    def truncate(tree: Path) -> None:
+        unit = tree / "units" / "scaleboxd.service"
+        unit.write_bytes(unit.read_bytes()[:5])
+
+    tarball = pack(tmp_path, key, after_seal=truncate)
+    refused(tarball, tmp_path / "dest", [pub], r"units/scaleboxd\.service does not match")
+
+
+def test_truncated_tarball_is_refused(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    key, pub = key_pair
+    tarball = pack(tmp_path, key)
+    data = tarball.read_bytes()
+    tarball.write_bytes(data[: len(data) // 2])
+    refused(tarball, tmp_path / "dest", [pub], "damaged or truncated")
+
+
+def test_not_a_tarball_is_refused(tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]) -> None:
+    bogus = tmp_path / "scalebox-1.2.3-x86_64.tar.gz"
+    bogus.write_text("<html>404</html>")
+    refused(bogus, tmp_path / "dest", [key_pair[1]], "not a readable tar archive")
+
+
+def test_missing_listed_file_is_refused(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    key, pub = key_pair
+    tarball = pack(
+        tmp_path, key, after_seal=lambda tree: (tree / "units" / "scaleboxd.socket").unlink()
+    )
+    refused(tarball, tmp_path / "dest", [pub], r"lacks 1 file\(s\) that RELEASE.json lists")
+
+
+def test_extra_unlisted_file_is_refused(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    key, pub = key_pair
+    tarball = pack(
+        tmp_path, key, after_seal=lambda tree: (tree / "wheels" / "evil.whl").write_text("x")
+    )
+    refused(tarball, tmp_path / "dest", [pub], r"wheels/evil\.whl")
+
+
+def test_wrong_arch_is_refused(tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]) -> None:
+    key, pub = key_pair
+    other = "aarch64" if ARCH != "aarch64" else "x86_64"
+    tarball = pack(tmp_path, key, arch=other)
+    refused(tarball, tmp_path / "dest", [pub], f"is for {other}, this machine is {ARCH}")
+
+
+def test_unsupported_python_is_refused(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    key, pub = key_pair
+    tarball = pack(tmp_path, key, python=("3.9",))
+    refused(
+        tarball, tmp_path / "dest", [pub], f"supports Python 3.9; python3 here is {this_python()}"
+    )
+
+
+def test_top_directory_must_match_the_manifest(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    key, pub = key_pair
+    tree = make_tree(tmp_path / "tree", key)
+    release = build.make_manifest(
+        tree, version=VERSION, arch=ARCH, python=[this_python()], entry_points=["scaleboxd"]
+    )
+    build.seal(tree, release, key)
+    tarball = build.write_tarball(tree, tmp_path / "x.tar.gz", "scalebox-6.6.6-" + ARCH)
+    refused(tarball, tmp_path / "dest", [pub], "does not match RELEASE.json")
+
+
+def test_signed_but_malformed_manifest_is_refused(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    key, pub = key_pair
+
+    def resign_garbage(tree: Path) -> None:
+        data = b'{"format": 1, "name": "scalebox", "version": "1.2.3"}'
+        (tree / manifest.MANIFEST).write_bytes(data)
+        (tree / manifest.SIGNATURE).write_bytes(signing.sign(key, data))
+
+    tarball = pack(tmp_path, key, after_seal=resign_garbage)
+    refused(tarball, tmp_path / "dest", [pub], "RELEASE.json is malformed")
+
+
+def test_a_release_bigger_than_the_limit_is_refused(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    key, pub = key_pair
+    tarball = pack(tmp_path, key)
+    dest = tmp_path / "dest"
+    with pytest.raises(ReleaseError, match="unpacks to more than 1000 bytes"):
+        open_release(tarball, dest, [pub], max_bytes=1000)
+    assert not dest.exists()
+
+
+def test_dest_must_be_empty(tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]) -> None:
+    key, pub = key_pair
+    tarball = pack(tmp_path, key)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+    with pytest.raises(ReleaseError, match="not an empty directory"):
+        open_release(tarball, dest, [pub])
+    assert (dest / "keep.txt").read_text() == "mine"
+
+
+# --- hostile archives, written member by member ----------------------------------
+
+
+def hostile_tarball(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w:gz") as archive:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+            else:
+                archive.addfile(info)
+    return path
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    return info
+
+
+TOP = f"scalebox-{VERSION}-{ARCH}"
+
+
+def outside_untouched(tmp_path: Path, before: set[Path]) -> None:
+    """Nothing but dest changed under tmp_path."""
+    after = {p for p in tmp_path.rglob("*") if "dest" not in p.relative_to(tmp_path).parts}
+    assert after == before
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ([(member(f"{TOP}/../escaped.txt"), b"pwned")], r"points outside the release \('\.\.'\)"),
+        ([(member("../escaped.txt"), b"pwned")], r"points outside the release"),
+        ([(member("ABSOLUTE"), b"pwned")], "has an absolute path"),
+        (
+            [
+                (member(TOP, tarfile.DIRTYPE), None),
+                (member(f"{TOP}/wheels", tarfile.SYMTYPE, "../../.."), None),
+                (member(f"{TOP}/wheels/escaped.txt"), b"pwned"),
+            ],
+            "is a symbolic link",
+        ),
+        (
+            [
+                (member(TOP, tarfile.DIRTYPE), None),
+                (member(f"{TOP}/passwd", tarfile.LNKTYPE, "/etc/passwd"), None),
+            ],
+            "is a hard link",
+        ),
+        (
+            [
+                (member(TOP, tarfile.DIRTYPE), None),
+                (member(f"{TOP}/escaped.txt", tarfile.LNKTYPE, "../escaped.txt"), None),
+            ],
+            "is a hard link",
+        ),
+        (
+            [(member(TOP, tarfile.DIRTYPE), None), (member(f"{TOP}/sda", tarfile.BLKTYPE), None)],
+            "is a device or fifo",
+        ),
+        (
+            [(member(TOP, tarfile.DIRTYPE), None), (member(f"{TOP}/null", tarfile.CHRTYPE), None)],
+            "is a device or fifo",
+        ),
+        (
+            [(member(TOP, tarfile.DIRTYPE), None), (member(f"{TOP}/pipe", tarfile.FIFOTYPE), None)],
+            "is a device or fifo",
+        ),
+        (
+            [(member(f"{TOP}/a.txt"), b"a"), (member("other-top/b.txt"), b"b")],
+            "more than one top directory",
+        ),
+        ([(member("loose.txt"), b"a")], "outside the top directory"),
+        ([(member(f"{TOP}/a.txt"), b"a"), (member(f"{TOP}/a.txt"), b"b")], "appears twice"),
+    ],
+    ids=[
+        "dotdot-inside",
+        "dotdot-top",
+        "absolute",
+        "symlink-out",
+        "hardlink-etc",
+        "hardlink-out",
+        "block-device",
+        "char-device",
+        "fifo",
+        "two-tops",
+        "loose-file",
+        "duplicate",
+    ],
+)
+def test_hostile_member_is_refused_and_nothing_escapes(
+    tmp_path: Path,
+    key_pair: tuple[Ed25519PrivateKey, Path],
+    members: list[tuple[tarfile.TarInfo, bytes | None]],
+    message: str,
+) -> None:
+    absolute_target = tmp_path / "abs-escaped.txt"
+    for info, _ in members:
+        if info.name == "ABSOLUTE":
+            info.name = str(absolute_target)
+    tarball = hostile_tarball(tmp_path / "hostile.tar.gz", members)
+    before = set(tmp_path.rglob("*"))
+    refused(tarball, tmp_path / "dest", [key_pair[1]], message)
+    outside_untouched(tmp_path, before)
+    assert not absolute_target.exists()
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_too_many_members_are_refused(tmp_path: Path) -> None:
+    members = [(member(f"{TOP}/f{i}.txt"), b"x") for i in range(20)]
+    tarball = hostile_tarball(tmp_path / "many.tar.gz", members)
+    with pytest.raises(ReleaseError, match="more than 10 members"):
+        extract.extract(tarball, tmp_path / "dest", max_members=10)
+    assert not (tmp_path / "dest").exists()
+
+
+# --- the command install.sh runs --------------------------------------------------
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "scalebox.release.verify", *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_cli_prints_the_version_of_a_good_release(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    tarball = pack(tmp_path, key_pair[0])
+    result = run_cli(tarball, tmp_path / "dest", "--trusted-keys", key_pair[1].parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{VERSION}\n"
+    shipped = run_cli(tarball, tmp_path / "dest2", "--trust-shipped-key")
+    assert shipped.stdout == f"{VERSION}\n"
+
+
+def test_cli_fails_with_the_reason_and_a_hint(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    other_key, _ = write_key(tmp_path / "other")
+    tarball = pack(tmp_path, other_key)
+    result = run_cli(tarball, tmp_path / "dest", "--trusted-keys", key_pair[1].parent)
+    assert result.returncode == ReleaseError.exit_code
+    assert "not signed by a trusted key" in result.stderr
+    assert "hint:" in result.stderr
+    assert result.stdout == ""
+
+
+def test_cli_refuses_an_empty_trusted_keys_directory(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    tarball = pack(tmp_path, key_pair[0])
+    (tmp_path / "empty").mkdir()
+    result = run_cli(tarball, tmp_path / "dest", "--trusted-keys", tmp_path / "empty")
+    assert result.returncode != 0
+    assert "no trusted keys (*.pub)" in result.stderr
+    assert not (tmp_path / "dest").exists()
