@@ -116,11 +116,19 @@ def range_start(req: BaseHTTPRequestHandler) -> int | None:
     return int(value[len("bytes=") : -1])
 
 
-def send_range(req: BaseHTTPRequestHandler, body: bytes, *, cut_after: int | None = None) -> None:
-    """Serve ``body`` honouring ``Range: bytes=N-`` (206 or 416), like a real file server."""
+def send_range(
+    req: BaseHTTPRequestHandler,
+    body: bytes,
+    *,
+    cut_after: int | None = None,
+    etag: str | None = None,
+) -> None:
+    """Serve ``body`` like a real file server: ``Range: bytes=N-`` gets 206 (or 416),
+    unless an ``If-Range`` names another ``etag`` than the file's: then all of it."""
     start = range_start(req)
-    if start is None:
-        send_body(req, body, cut_after=cut_after)
+    if_range = req.headers.get("If-Range")
+    if start is None or (if_range is not None and if_range != etag):
+        send_body(req, body, cut_after=cut_after, headers={"ETag": etag} if etag else None)
         return
     if start >= len(body):
         req.send_response(416)
@@ -129,13 +137,10 @@ def send_range(req: BaseHTTPRequestHandler, body: bytes, *, cut_after: int | Non
         req.end_headers()
         return
     rest = body[start:]
-    send_body(
-        req,
-        rest,
-        status=206,
-        headers={"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"},
-        cut_after=cut_after,
-    )
+    headers = {"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"}
+    if etag:
+        headers["ETag"] = etag
+    send_body(req, rest, status=206, headers=headers, cut_after=cut_after)
 
 
 def unused_port() -> int:

@@ -94,6 +94,44 @@ def test_a_part_left_by_an_earlier_run_is_resumed(
     assert [s.headers.get("range") for s in server.seen] == [f"bytes={HALF}-"]
 
 
+def test_a_file_that_changed_since_the_part_began_is_fetched_whole(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    """If-Range: a part of the old file is never glued to the rest of a new one."""
+    old, new = BODY, os.urandom(len(BODY))
+    server.routes["/a.tar.gz"] = lambda req: send_body(
+        req, old, cut_after=HALF, headers={"ETag": '"v1"'}
+    )
+    dest = tmp_path / "a.tar.gz"
+    with pytest.raises(FetchError):
+        fetch(server.url("/a.tar.gz"), dest, client, retries=0, progress=False)
+    assert (tmp_path / "a.tar.gz.part").read_bytes() == old[:HALF]
+
+    server.routes["/a.tar.gz"] = lambda req: send_range(req, new, etag='"v2"')
+    fetch(server.url("/a.tar.gz"), dest, client, progress=False)
+    assert dest.read_bytes() == new
+    last = server.seen[-1].headers
+    assert (last.get("range"), last.get("if-range")) == (f"bytes={HALF}-", '"v1"')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar.gz"]  # no part, no validator
+
+
+def test_a_resume_of_the_same_file_sends_its_validator(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    calls: list[int] = []
+
+    def cut_once(req: BaseHTTPRequestHandler) -> None:
+        calls.append(1)
+        send_range(req, BODY, cut_after=HALF if len(calls) == 1 else None, etag='"v1"')
+
+    server.routes["/a.tar.gz"] = cut_once
+    dest = tmp_path / "a.tar.gz"
+    fetch(server.url("/a.tar.gz"), dest, client, progress=False)
+    assert dest.read_bytes() == BODY
+    assert server.seen[-1].headers.get("if-range") == '"v1"'
+    assert server.seen[-1].headers.get("range") == f"bytes={HALF}-"
+
+
 def test_a_server_that_ignores_range_restarts_from_zero(
     server: Server, client: httpx.Client, tmp_path: Path
 ) -> None:

@@ -175,7 +175,7 @@ class _Retryable(Exception):
 
 # What another attempt may fix. Not UnsupportedProtocol, LocalProtocolError and
 # the like (also TransportErrors): those are a bad URL or a bug, not a bad link.
-_TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+TRANSIENT_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
 
 def _part_path(dest: Path) -> Path:
@@ -189,10 +189,28 @@ def _too_big(url: str, size: int, max_bytes: int) -> FetchError:
     )
 
 
+def _validator_path(part: Path) -> Path:
+    """Beside a partial download: the ETag or Last-Modified of the file it is part of."""
+    return part.with_name(part.name + ".validator")
+
+
+def _remember_validator(resp: httpx.Response, part: Path) -> None:
+    # If-Range takes a strong ETag or a Last-Modified date; a weak ETag ("W/...")
+    # cannot promise byte-identical content, so it is not kept.
+    etag = resp.headers.get("ETag", "")
+    validator = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
+    sidecar = _validator_path(part)
+    if validator:
+        sidecar.write_text(validator)
+    else:
+        sidecar.unlink(missing_ok=True)
+
+
 def _finish(part: Path, dest: Path) -> Path:
     with part.open("rb+") as f:
         os.fsync(f.fileno())
     part.replace(dest)
+    _validator_path(part).unlink(missing_ok=True)
     fsync_dir(dest.parent)
     return dest
 
@@ -308,11 +326,17 @@ def _http_attempt(
     headers = {"Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
+        validator = _validator_path(part)
+        if validator.exists():
+            # The server sends the whole file instead if it changed since the part began.
+            headers["If-Range"] = validator.read_text().strip()
     with client.stream("GET", url, headers=headers) as resp:
         plan = _where_body_goes(resp, url, part, have, max_bytes)
         if plan is None:
             return
         got, total = plan
+        if got == 0:
+            _remember_validator(resp, part)
         bar.start(total, got)
         with part.open("ab" if got else "wb") as out:
             try:
@@ -325,7 +349,7 @@ def _http_attempt(
                         raise _too_big(url, got, max_bytes)
                     out.write(chunk)
                     bar.advance(len(chunk))
-            except _TRANSIENT as exc:
+            except TRANSIENT_ERRORS as exc:
                 _flush(out)
                 raise _Retryable(_describe(exc, got, total), total) from exc
         if total is not None and got < total:
@@ -389,7 +413,7 @@ def _retrying_download(
             except _Retryable as retry:
                 reason = retry.reason
                 total = retry.total if retry.total is not None else total
-            except _TRANSIENT as exc:
+            except TRANSIENT_ERRORS as exc:
                 reason = _describe(exc, 0, None)
             else:
                 return _finish(part, dest)
@@ -435,12 +459,12 @@ def fetch(
     ``dest.part`` left by an interrupted run is resumed. ``progress`` None shows
     a progress bar only when stderr is a terminal. Raises FetchError.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
     local = _local_source(candidate_url)
-    if local is not None:
-        return _copy_local(local, dest, max_bytes)
     show = sys.stderr.isatty() if progress is None else progress
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if local is not None:
+            return _copy_local(local, dest, max_bytes)
         return _retrying_download(
             candidate_url,
             dest,
@@ -454,4 +478,9 @@ def fetch(
         raise FetchError(
             f"could not download {candidate_url}: {exc}",
             "check the URL, then run scalebox-update again",
+        ) from exc
+    except OSError as exc:
+        raise FetchError(
+            f"cannot write the download to {dest}: {exc.strerror or exc}",
+            f"free disk space or fix permissions in {dest.parent}, then run again to resume",
         ) from exc

@@ -26,10 +26,10 @@ import httpx
 from scalebox.errors import ScaleboxError
 from scalebox.update import versions
 from scalebox.update.fetch import (
-    _TRANSIENT,
     ALLOW_HTTP_HINT,
     DEFAULT_API_BASE,
     DEFAULT_TIMEOUT,
+    TRANSIENT_ERRORS,
     FetchError,
     backoff_delays,
     make_client,
@@ -322,7 +322,7 @@ class _GitHub:
         for attempt in range(self.retries + 1):
             try:
                 resp = self.client.get(url, headers=headers)
-            except _TRANSIENT as exc:
+            except TRANSIENT_ERRORS as exc:
                 if attempt < self.retries:
                     self.sleep(delays[attempt])
                     continue
