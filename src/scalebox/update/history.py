@@ -49,8 +49,11 @@ def append(path: Path, entry: Entry) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     new_file = not path.exists()
     line = json.dumps(entry.to_json(), sort_keys=True) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = "\n" + line  # end a line torn by a crash, so this one stays whole
         os.write(fd, line.encode())
         os.fsync(fd)
     finally:

@@ -1,0 +1,127 @@
+"""The updater's pure decisions: version choice, recovery per journal step, pruning."""
+
+from __future__ import annotations
+
+import pytest
+
+from scalebox.update import plan
+from scalebox.update.errors import UpdateError
+from scalebox.update.history import REFUSED, ROLLED_BACK, UPDATED, Entry
+from scalebox.update.journal import STEPS
+from scalebox.update.plan import Decision, Recovery, ReleaseDir
+
+
+def test_newer_version_is_an_update() -> None:
+    assert plan.decide("0.1.0", "0.2.0", force=False, allow_downgrade=False) is Decision.UPDATE
+
+
+def test_same_version_is_up_to_date_unless_forced() -> None:
+    assert plan.decide("0.2.0", "0.2.0", force=False, allow_downgrade=False) is (
+        Decision.UP_TO_DATE
+    )
+    assert plan.decide("0.2.0", "0.2.0", force=True, allow_downgrade=False) is Decision.REINSTALL
+
+
+def test_same_version_spelled_differently_is_up_to_date() -> None:
+    assert plan.decide("1.0", "1.0.0", force=False, allow_downgrade=False) is Decision.UP_TO_DATE
+
+
+def test_older_version_is_refused_with_the_flag_named() -> None:
+    with pytest.raises(UpdateError, match=r"older than the installed 0\.2\.0") as caught:
+        plan.decide("0.2.0", "0.1.0", force=False, allow_downgrade=False)
+    assert caught.value.hint is not None
+    assert "--allow-downgrade" in caught.value.hint
+
+
+def test_older_version_with_allow_downgrade_is_a_downgrade() -> None:
+    assert plan.decide("0.2.0", "0.1.0", force=False, allow_downgrade=True) is Decision.DOWNGRADE
+
+
+def test_prerelease_sorts_before_its_release() -> None:
+    assert plan.decide("1.0.0rc1", "1.0.0", force=False, allow_downgrade=False) is Decision.UPDATE
+
+
+@pytest.mark.parametrize(
+    ("step", "action"),
+    [
+        ("stage", Recovery.DISCARD),
+        ("backup", Recovery.DISCARD),
+        ("switch", Recovery.ROLL_BACK),
+        ("verify", Recovery.ROLL_BACK),
+        ("commit", Recovery.COMMIT),
+        ("rollback", Recovery.ROLL_BACK),
+    ],
+)
+def test_every_journal_step_has_its_recovery(step: str, action: Recovery) -> None:
+    assert plan.recovery_action(step) is action
+
+
+def test_the_table_covers_every_step_the_journal_can_hold() -> None:
+    assert {plan.recovery_action(step) for step in STEPS} == set(Recovery)
+
+
+def test_unknown_step_is_an_error_not_a_guess() -> None:
+    with pytest.raises(ValueError, match="unknown journal step"):
+        plan.recovery_action("migrate-ish")
+
+
+def _dirs(*names: str, incomplete: tuple[str, ...] = ()) -> list[ReleaseDir]:
+    return [ReleaseDir(n, n, n not in incomplete) for n in names]
+
+
+def test_prune_keeps_the_three_newest_with_current_and_previous() -> None:
+    releases = _dirs("0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0")
+    doomed = plan.to_prune(releases, current="0.5.0", previous="0.4.0", failed=set())
+    assert doomed == ["0.1.0", "0.2.0"]
+
+
+def test_prune_never_removes_current_or_previous_even_when_old() -> None:
+    # After a downgrade to 0.1.0 from 0.5.0: both must stay.
+    releases = _dirs("0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0")
+    doomed = plan.to_prune(releases, current="0.1.0", previous="0.5.0", failed=set())
+    assert "0.1.0" not in doomed
+    assert "0.5.0" not in doomed
+    assert doomed == ["0.2.0", "0.3.0"]
+
+
+def test_failed_releases_do_not_take_a_place_and_are_pruned() -> None:
+    releases = _dirs("0.1.0", "0.2.0", "0.3.0", "0.4.0")
+    doomed = plan.to_prune(releases, current="0.3.0", previous="0.2.0", failed={"0.4.0"})
+    assert doomed == ["0.4.0"]  # 0.1.0 keeps the third place that 0.4.0 may not take
+
+
+def test_unfinished_directories_are_pruned() -> None:
+    releases = _dirs("0.1.0", "0.2.0", "0.3.0", incomplete=("0.3.0",))
+    assert plan.to_prune(releases, current="0.2.0", previous="0.1.0", failed=set()) == ["0.3.0"]
+
+
+def test_unparsable_directory_sorts_as_oldest() -> None:
+    releases = [*_dirs("0.2.0", "0.3.0", "0.4.0"), ReleaseDir("junk", "not a version", True)]
+    assert plan.to_prune(releases, current="0.4.0", previous="0.3.0", failed=set()) == ["junk"]
+
+
+def _entry(frm: str, to: str, result: str) -> Entry:
+    return Entry("2026-01-01T00:00:00Z", f"id-{frm}-{to}-{result}", "update", frm, to, result)
+
+
+def test_failed_versions_are_those_last_rolled_back() -> None:
+    entries = [
+        _entry("0.1.0", "0.2.0", ROLLED_BACK),
+        _entry("0.1.0", "0.3.0", ROLLED_BACK),
+        _entry("0.1.0", "0.3.0", UPDATED),  # fixed on a later try
+        _entry("0.3.0", "0.4.0", REFUSED),
+    ]
+    assert plan.failed_versions(entries) == {"0.2.0"}
+
+
+def test_previous_comes_from_the_update_that_installed_current() -> None:
+    entries = [_entry("0.1.0", "0.2.0", UPDATED), _entry("0.2.0", "0.3.0", UPDATED)]
+    assert plan.choose_previous(entries, "0.3.0", ["0.1.0", "0.2.0", "0.3.0"]) == "0.2.0"
+
+
+def test_previous_falls_back_to_newest_older_kept_release() -> None:
+    assert plan.choose_previous([], "0.3.0", ["0.1.0", "0.2.0", "0.3.0", "0.4.0"]) == "0.2.0"
+
+
+def test_no_previous_when_nothing_older_is_kept() -> None:
+    assert plan.choose_previous([], "0.1.0", ["0.1.0"]) is None

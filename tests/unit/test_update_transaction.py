@@ -1,0 +1,284 @@
+"""The whole transaction on real files and real processes under tmp_path.
+
+systemd's part is played by ProcessService (tests/unit/update_service_double.py,
+a double because systemd is not PID 1 here); the system tests run the same
+transaction against the real systemd in a machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from scalebox.update import history, journal, stage, switch, transaction
+from scalebox.update.context import Context
+from scalebox.update.errors import RolledBack, UpdateError
+from scalebox.update.paths import Paths
+from scalebox.update.systemd import SERVICE
+from scalebox.update.transaction import Target
+from tests.unit.update_service_double import ProcessService, free_port, make_release
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Server:
+    def __init__(self, root: Path) -> None:
+        self.paths = Paths(root)
+        self.service = ProcessService(self.paths, root)
+        self.lines: list[str] = []
+        self.http = httpx.Client(trust_env=False)
+
+    def ctx(self, window: float = 0.6) -> Context:
+        return Context(
+            paths=self.paths,
+            service=self.service,
+            http=self.http,
+            report=self.lines.append,
+            stability_window=window,
+            restart_timeout=10,
+            verify_timeout=5,
+        )
+
+    def health(self) -> str:
+        port = self.paths.config.read_text().split("API_PORT=")[1].split()[0]
+        return str(self.http.get(f"http://127.0.0.1:{port}/health").json()["version"])
+
+    def fingerprint(self) -> dict[str, str]:
+        """Hashes of everything an update must leave as it was after a rollback."""
+        files = [self.paths.config, *sorted(self.paths.systemd_dir.iterdir())]
+        out = {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+        out["current"] = str(self.paths.current.readlink())
+        return out
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    """A server with release 0.1.0 installed and running, and 0.2.0 staged next to it."""
+    s = Server(tmp_path)
+    p = s.paths
+    make_release(p, "0.1.0")
+    p.config.parent.mkdir(parents=True)
+    p.config.write_text(f"API_TOKEN=sb-{'0' * 48}\nAPI_PORT={free_port()}\n")
+    p.config.chmod(0o600)
+    p.systemd_dir.mkdir(parents=True)
+    for unit in (p.release_dir("0.1.0") / "units").iterdir():
+        (p.systemd_dir / unit.name).write_bytes(unit.read_bytes())
+    p.version_file.write_text("0.1.0\n")
+    (p.current).symlink_to("releases/0.1.0")
+    s.service.restart(SERVICE, 10)
+    try:
+        yield s
+    finally:
+        s.service.kill_everything()
+        s.http.close()
+
+
+def _install(s: Server, version: str, window: float = 0.6) -> transaction.Outcome:
+    return transaction.install(
+        s.ctx(window),
+        action="update",
+        from_version="0.1.0",
+        from_release="0.1.0",
+        target=Target(version, None),
+    )
+
+
+def test_update_switches_verifies_and_commits(server: Server) -> None:
+    make_release(server.paths, "0.2.0")
+    config_before = server.paths.config.read_bytes()
+    outcome = _install(server, "0.2.0")
+    assert outcome.result == history.UPDATED
+    assert server.health() == "0.2.0"
+    assert str(server.paths.current.readlink()) == "releases/0.2.0"
+    assert server.paths.version_file.read_text() == "0.2.0\n"
+    assert (server.paths.systemd_dir / "scaleboxd.service").read_text().endswith("0.2.0\n")
+    assert server.paths.config.read_bytes() == config_before
+    assert journal.read(server.paths.journal) is None
+    assert not server.paths.backup_dir("x").parent.exists() or not any(
+        server.paths.backups.iterdir()
+    )
+    [entry] = history.read(server.paths.history)
+    assert (entry.from_version, entry.to_version, entry.result) == ("0.1.0", "0.2.0", "updated")
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "reported", "why"),
+    [
+        ("crash", None, "main process exited"),
+        ("hang", None, "did not finish"),
+        ("ok", "0.1.0", "reports version '0.1.0'"),
+        ("die-after", None, "did not stay healthy"),
+    ],
+)
+def test_failing_release_is_rolled_back_exactly(
+    server: Server, behaviour: str, reported: str | None, why: str
+) -> None:
+    make_release(server.paths, "0.2.0", behaviour=behaviour, reported=reported)
+    before = server.fingerprint()
+    with pytest.raises(RolledBack, match=why) as caught:
+        _install(server, "0.2.0", window=2.0)
+    assert caught.value.exit_code == 3
+    assert "Rolled back to 0.1.0, which is healthy" in caught.value.what
+    assert server.fingerprint() == before
+    assert server.health() == "0.1.0"
+    assert server.paths.version_file.read_text() == "0.1.0\n"
+    assert journal.read(server.paths.journal) is None
+    [entry] = history.read(server.paths.history)
+    assert entry.result == "rolled back"
+    assert entry.reason is not None
+    assert why in entry.reason
+
+
+def test_release_that_rejects_the_config_is_refused_with_service_untouched(
+    server: Server,
+) -> None:
+    make_release(server.paths, "0.2.0", behaviour="reject-config")
+    before = server.fingerprint()
+    pid = server.service.state(SERVICE).main_pid
+    with pytest.raises(UpdateError, match="NEW_KEY is required") as caught:
+        _install(server, "0.2.0")
+    assert caught.value.exit_code == 1
+    assert server.fingerprint() == before
+    assert server.service.state(SERVICE).main_pid == pid
+    assert "restart scaleboxd.service" not in server.service.calls[1:]
+    assert journal.read(server.paths.journal) is None
+    assert [e.result for e in history.read(server.paths.history)] == ["refused"]
+
+
+def test_unit_added_by_the_new_release_is_removed_on_rollback(server: Server) -> None:
+    new = make_release(server.paths, "0.2.0", behaviour="crash")
+    (new / "units" / "scalebox-extra.service").write_text("[Service]\n")
+    with pytest.raises(RolledBack):
+        _install(server, "0.2.0")
+    assert not (server.paths.systemd_dir / "scalebox-extra.service").exists()
+
+
+def test_commit_prunes_to_three_and_never_the_failed_one(server: Server) -> None:
+    make_release(server.paths, "0.0.9")
+    make_release(server.paths, "0.0.8")
+    make_release(server.paths, "0.2.0")
+    _install(server, "0.2.0")
+    left = sorted(r.name for r in stage.list_releases(server.paths))
+    assert left == ["0.0.9", "0.1.0", "0.2.0"]
+
+
+# --- kill -9 at step boundaries, then recovery -------------------------------------
+
+CHILD = """
+import os, signal, sys
+from pathlib import Path
+import httpx
+from scalebox.update import transaction
+from scalebox.update.context import Context
+from scalebox.update.paths import Paths
+from tests.unit.update_service_double import ProcessService
+
+root, kill_at = Path(sys.argv[1]), sys.argv[2]
+
+def die(where):
+    if where == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+class Dying(ProcessService):
+    def daemon_reload(self):
+        die("daemon-reload"); super().daemon_reload()
+    def restart(self, unit, timeout):
+        super().restart(unit, timeout); die("after-restart")
+    def state(self, unit):
+        die("verify"); return super().state(unit)
+
+def report(line):
+    print(line, flush=True)
+    if line.startswith("pruning"):
+        die("commit")
+
+paths = Paths(root)
+ctx = Context(paths=paths, service=Dying(paths, root), http=httpx.Client(trust_env=False),
+              report=report, stability_window=0.5, restart_timeout=10, verify_timeout=5)
+transaction.install(ctx, action="update", from_version="0.1.0", from_release="0.1.0",
+                    target=transaction.Target("0.2.0", None))
+"""
+
+
+@pytest.mark.parametrize(
+    ("kill_at", "step", "ends_on"),
+    [
+        ("check-config", "stage", "0.1.0"),
+        ("daemon-reload", "switch", "0.1.0"),
+        ("after-restart", "switch", "0.1.0"),
+        ("verify", "verify", "0.1.0"),
+        ("commit", "commit", "0.2.0"),
+    ],
+)
+def test_kill_9_at_a_step_is_recovered_by_the_next_run(
+    server: Server, kill_at: str, step: str, ends_on: str
+) -> None:
+    make_release(server.paths, "0.0.7")
+    make_release(server.paths, "0.0.8")  # something for the commit to prune
+    make_release(server.paths, "0.2.0")
+    before = server.fingerprint()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if kill_at == "check-config":
+        env["FAKE_KILL_PARENT_AT_CHECK"] = "1"
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(server.paths.root), kill_at],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    crashed = journal.read(server.paths.journal)
+    assert crashed is not None
+    assert crashed.step == step
+
+    said = transaction.recover(server.ctx())
+    assert said is not None
+    assert said.startswith("recovered")
+    assert journal.read(server.paths.journal) is None
+    assert server.health() == ends_on
+    assert server.paths.version_file.read_text() == f"{ends_on}\n"
+    if ends_on == "0.1.0":
+        assert server.fingerprint() == before
+    assert transaction.recover(server.ctx()) is None  # idempotent: nothing left to do
+
+
+def test_a_crash_during_rollback_is_finished_by_the_next_run(server: Server) -> None:
+    make_release(server.paths, "0.2.0")
+    before = server.fingerprint()
+    j = journal.begin(
+        server.paths.journal,
+        journal.Journal(
+            id=journal.new_id(),
+            action="update",
+            from_version="0.1.0",
+            from_release="0.1.0",
+            to_version="0.2.0",
+            to_release="0.2.0",
+            step="stage",
+        ),
+    )
+    switch.back_up(server.paths, server.paths.backup_dir(j.id), ["scaleboxd.service"])
+    switch.swap_current(server.paths, "0.2.0")
+    switch.install_units(server.paths, server.paths.release_dir("0.2.0"))
+    journal.advance(server.paths.journal, j, "rollback", reason="health check failed")
+    # The first rollback attempt died half way: current already swapped back, units not.
+    switch.swap_current(server.paths, "0.1.0")
+
+    said = transaction.recover(server.ctx())
+    assert said is not None
+    assert "rolled back" in said
+    assert server.fingerprint() == before
+    assert server.health() == "0.1.0"
+    [entry] = history.read(server.paths.history)
+    assert (entry.result, entry.reason) == ("rolled back", "health check failed")

@@ -1,0 +1,189 @@
+"""A stand-in for systemd, for the updater's unit tests (systemd is not PID 1 on this host).
+
+It is a test double only where nothing real can run: the processes are real
+(a small HTTP server per release), reached over real loopback sockets, and the
+releases, units and config are real files under tmp_path. What it imitates is
+systemd's part: ``restart`` starts ``current/venv/bin/scaleboxd`` and returns
+once it answers (as Type=notify would), or fails when it exits first. The
+service's PID lives in a file, so a second updater process sees the same
+service, as it would with systemd. The system tests use the real systemd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from scalebox.update.errors import CommandError
+from scalebox.update.paths import Paths
+from scalebox.update.systemd import SERVICE, UnitState
+
+FAKE_SCALEBOXD = """\
+#!{python}
+# A release's scaleboxd for the updater tests: BEHAVIOUR decides how it fails.
+import http.server, json, os, sys, threading, time
+VERSION, REPORTED, BEHAVIOUR = {version!r}, {reported!r}, {behaviour!r}
+args = sys.argv[1:]
+if "--check-config" in args:
+    if os.environ.get("FAKE_KILL_PARENT_AT_CHECK") == "1":
+        os.kill(os.getppid(), 9)
+    if BEHAVIOUR == "reject-config":
+        print("config: NEW_KEY is required", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(0)
+config = args[args.index("--config") + 1]
+port = 8080
+for line in open(config):
+    if line.startswith("API_PORT="):
+        port = int(line.split("=", 1)[1])
+if BEHAVIOUR == "crash":
+    sys.exit(3)
+if BEHAVIOUR == "hang":
+    time.sleep(3600)
+if BEHAVIOUR == "die-after":
+    threading.Timer(1.0, lambda: os._exit(1)).start()
+
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({{"status": "ok", "version": REPORTED}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+
+http.server.HTTPServer.allow_reuse_address = True
+http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_release(
+    paths: Paths, version: str, *, behaviour: str = "ok", reported: str | None = None
+) -> Path:
+    """A complete release directory whose scaleboxd is FAKE_SCALEBOXD."""
+    root = paths.release_dir(version)
+    (root / "venv" / "bin").mkdir(parents=True)
+    (root / "units").mkdir()
+    (root / "RELEASE.json").write_text(json.dumps({"version": version, "python": []}))
+    (root / "units" / "scaleboxd.service").write_text(f"[Service]\n# release {version}\n")
+    (root / "units" / "scalebox-vm@.service").write_text("[Service]\n# same in every release\n")
+    exe = root / "venv" / "bin" / "scaleboxd"
+    exe.write_text(
+        FAKE_SCALEBOXD.format(
+            python=sys.executable,
+            version=version,
+            reported=reported or version,
+            behaviour=behaviour,
+        )
+    )
+    exe.chmod(0o755)
+    (root / ".complete").write_text(f"{version}\n")
+    return root
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+class ProcessService:
+    """systemd's part for one service, scaleboxd, run as a plain process (see module doc)."""
+
+    def __init__(self, paths: Paths, state_dir: Path) -> None:
+        self.paths = paths
+        self.pid_file = state_dir / "service.pid"
+        self.all_pids = state_dir / "service.all-pids"
+        self.calls: list[str] = []
+
+    def _pid(self) -> int:
+        try:
+            return int(self.pid_file.read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def daemon_reload(self) -> None:
+        self.calls.append("daemon-reload")
+
+    def reset_failed(self, unit: str) -> None:
+        self.calls.append(f"reset-failed {unit}")
+
+    def stop(self) -> None:
+        pid = self._pid()
+        if pid and _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while _alive(pid) and time.monotonic() < deadline:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+                time.sleep(0.02)
+        self.pid_file.unlink(missing_ok=True)
+
+    def restart(self, unit: str, timeout: float) -> None:
+        self.calls.append(f"restart {unit}")
+        if unit != SERVICE:
+            return
+        self.stop()
+        exe = self.paths.current / "venv" / "bin" / "scaleboxd"
+        proc = subprocess.Popen(
+            [str(exe), "--config", str(self.paths.config)],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.pid_file.write_text(str(proc.pid))
+        with self.all_pids.open("a") as f:
+            f.write(f"{proc.pid}\n")
+        deadline = time.monotonic() + min(timeout, 10.0)
+        port = self._port()
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise CommandError(
+                    f"restart {unit} failed (exit 1): main process exited, code {proc.returncode}"
+                )
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5)
+            except httpx.HTTPError:
+                time.sleep(0.05)
+            else:
+                return  # what READY=1 means to systemd
+        raise CommandError(f"restart {unit} did not finish within {timeout:.0f} s")
+
+    def _port(self) -> int:
+        for line in self.paths.config.read_text().splitlines():
+            if line.startswith("API_PORT="):
+                return int(line.partition("=")[2])
+        return 8080
+
+    def state(self, unit: str) -> UnitState:
+        pid = self._pid()
+        if pid and _alive(pid):
+            return UnitState("active", "running", pid, 0)
+        return UnitState("failed" if pid else "inactive", "dead", 0, 0)
+
+    def kill_everything(self) -> None:
+        """Teardown: every process this double (in any updater process) ever started."""
+        with contextlib.suppress(OSError):
+            for line in self.all_pids.read_text().split():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(int(line), signal.SIGKILL)
