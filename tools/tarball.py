@@ -75,7 +75,12 @@ def run(
     return result.stdout
 
 
-def signing_key(key_path: Path | None, environ: Mapping[str, str]) -> Ed25519PrivateKey:
+DEFAULT_KEY = ROOT / "keys" / "release.key"
+
+
+def signing_key(
+    key_path: Path | None, environ: Mapping[str, str], default: Path = DEFAULT_KEY
+) -> Ed25519PrivateKey:
     """--key, else SCALEBOX_SIGNING_KEY (PEM text), else SCALEBOX_SIGNING_KEY_FILE, else keys/."""
     if key_path is not None:
         return _key_from_file(key_path, "--key")
@@ -87,7 +92,6 @@ def signing_key(key_path: Path | None, environ: Mapping[str, str]) -> Ed25519Pri
         return _key_from_file(
             Path(environ["SCALEBOX_SIGNING_KEY_FILE"]), "SCALEBOX_SIGNING_KEY_FILE"
         )
-    default = ROOT / "keys" / "release.key"
     if not default.exists():
         raise ReleaseError(
             "no release-signing key: SCALEBOX_SIGNING_KEY and SCALEBOX_SIGNING_KEY_FILE are "
