@@ -191,6 +191,19 @@ def test_a_download_that_never_completes_says_where_it_stopped_and_keeps_the_par
     assert server.seen[-1].headers.get("range") == f"bytes={HALF}-"
 
 
+def test_a_server_dribbling_a_few_bytes_per_connection_is_given_up_on(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    """Progress makes a retry free, but not forever."""
+    server.routes["/a.tar.gz"] = lambda req: send_range(req, BODY[:10_000], cut_after=10)
+    sleeps = Sleeps()
+    with pytest.raises(FetchError) as info:
+        fetch(server.url("/a.tar.gz"), tmp_path / "a", client, progress=False, sleep=sleeps)
+    assert "of 10000 bytes" in info.value.what
+    assert len(server.seen) < 100
+    assert len(sleeps) == 4
+
+
 def test_a_500_is_retried_after_a_backoff_pause(
     server: Server, client: httpx.Client, tmp_path: Path
 ) -> None:

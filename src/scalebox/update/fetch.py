@@ -45,6 +45,7 @@ DEFAULT_API_BASE = "https://api.github.com"
 # connect: a dead host fails fast; read: the longest silence we accept mid-transfer.
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 _COPY_CHUNK = MiB
+_MAX_ATTEMPTS = 64
 
 ALLOW_HTTP_HINT = (
     "use an https URL, or set SCALEBOX_ALLOW_HTTP=1 (or pass --allow-http) "
@@ -417,11 +418,11 @@ def _retrying_download(
                 reason = _describe(exc, 0, None)
             else:
                 return _finish(part, dest)
-            # An attempt that added bytes to the partial file costs no retry:
-            # a link that drops every few MB still finishes, and this ends
-            # because the file cannot grow past max_bytes.
+            # An attempt that added bytes to the partial file costs no retry, so a
+            # link that drops every few MB still finishes; _MAX_ATTEMPTS stops a
+            # server that dribbles a few bytes per connection.
             after = part.stat().st_size if part.exists() else 0
-            if after > before:
+            if after > before and attempts < _MAX_ATTEMPTS:
                 continue
             failures += 1
             if failures > retries:
