@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from scalebox.daemon.vms.command import run
+from scalebox.daemon.vms.command import CommandFailed, run
 from scalebox.daemon.vms.naming import VM_ID_RE
 
 GUEST_MODULE = "scalebox.daemon.vms.guest"
@@ -50,8 +50,8 @@ class Backend(Protocol):
     def list_running(self) -> dict[str, int | None]:
         """Every guest of this DATA_DIR that runs, known to the state or not: id -> pid."""
 
-    def logs_hint(self, vm_id: str) -> str:
-        """Where a person finds the guest's output."""
+    def recent_output(self, vm_id: str) -> str:
+        """The guest's last lines of output and where to find the rest, for error messages."""
 
 
 def running_under_systemd() -> bool:
@@ -127,8 +127,16 @@ class SystemdBackend:
         )  # fmt: skip
         return {vm_id: self.status(vm_id, None).pid for vm_id in parse_list_units(out)}
 
-    def logs_hint(self, vm_id: str) -> str:
-        return f"journalctl -u {unit_name(vm_id)}"
+    def recent_output(self, vm_id: str) -> str:
+        unit = unit_name(vm_id)
+        try:
+            lines = run(
+                ["journalctl", "-u", unit, "-n", "5", "--no-pager", "-o", "cat"],
+                f"read the log of {unit}",
+            ).strip()
+        except CommandFailed:
+            lines = ""
+        return f"{lines or 'no output'} (all of it: journalctl -u {unit})"
 
     def _reset_if_failed(self, vm_id: str) -> None:
         # A failed unit keeps its old failure in `systemctl status` and the
@@ -219,8 +227,13 @@ class ProcessBackend:
     def list_running(self) -> dict[str, int | None]:
         return dict(self._scan())
 
-    def logs_hint(self, vm_id: str) -> str:
-        return str(self._data_dir / "vms" / vm_id / GUEST_LOG_NAME)
+    def recent_output(self, vm_id: str) -> str:
+        path = self._data_dir / "vms" / vm_id / GUEST_LOG_NAME
+        try:
+            lines = path.read_text(errors="replace").strip().splitlines()[-5:]
+        except OSError:
+            lines = []
+        return " | ".join(lines) or "no output"
 
     def _scan(self) -> dict[str, int]:
         found: dict[str, int] = {}
@@ -234,7 +247,11 @@ class ProcessBackend:
 
     def _serves(self, pid: int, vm_id: str) -> bool:
         child = _children.get(pid)
-        if child is not None and child.poll() is not None:
+        if child is not None:
+            if child.poll() is None:
+                # Our own child: right after Popen its /proc cmdline may still
+                # be empty (exec in progress), but we know what it runs.
+                return guest_of(child.args, self._data_dir) == vm_id  # type: ignore[arg-type]
             del _children[pid]  # reaped: its pid may be reused from now on
             return False
         cmdline = _live_cmdline(pid)

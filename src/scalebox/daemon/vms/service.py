@@ -355,8 +355,9 @@ class VMService:
                 return replace(vm, status="running", pid=seen.pid)
             time.sleep(0.02)
         raise GuestFailed(
-            f"the guest of VM {vm.id} did not start listening on port {vm.ssh_port}",
-            f"see {self._backend.logs_hint(vm.id)}",
+            f"the guest of VM {vm.id} did not start listening on port {vm.ssh_port}: "
+            f"{self._backend.recent_output(vm.id)}",
+            "fix what its output says, then create the VM again",
         )
 
     def _recover_from_vm_records(self) -> list[VM]:
