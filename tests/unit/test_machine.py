@@ -1,0 +1,128 @@
+"""The machine harness's decisions that need no root: names, cache keys, staleness, guard."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from tools import image, netns
+from tools.check import CheckFailed, Report
+from tools.machine import is_stale, start_time
+from tools.netns import Slot
+
+
+def test_slot_names_and_addresses_follow_n() -> None:
+    slot = Slot(7)
+    assert (slot.name, slot.host_if, slot.machine_if) == ("sb7", "sbh7", "sbc7")
+    assert (slot.host_ip, slot.machine_ip) == ("10.251.7.1", "10.251.7.2")
+    assert str(slot.netns_path) == "/run/netns/sb7"
+
+
+@pytest.mark.parametrize("name", ["eth0", "sb", "sb0", "sb251", "sbx", "sb-1", "xsb1", "sb1 "])
+def test_parse_name_refuses_names_the_harness_never_makes(name: str) -> None:
+    with pytest.raises(netns.NetnsError, match="not a machine name"):
+        netns.parse_name(name)
+
+
+def test_parse_name_accepts_our_names() -> None:
+    assert netns.parse_name("sb1") == Slot(1)
+    assert netns.parse_name("sb250") == Slot(250)
+
+
+def test_image_key_changes_with_its_inputs_only() -> None:
+    key = image.image_key()
+    assert image.image_key() == key
+    assert image.image_key(packages=(*image.PACKAGES, "vim")) != key
+    assert image.image_key(suite="trixie") != key
+    assert image.image_key(packages=tuple(reversed(image.PACKAGES))) == key
+
+
+def _dead_pid() -> tuple[int, int | None]:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    started = start_time(child.pid)
+    child.kill()
+    child.wait()
+    return child.pid, started
+
+
+def test_start_time_is_none_for_a_zombie() -> None:
+    child = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 10
+    while start_time(child.pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.01)  # exited but not yet waited for: a zombie
+    assert start_time(child.pid) is None
+    child.wait()
+
+
+def test_a_machine_whose_owner_lives_is_not_stale() -> None:
+    me = {"owner_pid": os.getpid(), "owner_start": start_time(os.getpid()), "keep": False}
+    assert not is_stale(me, state_age=3600)
+    # ... even with nspawn alive under it
+    assert not is_stale({**me, "nspawn_pid": os.getpid(), "nspawn_start": me["owner_start"]}, 0)
+
+
+def test_a_machine_whose_owner_died_is_stale_unless_kept() -> None:
+    pid, started = _dead_pid()
+    me_pid, me_start = os.getpid(), start_time(os.getpid())
+    dead_owner = {"owner_pid": pid, "owner_start": started, "keep": False}
+    assert is_stale(dead_owner, 0)
+    kept = {**dead_owner, "keep": True, "nspawn_pid": me_pid, "nspawn_start": me_start}
+    assert not is_stale(kept, 0)
+
+
+def test_a_machine_whose_nspawn_died_is_stale_even_when_kept() -> None:
+    pid, started = _dead_pid()
+    state = {
+        "owner_pid": os.getpid(),
+        "owner_start": start_time(os.getpid()),
+        "keep": True,
+        "nspawn_pid": pid,
+        "nspawn_start": started,
+    }
+    assert is_stale(state, 0)
+
+
+def test_a_reused_pid_does_not_count_as_alive() -> None:
+    state = {"owner_pid": os.getpid(), "owner_start": -1, "keep": False}
+    assert is_stale(state, 0)
+
+
+def test_an_unreadable_state_file_is_stale_only_when_old() -> None:
+    assert not is_stale({}, state_age=1)
+    assert is_stale({}, state_age=3600)
+
+
+@pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2's ip")
+def test_route_guard_refuses_a_slot_whose_veth_does_not_exist() -> None:
+    assert netns.route_device("127.0.0.1") == "lo"
+    unmade = Slot(249)
+    if netns.network_exists(unmade):
+        pytest.skip("sb249 exists on this host right now")
+    with pytest.raises(netns.NetnsError, match=r"refusing to send traffic to 10\.251\.249\.2"):
+        netns.guard(unmade)
+
+
+def test_report_fails_when_a_phase_fails_and_lists_phases_not_run() -> None:
+    report = Report()
+    with report.phase("first"):
+        pass
+    with report.phase("second"):
+        raise CheckFailed("it broke", "fix it")
+    assert report.failed()
+    text = report.summary(["first", "second", "third"])
+    assert "ok" in text.splitlines()[2]
+    assert "FAIL" in text and "it broke" in text
+    assert "not run" in text.splitlines()[4]
+    assert "./do check FAILED" in text
+
+
+def test_report_passes_only_when_every_phase_passed() -> None:
+    report = Report()
+    with report.phase("only"):
+        pass
+    assert not report.failed()
+    assert "./do check passed" in report.summary(["only"])
