@@ -198,6 +198,50 @@ def test_a_corrupt_state_file_is_logged_and_the_daemon_still_starts(local: Scale
         assert client.get(f"/vms/{vm['id']}").status_code == 200, "nothing silently deleted"
 
 
+def test_run_guest_serves_one_vm_as_the_vm_unit_runs_it(local: Scaleboxd) -> None:
+    """`scaleboxd --config PATH --run-guest ID` is scalebox-vm@.service's ExecStart."""
+    assert local.config_path is not None and local.data_dir is not None
+    vm = create_vm(local)
+    local.stop()
+    kill_guests(local.config_path, local.data_dir)
+    with pytest.raises(OSError):
+        guest_answer(local, vm["ssh_port"])
+    guest = subprocess.Popen(
+        [
+            sys.executable, "-m", "scalebox.daemon.main",
+            "--config", str(local.config_path), "--run-guest", vm["id"],
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=daemon_env(),
+    )  # fmt: skip
+    try:
+        assert wait_until(lambda: _answers(local, vm["ssh_port"]), timeout=20)
+        assert guest_answer(local, vm["ssh_port"]) == {
+            "vm": vm["id"],
+            "file": "hello from debian-base\n",
+        }
+        guest.send_signal(signal.SIGTERM)
+        assert guest.wait(10) == 0
+    finally:
+        if guest.poll() is None:
+            guest.kill()
+        guest.wait()
+        assert guest.stderr is not None
+        guest.stderr.close()
+    bad = run_scaleboxd("--config", str(local.config_path), "--run-guest", "../etc")
+    assert bad.returncode != 0
+
+
+def _answers(server: Scaleboxd, port: int) -> bool:
+    try:
+        guest_answer(server, port)
+    except OSError:
+        return False
+    return True
+
+
 # -- signals ------------------------------------------------------------------------
 
 
@@ -309,7 +353,9 @@ def test_socket_activation_and_ready_notification(
         assert b"200 OK" in early_answer.split(b"\r\n")[0]
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{values['API_PORT']}/health", timeout=2)
-        assert "passed by systemd" in stderr_path.read_text()
+        log = stderr_path.read_text()
+        assert "passed by systemd" in log
+        assert f"systemd passed a socket on port {port}" in log, "API_PORT differs: warned"
 
         # VM guests must not inherit the activation variables.
         token = values["API_TOKEN"]

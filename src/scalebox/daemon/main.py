@@ -134,6 +134,14 @@ def listening_socket(bind: str, port: int) -> socket.socket:
     sock = systemd.take_activation_socket(os.environ, os.getpid())
     if sock is not None:
         log.info("using the listening socket passed by systemd (%s)", _address(sock))
+        actual_port = sock.getsockname()[1] if sock.family != socket.AF_UNIX else None
+        if actual_port is not None and actual_port != port:
+            log.warning(
+                "API_PORT is %d but systemd passed a socket on port %d; scaleboxd.socket "
+                "decides the port (change its ListenStream= with a drop-in)",
+                port,
+                actual_port,
+            )
         return sock
     try:
         sock = systemd.bind_socket(bind, port)
@@ -147,8 +155,10 @@ def listening_socket(bind: str, port: int) -> socket.socket:
 
 
 def _address(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"{host}:{port}"
+    name = sock.getsockname()
+    if isinstance(name, str | bytes):  # a unix socket
+        return str(name)
+    return f"{name[0]}:{name[1]}"
 
 
 def serve(config: ServerConfig, bind: str) -> int:
