@@ -1,0 +1,88 @@
+"""The HTTP client's translation of answers the real daemon never gives.
+
+A well-behaved scaleboxd does not answer 500, HTML or redirects on purpose,
+so these cases use httpx.MockTransport (a plain function standing in for the
+server); everything the daemon does answer is tested against it in test_e2e.
+The timeout case uses a real loopback socket that accepts and never answers.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from scalebox.cli.client import Client
+from scalebox.cli.errors import EXIT_UNREACHABLE, ApiError, Unreachable
+
+URL = "http://127.0.0.1:8080"
+
+
+def answering(status: int, *, json: object = None, text: str | None = None) -> httpx.MockTransport:
+    def handler(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, json=json, text=text)
+
+    return httpx.MockTransport(handler)
+
+
+def test_server_error_shows_the_servers_text_on_one_line() -> None:
+    transport = answering(500, json={"error": "disk\nfull"})
+    with Client(URL, "t", transport=transport) as client, pytest.raises(ApiError) as caught:
+        client.list_vms()
+    assert caught.value.what == "disk full (HTTP 500)"
+    assert caught.value.exit_code == 1
+    assert "journalctl -u scaleboxd" in str(caught.value.hint)
+
+
+def test_an_answer_that_is_not_json_is_an_api_error_naming_the_url() -> None:
+    transport = answering(200, text="<html>hello</html>")
+    with Client(URL, "t", transport=transport) as client, pytest.raises(ApiError) as caught:
+        client.list_templates()
+    assert "is not a JSON object" in caught.value.what
+    assert "points at scaleboxd" in str(caught.value.hint)
+
+
+def test_a_redirect_is_not_followed_so_the_token_stays_here() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(302, headers={"Location": "http://203.0.113.9/vms"})
+
+    transport = httpx.MockTransport(handler)
+    with Client(URL, "t", transport=transport) as client, pytest.raises(ApiError) as caught:
+        client.list_vms()
+    assert seen == [f"{URL}/vms"]
+    assert "(HTTP 302)" in caught.value.what
+
+
+def test_every_request_carries_the_bearer_token_and_quotes_names() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(204)
+
+    with Client(URL, "sb-secret", transport=httpx.MockTransport(handler)) as client:
+        client.delete_vm("a?b#c")
+    assert seen[0].headers["Authorization"] == "Bearer sb-secret"
+    assert seen[0].url.raw_path == b"/vms/a%3Fb%23c"
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A real loopback server that accepts connections and never says a word."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(4)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_a_server_that_does_not_answer_times_out_as_unreachable(silent_server: str) -> None:
+    timeout = httpx.Timeout(0.3, connect=0.3)
+    with Client(silent_server, "t", timeout=timeout) as client, pytest.raises(Unreachable) as e:
+        client.health()
+    assert e.value.what.startswith(f"the Scalebox server at {silent_server} did not answer in time")
+    assert e.value.exit_code == EXIT_UNREACHABLE
