@@ -101,6 +101,14 @@ def test_systemctl_output_parsing() -> None:
         "stopped", None
     )
     assert backend.parse_show("MainPID=0\nActiveState=failed\n").status == "failed"
+    many = (
+        "MainPID=77\nActiveState=active\nId=scalebox-vm@vm-0123456789ab.service\n\n"
+        "MainPID=0\nActiveState=inactive\nId=scalebox-vm@vm-ba9876543210.service\n"
+    )
+    assert backend.parse_show_many(many) == {
+        "vm-0123456789ab": backend.GuestStatus("running", 77),
+        "vm-ba9876543210": backend.GuestStatus("stopped", None),
+    }
     listing = (
         "scalebox-vm@vm-0123456789ab.service loaded active running Scalebox VM vm-0123456789ab\n"
         "scalebox-vm@bogus.service loaded active running Scalebox VM bogus\n"

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -46,6 +47,9 @@ class Backend(Protocol):
 
     def status(self, vm_id: str, pid: int | None) -> GuestStatus:
         """What the guest of ``vm_id`` is doing now; ``pid`` is the last one seen."""
+
+    def status_many(self, last_pids: Mapping[str, int | None]) -> dict[str, GuestStatus]:
+        """``status`` of many guests at once: VM id -> last pid seen, in; id -> status, out."""
 
     def list_running(self) -> dict[str, int | None]:
         """Every guest of this DATA_DIR that runs, known to the state or not: id -> pid."""
@@ -83,6 +87,16 @@ def parse_show(text: str) -> GuestStatus:
     return GuestStatus(status, pid or None)
 
 
+def parse_show_many(text: str) -> dict[str, GuestStatus]:
+    """``systemctl show -p Id,MainPID,ActiveState U1 U2 ...``: one block per unit -> by VM id."""
+    found = {}
+    for block in text.split("\n\n"):
+        unit = next((ln[3:] for ln in block.splitlines() if ln.startswith("Id=")), "")
+        if unit.startswith("scalebox-vm@") and unit.endswith(".service"):
+            found[unit[len("scalebox-vm@") : -len(".service")]] = parse_show(block)
+    return found
+
+
 def parse_list_units(text: str) -> list[str]:
     """VM ids of the ``scalebox-vm@`` units in ``systemctl list-units --plain --no-legend``."""
     ids = []
@@ -116,6 +130,16 @@ class SystemdBackend:
             f"read the state of unit {unit}",
         )
         return parse_show(out)
+
+    def status_many(self, last_pids: Mapping[str, int | None]) -> dict[str, GuestStatus]:
+        if not last_pids:
+            return {}
+        out = run(
+            ["systemctl", "show", "-p", "Id,MainPID,ActiveState", *map(unit_name, last_pids)],
+            "read the state of the VM units",
+        )
+        found = parse_show_many(out)
+        return {vm_id: found.get(vm_id, GuestStatus("stopped")) for vm_id in last_pids}
 
     def list_running(self) -> dict[str, int | None]:
         out = run(
@@ -223,6 +247,9 @@ class ProcessBackend:
         if pid is not None and self._serves(pid, vm_id):
             return GuestStatus("running", pid)
         return GuestStatus("stopped", None)
+
+    def status_many(self, last_pids: Mapping[str, int | None]) -> dict[str, GuestStatus]:
+        return {vm_id: self.status(vm_id, pid) for vm_id, pid in last_pids.items()}
 
     def list_running(self) -> dict[str, int | None]:
         return dict(self._scan())

@@ -20,6 +20,7 @@ def copy_tree(source: Path, target: Path) -> None:
     run(
         ["cp", "-a", "--reflink=auto", "--no-target-directory", "--", str(source), str(target)],
         f"copy the disk {source} to {target}",
+        timeout=3600,  # a real disk image without reflink support is gigabytes of copying
     )
 
 

@@ -24,6 +24,7 @@ from scalebox.daemon.errors import ApiError, Conflict, InsufficientStorage, NotF
 from scalebox.daemon.vms import disks, hostinfo, naming, state
 from scalebox.daemon.vms.backend import (
     Backend,
+    GuestStatus,
     ProcessBackend,
     SystemdBackend,
     running_under_systemd,
@@ -153,7 +154,9 @@ class VMService:
     def list_vms(self) -> list[VM]:
         with self._lock:
             vms = sorted(self._vms.values(), key=lambda vm: (vm.created_at, vm.id))
-            return [self._with_status(vm) for vm in vms]
+            # One query for all: under systemd that is one systemctl call, not one per VM.
+            seen = self._backend.status_many({vm.id: vm.pid for vm in vms})
+            return [self._seen_as(vm, seen[vm.id]) for vm in vms]
 
     def get_vm(self, id_or_name: str) -> VM:
         with self._lock:
@@ -296,7 +299,10 @@ class VMService:
         raise NotFound("VM not found", "list VMs: scalebox vm list")
 
     def _with_status(self, vm: VM) -> VM:
-        seen = self._backend.status(vm.id, vm.pid)
+        return self._seen_as(vm, self._backend.status(vm.id, vm.pid))
+
+    @staticmethod
+    def _seen_as(vm: VM, seen: GuestStatus) -> VM:
         return replace(vm, status=seen.status, pid=seen.pid if seen.pid is not None else vm.pid)
 
     def _save(self) -> None:
