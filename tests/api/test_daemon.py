@@ -141,6 +141,32 @@ def test_the_token_never_appears_in_the_log(local: Scaleboxd) -> None:
     assert "Authorization" not in log and "Bearer" not in log
 
 
+def test_an_unexpected_failure_is_a_json_500_and_one_traceback(local: Scaleboxd) -> None:
+    """A real fault (DATA_DIR/templates replaced by a file) reaches the client as JSON."""
+    assert local.data_dir is not None
+    templates = local.data_dir / "templates"
+    templates.rename(local.data_dir / "templates.away")
+    templates.write_text("not a directory\n")
+    try:
+        with local.client() as client:
+            response = client.get("/templates")
+        assert response.status_code == 500
+        assert "scaleboxd log" in response.json()["error"]
+        assert "Traceback" not in response.text
+    finally:
+        templates.unlink()
+        (local.data_dir / "templates.away").rename(templates)
+    # The answer leaves before uvicorn logs the exception.
+    assert wait_until(lambda: "Traceback" in local.stderr_text())
+    time.sleep(0.2)
+    log = local.stderr_text()
+    assert log.count("Traceback") == 1, log
+    assert "NotADirectoryError" in log
+    assert "GET /templates 500" in log
+    with local.client() as client:
+        assert client.get("/templates").status_code == 200
+
+
 # -- state and VMs across restarts -------------------------------------------------
 
 

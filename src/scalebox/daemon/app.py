@@ -193,7 +193,7 @@ class AuthMiddleware:
         self.token = token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or scope["path"].rstrip("/") in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
         header = None
@@ -320,8 +320,9 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
         return _error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    async def _unexpected(_request: Request, _exc: Exception) -> JSONResponse:
+        # Starlette re-raises after this answer and uvicorn logs the traceback
+        # once; logging it here too would print it twice.
         return _error(500, "internal server error; see the scaleboxd log (journalctl -u scaleboxd)")
 
     @app.get("/health")
