@@ -103,7 +103,13 @@ class Client:
             f"template '{template}' not found",
             "`scalebox template list` shows the templates",
         )
-        return self._json(self._request("POST", "/vms", body=body, not_found=not_found))
+        hints = {
+            400: "--vcpu, --mem and --disk set vcpu_count, mem_size_mib and disk_size_gib; "
+            "see `scalebox vm create --help`"
+        }
+        return self._json(
+            self._request("POST", "/vms", body=body, not_found=not_found, hints=hints)
+        )
 
     def delete_vm(self, id_or_name: str) -> None:
         self._request("DELETE", f"/vms/{_segment(id_or_name)}", not_found=_vm_gone(id_or_name))
@@ -126,6 +132,7 @@ class Client:
             "DELETE",
             f"/templates/{_segment(name)}",
             not_found=(f"template '{name}' not found", "`scalebox template list` shows them"),
+            hints={403: "new VMs are made from it; delete only templates you made"},
         )
 
     # -- translation of answers into errors --------------------------------
@@ -137,6 +144,7 @@ class Client:
         *,
         body: Json | None = None,
         not_found: tuple[str, str] | None = None,
+        hints: dict[int, str] | None = None,
     ) -> httpx.Response:
         try:
             response = self._http.request(method, path, json=body)
@@ -165,7 +173,9 @@ class Client:
             raise NotFound(not_found[0], not_found[1], status)
         if status == 404:
             raise NotFound(f"{method} {path}: {message}", "check SCALEBOX_URL", status)
-        hint = _HINTS.get(status, _SERVER_FAULT_HINT if status >= 500 else None)
+        hint = (hints or {}).get(status) or _HINTS.get(
+            status, _SERVER_FAULT_HINT if status >= 500 else None
+        )
         raise ApiError(f"{message} (HTTP {status})", hint, status)
 
     def _error_text(self, response: httpx.Response) -> str:
