@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from click.testing import CliRunner
@@ -73,9 +74,10 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def guest_answer(port: int) -> dict[str, Any]:
+def guest_answer(run: Run, port: int) -> dict[str, Any]:
     """What the VM's guest says on its ssh port (the process backend's greeting)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+    host = urlsplit(run.env["SCALEBOX_URL"]).hostname or "127.0.0.1"
+    with socket.create_connection((host, port), timeout=10) as conn:
         data = b""
         while not data.endswith(b"\n"):
             chunk = conn.recv(4096)
@@ -155,7 +157,7 @@ def test_vm_create_list_get_snapshot_delete(run: Run, home: Path) -> None:
     try:
         # The VM is real: its guest answers on the ssh port the CLI printed.
         port = int(re.search(r"^ssh port\s+(\d+)$", done.stdout, re.M).group(1))  # type: ignore[union-attr]
-        assert guest_answer(port)["vm"] == vm_id_text
+        assert guest_answer(run, port)["vm"] == vm_id_text
         assert f"ssh -p {port} " in done.stdout
 
         listed = run("vm", "list")
@@ -215,7 +217,10 @@ def test_vm_from_a_snapshot_answers_like_its_source(run: Run, vm: dict[str, Any]
         child = run.json("vm", "create", "--template", snap)
         try:
             assert child["template"] == snap
-            source, copy = guest_answer(vm["ssh_port"]), guest_answer(child["ssh_port"])
+            source, copy = (
+                guest_answer(run, vm["ssh_port"]),
+                guest_answer(run, child["ssh_port"]),
+            )
             assert copy["vm"] == child["id"]
             assert copy["file"] == source["file"]
         finally:
