@@ -150,9 +150,11 @@ def signing_env() -> dict[str, str]:
     return env
 
 
-def build_tarball() -> Path:
+def build_tarball(out: Path) -> Path:
+    # Into this run's own folder, not builds/: two checks at once must not
+    # write the same file.
     result = subprocess.run(
-        [str(ROOT / "do"), "tarball"],
+        [str(ROOT / "do"), "tarball", "--out", str(out)],
         cwd=ROOT,
         env=signing_env(),
         stdout=subprocess.PIPE,
@@ -172,8 +174,9 @@ def stage_release(tarball: Path, stage: Path) -> None:
     """The folder bound at /mnt/release: the tarball and the install.sh beside it."""
     if not tarball.is_file():
         raise CheckFailed(f"tarball {tarball} does not exist", "run ./do tarball")
-    stage.mkdir(parents=True)
-    shutil.copy2(tarball, stage / tarball.name)
+    stage.mkdir(parents=True, exist_ok=True)
+    if tarball.parent.resolve() != stage.resolve():
+        shutil.copy2(tarball, stage / tarball.name)
     shutil.copy2(ROOT / "scripts/install.sh", stage / "install.sh")
 
 
@@ -335,18 +338,24 @@ def vm_survives_restart(m: Machine, token: str) -> str:
     return f"VM {vm_id}: {unit} main PID {before} unchanged, guest on port {port} answers"
 
 
+SENDERS = 4  # concurrent senders, so that some requests start while the service is down
+
+
 @dataclass
 class RequestStream:
     """/health requests, each on a new connection, sent from the host until stopped."""
 
     url: Callable[[], str]
-    answered: int = 0
     refused: int = 0
     other: list[str] = field(default_factory=list)
-    slowest: float = 0.0
-    # (sent, done) monotonic times of the answered requests
+    # (sent, answered) monotonic times of the requests answered with 200
     times: list[tuple[float, float]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def answered(self) -> int:
+        return len(self.times)
 
     def run(self) -> None:
         while not self._stop.is_set():
@@ -355,20 +364,21 @@ class RequestStream:
                 # A new client per request: a kept-alive connection would test nothing.
                 response = httpx.get(self.url(), timeout=30)
             except httpx.ConnectError as exc:
-                if "refused" in str(exc).lower():
-                    self.refused += 1
-                else:
-                    self.other.append(f"{type(exc).__name__}: {exc}")
+                with self._lock:
+                    if "refused" in str(exc).lower():
+                        self.refused += 1
+                    else:
+                        self.other.append(f"{type(exc).__name__}: {exc}")
             except (httpx.HTTPError, ScaleboxError) as exc:
-                self.other.append(f"{type(exc).__name__}: {exc}")
+                with self._lock:
+                    self.other.append(f"{type(exc).__name__}: {exc}")
             else:
-                if response.status_code == 200:
-                    self.answered += 1
-                    self.times.append((start, time.monotonic()))
-                else:
-                    self.other.append(f"HTTP {response.status_code}")
-            self.slowest = max(self.slowest, time.monotonic() - start)
-            time.sleep(0.01)
+                with self._lock:
+                    if response.status_code == 200:
+                        self.times.append((start, time.monotonic()))
+                    else:
+                        self.other.append(f"HTTP {response.status_code}")
+            time.sleep(0.02)
 
     def stop(self) -> None:
         self._stop.set()
@@ -376,8 +386,10 @@ class RequestStream:
 
 def requests_during_restart(m: Machine) -> str:
     stream = RequestStream(url=lambda: m.url(API_PORT, "/health"))
-    thread = threading.Thread(target=stream.run, daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=stream.run, daemon=True) for _ in range(SENDERS)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.005)  # staggered, so the senders do not move in step
     try:
         deadline = time.monotonic() + 10
         while stream.answered < 5 and time.monotonic() < deadline:
@@ -389,15 +401,17 @@ def requests_during_restart(m: Machine) -> str:
         time.sleep(1.0)  # and a while after: the new process must answer too
     finally:
         stream.stop()
-        thread.join(60)
+        for thread in threads:
+            thread.join(60)
     restart_end = start + restart_seconds
     during = sum(1 for sent, _ in stream.times if start <= sent <= restart_end)
     after = sum(1 for sent, _ in stream.times if sent > restart_end)
     total = stream.answered + stream.refused + len(stream.other)
+    slowest = max((done - sent for sent, done in stream.times), default=0.0)
     summary = (
         f"{total} requests: {stream.answered} answered ({during} sent while restarting), "
         f"{stream.refused} refused, {len(stream.other)} other errors; "
-        f"restart took {restart_seconds:.1f} s, slowest answer {stream.slowest:.2f} s"
+        f"restart took {restart_seconds:.1f} s, slowest answer {slowest:.2f} s"
     )
     # Requests must have been sent before, during and after the restart, or it proves nothing.
     if stream.refused or stream.other or sent_before < 5 or during < 1 or after < 1:
@@ -416,7 +430,7 @@ def check(keep_vm: bool, tarball: Path | None) -> Report:
     stage = CACHE / "check" / f"{os.getpid()}-{int(time.time())}"
     try:
         with report.phase("build the tarball", required=True) as p:
-            tarball = tarball or build_tarball()
+            tarball = tarball or build_tarball(stage)
             stage_release(tarball, stage)
             p.detail = tarball.name
         with contextlib.ExitStack() as stack:

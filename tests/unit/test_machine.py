@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 from tools import image, netns
-from tools.check import CheckFailed, Report
+from tools.check import CheckFailed, Report, RequestStream
 from tools.machine import is_stale, start_time
 from tools.netns import Slot
 
@@ -126,3 +128,20 @@ def test_report_passes_only_when_every_phase_passed() -> None:
         pass
     assert not report.failed()
     assert "./do check passed" in report.summary(["only"])
+
+
+def test_request_stream_counts_a_refused_connection_as_refused() -> None:
+    """The restart check's counter: a closed port must show up as refused, not answered."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Nothing listens on that port now: every connection is refused.
+    stream = RequestStream(url=lambda: f"http://127.0.0.1:{port}/health")
+    thread = threading.Thread(target=stream.run)
+    thread.start()
+    time.sleep(0.3)
+    stream.stop()
+    thread.join(10)
+    assert stream.refused > 0
+    assert stream.answered == 0
+    assert stream.other == []
