@@ -268,6 +268,28 @@ def _answers(server: Scaleboxd, port: int) -> bool:
     return True
 
 
+def test_a_failed_start_leaves_the_state_file_alone(local: Scaleboxd) -> None:
+    """Saving on the way out of a failed start would overwrite the state with nothing."""
+    assert local.data_dir is not None and local.config_path is not None
+    vm = create_vm(local)
+    local.stop()
+    state_file = local.data_dir / "state.json"
+    saved = state_file.read_bytes()
+    templates = local.data_dir / "templates"
+    templates.rename(local.data_dir / "templates.away")
+    templates.write_text("not a directory\n")
+    try:
+        failed = run_scaleboxd("--config", str(local.config_path), "--bind", "127.0.0.1")
+    finally:
+        templates.unlink()
+        (local.data_dir / "templates.away").rename(templates)
+    assert failed.returncode != 0
+    assert state_file.read_bytes() == saved
+    local.start()
+    with local.client() as client:
+        assert client.get(f"/vms/{vm['id']}").json()["status"] == "running"
+
+
 # -- signals ------------------------------------------------------------------------
 
 

@@ -180,8 +180,10 @@ def serve(config: ServerConfig, bind: str) -> int:
     # are reconciled.
     sock = listening_socket(bind, config.api_port)
     service = VMService(config, log.getChild("vms"))
+    # No close() when start() fails: the state may not be loaded yet, and
+    # saving it would overwrite the real one with an empty list of VMs.
+    service.start()
     try:
-        service.start()
         if stop_requested:
             log.info("stopping before serving: received signal %d", stop_requested[0])
             systemd.notify("STOPPING=1")
