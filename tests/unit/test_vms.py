@@ -272,6 +272,27 @@ def test_start_restarts_a_guest_that_died_while_the_daemon_was_down(
     assert f"VM {vm.id} ({vm.name}) was not running; started its guest again" in caplog.text
 
 
+def test_a_guest_that_cannot_start_is_reported_with_its_output_and_not_left_behind(
+    config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = new_service(config, "first")
+    vm = first.create_vm(template="debian-base", ssh_public_key=KEY)
+    first.close()
+    assert vm.pid is not None
+    os.killpg(vm.pid, signal.SIGKILL)
+    assert wait_dead(vm.pid)
+    # Someone took the port while the daemon was down (the same address the guest binds).
+    with socket.create_server(("0.0.0.0", vm.ssh_port)):
+        second = new_service(config, "second")
+        again = second.get_vm(vm.id)
+    assert again.status == "stopped"
+    assert ProcessBackend(config.data_dir).list_running() == {}
+    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert f"VM {vm.id} ({vm.name}) is not running and could not be started" in line
+    assert f"cannot listen on port {vm.ssh_port}" in line
+    second.close()
+
+
 def test_after_the_state_file_is_deleted_orphans_are_cleaned_up_with_a_log_line(
     config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -170,10 +170,16 @@ class SystemdBackend:
             run(["systemctl", "reset-failed", unit], f"reset the failed unit {unit}")
 
 
+@dataclass(frozen=True)
+class _Child:
+    process: subprocess.Popen[bytes]
+    argv: list[str]
+
+
 # Guests this process started, so their exit status is collected (no zombies)
 # and their end can be awaited. Module-level: a second VMService in the same
 # process (tests) must reap the first one's children too.
-_children: dict[int, subprocess.Popen[bytes]] = {}
+_children: dict[int, _Child] = {}
 
 
 def guest_argv(data_dir: Path, vm_id: str) -> list[str]:
@@ -219,9 +225,10 @@ class ProcessBackend:
 
     def start(self, vm_id: str) -> int | None:
         vm_dir = self._data_dir / "vms" / vm_id
+        argv = guest_argv(self._data_dir, vm_id)
         with (vm_dir / GUEST_LOG_NAME).open("ab") as log:
             child = subprocess.Popen(
-                guest_argv(self._data_dir, vm_id),
+                argv,
                 cwd=vm_dir,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -229,7 +236,7 @@ class ProcessBackend:
                 start_new_session=True,
                 close_fds=True,
             )
-        _children[child.pid] = child
+        _children[child.pid] = _Child(child, argv)
         return child.pid
 
     def stop(self, vm_id: str, pid: int | None) -> None:
@@ -270,15 +277,20 @@ class ProcessBackend:
                 vm_id = guest_of(cmdline, self._data_dir) if cmdline else None
                 if vm_id:
                     found[vm_id] = int(entry.name)
+        # Our own children count even while /proc does not show their command yet.
+        for pid, child in list(_children.items()):
+            vm_id = guest_of(child.argv, self._data_dir)
+            if vm_id and vm_id not in found and child.process.poll() is None:
+                found[vm_id] = pid
         return found
 
     def _serves(self, pid: int, vm_id: str) -> bool:
         child = _children.get(pid)
         if child is not None:
-            if child.poll() is None:
+            if child.process.poll() is None:
                 # Our own child: right after Popen its /proc cmdline may still
                 # be empty (exec in progress), but we know what it runs.
-                return guest_of(child.args, self._data_dir) == vm_id  # type: ignore[arg-type]
+                return guest_of(child.argv, self._data_dir) == vm_id
             del _children[pid]  # reaped: its pid may be reused from now on
             return False
         cmdline = _live_cmdline(pid)

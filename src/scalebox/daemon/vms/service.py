@@ -66,12 +66,15 @@ def port_is_free(port: int) -> bool:
         return False
 
 
-def is_listening(port: int) -> bool:
+def answers_as(port: int, vm_id: str) -> bool:
+    """Whether the guest of ``vm_id`` answers on ``port`` (not merely something listening)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+            line = conn.makefile("rb").readline(64 * 1024)
+        answer = json.loads(line)
+    except (OSError, ValueError):
         return False
+    return isinstance(answer, dict) and answer.get("vm") == vm_id
 
 
 class VMService:
@@ -356,13 +359,14 @@ class VMService:
             seen = self._backend.status(vm.id, vm.pid)
             if seen.status in {"stopped", "failed"}:
                 break
-            if seen.status == "running" and is_listening(vm.ssh_port):
+            if seen.status == "running" and answers_as(vm.ssh_port, vm.id):
                 state.write_vm_record(self._vms_dir / vm.id, replace(vm, pid=seen.pid))
                 return replace(vm, status="running", pid=seen.pid)
             time.sleep(0.02)
+        output = self._backend.recent_output(vm.id)
+        self._backend.stop(vm.id, pid)  # a guest that never came up must not linger
         raise GuestFailed(
-            f"the guest of VM {vm.id} did not start listening on port {vm.ssh_port}: "
-            f"{self._backend.recent_output(vm.id)}",
+            f"the guest of VM {vm.id} did not start listening on port {vm.ssh_port}: {output}",
             "fix what its output says, then create the VM again",
         )
 
