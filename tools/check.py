@@ -417,7 +417,11 @@ def requests_during_restart(m: Machine) -> str:
     if stream.refused or stream.other or sent_before < 5 or during < 1 or after < 1:
         raise CheckFailed(
             summary + ("\n" + _indent("\n".join(stream.other[:10])) if stream.other else ""),
-            "scaleboxd.socket must hold port 8080 while the service restarts",
+            "scaleboxd.socket must hold port 8080 while the service restarts"
+            if stream.refused
+            else "scaleboxd must answer every connection it accepted before it exits"
+            if stream.other
+            else "too few requests to judge; the machine may be overloaded, run again",
         )
     return summary
 
