@@ -1,0 +1,80 @@
+"""Switch and restore on real files: atomic swap, byte-for-byte restore, idempotence."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from scalebox.update import switch
+from scalebox.update.paths import Paths
+
+
+def _server(tmp_path: Path) -> Paths:
+    p = Paths(tmp_path)
+    for version in ("1.0.0", "1.1.0"):
+        units = p.release_dir(version) / "units"
+        units.mkdir(parents=True)
+        (units / "scaleboxd.service").write_text(f"[Service]\n# {version}\n")
+        (units / "scalebox-vm@.service").write_text("[Service]\n# unchanged\n")
+    (p.release_dir("1.1.0") / "units" / "new.service").write_text("[Service]\n")
+    p.systemd_dir.mkdir(parents=True)
+    for unit in (p.release_dir("1.0.0") / "units").iterdir():
+        (p.systemd_dir / unit.name).write_bytes(unit.read_bytes())
+    p.config.parent.mkdir(parents=True)
+    p.config.write_bytes(b"API_TOKEN=sb-x\r\n# odd bytes stay: \xff\n")
+    p.config.chmod(0o600)
+    p.current.symlink_to("releases/1.0.0")
+    return p
+
+
+def test_swap_is_one_rename_readers_never_miss_current(tmp_path: Path) -> None:
+    p = _server(tmp_path)
+    seen: set[str] = set()
+    missing: list[OSError] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                seen.add(str(p.current.readlink()))
+            except OSError as exc:  # current missing, even for an instant
+                missing.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for _ in range(200):
+        switch.swap_current(p, "1.1.0")
+        switch.swap_current(p, "1.0.0")
+    stop.set()
+    thread.join()
+    assert missing == []
+    assert seen <= {"releases/1.0.0", "releases/1.1.0"}
+    assert not [f for f in p.opt.iterdir() if f.name.startswith(".current")]
+
+
+def test_only_changed_units_are_installed(tmp_path: Path) -> None:
+    p = _server(tmp_path)
+    changed = switch.install_units(p, p.release_dir("1.1.0"))
+    assert changed == ["new.service", "scaleboxd.service"]
+    assert (p.systemd_dir / "scaleboxd.service").read_text().endswith("1.1.0\n")
+
+
+def test_restore_puts_back_every_byte_mode_and_removes_added_units(tmp_path: Path) -> None:
+    p = _server(tmp_path)
+    before = {f.name: f.read_bytes() for f in p.systemd_dir.iterdir()}
+    config = p.config.read_bytes()
+    backup = p.backup_dir("t1")
+    names = switch.release_units(p.release_dir("1.1.0")) + switch.release_units(
+        p.release_dir("1.0.0")
+    )
+    switch.back_up(p, backup, names)
+    switch.install_units(p, p.release_dir("1.1.0"))
+    p.config.write_text("API_TOKEN=changed by a migration\n")
+    p.config.chmod(0o644)
+
+    touched = switch.restore(p, backup)
+    assert touched == ["new.service", "scaleboxd.service"]
+    assert {f.name: f.read_bytes() for f in p.systemd_dir.iterdir()} == before
+    assert p.config.read_bytes() == config
+    assert p.config.stat().st_mode & 0o777 == 0o600
+    assert switch.restore(p, backup) == []  # idempotent: nothing left to do
