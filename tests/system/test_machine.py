@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from tools import image, netns
-from tools.machine import Machine, MachineError, sweep_stale
+from tools.machine import Machine, MachineError, read_state, sweep_stale
 from tools.netns import Slot
 
 from .conftest import BootMachine
@@ -20,9 +20,14 @@ from .conftest import BootMachine
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _nothing_left(name: str) -> list[str]:
-    """What is still around of machine ``name`` (empty when fully torn down)."""
+def _nothing_left(name: str, owner_pid: int) -> list[str]:
+    """What is still around of machine ``name`` booted by ``owner_pid`` (empty when gone)."""
     slot = netns.parse_name(name)
+    state = read_state(slot)
+    if state and state.get("owner_pid") != owner_pid:
+        # Another run (tests and checks run in parallel) claimed the number, which
+        # it can only do once our namespace and veth were gone.
+        return []
     left = []
     if slot.netns_path.exists():
         left.append(f"namespace {slot.netns_path}")
@@ -105,7 +110,7 @@ def test_exception_in_the_block_tears_everything_down() -> None:
         name = m.name
         raise RuntimeError("injected")
     assert name
-    assert _nothing_left(name) == []
+    assert _nothing_left(name, os.getpid()) == []
 
 
 BOOT_AND_WAIT = textwrap.dedent(
@@ -141,7 +146,7 @@ def test_signal_to_the_harness_tears_everything_down(sig: signal.Signals) -> Non
     assert netns.parse_name(name).netns_path.exists()
     child.send_signal(sig)
     assert child.wait(60) != 0
-    assert _nothing_left(name) == []
+    assert _nothing_left(name, child.pid) == []
 
 
 def test_stale_sweep_removes_what_a_killed_run_left() -> None:
@@ -153,14 +158,14 @@ def test_stale_sweep_removes_what_a_killed_run_left() -> None:
     slot = netns.parse_name(name)
     assert slot.netns_path.exists(), "a killed run leaves its namespace behind"
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _nothing_left(name) != [
+    while time.monotonic() < deadline and _nothing_left(name, child.pid) != [
         f"namespace {slot.netns_path}",
         f"veth {slot.host_if}",
         f"state file {slot.state_file()}",
     ]:
         time.sleep(0.2)  # the container dies with its parent (PDEATHSIG)
     assert name in sweep_stale()
-    assert _nothing_left(name) == []
+    assert _nothing_left(name, child.pid) == []
 
 
 def test_image_is_cached_and_complete() -> None:
