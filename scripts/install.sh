@@ -50,7 +50,7 @@ esac
 
 # --- checks: nothing on the server changes before all of them pass -----------
 
-[[ $EUID -eq 0 ]] || die "Must run as root. Try: sudo bash install.sh $*"
+[[ $EUID -eq 0 ]] || die "Must run as root. Try: sudo bash install.sh${*:+ $*}"
 
 ARCH=$(uname -m)
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -209,6 +209,19 @@ def test_truncated_tarball_is_refused(
     refused(tarball, tmp_path / "dest", [pub], "damaged or truncated")
 
 
+@pytest.mark.parametrize("where", [1 / 3, 1 / 2, 2 / 3, -6, -2])
+def test_corrupt_byte_in_the_compressed_tarball_is_refused(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path], where: float
+) -> None:
+    """Anywhere past the gzip header: a damaged header, deflate data, CRC or size."""
+    key, pub = key_pair
+    tarball = pack(tmp_path, key)
+    data = bytearray(tarball.read_bytes())
+    data[int(len(data) * where) if where > 0 else int(where)] ^= 0x20
+    tarball.write_bytes(bytes(data))
+    refused(tarball, tmp_path / "dest", [pub], "damaged|not a readable tar archive")
+
+
 def test_not_a_tarball_is_refused(tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]) -> None:
     bogus = tmp_path / "scalebox-1.2.3-x86_64.tar.gz"
     bogus.write_text("<html>404</html>")

@@ -20,6 +20,8 @@ from scalebox.release.errors import ReleaseError
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_MEMBERS = 10_000
 _CHUNK = 1 << 20
+# tar pads to 10 KiB records; anything far beyond that is not padding.
+_MAX_PADDING = 1 << 20
 
 
 def _refuse(tarball: Path, what: str) -> ReleaseError:
@@ -112,11 +114,31 @@ def _extract_into(tarball: Path, dest: Path, max_bytes: int, max_members: int) -
                 if total > max_bytes:
                     raise _refuse(tarball, f"it unpacks to more than {max_bytes} bytes")
                 _write_member(archive, member, dest.joinpath(*parts))
+            _check_rest_is_padding(tarball, archive)
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
             raise _refuse(tarball, f"the archive is damaged or truncated ({exc})") from None
     if not tops:
         raise _refuse(tarball, "it is empty")
     return dest / tops.pop()
+
+
+def _check_rest_is_padding(tarball: Path, archive: tarfile.TarFile) -> None:
+    """After the last member only zero padding may follow.
+
+    tarfile silently ends the archive at the first unreadable header after the
+    first one, so a damaged archive would otherwise look like a shorter one.
+    Reading to the end also makes gzip check its CRC.
+    """
+    stream = archive.fileobj
+    if stream is None:  # pragma: no cover - tarfile.open always sets it
+        return
+    remaining = _MAX_PADDING
+    while chunk := stream.read(_CHUNK):
+        if chunk.count(0) != len(chunk):
+            raise _refuse(tarball, "the archive is damaged: data follows an unreadable header")
+        remaining -= len(chunk)
+        if remaining < 0:
+            raise _refuse(tarball, "the archive is damaged: too much padding at its end")
 
 
 def _write_member(archive: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
