@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -282,3 +283,58 @@ def test_a_crash_during_rollback_is_finished_by_the_next_run(server: Server) -> 
     assert server.health() == "0.1.0"
     [entry] = history.read(server.paths.history)
     assert (entry.result, entry.reason) == ("rolled back", "health check failed")
+
+
+SIGTERM_CHILD = """
+import sys
+import time
+from pathlib import Path
+import httpx
+from scalebox.update import interrupt, transaction
+from scalebox.update.context import Context
+from scalebox.update.errors import RolledBack
+from scalebox.update.paths import Paths
+from tests.unit.update_service_double import ProcessService
+
+root = Path(sys.argv[1])
+paths = Paths(root)
+ctx = Context(paths=paths, service=ProcessService(paths, root),
+              http=httpx.Client(trust_env=False), report=print, stability_window=0.5,
+              restart_timeout=10, verify_timeout=5)
+with interrupt.catching():
+    try:
+        transaction.install(ctx, action="update", from_version="0.1.0", from_release="0.1.0",
+                            target=transaction.Target("0.2.0", None))
+    except RolledBack as exc:
+        print("RESULT", exc.what, flush=True)
+        sys.exit(exc.exit_code)
+"""
+
+
+def test_sigterm_during_the_switch_rolls_back_before_exiting(server: Server) -> None:
+    make_release(server.paths, "0.2.0", behaviour="hang")  # the restart never finishes
+    before = server.fingerprint()
+    child = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_CHILD, str(server.paths.root)],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(500):
+            current = journal.read(server.paths.journal)
+            if current is not None and current.step == "switch":
+                break
+            time.sleep(0.01)
+        time.sleep(0.3)  # inside the restart
+        child.send_signal(signal.SIGTERM)
+        out, _ = child.communicate(timeout=60)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 3, out
+    assert "interrupted by SIGTERM" in out
+    assert server.fingerprint() == before
+    assert server.health() == "0.1.0"
+    assert journal.read(server.paths.journal) is None

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import shutil
 import sys
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 import httpx
@@ -32,6 +31,7 @@ from scalebox.release.verify import Release, open_release, trusted_keys_in
 from scalebox.update import (
     fetch,
     history,
+    interrupt,
     journal,
     lock,
     plan,
@@ -61,10 +61,6 @@ Exit codes:
 """
 
 Result = dict[str, Any]
-
-
-class Interrupted(UpdateError):
-    """SIGTERM or SIGINT arrived; raised where the updater was, so rollback runs."""
 
 
 def _report(message: str) -> None:
@@ -102,27 +98,18 @@ def _context(window: float | None) -> Iterator[Context]:
         )
 
 
-def _on_signal(signum: int, _frame: types.FrameType | None) -> NoReturn:
-    raise Interrupted(
-        f"interrupted by {signal.Signals(signum).name}",
-        "run scalebox-update again; it finishes any interrupted transaction first",
-    )
-
-
 @contextmanager
 def _transaction_guard(ctx: Context) -> Iterator[str | None]:
     """Hold the lock, catch SIGTERM as an exception, and finish any interrupted transaction."""
-    with lock.held(ctx.paths.lock):
-        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    with lock.held(ctx.paths.lock), interrupt.catching():
+        recovered = transaction.recover(ctx)
+        if recovered:
+            _report(recovered)
+        transaction.clean_leftovers(ctx)
         try:
-            recovered = transaction.recover(ctx)
-            if recovered:
-                _report(recovered)
-            transaction.clean_leftovers(ctx)
             yield recovered
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            shutil.rmtree(ctx.paths.work, ignore_errors=True)  # the extracted release
 
 
 def _emit(result: Result, as_json: bool) -> int:

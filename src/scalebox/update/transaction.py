@@ -13,7 +13,17 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scalebox.update import commit, health, history, journal, plan, rollback, stage, switch
+from scalebox.update import (
+    commit,
+    health,
+    history,
+    interrupt,
+    journal,
+    plan,
+    rollback,
+    stage,
+    switch,
+)
 from scalebox.update.context import Context
 from scalebox.update.errors import RollbackFailed, RolledBack, UpdateError
 from scalebox.update.journal import Journal
@@ -115,7 +125,8 @@ def install(
 def _roll_back(ctx: Context, j: Journal, reason: str) -> None:
     j = journal.advance(ctx.paths.journal, j, "rollback", reason=reason)
     try:
-        rollback.roll_back(ctx, j)
+        with interrupt.shielded():
+            rollback.roll_back(ctx, j)
     except RollbackFailed as exc:
         _record(ctx, j, history.ROLLBACK_FAILED, f"{reason}; then {exc.what}")
         raise  # the journal stays: the next run or the boot unit tries again
