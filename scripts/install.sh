@@ -81,8 +81,13 @@ fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/scalebox-install.XXXXXX")
 BUILDING=""
+MADE_OPT=""
 cleanup() {
-  if [[ -n $BUILDING ]]; then rm -rf "$BUILDING"; fi
+  if [[ -n $BUILDING ]]; then
+    rm -rf "$BUILDING"
+    # rmdir removes only what is empty, so only what this run made.
+    if [[ -n $MADE_OPT ]]; then rmdir "$OPT/releases" "$OPT" 2>/dev/null || true; fi
+  fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -192,6 +197,7 @@ else
     rm -rf "$RELEASE_DIR"
   fi
   log "installing scalebox $VERSION into $RELEASE_DIR (offline, from the release's wheels)"
+  if [[ ! -d $OPT ]]; then MADE_OPT=1; fi
   BUILDING=$RELEASE_DIR
   mkdir -p "$RELEASE_DIR"
   python3 -m venv "$RELEASE_DIR/venv"
@@ -205,8 +211,7 @@ else
   sync
   : >"$RELEASE_DIR/.complete" # last: a release directory without it is unfinished
   sync
-  BUILDING=""
-  CHANGED=1
+  CHANGED=1 # BUILDING stays set until the config check passed: a refused config leaves no trace
 fi
 
 if [[ ! -e $CONFIG ]]; then
@@ -260,6 +265,7 @@ fi
 "$RELEASE_DIR/venv/bin/scaleboxd" --check-config "$CONFIG" >/dev/null ||
   die "scaleboxd $VERSION refuses the config $CONFIG (reason above)" \
     "fix $CONFIG and run install.sh again; nothing was switched yet"
+BUILDING=""
 
 if [[ $(readlink "$OPT/current" 2>/dev/null || true) != "releases/$VERSION" ]]; then
   log "pointing $OPT/current at releases/$VERSION"

@@ -227,6 +227,26 @@ def test_release_for_another_arch_changes_nothing(built: Built, tmp_path: Path) 
     refused_and_untouched(result, root, f"the release is for {other}, this machine is {ARCH}")
 
 
+def test_config_the_release_refuses_is_kept_and_nothing_is_switched(
+    built: Built, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    config = root / "etc/scaleboxd/config"
+    config.parent.mkdir(parents=True)
+    config.write_text("API_TOKEN=short\n")
+    result = run_script(INSTALL_SH, root, built.tarball)
+    assert result.returncode != 0
+    assert f"scaleboxd {VERSION} refuses the config" in result.stderr
+    assert "API_TOKEN" in result.stderr  # the daemon's own reason is shown
+    assert config.read_text() == "API_TOKEN=short\n"
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == [
+        "etc",
+        "etc/scaleboxd",
+        "etc/scaleboxd/config",
+        "opt",
+    ]
+
+
 def test_missing_tarball_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
