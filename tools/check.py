@@ -338,12 +338,16 @@ def vm_survives_restart(m: Machine, token: str) -> str:
     return f"VM {vm_id}: {unit} main PID {before} unchanged, guest on port {port} answers"
 
 
-SENDERS = 4  # concurrent senders, so that some requests start while the service is down
+SEND_INTERVAL = 0.02  # a new request every 20 ms, whether or not earlier ones were answered
 
 
 @dataclass
 class RequestStream:
-    """/health requests, each on a new connection, sent from the host until stopped."""
+    """/health requests, each on a new connection, sent from the host until stopped.
+
+    Each request runs in its own thread, so requests keep being sent while
+    earlier ones wait in the kernel's queue during a restart.
+    """
 
     url: Callable[[], str]
     refused: int = 0
@@ -358,27 +362,35 @@ class RequestStream:
         return len(self.times)
 
     def run(self) -> None:
+        senders = []
         while not self._stop.is_set():
-            start = time.monotonic()
-            try:
-                # A new client per request: a kept-alive connection would test nothing.
-                response = httpx.get(self.url(), timeout=30)
-            except httpx.ConnectError as exc:
-                with self._lock:
-                    if "refused" in str(exc).lower():
-                        self.refused += 1
-                    else:
-                        self.other.append(f"{type(exc).__name__}: {exc}")
-            except (httpx.HTTPError, ScaleboxError) as exc:
-                with self._lock:
+            sender = threading.Thread(target=self._send_one, daemon=True)
+            sender.start()
+            senders.append(sender)
+            time.sleep(SEND_INTERVAL)
+        for sender in senders:
+            sender.join(60)
+
+    def _send_one(self) -> None:
+        start = time.monotonic()
+        try:
+            # A new client per request: a kept-alive connection would test nothing.
+            response = httpx.get(self.url(), timeout=30)
+        except httpx.ConnectError as exc:
+            with self._lock:
+                if "refused" in str(exc).lower():
+                    self.refused += 1
+                else:
                     self.other.append(f"{type(exc).__name__}: {exc}")
-            else:
-                with self._lock:
-                    if response.status_code == 200:
-                        self.times.append((start, time.monotonic()))
-                    else:
-                        self.other.append(f"HTTP {response.status_code}")
-            time.sleep(0.02)
+        except (httpx.HTTPError, ScaleboxError) as exc:
+            with self._lock:
+                self.other.append(f"{type(exc).__name__}: {exc}")
+        else:
+            with self._lock:
+                if response.status_code == 200:
+                    self.times.append((start, time.monotonic()))
+                else:
+                    self.other.append(f"HTTP {response.status_code}")
 
     def stop(self) -> None:
         self._stop.set()
@@ -386,10 +398,8 @@ class RequestStream:
 
 def requests_during_restart(m: Machine) -> str:
     stream = RequestStream(url=lambda: m.url(API_PORT, "/health"))
-    threads = [threading.Thread(target=stream.run, daemon=True) for _ in range(SENDERS)]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.005)  # staggered, so the senders do not move in step
+    thread = threading.Thread(target=stream.run, daemon=True)
+    thread.start()
     try:
         deadline = time.monotonic() + 10
         while stream.answered < 5 and time.monotonic() < deadline:
@@ -401,8 +411,7 @@ def requests_during_restart(m: Machine) -> str:
         time.sleep(1.0)  # and a while after: the new process must answer too
     finally:
         stream.stop()
-        for thread in threads:
-            thread.join(60)
+        thread.join(90)
     restart_end = start + restart_seconds
     during = sum(1 for sent, _ in stream.times if start <= sent <= restart_end)
     after = sum(1 for sent, _ in stream.times if sent > restart_end)
