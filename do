@@ -126,6 +126,8 @@ Usage: ./do COMMAND [ARGS]
   check         tarball, boot a server, install.sh, API tests against it, tear down [--keep-vm]
   system-tests  the update system tests on nspawn machines (root)
   bench         the update benchmarks; prints the figures
+  check-update  install the last release on a server, update it to this build, verify [--keep-vm]
+  release X.Y.Z bump the version, date CHANGELOG.md, record the release in the ledger
 USAGE
 }
 
@@ -144,6 +146,8 @@ case "$cmd" in
   check) need_root check; ensure_host_packages; venv_python -m tools.check "$@" ;;
   system-tests) need_root system-tests; ensure_host_packages; do_setup
     "$VENV/bin/pytest" -m system tests/system "$@" ;;
+  check-update) need_root check-update; ensure_host_packages; venv_python -m tools.check_update "$@" ;;
+  release) venv_python -m tools.release "$@" ;;
   bench) need_root bench; ensure_host_packages; venv_python -m tools.bench "$@" ;;
   help|-h|--help) usage ;;
   *) usage >&2; die "unknown command '$cmd'" ;;
