@@ -26,7 +26,8 @@ from .conftest import BootMachine
 
 ROOT = Path(__file__).resolve().parents[2]
 ARCH = platform.machine()
-A, B, CRASH = "1.0.0", "1.1.0", "1.2.0"
+A, B = "1.0.0", "1.1.0"
+CRASH, HANG, WRONG, DIES, REJECTS = "1.2.0", "1.3.0", "1.4.0", "1.5.0", "1.6.0"
 SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBvY6iHp0l8tMIW2RwA5d6kXyP1u7oSxDpvq2EN0lJ8k test"
 
 
@@ -52,30 +53,64 @@ def _tarball(out: Path, key: Path, version: str, src: Path = ROOT) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def _crashing_copy(tmp: Path) -> Path:
-    """The project's sources, changed so that scaleboxd exits at start (its config check passes)."""
-    src = tmp / "crashing-src"
+# Broken releases: (file, exact text, replacement). Each is built from a copy of
+# the sources with one change, so it fails in exactly one way.
+SERVE = "        return serve(load_config(args.config), args.bind)"
+MAIN = "src/scalebox/daemon/main.py"
+BROKEN = {
+    # exits before READY=1: `systemctl restart` fails at once
+    CRASH: (MAIN, SERVE, "        raise SystemExit(70)"),
+    # never sends READY=1: systemd's start timeout (TimeoutStartSec=30) fails it
+    HANG: (MAIN, SERVE, "        import time\n        time.sleep(3600)\n        return 1"),
+    # healthy, but /health reports another version
+    WRONG: (
+        "src/scalebox/daemon/app.py",
+        '"version": scalebox.__version__}',
+        '"version": "0.0.0+impostor"}',
+    ),
+    # becomes healthy, then dies 3 s later (inside the stability window)
+    DIES: (
+        MAIN,
+        SERVE,
+        "        import threading\n        threading.Timer(3.0, os._exit, (1,)).start()\n" + SERVE,
+    ),
+    # its config check rejects the live config
+    REJECTS: (
+        MAIN,
+        "def check_config(path: Path) -> int:\n",
+        "def check_config(path: Path) -> int:\n"
+        '    print("scaleboxd: NEW_REQUIRED_KEY is not set", file=sys.stderr)\n'
+        "    return 2\n",
+    ),
+}
+
+
+def _broken_copy(tmp: Path, version: str) -> Path:
+    """The project's sources with the one change BROKEN[version] makes."""
+    src = tmp / f"src-{version}"
     src.mkdir()
     for name in ("pyproject.toml", "README.md", "uv.lock"):
         shutil.copy2(ROOT / name, src / name)
     for name in ("src", "units", "scripts"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    main = src / "src" / "scalebox" / "daemon" / "main.py"
-    text = main.read_text()
-    serving = "        return serve(load_config(args.config), args.bind)"
-    assert serving in text, "daemon/main.py changed: update this test's crash point"
-    main.write_text(text.replace(serving, "        raise SystemExit(70)  # a release that crashes"))
+    relpath, old, new = BROKEN[version]
+    target = src / relpath
+    text = target.read_text()
+    assert old in text, f"{relpath} changed: update BROKEN[{version!r}] in this test"
+    target.write_text(text.replace(old, new, 1))
     return src
 
 
 @pytest.fixture(scope="module")
 def releases(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with install.sh and the tarballs of A, B and a crashing release."""
+    """A folder with install.sh and the tarballs of A, B and the broken releases."""
     out = tmp_path_factory.mktemp("releases")
     key, _pub = keygen.keygen(tmp_path_factory.mktemp("keys"))
     _tarball(out, key, A)
     _tarball(out, key, B)
-    _tarball(out, key, CRASH, _crashing_copy(tmp_path_factory.mktemp("crash")))
+    broken = tmp_path_factory.mktemp("broken")
+    for version in BROKEN:
+        _tarball(out, key, version, _broken_copy(broken, version))
     shutil.copy2(ROOT / "scripts" / "install.sh", out / "install.sh")
     return out
 
@@ -176,15 +211,90 @@ def test_update_a_to_b_from_a_tarball_then_rollback_to_a(server: Server) -> None
     ]
 
 
-def test_release_that_crashes_at_start_is_rolled_back(server: Server) -> None:
-    code, result, err = server.update(env=f"SCALEBOX_RELEASE_URL={tarball(CRASH)}")
+@pytest.mark.parametrize(
+    ("version", "why"),
+    [
+        (CRASH, "restart scaleboxd.service failed"),
+        (HANG, "restart scaleboxd.service"),
+        (WRONG, "/health reports version '0.0.0+impostor'"),
+        (DIES, "did not stay healthy"),
+    ],
+    ids=["crashes-at-start", "hangs", "wrong-version", "dies-after-3s"],
+)
+def test_failing_release_is_rolled_back(server: Server, version: str, why: str) -> None:
+    code, result, err = server.update(env=f"SCALEBOX_RELEASE_URL={tarball(version)}")
     assert code == 3, err
     assert result["result"] == "rolled back"
-    assert f"Rolled back to {A}" in str(result["message"])
+    assert why in str(result["message"])
+    assert f"Rolled back to {A}, which is healthy" in str(result["message"])
     server.assert_intact(A)
     assert server.sh("readlink /opt/scalebox/current").stdout.strip() == f"releases/{A}"
     last = json.loads(server.sh("scalebox-update history --json").stdout.strip().splitlines()[-1])
-    assert (last["to"], last["result"]) == (CRASH, "rolled back")
+    assert (last["to"], last["result"]) == (version, "rolled back")
+
+
+def test_release_that_rejects_the_config_is_refused_before_any_change(server: Server) -> None:
+    pid = _main_pid(server, "scaleboxd.service")
+    code, result, err = server.update(env=f"SCALEBOX_RELEASE_URL={tarball(REJECTS)}")
+    assert code == 1, err
+    assert "NEW_REQUIRED_KEY is not set" in str(result["message"])
+    assert _main_pid(server, "scaleboxd.service") == pid  # not even restarted
+    server.assert_intact(A)
+    assert server.sh(f"test -e /opt/scalebox/releases/{REJECTS}", check=False).returncode == 1
+
+
+def test_downgrade_is_refused_unless_allowed(server: Server) -> None:
+    code, _, err = server.update(env=f"SCALEBOX_RELEASE_URL={tarball(B)}")
+    assert code == 0, err
+    code, result, err = server.update(env=f"SCALEBOX_RELEASE_URL={tarball(A)}")
+    assert code == 1
+    assert f"older than the installed {B}" in str(result["message"])
+    server.assert_intact(B)
+    code, result, err = server.update("--allow-downgrade", env=f"SCALEBOX_RELEASE_URL={tarball(A)}")
+    assert code == 0, err
+    server.assert_intact(A)
+
+
+def test_check_reports_an_available_update(server: Server) -> None:
+    code, result, _ = server.update("--check", env=f"SCALEBOX_RELEASE_URL={tarball(B)}")
+    assert (code, result["result"], result["installed"], result["target"]) == (
+        10,
+        "update available",
+        A,
+        B,
+    )
+    server.assert_intact(A)
+
+
+KILL_AT = """
+SCALEBOX_RELEASE_URL={url} scalebox-update >/tmp/update.log 2>&1 &
+pid=$!
+for _ in $(seq 1 3000); do
+  grep -qs '"step": "{step}"' /var/lib/scalebox-update/journal.json && break
+  sleep 0.01
+done
+kill -9 $pid
+wait $pid
+echo "exit $?"
+"""
+
+
+@pytest.mark.parametrize("step", ["stage", "switch", "verify"])
+def test_updater_killed_mid_step_is_recovered_by_the_boot_unit(server: Server, step: str) -> None:
+    killed = server.sh(KILL_AT.format(url=tarball(B), step=step))
+    assert killed.stdout.strip() == "exit 137"  # SIGKILL
+    journal = json.loads(server.sh("cat /var/lib/scalebox-update/journal.json").stdout)
+    assert journal["step"] == step
+    # What happens at the next boot: the recover unit finishes the transaction.
+    server.sh("systemctl start scalebox-update-recover.service")
+    server.assert_intact(A)
+    assert server.sh("readlink /opt/scalebox/current").stdout.strip() == f"releases/{A}"
+    code, result, err = server.update("recover")
+    assert (code, result["result"]) == (0, "nothing to recover"), err
+    # And the update itself works afterwards.
+    code, _, err = server.update(env=f"SCALEBOX_RELEASE_URL={tarball(B)}")
+    assert code == 0, err
+    server.assert_intact(B)
 
 
 def test_second_concurrent_run_is_refused_naming_the_first(server: Server) -> None:

@@ -446,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     as_json = "--json" in args
     try:
-        cli.main(args=args, prog_name="scalebox-update", standalone_mode=False)
+        # standalone_mode=False: click returns the code of ctx.exit() instead of exiting.
+        code = cli.main(args=args, prog_name="scalebox-update", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except click.ClickException as exc:
@@ -461,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail_json(
             as_json, _RESULTS.get(exc.exit_code, "refused"), exc.what, exc.hint, exc.exit_code
         )
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 _RESULTS = {1: "refused", 2: "usage error", 3: "rolled back", 4: "rollback failed", 5: "busy"}
