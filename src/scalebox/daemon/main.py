@@ -11,6 +11,7 @@ Exit codes: 0 ok, 1 failure (see the log), 2 invalid config or usage.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import os
@@ -33,6 +34,8 @@ log = logging.getLogger("scaleboxd")
 
 # Below systemd's TimeoutStopSec=30, so state is saved before a SIGKILL.
 GRACEFUL_SHUTDOWN_SECONDS = 20
+# How long a connection accepted just before SIGTERM has to send its request.
+ACCEPT_GRACE_SECONDS = 0.3
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -114,6 +117,13 @@ class Server(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         systemd.notify("STOPPING=1")
         log.info("stopping: finishing in-flight requests")
+        # Stop accepting first: connections still in the kernel's queue then wait
+        # for the next process on systemd's socket. uvicorn closes every accepted
+        # connection whose request has not been read yet, so give the ones just
+        # accepted a moment to deliver their request before it looks.
+        for server in self.servers:
+            server.close()
+        await asyncio.sleep(ACCEPT_GRACE_SECONDS)
         await super().shutdown(sockets)
 
     @contextlib.contextmanager
