@@ -104,8 +104,25 @@ def write_tarball(root: Path, out: Path, top: str, *, mtime: int = DEFAULT_EPOCH
         entries.extend(base / d for d in dirs)
         entries.extend(base / f for f in sorted(files))
     entries.sort(key=lambda p: p.relative_to(root).as_posix())
+    for path in entries:
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            raise ReleaseError(
+                f"{path} is not a regular file or directory",
+                "a release holds only regular files and directories",
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    # A name of its own, so two builds into one folder cannot mix their bytes.
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        _write_tar(tmp, top, root, entries, mtime)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(out)
+    return out
+
+
+def _write_tar(tmp: Path, top: str, root: Path, entries: list[Path], mtime: int) -> None:
     # filename="" and a fixed mtime keep the gzip header free of build-time data.
     with (
         tmp.open("wb") as raw,
@@ -121,12 +138,5 @@ def write_tarball(root: Path, out: Path, top: str, *, mtime: int = DEFAULT_EPOCH
             if info.isreg():
                 with path.open("rb") as f:
                     archive.addfile(info, f)
-            elif info.isdir():
-                archive.addfile(info)
             else:
-                raise ReleaseError(
-                    f"{path} is not a regular file or directory",
-                    "a release holds only regular files and directories",
-                )
-    tmp.replace(out)
-    return out
+                archive.addfile(info)
