@@ -115,9 +115,19 @@ do_unit_tests() {
   "$VENV/bin/pytest" -m "not system" "$@"
 }
 
+# The README's test command: everything, in the order that fails fastest.
 do_test() {
   do_lint
+  log "unit, API and CLI tests"
   do_unit_tests "$@"
+  if [[ $EUID -ne 0 ]]; then
+    die "lint and unit tests passed, but the system checks did NOT run: they boot a systemd machine and need root. Run: sudo ./do test"
+  fi
+  ensure_host_packages
+  log "./do check: install on a real systemd server and test it there"
+  venv_python -m tools.check
+  log "system tests: updates on real systemd servers"
+  "$VENV/bin/pytest" -m system tests/system
 }
 
 do_build() {
@@ -136,7 +146,8 @@ Usage: ./do COMMAND [ARGS]
   setup         create .venv from uv.lock (run by every other command)
   lock          re-resolve dependencies into uv.lock
   lint          ruff, ruff format, mypy --strict, shellcheck, systemd-analyze verify, actionlint
-  test          lint, then the unit and API tests (pytest args pass through)
+  test          everything: lint, unit/API/CLI tests, ./do check, system tests (root)
+  unit-tests    only the unit, API and CLI tests (pytest args pass through)
   build         build the scalebox wheel into dist/
   keygen        make a release-signing key in keys/ (kept out of git)
   tarball       build builds/scalebox-<version>-<arch>.tar.gz, signed
