@@ -585,8 +585,9 @@ def check_update(report: Report, previous: Previous, stage: Path, keep_vm: bool)
         with report.phase("boot a machine", required=True) as p:
             m = stack.enter_context(Machine.boot(stage, keep=keep_vm))
             p.detail = f"{m.name} at {m.ip}, running after {m.boot_seconds or 0:.1f} s"
-        with report.phase("install the last release with its own install.sh", required=True):
-            install(m, previous.tarball.name)
+        with report.phase("install the last release with its own install.sh", required=True) as p:
+            said = [line for line in install(m, previous.tarball.name).splitlines() if line]
+            p.detail = said[-1].removeprefix("==> ") if said else ""
         with report.phase("read the API token", required=True):
             token = read_token(m)
         with report.phase("create a VM; note the config and DATA_DIR", required=True) as p:
