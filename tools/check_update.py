@@ -126,8 +126,8 @@ def this_build_version(current: str, previous: str) -> str:
         return f"{current}+{THIS_BUILD_LOCAL}"
     raise CheckFailed(
         f"this build's version {current} is older than the last release {previous}",
-        f'set __version__ in src/scalebox/__init__.py above {previous} (e.g. "{previous}.post0'
-        '.dev0"), or pull the release commit',
+        f"set __version__ in src/scalebox/__init__.py above {previous} (the next version"
+        " with .dev0), or pull the release commit",
     )
 
 
