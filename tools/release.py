@@ -59,9 +59,16 @@ def check_version(requested: str, current: str, entries: tuple[ledger.Entry, ...
         parsed = versions.parse(requested)
     except versions.InvalidVersion:
         parsed = None
-    if parsed is None or str(parsed) != requested or parsed.local is not None:
+    well_formed = (
+        parsed is not None
+        and str(parsed) == requested
+        and len(parsed.release) == 3
+        and parsed.local is None
+        and parsed.epoch == 0
+    )
+    if not well_formed:
         raise UsageError(
-            f"{requested!r} is not a release version",
+            f"{requested!r} is not a release version X.Y.Z",
             "give a normalized version such as 0.2.0 (or 0.2.0rc1), without a leading v",
         )
     if not versions.is_newer(requested, current):
