@@ -21,6 +21,13 @@ Format (one JSON object, ``format`` 1)::
       "step": "stage" | "backup" | "switch" | "verify" | "commit" | "rollback",
       "reason": null | "why the rollback started"
     }
+
+Fault injection for tests: when the environment variable
+SCALEBOX_UPDATE_STOP_AT names a step (e.g. ``switch``), the updater stops
+itself with SIGSTOP right after that step's journal entry is durable. A test
+waits for the stopped state, sends SIGKILL, and so kills the updater at that
+exact step boundary however short the step is (tests/system/test_update_crash.py).
+Unset (always, outside tests), it does nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,6 +44,7 @@ from scalebox.fsutil import atomic_write, fsync_dir
 from scalebox.update.errors import UpdateError
 
 FORMAT = 1
+STOP_AT_ENV = "SCALEBOX_UPDATE_STOP_AT"
 STEPS = ("stage", "backup", "switch", "verify", "commit", "rollback")
 
 
@@ -70,6 +79,8 @@ def write(path: Path, journal: Journal) -> None:
         raise ValueError(f"unknown journal step {journal.step!r}")
     text = json.dumps(asdict(journal), indent=2, sort_keys=True) + "\n"
     atomic_write(path, text, mode=0o600)
+    if os.environ.get(STOP_AT_ENV) == journal.step:
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def begin(path: Path, journal: Journal) -> Journal:
