@@ -10,7 +10,6 @@ main PID.
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -21,84 +20,13 @@ import httpx
 import pytest
 from tools import keygen
 from tools.machine import Machine
+from tools.releases import ARCH, BROKEN, CRASH, DIES, HANG, REJECTS, ROOT, WRONG, A, B
+from tools.releases import broken_copy as _broken_copy
+from tools.releases import build_tarball as _tarball
 
 from .conftest import BootMachine
 
-ROOT = Path(__file__).resolve().parents[2]
-ARCH = platform.machine()
-A, B = "1.0.0", "1.1.0"
-CRASH, HANG, WRONG, DIES, REJECTS = "1.2.0", "1.3.0", "1.4.0", "1.5.0", "1.6.0"
 SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBvY6iHp0l8tMIW2RwA5d6kXyP1u7oSxDpvq2EN0lJ8k test"
-
-
-def _tarball(out: Path, key: Path, version: str, src: Path = ROOT) -> None:
-    done = subprocess.run(
-        [
-            str(ROOT / "do"),
-            "tarball",
-            "--version",
-            version,
-            "--key",
-            str(key),
-            "--out",
-            str(out),
-            "--src",
-            str(src),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-
-
-# Broken releases: (file, exact text, replacement). Each is built from a copy of
-# the sources with one change, so it fails in exactly one way.
-SERVE = "        return serve(load_config(args.config), args.bind)"
-MAIN = "src/scalebox/daemon/main.py"
-BROKEN = {
-    # exits before READY=1: `systemctl restart` fails at once
-    CRASH: (MAIN, SERVE, "        raise SystemExit(70)"),
-    # never sends READY=1: systemd's start timeout (TimeoutStartSec=30) fails it
-    HANG: (MAIN, SERVE, "        import time\n        time.sleep(3600)\n        return 1"),
-    # healthy, but /health reports another version
-    WRONG: (
-        "src/scalebox/daemon/app.py",
-        '"version": scalebox.__version__}',
-        '"version": "0.0.0+impostor"}',
-    ),
-    # becomes healthy, then dies 3 s later (inside the stability window)
-    DIES: (
-        MAIN,
-        SERVE,
-        "        import threading\n        threading.Timer(3.0, os._exit, (1,)).start()\n" + SERVE,
-    ),
-    # its config check rejects the live config
-    REJECTS: (
-        MAIN,
-        "def check_config(path: Path) -> int:\n",
-        "def check_config(path: Path) -> int:\n"
-        '    print("scaleboxd: NEW_REQUIRED_KEY is not set", file=sys.stderr)\n'
-        "    return 2\n",
-    ),
-}
-
-
-def _broken_copy(tmp: Path, version: str) -> Path:
-    """The project's sources with the one change BROKEN[version] makes."""
-    src = tmp / f"src-{version}"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md", "uv.lock"):
-        shutil.copy2(ROOT / name, src / name)
-    for name in ("src", "units", "scripts"):
-        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    relpath, old, new = BROKEN[version]
-    target = src / relpath
-    text = target.read_text()
-    assert old in text, f"{relpath} changed: update BROKEN[{version!r}] in this test"
-    target.write_text(text.replace(old, new, 1))
-    return src
 
 
 @pytest.fixture(scope="module")
