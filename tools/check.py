@@ -46,7 +46,7 @@ class CheckFailed(ScaleboxError):
     """One phase of ./do check found a problem."""
 
 
-class _Stop(Exception):
+class Stop(Exception):
     """A phase that later phases need has failed (it is recorded in its Phase)."""
 
 
@@ -68,7 +68,7 @@ class Report:
         """Time one phase; a failure is recorded, and re-raised when later phases need it."""
         phase = Phase(name)
         self.phases.append(phase)
-        _say(f"{name} ...")
+        say(f"{name} ...")
         start = time.monotonic()
         try:
             yield phase
@@ -80,29 +80,29 @@ class Report:
                 traceback.print_exception(exc)
                 phase.detail = f"{type(exc).__name__}: {exc}"
             phase.status = "FAIL"
-            _say(f"FAILED: {name}: {phase.detail}")
+            say(f"FAILED: {name}: {phase.detail}")
             if required:
-                raise _Stop from exc
+                raise Stop from exc
         else:
             phase.status = "ok"
-            _say(f"ok: {name}{': ' + phase.detail if phase.detail else ''}")
+            say(f"ok: {name}{': ' + phase.detail if phase.detail else ''}")
         finally:
             phase.seconds = time.monotonic() - start
 
     def failed(self) -> bool:
         return any(p.status == "FAIL" for p in self.phases)
 
-    def summary(self, planned: list[str]) -> str:
+    def summary(self, planned: list[str], title: str = "./do check") -> str:
         seen = {p.name for p in self.phases}
         rows = [*self.phases, *(Phase(n) for n in planned if n not in seen)]
         width = max(len(p.name) for p in rows)
-        lines = ["", "./do check summary:"]
+        lines = ["", f"{title} summary:"]
         for p in rows:
             detail = p.detail.splitlines()[0] if p.detail else ""
             lines.append(f"  {p.status:7} {p.seconds:7.1f} s  {p.name:{width}}  {detail}")
         total = time.monotonic() - self.started
         verdict = "FAILED" if self.failed() else "passed"
-        lines.append(f"  total   {total:7.1f} s  ./do check {verdict}")
+        lines.append(f"  total   {total:7.1f} s  {title} {verdict}")
         return "\n".join(lines)
 
 
@@ -119,11 +119,11 @@ PLANNED = [
 ]
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     print(f"==> {message}", file=sys.stderr, flush=True)
 
 
-def _indent(text: str, lines: int = 60) -> str:
+def indent(text: str, lines: int = 60) -> str:
     return "\n".join("    " + line for line in text.rstrip().splitlines()[-lines:])
 
 
@@ -139,7 +139,7 @@ def signing_env() -> dict[str, str]:
         return env
     key_dir = CACHE / "check-key"
     if not (key_dir / "release.key").is_file():
-        _say(f"no keys/release.key: making a throwaway signing key in {key_dir} for this check")
+        say(f"no keys/release.key: making a throwaway signing key in {key_dir} for this check")
         subprocess.run(
             [sys.executable, "-m", "tools.keygen", "--dir", str(key_dir)],
             cwd=ROOT,
@@ -150,11 +150,18 @@ def signing_env() -> dict[str, str]:
     return env
 
 
-def build_tarball(out: Path) -> Path:
+def build_tarball(out: Path, version: str | None = None) -> Path:
+    """Build this tree's release (as ``version`` if given) into ``out``; return the tarball."""
     # Into this run's own folder, not builds/: two checks at once must not
     # write the same file.
     result = subprocess.run(
-        [str(ROOT / "do"), "tarball", "--out", str(out)],
+        [
+            str(ROOT / "do"),
+            "tarball",
+            "--out",
+            str(out),
+            *(["--version", version] if version else []),
+        ],
         cwd=ROOT,
         env=signing_env(),
         stdout=subprocess.PIPE,
@@ -164,8 +171,9 @@ def build_tarball(out: Path) -> Path:
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:
         raise CheckFailed(
-            f"./do tarball failed with exit code {result.returncode}",
-            "run ./do tarball by hand and fix what it reports",
+            f"./do tarball {'--version ' + version if version else ''}failed "
+            f"with exit code {result.returncode}",
+            "run ./do tarball by hand and fix what it reports (its output is above)",
         )
     return Path(lines[-1])
 
@@ -182,7 +190,7 @@ def stage_release(tarball: Path, stage: Path) -> None:
 
 def install(m: Machine, tarball_name: str) -> str:
     result = m.run(["bash", "/mnt/release/install.sh", f"/mnt/release/{tarball_name}"], timeout=600)
-    print(_indent(result.stdout + result.stderr), file=sys.stderr, flush=True)
+    print(indent(result.stdout + result.stderr), file=sys.stderr, flush=True)
     return result.stdout
 
 
@@ -208,7 +216,7 @@ def api_suite(m: Machine, token: str) -> str:
         text=True,
         check=False,
     )
-    print(_indent(result.stdout, 40), file=sys.stderr, flush=True)
+    print(indent(result.stdout, 40), file=sys.stderr, flush=True)
     last = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     if result.returncode != 0:
         raise CheckFailed(
@@ -237,7 +245,7 @@ def units_verify(m: Machine) -> str:
     out = (result.stdout + result.stderr).strip()
     if out or result.returncode != 0:
         raise CheckFailed(
-            f"systemd-analyze verify reported (exit {result.returncode}):\n{_indent(out)}",
+            f"systemd-analyze verify reported (exit {result.returncode}):\n{indent(out)}",
             "fix the unit files in units/",
         )
     return f"{len(listing)} units: " + ", ".join(Path(u).name for u in listing)
@@ -254,19 +262,19 @@ def updater_on_path(m: Machine) -> str:
     if version.returncode != 0:
         raise CheckFailed(
             f"`scalebox-update --version` exited with code {version.returncode}:\n"
-            + _indent(version.stdout + version.stderr),
+            + indent(version.stdout + version.stderr),
             "the updater's entry point must start on the installed server",
         )
     return f"{where.stdout.strip()}: {version.stdout.strip()}"
 
 
-def _ssh_public_key() -> str:
+def ssh_public_key() -> str:
     key = Ed25519PrivateKey.generate().public_key()
     raw = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return raw.decode() + " scalebox-check"
 
 
-def _main_pid(m: Machine, unit: str) -> int:
+def main_pid(m: Machine, unit: str) -> int:
     return int(m.run(["systemctl", "show", "-p", "MainPID", "--value", unit]).stdout.strip())
 
 
@@ -297,7 +305,7 @@ def vm_survives_restart(m: Machine, token: str) -> str:
     response = httpx.post(
         m.url(API_PORT, "/vms"),
         headers=headers,
-        json={"template": CHECK_TEMPLATE, "ssh_public_key": _ssh_public_key()},
+        json={"template": CHECK_TEMPLATE, "ssh_public_key": ssh_public_key()},
         timeout=30,
     )
     if response.status_code != 201:
@@ -311,13 +319,13 @@ def vm_survives_restart(m: Machine, token: str) -> str:
     first = guest_answer(m, port)
     if first.get("vm") != vm_id:
         raise CheckFailed(f"the guest on port {port} says it is {first!r}, not VM {vm_id}")
-    before = _main_pid(m, unit)
+    before = main_pid(m, unit)
     if before == 0:
         raise CheckFailed(f"{unit} has no main process", "VMs must run in their own unit")
-    daemon_before = _main_pid(m, "scaleboxd.service")
+    daemon_before = main_pid(m, "scaleboxd.service")
     m.run(["systemctl", "restart", "scaleboxd.service"], timeout=120)
-    daemon_after = _main_pid(m, "scaleboxd.service")
-    after = _main_pid(m, unit)
+    daemon_after = main_pid(m, "scaleboxd.service")
+    after = main_pid(m, unit)
     if daemon_after in (0, daemon_before):
         raise CheckFailed(f"scaleboxd's main PID {daemon_before} -> {daemon_after}: no restart")
     if after != before:
@@ -425,7 +433,7 @@ def requests_during_restart(m: Machine) -> str:
     # Requests must have been sent before, during and after the restart, or it proves nothing.
     if stream.refused or stream.other or sent_before < 5 or during < 1 or after < 1:
         raise CheckFailed(
-            summary + ("\n" + _indent("\n".join(stream.other[:10])) if stream.other else ""),
+            summary + ("\n" + indent("\n".join(stream.other[:10])) if stream.other else ""),
             "scaleboxd.socket must hold port 8080 while the service restarts"
             if stream.refused
             else "scaleboxd must answer every connection it accepted before it exits"
@@ -466,11 +474,11 @@ def check(keep_vm: bool, tarball: Path | None) -> Report:
                 p.detail = vm_survives_restart(m, token)
             with report.phase("requests during systemctl restart are answered") as p:
                 p.detail = requests_during_restart(m)
-    except _Stop:
+    except Stop:
         pass  # recorded in its phase; the machine is already torn down
     finally:
         if keep_vm:
-            _say(f"the release folder bound at /mnt/release stays at {stage}")
+            say(f"the release folder bound at /mnt/release stays at {stage}")
         else:
             shutil.rmtree(stage, ignore_errors=True)
     return report
@@ -487,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_raises():
             report = check(args.keep_vm, args.tarball.resolve() if args.tarball else None)
     except KeyboardInterrupt:
-        _say("interrupted; the machine was torn down")
+        say("interrupted; the machine was torn down")
         return 130
     print(report.summary(PLANNED), flush=True)
     return 1 if report.failed() else 0

@@ -356,11 +356,23 @@ def test_no_github_and_an_empty_ledger_is_a_skip_with_the_reasons(tmp_path: Path
         api.routes["/repos/o/r"] = lambda req: send_json(req, {"full_name": "o/r"})
         environ = {"SCALEBOX_GITHUB_API": api.base, "SCALEBOX_UPDATE_REPO": "o/r"}
         environ["SCALEBOX_ALLOW_HTTP"] = "1"
+        environ["SCALEBOX_CHECK_GITHUB"] = "1"
         (tmp_path / "releases.json").write_text(ledger.render(()))
         with pytest.raises(check_update.NoPreviousRelease) as caught:
             check_update.find_previous(environ, tmp_path / "releases.json", "0.1.0", tmp_path)
     assert "has no published release" in caught.value.what
     assert "lists no release" in caught.value.what
+
+
+def test_github_is_not_asked_unless_the_run_asks_for_it(tmp_path: Path) -> None:
+    """Local and CI runs here must send nothing outside: no SCALEBOX_CHECK_GITHUB, no lookup."""
+    with serve() as api:
+        environ = {"SCALEBOX_GITHUB_API": api.base, "SCALEBOX_ALLOW_HTTP": "1"}
+        (tmp_path / "releases.json").write_text(ledger.render(()))
+        with pytest.raises(check_update.NoPreviousRelease) as caught:
+            check_update.find_previous(environ, tmp_path / "releases.json", "0.1.0", tmp_path)
+        assert api.seen == []
+    assert "SCALEBOX_CHECK_GITHUB=1" in caught.value.what
 
 
 def test_an_unreachable_github_falls_through_quickly(tmp_path: Path) -> None:
