@@ -29,6 +29,7 @@ def commit(ctx: Context, journal: Journal) -> list[str]:
                 from_version=journal.from_version,
                 to_version=journal.to_version,
                 result=history.UPDATED,
+                step_times=journal.step_times,
             )
         )
     return prune(ctx, previous=journal.from_release, entries=entries)

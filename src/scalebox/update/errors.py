@@ -23,6 +23,7 @@ class RolledBack(UpdateError):
     """The new release failed after the switch; the old one runs again, verified healthy."""
 
     exit_code = 3
+    step_times: dict[str, float] | None = None  # when each step began, for --json
 
 
 class RollbackFailed(UpdateError):

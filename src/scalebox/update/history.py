@@ -2,7 +2,9 @@
 
 Append-only. Each line: ``at`` (UTC), ``id`` (transaction id), ``action``
 (update, rollback, recover), ``from``, ``to``, ``result`` (updated,
-rolled back, rollback failed, refused) and ``reason``.
+rolled back, rollback failed, refused), ``reason`` and ``step_times``
+(when each step began, Unix seconds, plus ``end``: when the result was
+recorded; absent in lines written before it existed).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scalebox.fsutil import fsync_dir
-from scalebox.update.journal import now
+from scalebox.update.journal import now, stamp
 
 UPDATED = "updated"
 ROLLED_BACK = "rolled back"
@@ -31,8 +33,9 @@ class Entry:
     to_version: str
     result: str
     reason: str | None = None
+    step_times: dict[str, float] | None = None
 
-    def to_json(self) -> dict[str, str | None]:
+    def to_json(self) -> dict[str, object]:
         return {
             "at": self.at,
             "id": self.id,
@@ -41,6 +44,7 @@ class Entry:
             "to": self.to_version,
             "result": self.result,
             "reason": self.reason,
+            "step_times": self.step_times,
         }
 
 
@@ -71,8 +75,11 @@ def record(
     to_version: str,
     result: str,
     reason: str | None = None,
+    step_times: dict[str, float] | None = None,
 ) -> Entry:
-    entry = Entry(now(), transaction_id, action, from_version, to_version, result, reason)
+    """Append the result of a transaction; ``step_times`` gains ``end``: now."""
+    times = None if step_times is None else {**step_times, "end": stamp()}
+    entry = Entry(now(), transaction_id, action, from_version, to_version, result, reason, times)
     append(path, entry)
     return entry
 
@@ -96,6 +103,7 @@ def read(path: Path) -> list[Entry]:
                     to_version=str(raw["to"]),
                     result=str(raw["result"]),
                     reason=raw.get("reason"),
+                    step_times=raw.get("step_times"),
                 )
             )
         except (ValueError, KeyError, TypeError):

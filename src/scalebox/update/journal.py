@@ -19,7 +19,8 @@ Format (one JSON object, ``format`` 1)::
       "to_version": "0.2.0",    "to_release": "0.2.0",     the target
       "built_release": true,               this transaction created releases/<to_release>
       "step": "stage" | "backup" | "switch" | "verify" | "commit" | "rollback",
-      "reason": null | "why the rollback started"
+      "reason": null | "why the rollback started",
+      "step_times": {"stage": 1795786514.123, ...}   when each step began (Unix time)
     }
 
 Fault injection for tests: when the environment variable
@@ -37,7 +38,7 @@ import json
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from scalebox.fsutil import atomic_write, fsync_dir
@@ -71,6 +72,8 @@ class Journal:
     started: str = ""
     updated: str = ""
     format: int = FORMAT
+    # Only for the record (history, --json, ./do bench): nothing decides on them.
+    step_times: dict[str, float] = field(default_factory=dict)
 
 
 def write(path: Path, journal: Journal) -> None:
@@ -83,9 +86,20 @@ def write(path: Path, journal: Journal) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
+def stamp() -> float:
+    """The time a step begins, in Unix seconds to the millisecond."""
+    return round(time.time(), 3)
+
+
 def begin(path: Path, journal: Journal) -> Journal:
     """Write the first journal entry of a transaction."""
-    stamped = replace(journal, pid=os.getpid(), started=now(), updated=now())
+    stamped = replace(
+        journal,
+        pid=os.getpid(),
+        started=now(),
+        updated=now(),
+        step_times={**journal.step_times, journal.step: stamp()},
+    )
     write(path, stamped)
     return stamped
 
@@ -98,6 +112,7 @@ def advance(path: Path, journal: Journal, step: str, reason: str | None = None) 
         reason=reason if reason is not None else journal.reason,
         pid=os.getpid(),
         updated=now(),
+        step_times={**journal.step_times, step: stamp()},
     )
     write(path, moved)
     return moved

@@ -42,7 +42,7 @@ from scalebox.update import (
     versions,
 )
 from scalebox.update.context import DEFAULT_STABILITY_WINDOW, Context
-from scalebox.update.errors import UpdateError
+from scalebox.update.errors import RolledBack, UpdateError
 from scalebox.update.paths import Paths
 from scalebox.update.systemd import SERVICE, Systemctl
 
@@ -259,6 +259,7 @@ def _update(
         outcome.to_version,
         outcome.message,
         pruned=outcome.pruned,
+        step_times=outcome.step_times,
     )
 
 
@@ -328,6 +329,7 @@ def _rollback(ctx: Context) -> Result:
         outcome.to_version,
         f"rolled back {installed.version} -> {previous}; scaleboxd {previous} is healthy",
         pruned=outcome.pruned,
+        step_times=outcome.step_times,
     )
 
 
@@ -339,6 +341,7 @@ def _result(
     *,
     exit_code: int = 0,
     pruned: list[str] | None = None,
+    step_times: dict[str, float] | None = None,
 ) -> Result:
     out: Result = {
         "result": result,
@@ -349,6 +352,8 @@ def _result(
     }
     if pruned is not None:
         out["pruned"] = pruned
+    if step_times is not None:
+        out["step_times"] = step_times
     return out
 
 
@@ -460,7 +465,12 @@ def main(argv: list[str] | None = None) -> int:
         if exc.hint:
             click.echo(f"  hint: {exc.hint}", err=True)
         return _fail_json(
-            as_json, _RESULTS.get(exc.exit_code, "refused"), exc.what, exc.hint, exc.exit_code
+            as_json,
+            _RESULTS.get(exc.exit_code, "refused"),
+            exc.what,
+            exc.hint,
+            exc.exit_code,
+            exc.step_times if isinstance(exc, RolledBack) else None,
         )
     return code if isinstance(code, int) else 0
 
@@ -468,14 +478,19 @@ def main(argv: list[str] | None = None) -> int:
 _RESULTS = {1: "refused", 2: "usage error", 3: "rolled back", 4: "rollback failed", 5: "busy"}
 
 
-def _fail_json(as_json: bool, result: str, message: str, hint: str | None, code: int) -> int:
+def _fail_json(  # noqa: PLR0917 - one field each of the JSON result
+    as_json: bool,
+    result: str,
+    message: str,
+    hint: str | None,
+    code: int,
+    step_times: dict[str, float] | None = None,
+) -> int:
     if as_json:
-        click.echo(
-            json.dumps(
-                {"result": result, "message": message, "hint": hint, "exit_code": code},
-                sort_keys=True,
-            )
-        )
+        out: Result = {"result": result, "message": message, "hint": hint, "exit_code": code}
+        if step_times is not None:
+            out["step_times"] = step_times
+        click.echo(json.dumps(out, sort_keys=True))
     return code
 
 

@@ -44,6 +44,7 @@ class Outcome:
     to_version: str
     message: str
     pruned: list[str] = field(default_factory=list)
+    step_times: dict[str, float] = field(default_factory=dict)  # when each step began
 
 
 def install(
@@ -119,6 +120,7 @@ def install(
         target.version,
         f"updated {from_version} -> {target.version}; scaleboxd {target.version} is healthy",
         pruned,
+        {**j.step_times, "end": journal.stamp()},
     )
 
 
@@ -132,10 +134,12 @@ def _roll_back(ctx: Context, j: Journal, reason: str) -> None:
         raise  # the journal stays: the next run or the boot unit tries again
     _record(ctx, j, history.ROLLED_BACK, reason)
     _finish(ctx, j)
-    raise RolledBack(
+    rolled_back = RolledBack(
         f"{j.to_version} failed: {reason}. Rolled back to {j.from_version}, which is healthy",
         "nothing else changed; see `scalebox-update history` and `journalctl -u scaleboxd`",
     )
+    rolled_back.step_times = {**j.step_times, "end": journal.stamp()}
+    raise rolled_back
 
 
 def recover(ctx: Context) -> str | None:
@@ -192,6 +196,7 @@ def _record(ctx: Context, j: Journal, result: str, reason: str | None) -> None:
             to_version=j.to_version,
             result=result,
             reason=reason,
+            step_times=j.step_times,
         )
 
 
