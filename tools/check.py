@@ -2,109 +2,64 @@
 
     ./do check [--keep-vm] [--tarball PATH]
 
-Phases: build the tarball (./do tarball), boot a machine (tools/machine.py)
-with the release bound at /mnt/release, run install.sh inside, then from the
-host the API suite (tests/api with SCALEBOX_URL/SCALEBOX_TOKEN), then inside:
-the installed units verify clean, scalebox-update is on PATH, a VM survives
-`systemctl restart scaleboxd`, and requests sent during that restart are all
-answered (socket activation). Prints each phase's wall time; exits non-zero
-when any phase failed. The machine is always torn down unless --keep-vm.
+Phases: build the tarball (./do tarball) and a second one of the same
+sources as the next version, boot a machine (tools/machine.py) with both
+bound at /mnt/release, run install.sh inside, then from the host the API
+suite (tests/api with SCALEBOX_URL/SCALEBOX_TOKEN), then inside: the
+installed units verify clean, scalebox-update is on PATH, a VM survives
+`systemctl restart scaleboxd`, requests sent during that restart are all
+answered (socket activation); then `scalebox-update` to the next version and
+`scalebox-update --rollback` back, each leaving the config byte-identical,
+DATA_DIR unchanged and the VM running with the same unit main PID. Prints
+each phase's wall time; exits non-zero when any phase failed. The machine
+is always torn down unless --keep-vm.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from scalebox.config import parse_lines
 from scalebox.errors import ScaleboxError
+from tools.checks import (
+    API_PORT,
+    CACHE,
+    CHECK_TEMPLATE,
+    CheckFailed,
+    Report,
+    RunningVM,
+    Snapshot,
+    Stop,
+    api_suite,
+    build_tarball,
+    compare_config,
+    compare_data,
+    create_vm,
+    guest_answer,
+    indent,
+    install,
+    main_pid,
+    read_token,
+    release_version,
+    run_updater,
+    say,
+    serving_version,
+    snapshot,
+    ssh_public_key,
+    stage_release,
+    vm_still_running,
+)
 from tools.machine import Machine, sigterm_raises
-
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / ".cache"
-API_PORT = 8080
-CHECK_TEMPLATE = "debian-base"
-
-
-class CheckFailed(ScaleboxError):
-    """One phase of ./do check found a problem."""
-
-
-class Stop(Exception):
-    """A phase that later phases need has failed (it is recorded in its Phase)."""
-
-
-@dataclass
-class Phase:
-    name: str
-    status: str = "not run"  # ok | FAIL | not run
-    seconds: float = 0.0
-    detail: str = ""
-
-
-@dataclass
-class Report:
-    phases: list[Phase] = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)
-
-    @contextlib.contextmanager
-    def phase(self, name: str, *, required: bool = False) -> Iterator[Phase]:
-        """Time one phase; a failure is recorded, and re-raised when later phases need it."""
-        phase = Phase(name)
-        self.phases.append(phase)
-        say(f"{name} ...")
-        start = time.monotonic()
-        try:
-            yield phase
-        except Exception as exc:
-            if isinstance(exc, ScaleboxError):
-                phase.detail = str(exc)
-            else:
-                # Unexpected: keep the traceback for whoever fixes it.
-                traceback.print_exception(exc)
-                phase.detail = f"{type(exc).__name__}: {exc}"
-            phase.status = "FAIL"
-            say(f"FAILED: {name}: {phase.detail}")
-            if required:
-                raise Stop from exc
-        else:
-            phase.status = "ok"
-            say(f"ok: {name}{': ' + phase.detail if phase.detail else ''}")
-        finally:
-            phase.seconds = time.monotonic() - start
-
-    def failed(self) -> bool:
-        return any(p.status == "FAIL" for p in self.phases)
-
-    def summary(self, planned: list[str], title: str = "./do check") -> str:
-        seen = {p.name for p in self.phases}
-        rows = [*self.phases, *(Phase(n) for n in planned if n not in seen)]
-        width = max(len(p.name) for p in rows)
-        lines = ["", f"{title} summary:"]
-        for p in rows:
-            detail = p.detail.splitlines()[0] if p.detail else ""
-            lines.append(f"  {p.status:7} {p.seconds:7.1f} s  {p.name:{width}}  {detail}")
-        total = time.monotonic() - self.started
-        verdict = "FAILED" if self.failed() else "passed"
-        lines.append(f"  total   {total:7.1f} s  {title} {verdict}")
-        return "\n".join(lines)
-
 
 PLANNED = [
     "build the tarball",
@@ -116,114 +71,12 @@ PLANNED = [
     "scalebox-update on PATH",
     "a VM survives systemctl restart scaleboxd",
     "requests during systemctl restart are answered",
+    "scalebox-update to the next build",
+    "scalebox-update --rollback",
 ]
 
 
-def say(message: str) -> None:
-    print(f"==> {message}", file=sys.stderr, flush=True)
-
-
-def indent(text: str, lines: int = 60) -> str:
-    return "\n".join("    " + line for line in text.rstrip().splitlines()[-lines:])
-
-
 # --- phases ----------------------------------------------------------------------
-
-
-def signing_env() -> dict[str, str]:
-    """The environment for ./do tarball: the real key, or a throwaway one for the check."""
-    env = dict(os.environ)
-    if env.get("SCALEBOX_SIGNING_KEY") or env.get("SCALEBOX_SIGNING_KEY_FILE"):
-        return env
-    if (ROOT / "keys/release.key").is_file():
-        return env
-    key_dir = CACHE / "check-key"
-    if not (key_dir / "release.key").is_file():
-        say(f"no keys/release.key: making a throwaway signing key in {key_dir} for this check")
-        subprocess.run(
-            [sys.executable, "-m", "tools.keygen", "--dir", str(key_dir)],
-            cwd=ROOT,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-    env["SCALEBOX_SIGNING_KEY_FILE"] = str(key_dir / "release.key")
-    return env
-
-
-def build_tarball(out: Path, version: str | None = None) -> Path:
-    """Build this tree's release (as ``version`` if given) into ``out``; return the tarball."""
-    # Into this run's own folder, not builds/: two checks at once must not
-    # write the same file.
-    result = subprocess.run(
-        [
-            str(ROOT / "do"),
-            "tarball",
-            "--out",
-            str(out),
-            *(["--version", version] if version else []),
-        ],
-        cwd=ROOT,
-        env=signing_env(),
-        stdout=subprocess.PIPE,
-        text=True,
-        check=False,
-    )
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
-        raise CheckFailed(
-            f"./do tarball {'--version ' + version if version else ''}failed "
-            f"with exit code {result.returncode}",
-            "run ./do tarball by hand and fix what it reports (its output is above)",
-        )
-    return Path(lines[-1])
-
-
-def stage_release(tarball: Path, stage: Path) -> None:
-    """The folder bound at /mnt/release: the tarball and the install.sh beside it."""
-    if not tarball.is_file():
-        raise CheckFailed(f"tarball {tarball} does not exist", "run ./do tarball")
-    stage.mkdir(parents=True, exist_ok=True)
-    if tarball.parent.resolve() != stage.resolve():
-        shutil.copy2(tarball, stage / tarball.name)
-    shutil.copy2(ROOT / "scripts/install.sh", stage / "install.sh")
-
-
-def install(m: Machine, tarball_name: str) -> str:
-    result = m.run(["bash", "/mnt/release/install.sh", f"/mnt/release/{tarball_name}"], timeout=600)
-    print(indent(result.stdout + result.stderr), file=sys.stderr, flush=True)
-    return result.stdout
-
-
-def read_token(m: Machine) -> str:
-    text = m.run(["cat", "/etc/scaleboxd/config"]).stdout
-    values = parse_lines(text, "/etc/scaleboxd/config (in the machine)")
-    if "API_TOKEN" not in values or not values["API_TOKEN"][0]:
-        raise CheckFailed(
-            "install.sh wrote /etc/scaleboxd/config without an API_TOKEN",
-            "install.sh must generate a token on a fresh install",
-        )
-    return values["API_TOKEN"][0]
-
-
-def api_suite(m: Machine, token: str) -> str:
-    env = {**os.environ, "SCALEBOX_URL": m.url(API_PORT), "SCALEBOX_TOKEN": token}
-    result = subprocess.run(
-        [str(ROOT / ".venv/bin/pytest"), "tests/api", "-q", "-p", "no:cacheprovider"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        check=False,
-    )
-    print(indent(result.stdout, 40), file=sys.stderr, flush=True)
-    last = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    if result.returncode != 0:
-        raise CheckFailed(
-            f"the API suite failed against {m.ip} (pytest exit {result.returncode}): {last}",
-            "the output is above; rerun with --keep-vm to reproduce against the same server",
-        )
-    return last.strip("= ")
 
 
 def units_verify(m: Machine) -> str:
@@ -266,38 +119,6 @@ def updater_on_path(m: Machine) -> str:
             "the updater's entry point must start on the installed server",
         )
     return f"{where.stdout.strip()}: {version.stdout.strip()}"
-
-
-def ssh_public_key() -> str:
-    key = Ed25519PrivateKey.generate().public_key()
-    raw = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return raw.decode() + " scalebox-check"
-
-
-def main_pid(m: Machine, unit: str) -> int:
-    return int(m.run(["systemctl", "show", "-p", "MainPID", "--value", unit]).stdout.strip())
-
-
-def guest_answer(m: Machine, port: int, timeout: float = 30) -> dict[str, object]:
-    """The one JSON line a VM's guest sends on each connection to its ssh_port."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        address = m.address()  # the route guard, before every connection
-        try:
-            with socket.create_connection((address, port), timeout=5) as conn:
-                data = conn.makefile("rb").readline()
-            answer = json.loads(data)
-            if isinstance(answer, dict):
-                return answer
-        except (OSError, ValueError) as exc:
-            last_error = exc
-        time.sleep(0.2)
-    raise CheckFailed(
-        f"the guest on {m.ip}:{port} did not answer with a JSON line within {timeout:.0f} s"
-        f" (last error: {last_error})",
-        "see `journalctl -u 'scalebox-vm@*'` in the machine (--keep-vm)",
-    )
 
 
 def vm_survives_restart(m: Machine, token: str) -> str:
@@ -443,6 +264,40 @@ def requests_during_restart(m: Machine) -> str:
     return summary
 
 
+def next_version(version: str) -> str:
+    """A version just above ``version`` built from the same sources: a PEP 440 local label."""
+    return f"{version}.next" if "+" in version else f"{version}+next"
+
+
+def update_and_verify(
+    m: Machine,
+    token: str,
+    *,
+    vm: RunningVM,
+    before: Snapshot,
+    args: list[str],
+    env: dict[str, str],
+    versions: tuple[str, str],
+) -> str:
+    """Run scalebox-update from versions[0] to versions[1]; prove config, data and VM kept."""
+    code, outcome = run_updater(m, *args, env=env)
+    if code != 0:
+        raise CheckFailed(
+            f"scalebox-update {' '.join(args)} exited with code {code}: {outcome.get('message')}",
+            "its progress is above; rerun with --keep-vm and see `scalebox-update history`",
+        )
+    serving = serving_version(m)
+    if serving != versions[1]:
+        raise CheckFailed(f"after scalebox-update the server runs {serving}, not {versions[1]}")
+    after = snapshot(m)
+    kept = [
+        compare_config(before, after, *versions),
+        compare_data(before, after, new_files_allowed=False),
+        vm_still_running(m, token, vm),
+    ]
+    return f"{outcome.get('message')}; " + "; ".join(kept)
+
+
 # --- driver ----------------------------------------------------------------------
 
 
@@ -453,7 +308,10 @@ def check(keep_vm: bool, tarball: Path | None) -> Report:
         with report.phase("build the tarball", required=True) as p:
             tarball = tarball or build_tarball(stage)
             stage_release(tarball, stage)
-            p.detail = tarball.name
+            this = release_version(tarball)
+            upcoming = next_version(this)
+            following = build_tarball(stage, upcoming)
+            p.detail = f"{tarball.name}, and {following.name} to update to"
         with contextlib.ExitStack() as stack:
             with report.phase("boot a machine", required=True) as p:
                 m = stack.enter_context(Machine.boot(stage, keep=keep_vm))
@@ -474,6 +332,23 @@ def check(keep_vm: bool, tarball: Path | None) -> Report:
                 p.detail = vm_survives_restart(m, token)
             with report.phase("requests during systemctl restart are answered") as p:
                 p.detail = requests_during_restart(m)
+            with report.phase("scalebox-update to the next build", required=True) as p:
+                vm = create_vm(m, token)
+                before = snapshot(m)
+                url = {"SCALEBOX_RELEASE_URL": f"/mnt/release/{following.name}"}
+                p.detail = update_and_verify(
+                    m, token, vm=vm, before=before, args=[], env=url, versions=(this, upcoming)
+                )
+            with report.phase("scalebox-update --rollback") as p:
+                p.detail = update_and_verify(
+                    m,
+                    token,
+                    vm=vm,
+                    before=before,
+                    args=["--rollback"],
+                    env={},
+                    versions=(upcoming, this),
+                )
     except Stop:
         pass  # recorded in its phase; the machine is already torn down
     finally:

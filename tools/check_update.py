@@ -40,13 +40,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
-import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -56,39 +53,40 @@ from pathlib import Path
 
 import httpx
 
-from scalebox.config import parse_lines
 from scalebox.errors import ScaleboxError
 from scalebox.update import fetch, resolve, versions
 from tools import ledger
-from tools.check import (
-    API_PORT,
+from tools.checks import (
     CACHE,
-    CHECK_TEMPLATE,
     CheckFailed,
     Phase,
     Report,
     Stop,
     api_suite,
     build_tarball,
-    guest_answer,
+    compare_config,
+    compare_data,
+    create_vm,
     indent,
     install,
-    main_pid,
     read_token,
+    release_version,
+    run_updater,
     say,
+    serving_version,
+    sha,
     signing_env,
-    ssh_public_key,
+    snapshot,
+    tar_member,
+    vm_still_running,
 )
 from tools.machine import Machine, sigterm_raises
 
 ROOT = Path(__file__).resolve().parent.parent
 LEDGER = ROOT / "releases.json"
-CONFIG = "/etc/scaleboxd/config"
 GITHUB_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 GITHUB_DEADLINE = 20.0  # seconds for the whole lookup: DNS has no timeout of its own
 THIS_BUILD_LOCAL = "check"
-# Files under DATA_DIR that are the daemon's bookkeeping, not user data (module doc).
-BOOKKEEPING = ("state.json", "vms/*/vm.json")
 
 PLANNED = [
     "find the last release",
@@ -138,72 +136,7 @@ def ledger_pick(entries: tuple[ledger.Entry, ...], current: str) -> ledger.Entry
     return ledger.newest(eligible)
 
 
-def is_bookkeeping(path: str) -> bool:
-    parts = path.split("/")
-    return path == "state.json" or (len(parts) == 3 and parts[0] == "vms" and parts[2] == "vm.json")
-
-
-Files = Mapping[str, str]  # DATA_DIR-relative path -> "<mode> <sha256>"
-
-
-def data_changes(before: Files, after: Files, *, new_files_allowed: bool) -> list[str]:
-    """What happened to the user data between two listings, one line per file; [] = untouched."""
-    changes = []
-    for path in sorted(set(before) | set(after)):
-        if is_bookkeeping(path):
-            continue
-        if path not in after:
-            changes.append(f"removed: {path}")
-        elif path not in before:
-            if not new_files_allowed:
-                changes.append(f"added: {path}")
-        elif before[path] != after[path]:
-            changes.append(f"changed: {path} ({before[path]} -> {after[path]})")
-    return changes
-
-
-def expected_config(before: str, from_version: str, to_version: str) -> str:
-    """The config the update must leave: the old one, edited only by declared migrations.
-
-    No release declares a migration yet, so it is the old text byte for byte.
-    When migrations land, apply here the config edits that the releases
-    between ``from_version`` and ``to_version`` declare, and the check proves
-    that the update made exactly those.
-    """
-    return before
-
-
 # --- finding the last release ------------------------------------------------------
-
-
-def _tar_member(tarball: Path, relpath: str) -> bytes:
-    """One file of a release tarball, by its path under the top directory (read, not extracted)."""
-    try:
-        with tarfile.open(tarball, "r:gz") as tar:
-            for member in tar:
-                _top, _, rest = member.name.partition("/")
-                if rest == relpath and member.isfile():
-                    handle = tar.extractfile(member)
-                    if handle is not None:
-                        return handle.read()
-    except (OSError, tarfile.TarError) as exc:
-        raise CheckFailed(
-            f"cannot read {tarball}: {exc}", "give a scalebox-<version>-<arch>.tar.gz"
-        ) from None
-    raise CheckFailed(
-        f"{tarball.name} has no {relpath}",
-        "the last release must be a complete tarball made by ./do tarball",
-    )
-
-
-def release_version(tarball: Path) -> str:
-    try:
-        version = json.loads(_tar_member(tarball, "RELEASE.json"))["version"]
-    except (ValueError, KeyError, TypeError):
-        version = None
-    if not isinstance(version, str):
-        raise CheckFailed(f"{tarball.name}'s RELEASE.json names no version", "rebuild it")
-    return version
 
 
 def from_override(environ: Mapping[str, str]) -> Previous | None:
@@ -343,85 +276,10 @@ def find_previous(
 # --- in the machine ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    config_text: str
-    config_meta: str  # mode uid gid
-    data: dict[str, str]
-
-
-_LIST_DATA = """
-import hashlib, json, os, sys
-root = sys.argv[1]
-out = {}
-for base, dirs, files in os.walk(root):
-    for name in files:
-        path = os.path.join(base, name)
-        if os.path.islink(path):
-            out[os.path.relpath(path, root)] = "link " + os.readlink(path)
-            continue
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        mode = oct(os.stat(path).st_mode & 0o7777)
-        out[os.path.relpath(path, root)] = mode + " " + digest.hexdigest()
-print(json.dumps(out))
-"""
-
-
-def snapshot(m: Machine) -> Snapshot:
-    config_text = m.run(["cat", CONFIG]).stdout
-    values = parse_lines(config_text, f"{CONFIG} (in the machine)")
-    data_dir = values.get("DATA_DIR", ("/var/lib/scalebox", ""))[0]
-    listing = m.run(["python3", "-c", _LIST_DATA, data_dir], timeout=300).stdout
-    return Snapshot(
-        config_text=config_text,
-        config_meta=m.run(["stat", "-c", "%a %u %g", CONFIG]).stdout.strip(),
-        data=json.loads(listing),
-    )
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class RunningVM:
-    id: str
-    port: int
-    unit: str
-    main_pid: int
-
-
-def create_vm(m: Machine, token: str) -> RunningVM:
-    response = httpx.post(
-        m.url(API_PORT, "/vms"),
-        headers={"Authorization": f"Bearer {token}"},
-        json={"template": CHECK_TEMPLATE, "ssh_public_key": ssh_public_key()},
-        timeout=60,
-    )
-    if response.status_code != 201:
-        raise CheckFailed(
-            f"POST /vms on the last release answered {response.status_code}: "
-            + response.text[:300],
-            f"the last release must create a VM from {CHECK_TEMPLATE}",
-        )
-    vm_id, port = response.json()["id"], int(response.json()["ssh_port"])
-    answer = guest_answer(m, port)
-    if answer.get("vm") != vm_id:
-        raise CheckFailed(f"the guest on port {port} says it is {answer!r}, not VM {vm_id}")
-    unit = f"scalebox-vm@{vm_id}.service"
-    pid = main_pid(m, unit)
-    if pid == 0:
-        raise CheckFailed(f"{unit} has no main process", "VMs must run in their own unit")
-    return RunningVM(vm_id, port, unit, pid)
-
-
 def trust_this_build(m: Machine, previous: Path, current: Path) -> str:
     """Add this build's key to the server's trusted keys if the last release used another."""
-    ours = _tar_member(current, "keys/release.pub")
-    if _tar_member(previous, "keys/release.pub") == ours:
+    ours = tar_member(current, "keys/release.pub")
+    if tar_member(previous, "keys/release.pub") == ours:
         return ""
     with tempfile.TemporaryDirectory() as tmp:
         key = Path(tmp) / "check-update.pub"
@@ -442,83 +300,20 @@ def run_update(m: Machine, previous: Previous, current: Path, current_version: s
             f"the installed updater says {said!r}, not the last release {previous.version}",
             "install.sh of the last release must link its own scalebox-update",
         )
-    result = m.run(
-        [
-            "env",
-            f"SCALEBOX_RELEASE_URL=/mnt/release/{current.name}",
-            "scalebox-update",
-            "--json",
-        ],
-        check=False,
-        timeout=900,
-    )
-    print(indent(result.stderr), file=sys.stderr, flush=True)
-    lines = result.stdout.strip().splitlines()
-    try:
-        outcome = json.loads(lines[-1]) if lines else {}
-    except ValueError:
-        outcome = {}
-    if result.returncode != 0 or outcome.get("result") != "updated":
+    code, outcome = run_updater(m, env={"SCALEBOX_RELEASE_URL": f"/mnt/release/{current.name}"})
+    if code != 0 or outcome.get("result") != "updated":
         raise CheckFailed(
             f"scalebox-update {previous.version} -> {current_version} exited with code "
-            f"{result.returncode}: {outcome.get('message') or result.stdout.strip()[-300:]}",
+            f"{code}: {outcome.get('message')}",
             "its progress is above; rerun with --keep-vm and see `scalebox-update history`",
         )
-    health = httpx.get(m.url(API_PORT, "/health"), timeout=10).json()
-    installed = m.run(["cat", "/etc/scaleboxd/version"]).stdout.strip()
-    if health.get("version") != current_version or installed != current_version:
+    serving = serving_version(m)
+    if serving != current_version:
         raise CheckFailed(
-            f"after the update /health says {health.get('version')!r} and "
-            f"/etc/scaleboxd/version says {installed!r}, not {current_version}",
+            f"after the update the server runs {serving}, not {current_version}",
             "the updater reported success without running the new release",
         )
     return f"{link} ({said}): {previous.version} -> {current_version}"
-
-
-def compare_config(before: Snapshot, after: Snapshot, previous: str, current: str) -> str:
-    want = expected_config(before.config_text, previous, current)
-    if after.config_text != want or after.config_meta != before.config_meta:
-        raise CheckFailed(
-            f"{CONFIG} changed across the update: sha256 {_sha(before.config_text)[:16]}"
-            f" ({before.config_meta}) -> {_sha(after.config_text)[:16]} ({after.config_meta}),"
-            f" expected {_sha(want)[:16]}",
-            "the updater must never rewrite the config; a release that must change it "
-            "declares a migration (and expected_config in tools/check_update.py applies it)",
-        )
-    return f"config sha256 {_sha(after.config_text)[:16]} ({after.config_meta})"
-
-
-def compare_data(before: Snapshot, after: Snapshot, *, new_files_allowed: bool) -> str:
-    changes = data_changes(before.data, after.data, new_files_allowed=new_files_allowed)
-    if changes:
-        raise CheckFailed(
-            f"DATA_DIR changed across the update ({len(changes)} files):\n"
-            + indent("\n".join(changes)),
-            "an update must not touch VM disks or templates (docs/compatibility.md)",
-        )
-    kept = sum(1 for p in before.data if not is_bookkeeping(p))
-    return f"{kept} data files byte-identical"
-
-
-def vm_still_running(m: Machine, token: str, vm: RunningVM) -> str:
-    pid = main_pid(m, vm.unit)
-    if pid != vm.main_pid:
-        raise CheckFailed(
-            f"{vm.unit} main PID {vm.main_pid} -> {pid}: the VM was restarted or stopped",
-            "an update must leave running VMs alone (docs/compatibility.md)",
-        )
-    answer = guest_answer(m, vm.port)
-    if answer.get("vm") != vm.id:
-        raise CheckFailed(f"the guest on port {vm.port} now says {answer!r}, not {vm.id}")
-    got = httpx.get(
-        m.url(API_PORT, f"/vms/{vm.id}"), headers={"Authorization": f"Bearer {token}"}, timeout=30
-    )
-    if got.status_code != 200 or got.json().get("status") != "running":
-        raise CheckFailed(
-            f"GET /vms/{vm.id} answered {got.status_code}: {got.text[:300]}",
-            "the new scaleboxd must adopt the VMs the old one started",
-        )
-    return f"VM {vm.id}: main PID {pid} unchanged, guest answers, API says running"
 
 
 # --- driver ---------------------------------------------------------------------------
@@ -570,7 +365,7 @@ def check_update(report: Report, previous: Previous, stage: Path, keep_vm: bool)
             # The folder bound at /mnt/release: the last release with its own install.sh
             # at the top (as tools.check.install expects), this build beside it.
             shutil.copy2(previous.tarball, stage / previous.tarball.name)
-            (stage / "install.sh").write_bytes(_tar_member(previous.tarball, "scripts/install.sh"))
+            (stage / "install.sh").write_bytes(tar_member(previous.tarball, "scripts/install.sh"))
             p.detail = current.name
         with report.phase("boot a machine", required=True) as p:
             m = stack.enter_context(Machine.boot(stage, keep=keep_vm))
@@ -585,7 +380,7 @@ def check_update(report: Report, previous: Previous, stage: Path, keep_vm: bool)
             before = snapshot(m)
             p.detail = (
                 f"VM {vm.id} (main PID {vm.main_pid}); config sha256 "
-                f"{_sha(before.config_text)[:16]}; {len(before.data)} files in DATA_DIR"
+                f"{sha(before.config_text)[:16]}; {len(before.data)} files in DATA_DIR"
             )
         with report.phase("scalebox-update (the installed one) to this build", required=True) as p:
             trusted = trust_this_build(m, previous.tarball, current)

@@ -12,7 +12,8 @@ import time
 
 import pytest
 from tools import image, netns
-from tools.check import CheckFailed, Report, RequestStream
+from tools.check import RequestStream
+from tools.checks import CheckFailed, Report
 from tools.machine import is_stale, start_time
 from tools.netns import Slot
 

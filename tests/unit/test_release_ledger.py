@@ -17,8 +17,8 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-from tools import check_update, ledger, release
-from tools.check import CheckFailed
+from tools import check_update, checks, ledger, release
+from tools.checks import CheckFailed
 
 from scalebox.errors import ScaleboxError, UsageError
 from scalebox.update import resolve
@@ -258,30 +258,30 @@ def test_data_changes_ignore_only_the_daemons_records() -> None:
         "templates/debian-base/disk/hello.txt": "0o644 t",
     }
     rewritten = {**before, "state.json": "0o600 s2", "vms/vm-1/vm.json": "0o600 r2"}
-    assert check_update.data_changes(before, rewritten, new_files_allowed=False) == []
+    assert checks.data_changes(before, rewritten, new_files_allowed=False) == []
     touched = {
         **before,
         "vms/vm-1/disk/hello.txt": "0o600 h",
         "vms/vm-2/disk/hello.txt": "0o644 x",
     }
     del touched["templates/debian-base/disk/hello.txt"]
-    assert check_update.data_changes(before, touched, new_files_allowed=False) == [
+    assert checks.data_changes(before, touched, new_files_allowed=False) == [
         "removed: templates/debian-base/disk/hello.txt",
         "changed: vms/vm-1/disk/hello.txt (0o644 h -> 0o600 h)",
         "added: vms/vm-2/disk/hello.txt",
     ]
     # After the API suite its own new files are fine; the old ones must still be intact.
-    assert check_update.data_changes(before, touched, new_files_allowed=True) == [
+    assert checks.data_changes(before, touched, new_files_allowed=True) == [
         "removed: templates/debian-base/disk/hello.txt",
         "changed: vms/vm-1/disk/hello.txt (0o644 h -> 0o600 h)",
     ]
-    assert check_update.is_bookkeeping("vms/vm-1/vm.json")
-    assert not check_update.is_bookkeeping("vms/vm-1/disk/vm.json")
+    assert checks.is_bookkeeping("vms/vm-1/vm.json")
+    assert not checks.is_bookkeeping("vms/vm-1/disk/vm.json")
 
 
 def test_without_migrations_the_expected_config_is_the_old_one_byte_for_byte() -> None:
     text = "API_TOKEN=x\n# a comment\nAPI_PORT=8080\n"
-    assert check_update.expected_config(text, "0.1.0", "0.2.0") == text
+    assert checks.expected_config(text, "0.1.0", "0.2.0") == text
 
 
 # --- check-update: finding the last release -------------------------------------------
@@ -309,11 +309,11 @@ def test_the_override_wins_and_a_missing_file_is_refused(tmp_path: Path) -> None
         {"SCALEBOX_PREVIOUS_RELEASE": str(tarball)}, tmp_path / "none.json", "0.1.0", tmp_path
     )
     assert (found.tarball, found.version) == (tarball, "0.0.9")
-    assert check_update._tar_member(tarball, "scripts/install.sh").startswith(b"#!/bin/bash")
+    assert checks.tar_member(tarball, "scripts/install.sh").startswith(b"#!/bin/bash")
     with pytest.raises(CheckFailed, match="no such file"):
         check_update.from_override({"SCALEBOX_PREVIOUS_RELEASE": str(tmp_path / "gone.tar.gz")})
     with pytest.raises(CheckFailed, match="has no units/x"):
-        check_update._tar_member(tarball, "units/x")
+        checks.tar_member(tarball, "units/x")
 
 
 def test_github_latest_release_is_downloaded(tmp_path: Path) -> None:
