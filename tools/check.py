@@ -50,7 +50,6 @@ from tools.checks import (
     install,
     main_pid,
     read_token,
-    release_version,
     run_updater,
     say,
     serving_version,
@@ -264,6 +263,18 @@ def requests_during_restart(m: Machine) -> str:
     return summary
 
 
+def version_in_name(tarball: Path) -> str:
+    """The version in a scalebox-<version>-<arch>.tar.gz name (install.sh verifies the rest)."""
+    name = tarball.name.removesuffix(".tar.gz")
+    version = name.removeprefix("scalebox-").rpartition("-")[0]
+    if not name.startswith("scalebox-") or not version:
+        raise CheckFailed(
+            f"{tarball.name} is not named scalebox-<version>-<arch>.tar.gz",
+            "give a tarball made by ./do tarball",
+        )
+    return version
+
+
 def next_version(version: str) -> str:
     """A version just above ``version`` built from the same sources: a PEP 440 local label."""
     return f"{version}.next" if "+" in version else f"{version}+next"
@@ -308,7 +319,7 @@ def check(keep_vm: bool, tarball: Path | None) -> Report:
         with report.phase("build the tarball", required=True) as p:
             tarball = tarball or build_tarball(stage)
             stage_release(tarball, stage)
-            this = release_version(tarball)
+            this = version_in_name(tarball)
             upcoming = next_version(this)
             following = build_tarball(stage, upcoming)
             p.detail = f"{tarball.name}, and {following.name} to update to"
