@@ -126,6 +126,8 @@ do_test() {
   ensure_host_packages
   log "./do check: install on a real systemd server and test it there"
   venv_python -m tools.check
+  log "./do check-update: the last release, updated to this build"
+  venv_python -m tools.check_update
   log "system tests: updates on real systemd servers"
   "$VENV/bin/pytest" -m system tests/system
 }
@@ -146,7 +148,7 @@ Usage: ./do COMMAND [ARGS]
   setup         create .venv from uv.lock (run by every other command)
   lock          re-resolve dependencies into uv.lock
   lint          ruff, ruff format, mypy --strict, shellcheck, systemd-analyze verify, actionlint
-  test          everything: lint, unit/API/CLI tests, ./do check, system tests (root)
+  test          everything: lint, unit/API/CLI tests, check, check-update, system tests (root)
   unit-tests    only the unit, API and CLI tests (pytest args pass through)
   build         build the scalebox wheel into dist/
   keygen        make a release-signing key in keys/ (kept out of git)
