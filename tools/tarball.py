@@ -16,6 +16,7 @@ See docs/release-format.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -269,6 +270,41 @@ def check_installable(wheels: Path, version: str, python: str, arch: str, scratc
     )
 
 
+def debian_packages(pyproject: Mapping[str, object]) -> list[str]:
+    """``[tool.scalebox] debian-packages`` of pyproject.toml: what the release needs installed."""
+    tool = pyproject.get("tool", {})
+    table = tool.get("scalebox", {}) if isinstance(tool, dict) else {}
+    value = table.get("debian-packages", []) if isinstance(table, dict) else []
+    try:
+        return list(manifest.parse_debian_packages(value))
+    except ReleaseError:
+        raise ReleaseError(
+            f"pyproject.toml [tool.scalebox] debian-packages = {value!r} is not a list of "
+            "Debian package names",
+            'write e.g. debian-packages = ["python3", "python3-venv", "systemd"]',
+        ) from None
+
+
+def release_migrations(sources: Path) -> list[manifest.MigrationInfo]:
+    """The migrations of the sources being built, as their own code lists them."""
+    if not (sources / "src" / "scalebox" / "migrations").is_dir():
+        return []  # sources from before migrations existed
+    # A fresh interpreter that imports the built sources, not this checkout's scalebox.
+    out = run(
+        [sys.executable, "-m", "scalebox.migrations", "list", "--json"],
+        description="listing the release's migrations",
+        env={**_pip_env(), "PYTHONPATH": str(sources / "src"), "PYTHONDONTWRITEBYTECODE": "1"},
+        cwd=sources,
+    )
+    try:
+        return list(manifest.parse_migrations(json.loads(out)))
+    except (ValueError, ReleaseError) as exc:
+        raise ReleaseError(
+            f"the release's migration list is malformed: {exc}",
+            "check src/scalebox/migrations/steps.py",
+        ) from None
+
+
 def build_release(
     src: Path,
     out_dir: Path,
@@ -286,7 +322,10 @@ def build_release(
         tmp = Path(tmp_name)
         sources = tmp / "src"
         version = copy_sources(src, sources, version)
-        project = tomllib.loads((sources / "pyproject.toml").read_text())["project"]
+        pyproject = tomllib.loads((sources / "pyproject.toml").read_text())
+        project = pyproject["project"]
+        packages = debian_packages(pyproject)
+        migrations = release_migrations(sources)
         entry_points = sorted(project.get("scripts", {}))
         tree = tmp / "tree"
         wheels = tree / "wheels"
@@ -312,7 +351,13 @@ def build_release(
             if path.is_file() and path != tree / manifest.INSTALL_SCRIPT:
                 path.chmod(0o644)
         release = build.make_manifest(
-            tree, version=version, arch=arch, python=PYTHONS, entry_points=entry_points
+            tree,
+            version=version,
+            arch=arch,
+            python=PYTHONS,
+            entry_points=entry_points,
+            migrations=migrations,
+            debian_packages=packages,
         )
         build.seal(tree, release, key)
         out = out_dir / f"{release.top_dir}.tar.gz"

@@ -50,6 +50,8 @@ def make_manifest(
     arch: str,
     python: Sequence[str],
     entry_points: Sequence[str],
+    migrations: Sequence[manifest.MigrationInfo] = (),
+    debian_packages: Sequence[str] = (),
 ) -> manifest.Manifest:
     """The manifest of the tree at ``root``; units are the files in units/."""
     units_dir = root / "units"
@@ -61,6 +63,8 @@ def make_manifest(
         entry_points=tuple(entry_points),
         units=tuple(units),
         files=tree_hashes(root),
+        migrations=tuple(migrations),
+        debian_packages=manifest.parse_debian_packages(list(debian_packages)),
     )
 
 

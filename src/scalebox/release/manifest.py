@@ -3,7 +3,8 @@
 The manifest is pure data: ``Manifest`` is built from a tree by the builder,
 serialised to canonical bytes (which the signature covers), and parsed back
 with every field checked. Unknown fields are kept in ``raw`` so a newer
-release's manifest still reads.
+release's manifest still reads; fields added later (``migrations``,
+``debian_packages``) are empty when an older manifest lacks them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,21 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _PYTHON = re.compile(r"^3\.[0-9]{1,2}$")
 # Versions and arches become directory names on servers: keep them to a safe alphabet.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+# Debian policy 5.6.1: lower case, digits, + - . ; at least two characters.
+_DEBIAN_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]{1,99}$")
+_MIGRATION_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class MigrationInfo:
+    """One migration the release ships (scalebox.migrations), as the manifest lists it."""
+
+    id: str
+    since: str
+    description: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"id": self.id, "since": self.since, "description": self.description}
 
 
 @dataclass(frozen=True)
@@ -40,6 +56,8 @@ class Manifest:
     units: tuple[str, ...]
     files: Mapping[str, str]  # relative path -> sha256 hex, every file but RELEASE.json(.sig)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    migrations: tuple[MigrationInfo, ...] = ()  # in the order they run
+    debian_packages: tuple[str, ...] = ()  # the updater installs the missing ones
 
     @property
     def top_dir(self) -> str:
@@ -58,6 +76,8 @@ class Manifest:
                 "entry_points": list(self.entry_points),
                 "units": list(self.units),
                 "files": dict(sorted(self.files.items())),
+                "migrations": [m.to_json() for m in self.migrations],
+                "debian_packages": list(self.debian_packages),
             }
         )
         return data
@@ -159,7 +179,36 @@ def parse(raw_bytes: bytes) -> Manifest:
         units=units,
         files=dict(files),
         raw=data,
+        migrations=parse_migrations(data.get("migrations", [])),
+        debian_packages=parse_debian_packages(data.get("debian_packages", [])),
     )
+
+
+def parse_migrations(value: Any) -> tuple[MigrationInfo, ...]:
+    """The ``migrations`` list: objects with a safe id, a since version and a description."""
+    if not isinstance(value, list):
+        raise _bad("'migrations' must be a list")
+    out = []
+    for item in value:
+        if not isinstance(item, dict) or not all(
+            isinstance(item.get(k), str) for k in ("id", "since", "description")
+        ):
+            raise _bad("each migration needs the strings 'id', 'since' and 'description'")
+        if not _MIGRATION_ID.match(item["id"]):
+            raise _bad(f"migration id {item['id']!r} is not allowed")
+        out.append(MigrationInfo(item["id"], item["since"], item["description"]))
+    if len({m.id for m in out}) != len(out):
+        raise _bad("a migration id is listed twice")
+    return tuple(out)
+
+
+def parse_debian_packages(value: Any) -> tuple[str, ...]:
+    """The ``debian_packages`` list: plain Debian package names (no versions, no arch)."""
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and _DEBIAN_PACKAGE.match(v) for v in value
+    ):
+        raise _bad("'debian_packages' must be a list of Debian package names such as python3-venv")
+    return tuple(value)
 
 
 def missing_parts(manifest: Manifest) -> list[str]:
