@@ -1,0 +1,180 @@
+"""A steady HTTP load from the host: a few paced workers, each result timed and classified.
+
+    load = Load(lambda: m.url(8080, "/health"), workers=4, keep_alive=False)
+    with load.running():
+        ...                                 # the update
+    print(load.stats().line())
+
+Each worker sends one GET, waits for its answer, then waits out the rest of
+its interval, so the offered rate is at most workers / interval. The URL
+function runs before every request (m.url() re-checks the route to the
+machine). With keep_alive each worker reuses one connection, as a browser or
+an API client would; otherwise every request opens a new one. Bounded: a
+worker stops on stop(), at max_seconds, or after max_requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import httpx
+
+from scalebox.errors import ScaleboxError
+
+OK = "ok"
+
+
+@dataclass(frozen=True)
+class Sample:
+    sent: float  # time.time() when the request started
+    seconds: float  # until the answer or the error
+    kind: str  # "ok", or what went wrong: "refused", "reset", "timeout", "HTTP 502", ...
+    version: str = ""  # /health's "version" when answered
+
+
+def classify(exc: Exception) -> str:
+    """A short name for why a request failed."""
+    text = str(exc).lower()
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(exc, httpx.ConnectError):
+        return "refused" if "refused" in text else "connect error"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "disconnected without answer"
+    if isinstance(exc, httpx.ReadError):
+        return "reset" if "reset" in text else "read error"
+    if isinstance(exc, ScaleboxError):
+        return "route check failed"
+    return type(exc).__name__
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of ``values`` (0.0 when empty)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass(frozen=True)
+class Stats:
+    sent: int
+    answered: int
+    failures: dict[str, int]
+    p50: float
+    p99: float
+    max: float
+    versions: dict[str, int]
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failures.values())
+
+    def line(self) -> str:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.failures.items())) or "none"
+        return (
+            f"{self.sent} sent, {self.answered} answered, {self.failed} failed ({kinds}); "
+            f"latency p50 {self.p50 * 1000:.0f} ms, p99 {self.p99 * 1000:.0f} ms, "
+            f"max {self.max * 1000:.0f} ms"
+        )
+
+
+def summarize(samples: list[Sample]) -> Stats:
+    answered = [s for s in samples if s.kind == OK]
+    seconds = [s.seconds for s in answered]
+    return Stats(
+        sent=len(samples),
+        answered=len(answered),
+        failures=dict(Counter(s.kind for s in samples if s.kind != OK)),
+        p50=percentile(seconds, 0.50),
+        p99=percentile(seconds, 0.99),
+        # The longest wait any client saw, answered or not.
+        max=max((s.seconds for s in samples), default=0.0),
+        versions=dict(Counter(s.version for s in answered)),
+    )
+
+
+@dataclass
+class Load:
+    url: Callable[[], str]
+    workers: int = 4
+    keep_alive: bool = False
+    interval: float = 0.02  # per worker: at most one request started per interval
+    timeout: float = 30.0  # per request
+    max_seconds: float = 900.0
+    max_requests: int = 200_000
+    samples: list[Sample] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Load]:
+        threads = [
+            threading.Thread(target=self._worker, daemon=True, name=f"load-{i}")
+            for i in range(self.workers)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            for thread in threads:
+                thread.join(self.timeout + 5)
+
+    def taken(self) -> list[Sample]:
+        """The samples so far (a copy)."""
+        with self._lock:
+            return list(self.samples)
+
+    def stats(self, since: float = 0.0) -> Stats:
+        with self._lock:
+            return summarize([s for s in self.samples if s.sent >= since])
+
+    def _worker(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        per_worker = self.max_requests // max(1, self.workers)
+        # trust_env=False: no proxy from the environment; traffic goes only to url().
+        client = httpx.Client(trust_env=False, timeout=self.timeout) if self.keep_alive else None
+        try:
+            for _ in range(per_worker):
+                if self._stop.is_set() or time.monotonic() > deadline:
+                    return
+                begun = time.monotonic()
+                sample = self._one(client)
+                with self._lock:
+                    self.samples.append(sample)
+                self._stop.wait(max(0.0, self.interval - (time.monotonic() - begun)))
+        finally:
+            if client is not None:
+                client.close()
+
+    def _one(self, client: httpx.Client | None) -> Sample:
+        try:
+            url = self.url()  # the route check, outside the timed part
+        except ScaleboxError as exc:
+            return Sample(time.time(), 0.0, classify(exc))
+        sent, start = time.time(), time.monotonic()
+        try:
+            if client is not None:
+                response = client.get(url)
+            else:
+                with httpx.Client(trust_env=False, timeout=self.timeout) as fresh:
+                    response = fresh.get(url)
+        except (httpx.HTTPError, OSError) as exc:
+            return Sample(sent, time.monotonic() - start, classify(exc))
+        seconds = time.monotonic() - start
+        if response.status_code != 200:
+            return Sample(sent, seconds, f"HTTP {response.status_code}")
+        try:
+            version = str(response.json().get("version", ""))
+        except (ValueError, AttributeError):
+            return Sample(sent, seconds, "answer is not the /health JSON")
+        return Sample(sent, seconds, OK, version)
