@@ -330,6 +330,14 @@ else
     systemctl restart scaleboxd.service
   fi
 
+  # At boot it finishes an update that a crash or power loss interrupted; it
+  # does nothing (ConditionPathExists) when no update journal is left.
+  if ! systemctl is-enabled --quiet scalebox-update-recover.service; then
+    log "enabling scalebox-update-recover.service (finishes an interrupted update at boot)"
+    systemctl enable --quiet scalebox-update-recover.service
+    CHANGED=1
+  fi
+
   log "waiting up to ${HEALTH_TIMEOUT}s for http://127.0.0.1:$API_PORT/health to report $VERSION"
   python3 - "http://127.0.0.1:$API_PORT/health" "$VERSION" "$HEALTH_TIMEOUT" <<'PY' ||
 import json
