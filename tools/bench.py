@@ -8,10 +8,11 @@ starts a VM and measures:
 
 1. requests during an update A -> B: load generators on the host send
    GET /health to the machine (through m.url(), which checks the route) for
-   the whole update: paced workers on a new connection per request, the same
-   on kept-alive connections, and ./do check's RequestStream (a new request
-   every 20 ms whether or not earlier ones were answered). Sent, answered,
-   failed by kind, and p50/p99/max latency of each.
+   the whole update, all at once: paced workers on a new connection per
+   request, the same on kept-alive connections, and an open loop (a new
+   request every 20 ms whether or not earlier ones were answered, like
+   ./do check's RequestStream). Sent, answered, failed by kind, and
+   p50/p99/max latency of each.
 2. a crashing release: from the moment the updater starts its switch (its
    own step_times) to the moment /health answers with the old version again,
    polled from the host every 20 ms; also the updater's own view (the time
@@ -36,7 +37,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,9 +45,8 @@ import httpx
 
 from scalebox.errors import ScaleboxError
 from tools import keygen, releases
-from tools.check import RequestStream
 from tools.checks import API_PORT, CACHE, create_vm, install, read_token, say, vm_still_running
-from tools.loadgen import Load, Stats, percentile
+from tools.loadgen import Load, Stats
 from tools.machine import MACHINE_ENV, Machine, sigterm_raises
 from tools.releases import CRASH, A, B
 
@@ -167,27 +166,6 @@ class LoadFigures:
             stats.versions,
         )
 
-    @classmethod
-    def of_stream(cls, name: str, stream: RequestStream) -> LoadFigures:
-        seconds = [done - sent for sent, done in stream.times]
-        failures: dict[str, int] = {}
-        if stream.refused:
-            failures["refused"] = stream.refused
-        for other in stream.other:
-            kind = other.split(":", 1)[0]
-            failures[kind] = failures.get(kind, 0) + 1
-        failed = stream.refused + len(stream.other)
-        return cls(
-            name,
-            stream.answered + failed,
-            stream.answered,
-            failed,
-            failures,
-            round(percentile(seconds, 0.5) * 1000, 1),
-            round(percentile(seconds, 0.99) * 1000, 1),
-            round(max(seconds, default=0.0) * 1000, 1),
-        )
-
     def line(self) -> str:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.failures.items())) or "none"
         return (
@@ -263,21 +241,10 @@ def _wait_version(m: Machine, version: str, timeout: float = 60) -> None:
     )
 
 
-@contextlib.contextmanager
-def _stream_running(stream: RequestStream) -> Iterator[None]:
-    thread = threading.Thread(target=stream.run, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stream.stop()
-        thread.join(90)
-
-
-def _wait_answered(loads: list[Load], stream: RequestStream, count: int = 5) -> None:
+def _wait_answered(loads: list[Load], count: int = 5) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        if all(load.stats().answered >= count for load in loads) and stream.answered >= count:
+        if all(load.stats().answered >= count for load in loads):
             return
         time.sleep(0.05)
     raise BenchError(
@@ -290,9 +257,9 @@ def measure_update(m: Machine, figures: RunFigures, workers: int, interval: floa
     """1 and 3: A -> B under constant load."""
     new_conn = Load(lambda: _health_url(m), workers=workers, interval=interval)
     kept = Load(lambda: _health_url(m), workers=workers, interval=interval, keep_alive=True)
-    stream = RequestStream(url=lambda: _health_url(m))
-    with new_conn.running(), kept.running(), _stream_running(stream):
-        _wait_answered([new_conn, kept], stream)
+    open_loop = Load(lambda: _health_url(m), interval=0.02, open_loop=True)
+    with new_conn.running(), kept.running(), open_loop.running():
+        _wait_answered([new_conn, kept, open_loop])
         run = run_updater(m, f"/mnt/release/{releases.tarball_name(B)}")
         time.sleep(1.0)  # and a while after: the new process must answer too
     figures.update_exit = run.exit_code
@@ -302,7 +269,7 @@ def measure_update(m: Machine, figures: RunFigures, workers: int, interval: floa
     figures.loads = [
         LoadFigures.of(f"new connection, {workers} workers", new_conn.stats()),
         LoadFigures.of(f"keep-alive, {workers} workers", kept.stats()),
-        LoadFigures.of_stream("open loop, new request / 20 ms", stream),
+        LoadFigures.of("open loop, new request / 20 ms", open_loop.stats()),
     ]
     if run.exit_code != 0:
         figures.errors.append(f"update A->B exited {run.exit_code}: {run.result.get('message')}")
@@ -325,6 +292,11 @@ def _systemd_timeline(m: Machine, since: float) -> list[tuple[float, str]]:
             if isinstance(message, str):
                 entries.append((int(raw["__REALTIME_TIMESTAMP"]) / 1e6, message))
     return entries
+
+
+def _notable(message: str) -> bool:
+    """Not an access-log line, nor the container's harmless cgroup complaint."""
+    return "scaleboxd.api:" not in message and "Failed to kill control group" not in message
 
 
 def measure_crash(m: Machine, figures: RunFigures, old: str) -> None:
@@ -364,12 +336,15 @@ def measure_crash(m: Machine, figures: RunFigures, old: str) -> None:
     if stopping is not None and answers:
         figures.crash_from_systemd_stop_s = round(answers[0] - stopping, 3)
     marks = [(switch, "updater: switch step begins"), (rollback, "updater: rollback step begins")]
-    marks += [(t, f"systemd: {msg}") for t, msg in journal]
+    marks += [(t, f"journal: {msg}") for t, msg in journal if _notable(msg)]
     if healthy_line is not None:
         marks.append((healthy_line, f"updater: scaleboxd {old} is healthy"))
     if answers:
         marks.append((answers[0], f"host: /health answers {old}"))
-    figures.crash_timeline = [f"+{t - switch:6.3f} s  {what}" for t, what in sorted(marks)]
+    last = (answers[0] if answers else run.ended) + 0.05
+    figures.crash_timeline = [
+        f"+{t - switch:6.3f} s  {what}" for t, what in sorted(marks) if switch - 0.5 <= t <= last
+    ]
 
 
 def one_run(index: int, release_dir: Path, workers: int, interval: float) -> RunFigures:

@@ -6,11 +6,15 @@
     print(load.stats().line())
 
 Each worker sends one GET, waits for its answer, then waits out the rest of
-its interval, so the offered rate is at most workers / interval. The URL
-function runs before every request (m.url() re-checks the route to the
-machine). With keep_alive each worker reuses one connection, as a browser or
-an API client would; otherwise every request opens a new one. Bounded: a
-worker stops on stop(), at max_seconds, or after max_requests.
+its interval, so the offered rate is at most workers / interval. With
+open_loop a request is started every interval whatever happened to the
+earlier ones (each in its own thread), so a stall cannot lower the rate and
+hide the latency it causes. The URL function runs before every request
+(m.url() re-checks the route to the machine). With keep_alive each worker
+reuses one connection, as an API client would; otherwise every request opens
+a new one. Each worker makes its client once: creating an httpx.Client costs
+~30 ms of CPU, which would otherwise be measured as latency. Bounded: the
+load stops on leaving running(), at max_seconds, or after max_requests.
 """
 
 from __future__ import annotations
@@ -106,6 +110,7 @@ class Load:
     url: Callable[[], str]
     workers: int = 4
     keep_alive: bool = False
+    open_loop: bool = False
     interval: float = 0.02  # per worker: at most one request started per interval
     timeout: float = 30.0  # per request
     max_seconds: float = 900.0
@@ -116,9 +121,10 @@ class Load:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[Load]:
+        target = self._open_loop if self.open_loop else self._worker
+        count = 1 if self.open_loop else self.workers
         threads = [
-            threading.Thread(target=self._worker, daemon=True, name=f"load-{i}")
-            for i in range(self.workers)
+            threading.Thread(target=target, daemon=True, name=f"load-{i}") for i in range(count)
         ]
         for thread in threads:
             thread.start()
@@ -138,36 +144,49 @@ class Load:
         with self._lock:
             return summarize([s for s in self.samples if s.sent >= since])
 
+    def _client(self) -> httpx.Client:
+        # trust_env=False: no proxy from the environment; traffic goes only to url().
+        # No kept-alive connections unless asked: each request then opens a new one.
+        limits = httpx.Limits(max_keepalive_connections=None if self.keep_alive else 0)
+        return httpx.Client(trust_env=False, timeout=self.timeout, limits=limits)
+
+    def _record(self, client: httpx.Client) -> None:
+        sample = self._one(client)
+        with self._lock:
+            self.samples.append(sample)
+
     def _worker(self) -> None:
         deadline = time.monotonic() + self.max_seconds
-        per_worker = self.max_requests // max(1, self.workers)
-        # trust_env=False: no proxy from the environment; traffic goes only to url().
-        client = httpx.Client(trust_env=False, timeout=self.timeout) if self.keep_alive else None
-        try:
-            for _ in range(per_worker):
+        with self._client() as client:
+            for _ in range(self.max_requests // max(1, self.workers)):
                 if self._stop.is_set() or time.monotonic() > deadline:
                     return
                 begun = time.monotonic()
-                sample = self._one(client)
-                with self._lock:
-                    self.samples.append(sample)
+                self._record(client)
                 self._stop.wait(max(0.0, self.interval - (time.monotonic() - begun)))
-        finally:
-            if client is not None:
-                client.close()
 
-    def _one(self, client: httpx.Client | None) -> Sample:
+    def _open_loop(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        senders = []
+        with self._client() as client:
+            for _ in range(self.max_requests):
+                if self._stop.is_set() or time.monotonic() > deadline:
+                    break
+                sender = threading.Thread(target=self._record, args=(client,), daemon=True)
+                sender.start()
+                senders.append(sender)
+                self._stop.wait(self.interval)
+            for sender in senders:
+                sender.join(self.timeout + 5)
+
+    def _one(self, client: httpx.Client) -> Sample:
         try:
             url = self.url()  # the route check, outside the timed part
         except ScaleboxError as exc:
             return Sample(time.time(), 0.0, classify(exc))
         sent, start = time.time(), time.monotonic()
         try:
-            if client is not None:
-                response = client.get(url)
-            else:
-                with httpx.Client(trust_env=False, timeout=self.timeout) as fresh:
-                    response = fresh.get(url)
+            response = client.get(url)
         except (httpx.HTTPError, OSError) as exc:
             return Sample(sent, time.monotonic() - start, classify(exc))
         seconds = time.monotonic() - start
