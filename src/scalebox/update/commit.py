@@ -30,6 +30,7 @@ def commit(ctx: Context, journal: Journal) -> list[str]:
                 to_version=journal.to_version,
                 result=history.UPDATED,
                 step_times=journal.step_times,
+                migrations=journal.migrations,
             )
         )
     return prune(ctx, previous=journal.from_release, entries=entries)

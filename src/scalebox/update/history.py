@@ -4,7 +4,8 @@ Append-only. Each line: ``at`` (UTC), ``id`` (transaction id), ``action``
 (update, rollback, recover), ``from``, ``to``, ``result`` (updated,
 rolled back, rollback failed, refused), ``reason`` and ``step_times``
 (when each step began, Unix seconds, plus ``end``: when the result was
-recorded; absent in lines written before it existed).
+recorded; absent in lines written before it existed) and ``migrations``
+(the ids of the migrations the update applied; absent in older lines).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Entry:
     result: str
     reason: str | None = None
     step_times: dict[str, float] | None = None
+    migrations: list[str] | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -45,6 +47,7 @@ class Entry:
             "result": self.result,
             "reason": self.reason,
             "step_times": self.step_times,
+            "migrations": self.migrations,
         }
 
 
@@ -76,10 +79,13 @@ def record(
     result: str,
     reason: str | None = None,
     step_times: dict[str, float] | None = None,
+    migrations: list[str] | None = None,
 ) -> Entry:
     """Append the result of a transaction; ``step_times`` gains ``end``: now."""
     times = None if step_times is None else {**step_times, "end": stamp()}
-    entry = Entry(now(), transaction_id, action, from_version, to_version, result, reason, times)
+    entry = Entry(
+        now(), transaction_id, action, from_version, to_version, result, reason, times, migrations
+    )
     append(path, entry)
     return entry
 
@@ -104,6 +110,7 @@ def read(path: Path) -> list[Entry]:
                     result=str(raw["result"]),
                     reason=raw.get("reason"),
                     step_times=raw.get("step_times"),
+                    migrations=raw.get("migrations"),
                 )
             )
         except (ValueError, KeyError, TypeError):

@@ -260,6 +260,7 @@ def _update(
         outcome.message,
         pruned=outcome.pruned,
         step_times=outcome.step_times,
+        migrations=outcome.migrations,
     )
 
 
@@ -330,6 +331,7 @@ def _rollback(ctx: Context) -> Result:
         f"rolled back {installed.version} -> {previous}; scaleboxd {previous} is healthy",
         pruned=outcome.pruned,
         step_times=outcome.step_times,
+        migrations=outcome.migrations,
     )
 
 
@@ -342,6 +344,7 @@ def _result(
     exit_code: int = 0,
     pruned: list[str] | None = None,
     step_times: dict[str, float] | None = None,
+    migrations: list[str] | None = None,
 ) -> Result:
     out: Result = {
         "result": result,
@@ -354,6 +357,8 @@ def _result(
         out["pruned"] = pruned
     if step_times is not None:
         out["step_times"] = step_times
+    if migrations is not None:
+        out["migrations"] = migrations
     return out
 
 

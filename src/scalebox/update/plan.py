@@ -53,6 +53,8 @@ def recovery_action(step: str) -> Recovery:
     """The one way to finish a transaction whose journal says ``step`` had begun.
 
     - stage, backup: the running release, units and config were not touched yet.
+    - migrate: the config may be half migrated: roll back (restores it from the
+      backup, byte for byte).
     - switch, verify: the switch may be half done, or the new release was not
       yet seen stable: roll back. (An interrupted verify proves nothing.)
     - commit: the new release passed verification; only bookkeeping is left.
@@ -60,7 +62,7 @@ def recovery_action(step: str) -> Recovery:
     """
     if step in ("stage", "backup"):
         return Recovery.DISCARD
-    if step in ("switch", "verify", "rollback"):
+    if step in ("migrate", "switch", "verify", "rollback"):
         return Recovery.ROLL_BACK
     if step == "commit":
         return Recovery.COMMIT

@@ -4,7 +4,9 @@ A venv's scripts carry their absolute path, so the release is built in place
 and marked ``.complete`` last; a directory without it is unfinished and is
 removed, never used. Then the *new* release's own ``scaleboxd
 --check-config`` judges the live config, so a release that cannot start with
-it is refused before the service is touched (design section 8).
+it is refused before the service is touched (design section 8). Before the
+build, the Debian packages the release declares are installed if missing
+(packages.py), so a release that cannot get them is refused the same way.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from scalebox.fsutil import atomic_write, fsync_dir
-from scalebox.update import process
+from scalebox.release import manifest
+from scalebox.release.errors import ReleaseError
+from scalebox.update import packages, process
 from scalebox.update.errors import UpdateError
 from scalebox.update.paths import Paths
 from scalebox.update.plan import ReleaseDir
@@ -25,6 +30,7 @@ COMPLETE = ".complete"
 MANIFEST = "RELEASE.json"
 
 Report = Callable[[str], None]
+T = TypeVar("T")
 
 
 def check_name(version: str) -> str:
@@ -78,6 +84,36 @@ def remove_unfinished(paths: Paths, report: Report) -> list[str]:
             shutil.rmtree(paths.release_dir(release.name))
             removed.append(release.name)
     return removed
+
+
+def _declared(directory: Path, key: str, parse: Callable[[Any], T]) -> T:
+    # RELEASE.json was verified when the release was opened or built; a release
+    # made before ``key`` existed simply has none (parse([]) is empty).
+    try:
+        raw = json.loads((directory / MANIFEST).read_bytes())
+        return parse(raw.get(key, []) if isinstance(raw, dict) else [])
+    except (OSError, ValueError, ReleaseError) as exc:
+        what = exc.what if isinstance(exc, ReleaseError) else str(exc)
+        raise UpdateError(
+            f"cannot read {key} from {directory / MANIFEST}: {what}",
+            "the release is damaged; remove it and run scalebox-update again",
+        ) from None
+
+
+def declared_packages(directory: Path) -> tuple[str, ...]:
+    """RELEASE.json ``debian_packages``: what the release needs installed."""
+    return _declared(directory, "debian_packages", manifest.parse_debian_packages)
+
+
+def declared_migrations(directory: Path) -> tuple[manifest.MigrationInfo, ...]:
+    """RELEASE.json ``migrations``: what the release's runner may apply."""
+    return _declared(directory, "migrations", manifest.parse_migrations)
+
+
+def ensure_packages(release_root: Path, version: str, report: Report) -> list[str]:
+    """Install the Debian packages the release declares that are missing; refuse on failure."""
+    wanted = declared_packages(release_root)
+    return packages.ensure(wanted, version, report, timeout=packages.APT_TIMEOUT)
 
 
 def python_version(python: str) -> str:

@@ -1,4 +1,4 @@
-"""The update transaction: stage -> backup -> switch -> verify -> commit, or rollback.
+"""The update transaction: stage -> backup -> migrate -> switch -> verify -> commit, or rollback.
 
 Each step is entered only after the journal names it (written and fsynced),
 so ``recover`` can finish any transaction a crash interrupted. Preflight,
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NoReturn
 
 from scalebox.update import (
     commit,
@@ -19,6 +20,7 @@ from scalebox.update import (
     history,
     interrupt,
     journal,
+    migrate,
     plan,
     rollback,
     stage,
@@ -45,6 +47,7 @@ class Outcome:
     message: str
     pruned: list[str] = field(default_factory=list)
     step_times: dict[str, float] = field(default_factory=dict)  # when each step began
+    migrations: list[str] = field(default_factory=list)  # ids applied, in order
 
 
 def install(
@@ -74,6 +77,8 @@ def install(
 
     # stage: nothing live changes; a failure here refuses the update.
     try:
+        release_root = target.root if target.root is not None else new_dir
+        stage.ensure_packages(release_root, target.version, ctx.report)
         if target.root is not None:
             stage.build(p, target.root, target.version, python=ctx.python, report=ctx.report)
         ctx.report(f"checking the live config with {target.version}'s own scaleboxd")
@@ -87,8 +92,15 @@ def install(
     j = journal.advance(p.journal, j, "backup")
     old_units = switch.release_units(p.release_dir(from_release))
     switch.back_up(p, p.backup_dir(j.id), [*switch.release_units(new_dir), *old_units])
-    # Seam for migrations (a later issue): they run here, from releases/<new>,
-    # after the backup and before the restart, under their own journal step.
+
+    # migrate: the new release's own migrations change the config; a failure
+    # (or a crash, via recovery) rolls back with the config restored from the backup.
+    j = journal.advance(p.journal, j, "migrate")
+    try:
+        applied = migrate.step(p, j, ctx.report)
+    except Exception as exc:  # noqa: BLE001 - a failed migration rolls everything back
+        _roll_back(ctx, j, _reason(exc))  # raises
+    j = replace(j, migrations=applied)
 
     j = journal.advance(p.journal, j, "switch")
     try:
@@ -108,8 +120,7 @@ def install(
             ctx.report,
         )
     except Exception as exc:  # noqa: BLE001 - every failure from the switch on rolls back
-        reason = exc.what if isinstance(exc, UpdateError) else f"{type(exc).__name__}: {exc}"
-        _roll_back(ctx, j, reason)  # raises
+        _roll_back(ctx, j, _reason(exc))  # raises
 
     j = journal.advance(p.journal, j, "commit")
     pruned = commit.commit(ctx, j)
@@ -121,10 +132,15 @@ def install(
         f"updated {from_version} -> {target.version}; scaleboxd {target.version} is healthy",
         pruned,
         {**j.step_times, "end": journal.stamp()},
+        applied,
     )
 
 
-def _roll_back(ctx: Context, j: Journal, reason: str) -> None:
+def _reason(exc: Exception) -> str:
+    return exc.what if isinstance(exc, UpdateError) else f"{type(exc).__name__}: {exc}"
+
+
+def _roll_back(ctx: Context, j: Journal, reason: str) -> NoReturn:
     j = journal.advance(ctx.paths.journal, j, "rollback", reason=reason)
     try:
         with interrupt.shielded():
