@@ -54,3 +54,19 @@ def boot_machine() -> Iterator[BootMachine]:
 def machine(boot_machine: BootMachine) -> Machine:
     """One freshly booted machine, torn down after the test."""
     return boot_machine()
+
+
+@pytest.fixture(scope="module")
+def module_boot_machine() -> Iterator[BootMachine]:
+    """Like boot_machine, for machines that every test of a module shares."""
+    _skip_unless_able()
+    with contextlib.ExitStack() as stack:
+
+        def boot(release_dir: Path | None = None) -> Machine:
+            return stack.enter_context(Machine.boot(release_dir))
+
+        yield boot
+
+
+# The update tests' fixtures (releases once per session, a server with A installed).
+from .update_helpers import releases, server  # noqa: E402, F401

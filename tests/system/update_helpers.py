@@ -1,0 +1,411 @@
+"""What the scalebox-update system tests share: releases, a server with A, the end checks.
+
+``releases`` (one per session) is a folder bound read-only at /mnt/release in
+each machine: install.sh, real signed tarballs of A, B and the deliberately
+broken releases (tools/releases.py), tarballs crafted from B that must be
+refused (corrupt, badly signed, unsafe members, another arch), a throwaway TLS
+CA with a certificate for 127.0.0.1, and fake_github.py.
+
+``server`` is a fresh machine with A installed by install.sh and one VM
+running. ``Server.assert_intact`` is the one end-of-test check the issue asks
+for; with a ``Snapshot`` it also proves that nothing at all was changed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import ipaddress
+import json
+import shlex
+import shutil
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from tools import keygen
+from tools.machine import Machine
+from tools.releases import ARCH, BROKEN, ROOT, A, B, broken_copy, build_tarball, tarball_name
+
+from scalebox.release import signing
+
+SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBvY6iHp0l8tMIW2RwA5d6kXyP1u7oSxDpvq2EN0lJ8k test"
+MNT = "/mnt/release"
+OTHER_ARCH = "aarch64" if ARCH != "aarch64" else "x86_64"
+# Crafted from B, each wrong in one way (see _craft_refused). Names under /mnt/release.
+CORRUPT = f"corrupt-{tarball_name(B)}"
+BAD_SIGNATURE = f"bad-signature-{tarball_name(B)}"
+UNTRUSTED_KEY = f"untrusted-key-{tarball_name(B)}"
+DOTDOT = f"dotdot-{tarball_name(B)}"
+ABSOLUTE = f"absolute-{tarball_name(B)}"
+SYMLINK = f"symlink-{tarball_name(B)}"
+WRONG_ARCH = f"scalebox-{B}-{OTHER_ARCH}.tar.gz"
+# Where the unsafe members would land if an extractor obeyed them.
+ESCAPED = (
+    "/tmp/scalebox-escaped-dotdot",
+    "/tmp/scalebox-escaped-absolute",
+    "/etc/scalebox-escaped",
+)
+
+BootMachine = Callable[..., Machine]
+
+
+def tarball(version: str) -> str:
+    """The path, inside a machine, of the release tarball of ``version``."""
+    return f"{MNT}/{tarball_name(version)}"
+
+
+# --- the session's releases -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def releases(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder per session for every machine's /mnt/release (see the module docstring)."""
+    out = tmp_path_factory.mktemp("releases")
+    key, _pub = keygen.keygen(tmp_path_factory.mktemp("keys"))
+    build_tarball(out, key, A)
+    build_tarball(out, key, B)
+    broken = tmp_path_factory.mktemp("broken")
+    for version in BROKEN:
+        build_tarball(out, key, version, broken_copy(broken, version))
+    shutil.copy2(ROOT / "scripts" / "install.sh", out / "install.sh")
+    shutil.copy2(Path(__file__).with_name("fake_github.py"), out / "fake_github.py")
+    _craft_refused(out, key, tmp_path_factory.mktemp("other-key"))
+    make_tls(out / "tls")
+    return out
+
+
+@dataclass
+class Tree:
+    """A release tarball's members in memory, to change and write back."""
+
+    members: list[tuple[tarfile.TarInfo, bytes | None]]
+
+    @classmethod
+    def read(cls, path: Path) -> Tree:
+        members = []
+        with tarfile.open(path) as archive:
+            for info in archive:
+                data = archive.extractfile(info) if info.isreg() else None
+                members.append((info, data.read() if data else None))
+        return cls(members)
+
+    @property
+    def top(self) -> str:
+        return self.members[0][0].name.split("/")[0]
+
+    def _index(self, relpath: str) -> int:
+        name = f"{self.top}/{relpath}"
+        return next(i for i, (info, _) in enumerate(self.members) if info.name == name)
+
+    def get(self, relpath: str) -> bytes:
+        data = self.members[self._index(relpath)][1]
+        assert data is not None
+        return data
+
+    def put(self, relpath: str, data: bytes) -> None:
+        i = self._index(relpath)
+        self.members[i][0].size = len(data)
+        self.members[i] = (self.members[i][0], data)
+
+    def manifest(self) -> dict[str, object]:
+        loaded: dict[str, object] = json.loads(self.get("RELEASE.json"))
+        return loaded
+
+    def sign(self, manifest: dict[str, object], key: Path) -> None:
+        """Write ``manifest`` and a valid signature by ``key``: only what else changed is wrong."""
+        data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+        self.put("RELEASE.json", data)
+        private = signing.load_private_key(key.read_bytes(), str(key))
+        self.put("RELEASE.json.sig", signing.sign(private, data))
+
+    def rename_top(self, top: str) -> None:
+        old = self.top
+        for info, _ in self.members:
+            info.name = top + info.name[len(old) :]
+            # A long name read from a pax header would otherwise be written back unchanged.
+            info.pax_headers = {k: v for k, v in info.pax_headers.items() if k != "path"}
+
+    def insert(self, info: tarfile.TarInfo, data: bytes | None = None) -> None:
+        """Add a member right after the top directory, before anything a check would read."""
+        if data is not None:
+            info.size = len(data)
+        self.members.insert(1, (info, data))
+
+    def write(self, path: Path) -> None:
+        with tarfile.open(path, "w:gz") as archive:
+            for info, data in self.members:
+                archive.addfile(info, io.BytesIO(data) if data is not None else None)
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode, info.mtime = kind, link, 0o644, 0
+    return info
+
+
+def _craft_refused(out: Path, key: Path, scratch: Path) -> None:
+    """Tarballs made from B that scalebox-update must refuse, each for one reason."""
+    good = out / tarball_name(B)
+
+    data = bytearray(good.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    (out / CORRUPT).write_bytes(bytes(data))
+
+    tree = Tree.read(good)
+    sig = bytearray(tree.get("RELEASE.json.sig"))
+    sig[0] ^= 0x01
+    tree.put("RELEASE.json.sig", bytes(sig))
+    tree.write(out / BAD_SIGNATURE)
+
+    # Signed by a key the server does not trust, and shipping that key:
+    # consistent in itself, as an attacker would make it.
+    other_key, other_pub = keygen.keygen(scratch)
+    tree = Tree.read(good)
+    manifest = tree.manifest()
+    pub = other_pub.read_bytes()
+    tree.put("keys/release.pub", pub)
+    files = manifest["files"]
+    assert isinstance(files, dict)
+    files["keys/release.pub"] = hashlib.sha256(pub).hexdigest()
+    tree.sign(manifest, other_key)
+    tree.write(out / UNTRUSTED_KEY)
+
+    escaped = b"written outside the release\n"
+    tree = Tree.read(good)
+    tree.insert(_member(f"{tree.top}/../../../../../../../..{ESCAPED[0]}"), escaped)
+    tree.sign(tree.manifest(), key)
+    tree.write(out / DOTDOT)
+
+    tree = Tree.read(good)
+    tree.insert(_member(ESCAPED[1]), escaped)
+    tree.sign(tree.manifest(), key)
+    tree.write(out / ABSOLUTE)
+
+    # A link out of the tree, then a file written through it.
+    tree = Tree.read(good)
+    inside = "units/escape/scalebox-escaped"
+    tree.insert(_member(f"{tree.top}/{inside}"), escaped)
+    tree.insert(_member(f"{tree.top}/units/escape", tarfile.SYMTYPE, "/etc"))
+    manifest = tree.manifest()
+    files = manifest["files"]
+    assert isinstance(files, dict)
+    files[inside] = hashlib.sha256(escaped).hexdigest()
+    tree.sign(manifest, key)
+    tree.write(out / SYMLINK)
+
+    tree = Tree.read(good)
+    manifest = tree.manifest()
+    manifest["arch"] = OTHER_ARCH
+    tree.rename_top(f"scalebox-{B}-{OTHER_ARCH}")
+    tree.sign(manifest, key)
+    tree.write(out / WRONG_ARCH)
+
+
+def make_tls(directory: Path) -> None:
+    """A throwaway CA (ca.pem) and its certificate for 127.0.0.1 (server.pem, server.key)."""
+    directory.mkdir()
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "scalebox test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (directory / "server.pem").write_bytes(cert.public_bytes(pem))
+    (directory / "server.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+
+# --- a server with A installed ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What an update refused before any change must leave exactly as it was."""
+
+    daemon_pid: str
+    current: str
+    releases: str
+    units: str
+
+
+@dataclass
+class Server:
+    machine: Machine
+    token: str
+    vm_unit: str
+    vm_pid: str = ""
+    config: str = ""
+    data: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def sh(self, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.machine.run(["bash", "-c", script], check=check, timeout=600)
+
+    def update(self, *args: str, env: str = "") -> tuple[int, dict[str, object], str]:
+        """``scalebox-update --json ARGS`` with ``env`` (VAR=value ...): code, result, stderr."""
+        done = self.sh(f"{env} scalebox-update --json {shlex.join(args)}", check=False)
+        lines = done.stdout.strip().splitlines()
+        result = json.loads(lines[-1]) if lines else {}
+        return done.returncode, result, done.stderr
+
+    def health(self) -> str:
+        return str(httpx.get(self.machine.url(8080, "/health"), timeout=5).json()["version"])
+
+    def main_pid(self, unit: str) -> str:
+        return self.sh(f"systemctl show {unit} -p MainPID --value").stdout.strip()
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            daemon_pid=self.main_pid("scaleboxd.service"),
+            current=self.sh("readlink /opt/scalebox/current").stdout.strip(),
+            releases=self.sh("ls -A /opt/scalebox/releases").stdout,
+            # Unit files and the links `systemctl enable` made: contents, modes, targets.
+            units=self.sh(
+                "cd /etc/systemd/system && find . -printf '%p %y %m %l\\n' | sort && "
+                "find . -type f -print0 | sort -z | xargs -0 sha256sum"
+            ).stdout,
+        )
+
+    def assert_intact(self, version: str, unchanged: Snapshot | None = None) -> None:
+        """The issue's end-of-test checks; with ``unchanged``, also that nothing changed."""
+        assert self.health() == version
+        assert self.sh("cat /etc/scaleboxd/version").stdout.strip() == version
+        assert self.sh("systemctl is-active scaleboxd").stdout.strip() == "active"
+        assert self.sh("readlink /opt/scalebox/current").stdout.strip() == f"releases/{version}"
+        assert _digest(self, "/etc/scaleboxd/config") == self.config
+        assert _data_digest(self) == self.data
+        assert self.main_pid(self.vm_unit) == self.vm_pid
+        assert self.sh("test -e /var/lib/scalebox-update/journal.json", check=False).returncode == 1
+        if unchanged is not None:
+            assert self.snapshot() == unchanged
+
+
+def _digest(s: Server, path: str) -> str:
+    return s.sh(f"stat -c '%a %u %g' {path}; sha256sum {path}").stdout
+
+
+def _data_digest(s: Server) -> str:
+    # Every file's content and mode under DATA_DIR (the VM's disk, the templates, the state).
+    return s.sh(
+        "cd /var/lib/scalebox && find . -type f -printf '%p %m\\n' | sort && "
+        "find . -type f -print0 | sort -z | xargs -0 sha256sum"
+    ).stdout
+
+
+def install_a(m: Machine) -> Server:
+    """Install A with install.sh on ``m`` and start one VM."""
+    m.run(["bash", f"{MNT}/install.sh", tarball(A)], timeout=600)
+    token = m.run(["sed", "-n", "s/^API_TOKEN=//p", "/etc/scaleboxd/config"]).stdout.strip()
+    vm = httpx.post(
+        m.url(8080, "/vms"),
+        headers={"Authorization": f"Bearer {token}"},
+        json={"template": "debian-base", "ssh_public_key": SSH_KEY},
+        timeout=30,
+    )
+    assert vm.status_code == 201, vm.text
+    s = Server(m, token, f"scalebox-vm@{vm.json()['id']}.service")
+    s.vm_pid = s.main_pid(s.vm_unit)
+    assert s.vm_pid not in ("", "0")
+    s.config = _digest(s, "/etc/scaleboxd/config")
+    s.data = _data_digest(s)
+    return s
+
+
+@pytest.fixture
+def server(boot_machine: BootMachine, releases: Path) -> Server:
+    """A fresh machine with A installed by install.sh and one VM running."""
+    return install_a(boot_machine(releases))
+
+
+# --- fake GitHub inside the machine -------------------------------------------------
+
+API_PORT, ASSETS_PORT = 8443, 8444
+API = f"https://127.0.0.1:{API_PORT}/api"
+ASSETS = f"https://127.0.0.1:{ASSETS_PORT}"
+TRUST_TEST_CA = f"SSL_CERT_FILE={MNT}/tls/ca.pem"
+API_LOG, ASSETS_LOG = "/run/fake-gh-api.jsonl", "/run/fake-gh-assets.jsonl"
+
+
+def start_fake_github(s: Server) -> None:
+    """The releases API on API_PORT and the asset host on ASSETS_PORT, https on 127.0.0.1.
+
+    Two ports are two origins: GITHUB_TOKEN must reach the first only.
+    """
+    common = (
+        f"python3 {MNT}/fake_github.py --root {MNT} "
+        f"--tls {MNT}/tls/server.pem {MNT}/tls/server.key --latest {B}"
+    )
+    s.sh(
+        f"systemd-run --quiet --unit=fake-gh-api {common} --port {API_PORT} "
+        f"--log {API_LOG} --assets-base {ASSETS} && "
+        f"systemd-run --quiet --unit=fake-gh-assets {common} --port {ASSETS_PORT} "
+        f"--log {ASSETS_LOG}"
+    )
+    deadline = time.monotonic() + 30
+    for port in (API_PORT, ASSETS_PORT):
+        while s.sh(f"exec 3<>/dev/tcp/127.0.0.1/{port}", check=False).returncode != 0:
+            assert time.monotonic() < deadline, s.sh("journalctl -u 'fake-gh-*' -o cat").stdout
+            time.sleep(0.1)
+
+
+def requests_seen(s: Server, log: str) -> list[dict[str, str | None]]:
+    """The requests a fake server logged, in order."""
+    text = s.sh(f"cat {log} 2>/dev/null || true").stdout
+    return [json.loads(line) for line in text.splitlines()]
