@@ -27,6 +27,7 @@ import httpx
 
 import scalebox
 from scalebox.errors import ScaleboxError, UsageError
+from scalebox.release.errors import ReleaseError
 from scalebox.release.verify import Release, open_release, trusted_keys_in
 from scalebox.update import (
     fetch,
@@ -304,7 +305,11 @@ def _open(ctx: Context, tarball: Path) -> Release:
             f"put the release-signing public key (*.pub) into {ctx.paths.keys_dir}",
         )
     _report(f"verifying {tarball.name}")
-    return open_release(tarball, ctx.paths.work / "release", keys)
+    try:
+        return open_release(tarball, ctx.paths.work / "release", keys)
+    except ReleaseError as exc:
+        # ReleaseError's own code (3) would read as "rolled back": nothing had started yet.
+        raise UpdateError(f"{exc.what}; nothing was changed", exc.hint) from exc
 
 
 def _rollback(ctx: Context) -> Result:
