@@ -326,6 +326,29 @@ def test_sigterm_finishes_an_in_flight_request_and_saves_state(local: Scaleboxd)
         assert client.get("/vms/in-flight").json()["status"] == "running"
 
 
+def test_keep_alive_clients_are_told_to_reconnect_while_the_daemon_stops(local: Scaleboxd) -> None:
+    """After SIGTERM, answers on a kept-alive connection carry Connection: close, none fail.
+
+    A client that sends on an idle kept-alive connection just as the daemon
+    closes it gets a reset; telling clients to reconnect first avoids that.
+    """
+    assert local.process is not None
+    with local.client() as client:
+        assert client.get("/health").status_code == 200  # the connection is now kept alive
+        local.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        answers = []
+        while time.monotonic() < deadline:
+            response = client.get("/health")  # an error here is the failure this test guards
+            answers.append(response.status_code)
+            if response.headers.get("connection") == "close":
+                break
+            time.sleep(0.01)
+    assert answers and set(answers) == {200}
+    assert response.headers.get("connection") == "close", "no answer asked the client to reconnect"
+    assert local.process.wait(30) == 0
+
+
 # -- systemd: socket activation and sd_notify ---------------------------------------
 
 

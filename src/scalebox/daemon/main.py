@@ -18,11 +18,13 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Generator, Sequence
 from pathlib import Path
 from types import FrameType
 
 import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import scalebox
 from scalebox import config as config_module
@@ -99,12 +101,32 @@ def load_config(path: Path) -> ServerConfig:
     return config
 
 
+class CloseWhenDraining:
+    """ASGI wrapper: once ``draining`` is set, every response carries Connection: close."""
+
+    def __init__(self, app: ASGIApp, draining: threading.Event) -> None:
+        self.app = app
+        self.draining = draining
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and self.draining.is_set():
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, send_closing)
+
+
 class Server(uvicorn.Server):
     """uvicorn's server, telling systemd when it is ready and when it stops."""
 
-    def __init__(self, config: uvicorn.Config, early_signals: list[int]) -> None:
+    def __init__(
+        self, config: uvicorn.Config, early_signals: list[int], draining: threading.Event
+    ) -> None:
         super().__init__(config)
         self.early_signals = early_signals
+        self.draining = draining
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -120,7 +142,11 @@ class Server(uvicorn.Server):
         # Stop accepting first: connections still in the kernel's queue then wait
         # for the next process on systemd's socket. uvicorn closes every accepted
         # connection whose request has not been read yet, so give the ones just
-        # accepted a moment to deliver their request before it looks.
+        # accepted a moment to deliver their request before it looks. Meanwhile
+        # every answer says "Connection: close", so keep-alive clients that send
+        # in this moment reconnect (into the queue) instead of having an idle
+        # connection closed under a request they are about to write.
+        self.draining.set()
         for server in self.servers:
             server.close()
         await asyncio.sleep(ACCEPT_GRACE_SECONDS)
@@ -198,7 +224,8 @@ def serve(config: ServerConfig, bind: str) -> int:
             log.info("stopping before serving: received signal %d", stop_requested[0])
             systemd.notify("STOPPING=1")
             return 0
-        app = create_app(config, service, log.getChild("api"))
+        draining = threading.Event()
+        app = CloseWhenDraining(create_app(config, service, log.getChild("api")), draining)
         uv_config = uvicorn.Config(
             app,
             log_config=None,
@@ -208,7 +235,7 @@ def serve(config: ServerConfig, bind: str) -> int:
             server_header=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         )
-        Server(uv_config, stop_requested).run(sockets=[sock])
+        Server(uv_config, stop_requested, draining).run(sockets=[sock])
     finally:
         service.close()
         log.info("state saved; scaleboxd %s exits", scalebox.__version__)
