@@ -4,7 +4,10 @@ Releases are real signed tarballs made by `./do tarball` (A, B, and a B that
 crashes at start, built from a modified copy of the sources). Every test ends
 with what the issue asks: the expected version healthy, /etc/scaleboxd/config
 byte-identical, DATA_DIR unchanged, and a running VM's unit with the same
-main PID.
+main PID (update_helpers.Server.assert_intact). Other update tests:
+test_update_sources.py (https URL, releases API), test_update_refused.py
+(everything refused before any change), test_update_crash.py (kill -9 at
+every step boundary, then recovery).
 """
 
 from __future__ import annotations
