@@ -108,8 +108,8 @@ CASES = {
     "untrusted-tls-certificate": Case(
         # The same server, without the test CA: https verification is on.
         _url(f"{ASSETS}/files/{tarball_name(B)}"),
-        ("could not download", "CERTIFICATE_VERIFY_FAILED"),
-        ("check the network and the URL",),
+        ("TLS certificate of 127.0.0.1", "not trusted"),
+        ("SSL_CERT_FILE",),
     ),
     "plain-http-url": Case(
         _url(f"http://127.0.0.1:9/{tarball_name(B)}"),

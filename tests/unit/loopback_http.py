@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 Handler = Callable[[BaseHTTPRequestHandler], None]
@@ -41,7 +43,8 @@ class Server:
 
 
 @contextmanager
-def serve() -> Iterator[Server]:
+def serve(tls: Path | None = None) -> Iterator[Server]:
+    """A threaded HTTP server on 127.0.0.1; with ``tls`` (a tests.tls.make_tls folder), HTTPS."""
     server_box: list[Server] = []
 
     class _Handler(BaseHTTPRequestHandler):
@@ -59,8 +62,13 @@ def serve() -> Iterator[Server]:
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.daemon_threads = True
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls / "server.pem", tls / "server.key")
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
     host, port = httpd.server_address[:2]
-    server = Server(base=f"http://{host!s}:{port}")
+    scheme = "https" if tls is not None else "http"
+    server = Server(base=f"{scheme}://{host!s}:{port}")
     server_box.append(server)
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()

@@ -19,6 +19,7 @@ from scalebox.update.fetch import (
     fetch,
     make_client,
 )
+from tests.tls import make_tls
 from tests.unit.loopback_http import (
     Server,
     send_body,
@@ -325,6 +326,28 @@ def test_an_unreachable_server_is_retried_then_reported(
     assert "run scalebox-update again" in info.value.hint
     assert len(sleeps) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_untrusted_certificate_is_named_and_not_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real TLS on loopback: a certificate from an unknown CA fails at once, saying so."""
+    make_tls(tmp_path / "tls")
+    with serve(tls=tmp_path / "tls") as server:
+        server.routes["/a"] = lambda req: send_body(req, BODY)
+        sleeps = Sleeps()
+        with make_client() as strict, pytest.raises(FetchError) as info:
+            fetch(server.url("/a"), tmp_path / "a", strict, progress=False, sleep=sleeps)
+        assert "TLS certificate of 127.0.0.1" in info.value.what
+        assert "not trusted" in info.value.what
+        assert info.value.hint is not None
+        assert "SSL_CERT_FILE" in info.value.hint
+        assert sleeps == []  # retrying cannot fix a certificate
+        # The same server, its CA trusted the way an operator would: the download works.
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "tls" / "ca.pem"))
+        with make_client() as trusting:
+            got = fetch(server.url("/a"), tmp_path / "a", trusting, progress=False)
+        assert got.read_bytes() == BODY
 
 
 def test_plain_http_is_refused_unless_allowed(server: Server, tmp_path: Path) -> None:

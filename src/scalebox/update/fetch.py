@@ -17,6 +17,7 @@ import contextlib
 import os
 import random
 import re
+import ssl
 import sys
 import time
 import urllib.parse
@@ -389,6 +390,26 @@ def _describe(exc: httpx.HTTPError, got: int, total: int | None) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def certificate_problem(exc: BaseException, url: str) -> FetchError | None:
+    """A FetchError when ``exc`` comes from a TLS certificate that did not verify, else None.
+
+    Retrying cannot fix an untrusted certificate, and "check the network" would
+    send the operator the wrong way.
+    """
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            host = urllib.parse.urlsplit(url).netloc
+            return FetchError(
+                f"the TLS certificate of {host} is not trusted: "
+                f"{cause.verify_message or cause.reason}; nothing was changed",
+                "if that server is yours, set SSL_CERT_FILE to a CA bundle that includes "
+                "its issuer and run scalebox-update again",
+            )
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def _retrying_download(
     url: str,
     dest: Path,
@@ -415,6 +436,8 @@ def _retrying_download(
                 reason = retry.reason
                 total = retry.total if retry.total is not None else total
             except TRANSIENT_ERRORS as exc:
+                if (problem := certificate_problem(exc, url)) is not None:
+                    raise problem from exc
                 reason = _describe(exc, 0, None)
             else:
                 return _finish(part, dest)

@@ -32,6 +32,7 @@ from scalebox.update.fetch import (
     TRANSIENT_ERRORS,
     FetchError,
     backoff_delays,
+    certificate_problem,
     make_client,
 )
 
@@ -323,6 +324,8 @@ class _GitHub:
             try:
                 resp = self.client.get(url, headers=headers)
             except TRANSIENT_ERRORS as exc:
+                if (problem := certificate_problem(exc, url)) is not None:
+                    raise ResolveError(problem.what, problem.hint) from exc
                 if attempt < self.retries:
                     self.sleep(delays[attempt])
                     continue
