@@ -1,3 +1,3 @@
 """Scalebox: sandbox VMs for AI agents and CI jobs."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
