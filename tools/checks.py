@@ -16,9 +16,10 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from scalebox.config import parse_lines
 from scalebox.errors import ScaleboxError
+from scalebox.migrations import steps  # noqa: F401 - registers this build's migrations
+from scalebox.migrations.registry import MIGRATIONS, Migration
+from scalebox.migrations.runner import run as run_migrations
 from tools.machine import Machine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -259,15 +263,30 @@ def data_changes(before: Files, after: Files, *, new_files_allowed: bool) -> lis
     return changes
 
 
-def expected_config(before: str, from_version: str, to_version: str) -> str:
-    """The config the update must leave: the old one, edited only by declared migrations.
+def expected_config(
+    before: str,
+    from_version: str,
+    to_version: str,
+    declared: Sequence[Migration] = MIGRATIONS,
+) -> str:
+    """The config the update must leave: the old one, changed only by declared migrations.
 
-    No release declares a migration yet, so it is the old text byte for byte.
-    When migrations land, apply here the config edits that the releases
-    between ``from_version`` and ``to_version`` declare, and the check proves
-    that the update made exactly those.
+    This build's migrations that are pending from ``from_version`` to
+    ``to_version`` are applied to a copy of the old text, so the check proves
+    the update made exactly those edits (with none pending: the old text, byte
+    for byte).
     """
-    return before
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config"
+        config.write_text(before)
+        run_migrations(
+            declared,
+            config_path=config,
+            from_version=from_version,
+            to_version=to_version,
+            state_path=Path(tmp) / "state.json",
+        )
+        return config.read_text()
 
 
 @dataclass(frozen=True)

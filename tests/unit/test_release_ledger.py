@@ -21,6 +21,8 @@ from tools import check_update, checks, ledger, release
 from tools.checks import CheckFailed
 
 from scalebox.errors import ScaleboxError, UsageError
+from scalebox.migrations.configfile import ConfigFile
+from scalebox.migrations.registry import Migration
 from scalebox.update import resolve
 from tests.unit.loopback_http import send_body, send_json, serve, unused_port
 
@@ -282,6 +284,20 @@ def test_data_changes_ignore_only_the_daemons_records() -> None:
 def test_without_migrations_the_expected_config_is_the_old_one_byte_for_byte() -> None:
     text = "API_TOKEN=x\n# a comment\nAPI_PORT=8080\n"
     assert checks.expected_config(text, "0.1.0", "0.2.0") == text
+
+
+def test_the_expected_config_is_the_old_one_plus_exactly_the_pending_migrations() -> None:
+    def add_port(config: ConfigFile) -> None:
+        config.add("METRICS_PORT", "9100", comment="Port of the metrics endpoint.")
+
+    declared = [Migration("0001-add-metrics-port", "0.3.0", "add METRICS_PORT", add_port)]
+    text = "# kept\nAPI_TOKEN=sb-x\n"
+    migrated = checks.expected_config(text, "0.2.0", "0.3.0", declared)
+    assert migrated.startswith(text)
+    assert migrated.endswith("METRICS_PORT=9100\n")
+    # Not pending (already past it, or going back): the old text byte for byte.
+    assert checks.expected_config(text, "0.3.0", "0.4.0", declared) == text
+    assert checks.expected_config(text, "0.3.0", "0.2.0", declared) == text
 
 
 # --- check-update: finding the last release -------------------------------------------
