@@ -372,7 +372,7 @@ def compare_config(before: Snapshot, after: Snapshot, previous: str, current: st
             f" ({before.config_meta}) -> {sha(after.config_text)[:16]} ({after.config_meta}),"
             f" expected {sha(want)[:16]}",
             "the updater must never rewrite the config; a release that must change it "
-            "declares a migration (and expected_config in tools/check_update.py applies it)",
+            "declares a migration (expected_config in tools/checks.py applies it)",
         )
     return f"config sha256 {sha(after.config_text)[:16]} ({after.config_meta})"
 
