@@ -69,8 +69,8 @@ def _report(message: str) -> None:
 
 
 def _paths() -> Paths:
-    # Only the system tests' machines set this; on a server it is unset.
-    return Paths(Path(os.environ.get("SCALEBOX_UPDATE_ROOT", "/")))
+    # The server's own paths; tests of the file-level steps build Paths(tmp_path) directly.
+    return Paths(Path("/"))
 
 
 def _stability_window(value: float | None) -> float:
