@@ -8,8 +8,14 @@ The timeout case uses a real loopback socket that accepts and never answers.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -86,3 +92,17 @@ def test_a_server_that_does_not_answer_times_out_as_unreachable(silent_server: s
         client.health()
     assert e.value.what.startswith(f"the Scalebox server at {silent_server} did not answer in time")
     assert e.value.exit_code == EXIT_UNREACHABLE
+
+
+def test_ctrl_c_exits_130_not_the_api_error_code(silent_server: str) -> None:
+    """A real `scalebox status` waiting on a silent server, interrupted with SIGINT."""
+    exe = Path(sys.executable).with_name("scalebox")
+    env = {**os.environ, "SCALEBOX_URL": silent_server, "SCALEBOX_TOKEN": "sb-" + "0" * 48}
+    child = subprocess.Popen(
+        [str(exe), "status"], env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    time.sleep(1.5)  # the request is sent and waits for an answer (read timeout is 60 s)
+    child.send_signal(signal.SIGINT)
+    _out, err = child.communicate(timeout=30)
+    assert child.returncode == 130, err
+    assert "scalebox: interrupted" in err

@@ -14,6 +14,7 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_AUTH = 4
 EXIT_NOT_FOUND = 5
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 EXIT_CODES_HELP = (
     (EXIT_OK, "success"),
@@ -22,6 +23,7 @@ EXIT_CODES_HELP = (
     (EXIT_UNREACHABLE, "cannot reach the server"),
     (EXIT_AUTH, "the server refused the token"),
     (EXIT_NOT_FOUND, "the VM or template does not exist"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C); a request already sent may still complete"),
 )
 
 

@@ -18,7 +18,7 @@ import click
 from scalebox import __version__, fsutil
 from scalebox.cli import output, settings
 from scalebox.cli.client import Client, Json
-from scalebox.cli.errors import EXIT_CODES_HELP
+from scalebox.cli.errors import EXIT_CODES_HELP, EXIT_INTERRUPTED
 from scalebox.cli.sshkey import choose_public_key
 from scalebox.errors import ConfigError, ScaleboxError, UsageError
 
@@ -57,6 +57,10 @@ class ScaleboxGroup(click.Group):
             return super().invoke(ctx)
         except ScaleboxError as exc:
             raise ReportedError(exc) from exc
+        except KeyboardInterrupt:
+            # click would print "Aborted!" and exit 1, which means "API error" here.
+            click.echo("scalebox: interrupted", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
 
 def json_option(func: F) -> F:
