@@ -99,6 +99,17 @@ def _normalized(info: tarfile.TarInfo, mtime: int) -> tarfile.TarInfo:
     return info
 
 
+# A reader checks these before it writes anything (extract.unpack): they come first,
+# in this order. 0.1.0's reader takes members in any order, so it reads these too.
+FIRST_MEMBERS = (manifest.MANIFEST, manifest.SIGNATURE, "keys", manifest.SHIPPED_KEY)
+
+
+def _member_order(relpath: str) -> tuple[int, str]:
+    if relpath in FIRST_MEMBERS:
+        return (FIRST_MEMBERS.index(relpath), "")
+    return (len(FIRST_MEMBERS), relpath)
+
+
 def write_tarball(root: Path, out: Path, top: str, *, mtime: int = DEFAULT_EPOCH) -> Path:
     """Pack ``root`` as ``top/`` into the .tar.gz ``out``, byte-for-byte deterministic."""
     entries: list[Path] = []
@@ -107,7 +118,7 @@ def write_tarball(root: Path, out: Path, top: str, *, mtime: int = DEFAULT_EPOCH
         base = Path(dirpath)
         entries.extend(base / d for d in dirs)
         entries.extend(base / f for f in sorted(files))
-    entries.sort(key=lambda p: p.relative_to(root).as_posix())
+    entries.sort(key=lambda p: _member_order(p.relative_to(root).as_posix()))
     for path in entries:
         if path.is_symlink() or not (path.is_file() or path.is_dir()):
             raise ReleaseError(

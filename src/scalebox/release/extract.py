@@ -1,27 +1,83 @@
-"""Safe extraction of an untrusted release tarball.
+"""Unpack an untrusted release tarball: the signed manifest first, then each member hashed.
 
-Only regular files and directories under one top directory are accepted:
-no absolute paths, no '..', no links of any kind, no devices or fifos, no
-duplicate names, and bounded member count and total size. Files are written
-by this module (O_EXCL, O_NOFOLLOW) rather than by tarfile.extractall, so the
-checks and the writes cannot disagree. Nothing is ever written outside
-``dest``; on failure what was extracted into ``dest`` is removed.
+The order is the one systemd-sysupdate and RAUC keep: nothing from the
+tarball is believed or written before its signed manifest is checked.
+
+1. The tarball is read as a gzip stream through a reader that refuses any
+   single read over ``MAX_READ`` bytes, with tar headers parsed by a strict
+   ``TarInfo``: a pax extended header is at most ``MAX_HEADER_BYTES`` (all of
+   them together ``MAX_HEADERS_TOTAL``), no two in a row, and GNU long-name,
+   long-link, sparse and global headers are refused before their data is
+   read. So metadata from outside costs a bounded amount of memory.
+2. The first members must be ``<top>/RELEASE.json`` and
+   ``<top>/RELEASE.json.sig`` (a ``<top>/`` directory entry may come before
+   them): both are read into memory (bounded) and the signature is checked
+   against the trusted keys. With no trusted keys (a first install trusts the
+   shipped key), ``<top>/keys/release.pub`` must follow and is read the same way.
+3. The manifest is parsed, and the caller's ``check`` (arch, Python,
+   completeness) runs, still before anything is written.
+4. Every other member is written only if RELEASE.json lists it, hashed while
+   it is written; the first mismatch refuses the release. At the end every
+   listed file must have been seen.
+
+Only regular files and directories under one top directory are accepted: no
+absolute paths, no '..', no links of any kind, no devices or fifos, no
+duplicates. Files are written by this module (O_EXCL, O_NOFOLLOW), never by
+tarfile.extractall. On any failure everything written into ``dest`` is removed.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import os
 import shutil
 import tarfile
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import IO, Any
 
+from scalebox.release import manifest, signing
 from scalebox.release.errors import ReleaseError
 
-DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+KiB = 1024
+MiB = 1024 * KiB
+DEFAULT_MAX_BYTES = 512 * MiB
 DEFAULT_MAX_MEMBERS = 10_000
-_CHUNK = 1 << 20
+MAX_READ = 1 * MiB  # any one read from the decompressed stream (tarfile's or ours)
+MAX_HEADER_BYTES = 64 * KiB  # one pax extended header (ours hold one long path)
+MAX_HEADERS_TOTAL = 1 * MiB  # every extended header of the archive together
+MAX_MANIFEST_BYTES = 1 * MiB
+MAX_SIGNATURE_BYTES = 4 * KiB
+MAX_KEY_BYTES = 16 * KiB
+_CHUNK = 256 * KiB
 # tar pads to 10 KiB records; anything far beyond that is not padding.
-_MAX_PADDING = 1 << 20
+_MAX_PADDING = 1 * MiB
+_GZIP_MAGIC = b"\x1f\x8b"
+# The header types a release may hold. Symlinks, hard links, devices and fifos
+# are let through tarfile (their headers carry no data) so that member_parts can
+# name them in its refusal; the rest are refused before tarfile reads anything.
+_PASSED_TYPES = {
+    tarfile.REGTYPE,
+    tarfile.AREGTYPE,
+    tarfile.DIRTYPE,
+    tarfile.XHDTYPE,
+    tarfile.SYMTYPE,
+    tarfile.LNKTYPE,
+    tarfile.CHRTYPE,
+    tarfile.BLKTYPE,
+    tarfile.FIFOTYPE,
+}
+_TYPE_NAMES = {
+    tarfile.GNUTYPE_LONGNAME: "a GNU long-name header",
+    tarfile.GNUTYPE_LONGLINK: "a GNU long-link header",
+    tarfile.GNUTYPE_SPARSE: "a GNU sparse file",
+    tarfile.XGLTYPE: "a pax global header",
+    tarfile.SOLARIS_XHDTYPE: "a Solaris extended header",
+    tarfile.CONTTYPE: "a contiguous file",
+}
 
 
 def _refuse(tarball: Path, what: str) -> ReleaseError:
@@ -29,6 +85,84 @@ def _refuse(tarball: Path, what: str) -> ReleaseError:
         f"{tarball.name}: {what}; refusing to extract it",
         "this is not a release made by ./do tarball; get the release again from a trusted source",
     )
+
+
+class _Refused(Exception):
+    """Raised inside tarfile's parsing; turned into a ReleaseError naming the tarball."""
+
+
+# --- bounded reading ------------------------------------------------------------------
+
+
+class _BoundedReads:
+    """The decompressed stream as tarfile sees it: no single read may exceed MAX_READ.
+
+    tarfile reads a pax or GNU long-name header's whole declared size in one
+    read; the strict TarInfo below refuses large headers first, and this is
+    the backstop should any other path ask for a large read.
+    """
+
+    def __init__(self, stream: gzip.GzipFile) -> None:
+        self._stream = stream
+        self.name = None
+        self.mode = "rb"
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0 or size > MAX_READ:
+            raise _Refused(f"a tar header asks to read {size} bytes at once (limit {MAX_READ})")
+        return self._stream.read(size)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET and offset < self._stream.tell():
+            # Going back would decompress the stream again from its start.
+            raise _Refused("the archive asks to go back in the stream")
+        return self._stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class _StrictTarFile(tarfile.TarFile):
+    extended_header_bytes = 0
+    in_extended_header = False
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile's header parsing, with the types and sizes a release never needs refused."""
+
+    def _proc_member(self, tarfile_: Any) -> Any:  # tarfile's documented extension point
+        if not isinstance(tarfile_, _StrictTarFile):  # pragma: no cover - always ours
+            raise TypeError("_StrictTarInfo reads only a _StrictTarFile")
+        if self.type not in _PASSED_TYPES:
+            kind = _TYPE_NAMES.get(self.type, f"an unknown type {self.type!r}")
+            raise _Refused(f"member {self.name!r} is {kind}, which a release never holds")
+        if self.type != tarfile.XHDTYPE:
+            return super()._proc_member(tarfile_)  # type: ignore[misc]
+        if tarfile_.in_extended_header:
+            raise _Refused("two pax extended headers follow each other")
+        if self.size > MAX_HEADER_BYTES:
+            raise _Refused(f"a pax extended header of {self.size} bytes (limit {MAX_HEADER_BYTES})")
+        tarfile_.extended_header_bytes += self.size
+        if tarfile_.extended_header_bytes > MAX_HEADERS_TOTAL:
+            raise _Refused(f"more than {MAX_HEADERS_TOTAL} bytes of pax extended headers")
+        tarfile_.in_extended_header = True
+        try:
+            return super()._proc_member(tarfile_)  # type: ignore[misc]
+        finally:
+            tarfile_.in_extended_header = False
+
+    # GNU sparse maps in pax headers (tarfile reads version 1.0's map with no bound).
+    def _proc_gnusparse_00(self, *args: Any) -> None:
+        raise _Refused(f"member {self.name!r} is a GNU sparse file")
+
+    _proc_gnusparse_01 = _proc_gnusparse_00
+    _proc_gnusparse_10 = _proc_gnusparse_00
+
+
+# --- names ----------------------------------------------------------------------------
 
 
 def member_parts(tarball: Path, member: tarfile.TarInfo) -> tuple[str, ...]:
@@ -52,23 +186,48 @@ def member_parts(tarball: Path, member: tarfile.TarInfo) -> tuple[str, ...]:
     return parts
 
 
-def extract(
+# --- the verified unpacking -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Unpacked:
+    """What ``unpack`` proved: the release at ``root``, its manifest and who signed it."""
+
+    root: Path
+    manifest: manifest.Manifest
+    signer: signing.PublicKey
+
+
+Check = Callable[[manifest.Manifest], None]
+
+
+def unpack(
     tarball: Path,
     dest: Path,
+    keys: Sequence[signing.PublicKey] | None,
     *,
+    check: Check = lambda _m: None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_members: int = DEFAULT_MAX_MEMBERS,
-) -> Path:
-    """Extract ``tarball`` into the empty or absent directory ``dest``; return its top dir."""
+) -> Unpacked:
+    """Verify ``tarball``'s signed manifest, then write exactly what it lists into ``dest``.
+
+    ``dest`` must be absent or an empty directory; it is made mode 0700 (the
+    tarball is untrusted until the end). ``keys`` None trusts the key the
+    tarball ships (a first install only). ``check`` runs on the verified
+    manifest before any file is written. Raises ReleaseError; ``dest`` is then
+    left empty (or absent).
+    """
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ReleaseError(
             f"cannot extract into {dest}: it exists and is not an empty directory",
             "give a new or empty directory",
         )
     created = not dest.exists()
-    dest.mkdir(parents=True, exist_ok=True)
+    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    dest.chmod(0o700)
     try:
-        return _extract_into(tarball, dest, max_bytes, max_members)
+        return _Unpacker(tarball, dest, keys, check, max_bytes, max_members).run()
     except BaseException:
         if created:
             shutil.rmtree(dest, ignore_errors=True)
@@ -81,57 +240,304 @@ def extract(
         raise
 
 
-def _open(tarball: Path) -> tarfile.TarFile:
+def _open_stream(tarball: Path) -> IO[bytes]:
     try:
-        return tarfile.open(tarball, "r:*")
+        raw = tarball.open("rb")
     except FileNotFoundError:
         raise ReleaseError(
             f"release tarball {tarball} does not exist", "check the path and try again"
         ) from None
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise _refuse(tarball, f"not a readable tar archive ({exc})") from None
+    except OSError as exc:
+        raise ReleaseError(
+            f"cannot read the release tarball {tarball}: {exc.strerror or exc}",
+            "check that the file is readable",
+        ) from None
+    if raw.read(2) != _GZIP_MAGIC:
+        raw.close()
+        raise _refuse(tarball, "not a gzip-compressed tar archive")
+    raw.seek(0)
+    return raw
 
 
-def _extract_into(tarball: Path, dest: Path, max_bytes: int, max_members: int) -> Path:
-    seen: set[tuple[str, ...]] = set()
-    tops: set[str] = set()
-    total = 0
-    with _open(tarball) as archive:
+class _Unpacker:
+    def __init__(  # noqa: PLR0917 - one private caller, unpack()
+        self,
+        tarball: Path,
+        dest: Path,
+        keys: Sequence[signing.PublicKey] | None,
+        check: Check,
+        max_bytes: int,
+        max_members: int,
+    ) -> None:
+        self.tarball = tarball
+        self.dest = dest
+        self.keys = keys
+        self.check = check
+        self.max_bytes = max_bytes
+        self.max_members = max_members
+        self.top: str | None = None
+        self.seen: set[tuple[str, ...]] = set()
+        self.count = 0
+        self.total = 0
+
+    def run(self) -> Unpacked:
+        with _open_stream(self.tarball) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+            try:
+                return self._read(gz)
+            except ReleaseError:
+                # A damaged download makes a bad signature or hash too: say what it really is.
+                damage = _gzip_damage(self.tarball)
+                if damage is not None:
+                    raise _refuse(self.tarball, damage) from None
+                raise
+            except _Refused as exc:
+                raise _refuse(self.tarball, str(exc)) from None
+            except RecursionError:
+                raise _refuse(self.tarball, "its headers are nested too deeply") from None
+            except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as exc:
+                damaged = f"the archive is damaged or truncated ({exc})"
+                raise _refuse(self.tarball, damaged) from None
+
+    def _read(self, gz: gzip.GzipFile) -> Unpacked:
+        stream = _BoundedReads(gz)
+        with _StrictTarFile(fileobj=stream, mode="r", tarinfo=_StrictTarInfo) as archive:  # type: ignore[arg-type]
+            members = self._members(archive)
+            manifest_bytes = self._small_file(archive, members, manifest.MANIFEST)
+            signature = self._small_file(archive, members, manifest.SIGNATURE)
+            shipped_key = None
+            if self.keys is None:
+                shipped_key = self._small_file(archive, members, manifest.SHIPPED_KEY)
+                keys = [_shipped_key(shipped_key)]
+            else:
+                keys = list(self.keys)
+            signer = signing.find_signer(manifest_bytes, signature, keys)
+            parsed = manifest.parse(manifest_bytes)
+            if self.top != parsed.top_dir:
+                raise ReleaseError(
+                    f"{self.tarball.name}: top directory {self.top!r} does not match "
+                    f"RELEASE.json (expected {parsed.top_dir!r})",
+                    "the tarball was repacked by hand; get the release again",
+                )
+            missing = manifest.missing_parts(parsed)
+            if missing:
+                raise ReleaseError(
+                    f"the release is incomplete: it lacks {', '.join(missing)}",
+                    "rebuild it with ./do tarball, which refuses incomplete releases",
+                )
+            self.check(parsed)
+            root = self.dest / self.top
+            root.mkdir(mode=0o755)
+            _write_bytes(root / manifest.MANIFEST, manifest_bytes)
+            _write_bytes(root / manifest.SIGNATURE, signature)
+            written = set()
+            if shipped_key is not None:
+                self._expect_hash(parsed, manifest.SHIPPED_KEY, hashlib.sha256(shipped_key))
+                (root / manifest.SHIPPED_KEY).parent.mkdir(mode=0o755)
+                _write_bytes(root / manifest.SHIPPED_KEY, shipped_key)
+                written.add(manifest.SHIPPED_KEY)
+            self._rest(archive, members, parsed, root, written)
+            _check_rest_is_padding(self.tarball, stream)
+        return Unpacked(root, parsed, signer)
+
+    def _members(self, archive: tarfile.TarFile) -> Any:
+        """Every member, each checked for its name, type, place and the archive's bounds."""
+        for member in archive:
+            self.count += 1
+            if self.count > self.max_members:
+                raise _refuse(self.tarball, f"more than {self.max_members} members")
+            parts = member_parts(self.tarball, member)
+            if parts in self.seen:
+                raise _refuse(self.tarball, f"member {member.name!r} appears twice")
+            self.seen.add(parts)
+            if self.top is None:
+                self.top = parts[0]
+            elif parts[0] != self.top:
+                raise _refuse(
+                    self.tarball, f"more than one top directory ({sorted({self.top, parts[0]})})"
+                )
+            if len(parts) == 1 and not member.isdir():
+                raise _refuse(self.tarball, f"member {member.name!r} is outside the top directory")
+            self.total += max(member.size, 0) if member.isreg() else 0
+            if self.total > self.max_bytes:
+                raise _refuse(self.tarball, f"it unpacks to more than {self.max_bytes} bytes")
+            # Directories are made as the files in them are written: none is taken from here.
+            if len(parts) == 1:
+                continue
+            yield member, "/".join(parts[1:])
+
+    def _small_file(self, archive: tarfile.TarFile, members: Any, relpath: str) -> bytes:
+        """The member ``relpath``, which must come next, read whole (it is small)."""
+        limit = {
+            manifest.MANIFEST: MAX_MANIFEST_BYTES,
+            manifest.SIGNATURE: MAX_SIGNATURE_BYTES,
+        }.get(relpath, MAX_KEY_BYTES)
+        item = next(members, None)
+        # The shipped key may have its directory entry (keys/) before it.
+        while item is not None and relpath == manifest.SHIPPED_KEY and item[0].isdir():
+            item = next(members, None)
+        if item is None or item[1] != relpath or not item[0].isreg():
+            found = "the end of the archive" if item is None else repr(item[0].name)
+            order = "RELEASE.json, then RELEASE.json.sig"
+            if relpath == manifest.SHIPPED_KEY:
+                order += ", then keys/release.pub"
+            raise _refuse(
+                self.tarball,
+                f"expected {relpath} next but found {found}; a release starts with {order}, "
+                "so they are checked before anything else is written",
+            )
+        member = item[0]
+        if member.size > limit:
+            raise _refuse(self.tarball, f"{relpath} is {member.size} bytes (limit {limit})")
+        return _read_exactly(archive, member)
+
+    def _expect_hash(self, parsed: manifest.Manifest, relpath: str, digest: Any) -> None:
+        expected = parsed.files.get(relpath)
+        actual = digest.hexdigest()
+        if expected is None:
+            raise ReleaseError(
+                f"the release holds {relpath}, which RELEASE.json does not list",
+                "files were added after signing; get the release again from a trusted source",
+            )
+        if actual != expected:
+            raise ReleaseError(
+                f"{relpath} does not match RELEASE.json (sha256 {actual[:16]}..., "
+                f"expected {expected[:16]}...)",
+                "the file was damaged or changed after signing; get the release again",
+            )
+
+    def _rest(
+        self,
+        archive: tarfile.TarFile,
+        members: Any,
+        parsed: manifest.Manifest,
+        root: Path,
+        written: set[str],
+    ) -> None:
+        listed = set(parsed.files)
+        parents = {p for f in listed for p in _parents(f)}
+        for member, relpath in members:
+            if member.isdir():
+                if relpath not in parents:
+                    raise ReleaseError(
+                        f"the release holds a directory {relpath}/ with no file RELEASE.json lists",
+                        "files were added after signing; get the release again from a "
+                        "trusted source",
+                    )
+                continue
+            if relpath not in listed:
+                raise ReleaseError(
+                    f"the release holds {relpath}, which RELEASE.json does not list",
+                    "files were added after signing; get the release again from a trusted source",
+                )
+            target = root / relpath
+            target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            digest = _write_member(archive, member, target)
+            try:
+                self._expect_hash(parsed, relpath, digest)
+            except ReleaseError:
+                target.unlink()
+                raise
+            written.add(relpath)
+        missing = sorted(listed - written)
+        if missing:
+            raise ReleaseError(
+                f"the release lacks {len(missing)} file(s) that RELEASE.json lists: "
+                f"{', '.join(missing[:5])}",
+                "the release is incomplete; get it again or rebuild it with ./do tarball",
+            )
+
+
+def _gzip_damage(tarball: Path) -> str | None:
+    """Why the gzip stream of ``tarball`` is damaged (its CRC, a cut), or None if it is whole."""
+    try:
+        with tarball.open("rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+            while gz.read(_CHUNK):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        return f"the archive is damaged or truncated ({exc})"
+    return None
+
+
+def _parents(relpath: str) -> list[str]:
+    parts = relpath.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _shipped_key(pem: bytes) -> signing.PublicKey:
+    return signing.load_public_key_bytes(pem, f"the shipped {manifest.SHIPPED_KEY}")
+
+
+def _read_exactly(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    source = archive.extractfile(member)
+    if source is None:  # pragma: no cover - isreg() members always have data
+        raise tarfile.TarError(f"no data for {member.name}")
+    data = source.read(member.size)
+    if len(data) != member.size:
+        raise tarfile.TarError(f"{member.name} is truncated")
+    return data
+
+
+def _disk_error(target: Path, exc: OSError) -> ReleaseError:
+    return ReleaseError(
+        f"cannot write {target}: {exc.strerror or exc}",
+        f"free disk space or fix permissions in {target.parent}, then run again",
+    )
+
+
+def _create(target: Path) -> IO[bytes]:
+    """A new file, root-only until its data is complete and its mode is set."""
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise _disk_error(target, exc) from None
+    return os.fdopen(fd, "wb")
+
+
+def _write_bytes(target: Path, data: bytes, mode: int = 0o644) -> None:
+    with _create(target) as out:
         try:
-            for count, member in enumerate(archive, start=1):
-                if count > max_members:
-                    raise _refuse(tarball, f"more than {max_members} members")
-                parts = member_parts(tarball, member)
-                if parts in seen:
-                    raise _refuse(tarball, f"member {member.name!r} appears twice")
-                seen.add(parts)
-                tops.add(parts[0])
-                if len(tops) > 1:
-                    raise _refuse(tarball, f"more than one top directory ({sorted(tops)})")
-                if len(parts) == 1 and not member.isdir():
-                    raise _refuse(tarball, f"member {member.name!r} is outside the top directory")
-                total += max(member.size, 0)
-                if total > max_bytes:
-                    raise _refuse(tarball, f"it unpacks to more than {max_bytes} bytes")
-                _write_member(archive, member, dest.joinpath(*parts))
-            _check_rest_is_padding(tarball, archive)
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            raise _refuse(tarball, f"the archive is damaged or truncated ({exc})") from None
-    if not tops:
-        raise _refuse(tarball, "it is empty")
-    return dest / tops.pop()
+            out.write(data)
+            out.flush()
+        except OSError as exc:
+            raise _disk_error(target, exc) from None
+        os.fchmod(out.fileno(), mode)
 
 
-def _check_rest_is_padding(tarball: Path, archive: tarfile.TarFile) -> None:
+def _write_member(archive: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> Any:
+    """Write the member's data to ``target`` (new); return the sha256 of what was written."""
+    source = archive.extractfile(member)
+    if source is None:  # pragma: no cover - isreg() members always have data
+        raise tarfile.TarError(f"no data for {member.name}")
+    # The umask must not decide whether install.sh runs or who may write a file.
+    mode = 0o755 if member.mode & 0o111 else 0o644
+    digest = hashlib.sha256()
+    remaining = member.size
+    with _create(target) as out:
+        while remaining > 0:
+            chunk = source.read(min(_CHUNK, remaining))
+            if not chunk:
+                raise tarfile.TarError(f"{member.name} is truncated")
+            digest.update(chunk)
+            try:
+                out.write(chunk)
+            except OSError as exc:
+                raise _disk_error(target, exc) from None
+            remaining -= len(chunk)
+        try:
+            out.flush()
+        except OSError as exc:
+            raise _disk_error(target, exc) from None
+        os.fchmod(out.fileno(), mode)
+    return digest
+
+
+def _check_rest_is_padding(tarball: Path, stream: _BoundedReads) -> None:
     """After the last member only zero padding may follow.
 
     tarfile silently ends the archive at the first unreadable header after the
     first one, so a damaged archive would otherwise look like a shorter one.
     Reading to the end also makes gzip check its CRC.
     """
-    stream = archive.fileobj
-    if stream is None:  # pragma: no cover - tarfile.open always sets it
-        return
     remaining = _MAX_PADDING
     while chunk := stream.read(_CHUNK):
         if chunk.count(0) != len(chunk):
@@ -139,26 +545,3 @@ def _check_rest_is_padding(tarball: Path, archive: tarfile.TarFile) -> None:
         remaining -= len(chunk)
         if remaining < 0:
             raise _refuse(tarball, "the archive is damaged: too much padding at its end")
-
-
-def _write_member(archive: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
-    # Every directory on the way was made by us (links are never extracted), so
-    # creating parents cannot follow a link out of dest.
-    if member.isdir():
-        target.mkdir(mode=0o755, parents=True, exist_ok=True)
-        return
-    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    source = archive.extractfile(member)
-    if source is None:  # pragma: no cover - isreg() members always have data
-        raise tarfile.TarError(f"no data for {member.name}")
-    mode = 0o755 if member.mode & 0o111 else 0o644
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    remaining = member.size
-    with os.fdopen(fd, "wb") as out:
-        while remaining > 0:
-            chunk = source.read(min(_CHUNK, remaining))
-            if not chunk:
-                raise tarfile.TarError(f"{member.name} is truncated")
-            out.write(chunk)
-            remaining -= len(chunk)
-        os.fchmod(out.fileno(), mode)  # the umask must not decide whether install.sh runs

@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from scalebox.release.errors import ReleaseError
@@ -33,6 +34,14 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 # Debian policy 5.6.1: lower case, digits, + - . ; at least two characters.
 _DEBIAN_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]{1,99}$")
 _MIGRATION_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+# A part of a path in the release, an entry point, a unit: plain names only.
+_PATH_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+@-]{0,254}$")
+_ENTRY_POINT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+UNIT_SUFFIXES = (".service", ".socket", ".timer", ".path", ".target", ".slice")
+_UNIT = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,200}\.(" + "|".join(s[1:] for s in UNIT_SUFFIXES) + ")$"
+)
+MAX_FILES = 10_000
 
 
 @dataclass(frozen=True)
@@ -95,30 +104,56 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
 def check_name(kind: str, value: str) -> str:
     if not _SAFE_NAME.match(value):
         raise ReleaseError(
-            f"{kind} {value!r} is not allowed",
+            f"{kind} {_short(value)} is not allowed",
             f"a {kind} is 1-64 letters, digits and . _ + - and starts with a letter or digit",
         )
     return value
 
 
 def check_relpath(path: str) -> str:
-    """A manifest path: relative, POSIX, no '.', '..' or empty parts."""
-    parts = PurePosixPath(path).parts
+    """A manifest path: relative, POSIX, each part a plain name (no '.', '..' or empty parts)."""
+    parts = path.split("/")
     if (
         not path
-        or path.startswith("/")
-        or "\\" in path
-        or any(p in {"", ".", ".."} for p in path.split("/"))
-        or not parts
+        or len(path) > 1024
+        or not all(_PATH_PART.match(p) for p in parts)
+        or any(p in {".", ".."} for p in parts)
     ):
         raise ReleaseError(
-            f"{MANIFEST} lists an unsafe path {path!r}",
+            f"{MANIFEST} lists an unsafe path {_short(path)}",
+            "a path is plain names (letters, digits, . _ + @ -) joined by '/'; "
             "the release is malformed; rebuild it with ./do tarball",
         )
     return path
+
+
+def fold(name: str) -> str:
+    """The form under which two names are the same on some file system or to a reader:
+    Unicode compatibility normalisation, then case folding (pure)."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+
+
+def check_distinct(kind: str, names: list[str]) -> None:
+    """Refuse names that differ only in case or Unicode normalisation (pure)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = fold(name)
+        if key in seen and seen[key] != name:
+            raise _bad(
+                f"{kind} {_short(seen[key])} and {_short(name)} differ only in case "
+                "or Unicode form; they would collide on a server"
+            )
+        if key in seen:
+            raise _bad(f"{kind}: {_short(name)} is listed twice")
+        seen[key] = name
 
 
 def _bad(what: str) -> ReleaseError:
@@ -139,17 +174,20 @@ def parse(raw_bytes: bytes) -> Manifest:
     """Parse and check RELEASE.json's bytes; every problem is a ReleaseError."""
     try:
         data = json.loads(raw_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(f"not JSON ({exc})") from None
+    except RecursionError:
+        raise _bad("its JSON is nested too deeply") from None
+    except ValueError as exc:  # also UnicodeDecodeError and an int of too many digits
+        raise _bad(f"not JSON ({str(exc)[:200]})") from None
     if not isinstance(data, dict):
         raise _bad("not a JSON object")
     if data.get("format") != FORMAT:
         raise ReleaseError(
-            f"{MANIFEST} has format {data.get('format')!r}; this program reads format {FORMAT}",
+            f"{MANIFEST} has format {_short(data.get('format'))}; "
+            f"this program reads format {FORMAT}",
             "use a scalebox release made for this version of the installer",
         )
     if data.get("name") != NAME:
-        raise _bad(f"name is {data.get('name')!r}, expected {NAME!r}")
+        raise _bad(f"name is {_short(data.get('name'))}, expected {NAME!r}")
     version, arch = data.get("version"), data.get("arch")
     if not isinstance(version, str) or not isinstance(arch, str):
         raise _bad("version and arch must be strings")
@@ -158,30 +196,68 @@ def parse(raw_bytes: bytes) -> Manifest:
     python = _str_list(data, "python")
     for py in python:
         if not _PYTHON.match(py):
-            raise _bad(f"python version {py!r} is not like '3.11'")
+            raise _bad(f"python version {_short(py)} is not like '3.11'")
+    files = _files(data)
+    units, entry_points = _names(data)
+    return Manifest(
+        version=version,
+        arch=arch,
+        python=python,
+        entry_points=entry_points,
+        units=units,
+        files=files,
+        raw=data,
+        migrations=parse_migrations(data.get("migrations", [])),
+        debian_packages=parse_debian_packages(data.get("debian_packages", [])),
+    )
+
+
+def _files(data: Mapping[str, Any]) -> dict[str, str]:
+    """``files``: safe relative paths, none colliding, each with a sha256."""
     files = data.get("files")
     if not isinstance(files, dict) or not files:
         raise _bad("'files' must be an object of path -> sha256")
+    if len(files) > MAX_FILES:
+        raise _bad(f"'files' lists more than {MAX_FILES} files")
     for path, digest in files.items():
         check_relpath(path)
         if path in {MANIFEST, SIGNATURE}:
             raise _bad(f"'files' must not list {path}")
         if not isinstance(digest, str) or not _SHA256.match(digest):
             raise _bad(f"the sha256 of {path} is not 64 hex digits")
+    _check_no_file_under_file(list(files))
+    check_distinct("the paths", [*files, MANIFEST, SIGNATURE])
+    return dict(files)
+
+
+def _names(data: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``units`` and ``entry_points``: plain names, none colliding with another."""
     units = _str_list(data, "units")
     for unit in units:
-        check_relpath(unit)
-    return Manifest(
-        version=version,
-        arch=arch,
-        python=python,
-        entry_points=_str_list(data, "entry_points"),
-        units=units,
-        files=dict(files),
-        raw=data,
-        migrations=parse_migrations(data.get("migrations", [])),
-        debian_packages=parse_debian_packages(data.get("debian_packages", [])),
-    )
+        if not _UNIT.match(unit):
+            raise _bad(
+                f"unit {_short(unit)} is not a plain unit file name ending in "
+                f"{', '.join(UNIT_SUFFIXES)}"
+            )
+    check_distinct("the units", list(units))
+    entry_points = _str_list(data, "entry_points")
+    for name in entry_points:
+        if not _ENTRY_POINT.match(name):
+            raise _bad(
+                f"entry point {_short(name)} is not a plain program name "
+                "(letters, digits, . _ -; no '/')"
+            )
+    check_distinct("the entry points", list(entry_points))
+    return units, entry_points
+
+
+def _check_no_file_under_file(paths: list[str]) -> None:
+    listed = set(paths)
+    for path in paths:
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in listed:
+                raise _bad(f"{path!r} lies under {'/'.join(parts[:i])!r}, which is a file")
 
 
 def parse_migrations(value: Any) -> tuple[MigrationInfo, ...]:
@@ -195,7 +271,7 @@ def parse_migrations(value: Any) -> tuple[MigrationInfo, ...]:
         ):
             raise _bad("each migration needs the strings 'id', 'since' and 'description'")
         if not _MIGRATION_ID.match(item["id"]):
-            raise _bad(f"migration id {item['id']!r} is not allowed")
+            raise _bad(f"migration id {_short(item['id'])} is not allowed")
         out.append(MigrationInfo(item["id"], item["since"], item["description"]))
     if len({m.id for m in out}) != len(out):
         raise _bad("a migration id is listed twice")

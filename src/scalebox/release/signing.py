@@ -86,18 +86,23 @@ def load_public_key(path: Path) -> PublicKey:
             f"cannot read public key {path}: {exc.strerror}",
             "check the path; trusted keys live in /etc/scalebox/keys/*.pub",
         ) from None
+    return load_public_key_bytes(pem, str(path))
+
+
+def load_public_key_bytes(pem: bytes, source: str) -> PublicKey:
+    """A PEM ed25519 public key from ``source`` (a path, or where the bytes came from)."""
     try:
         key = serialization.load_pem_public_key(pem)
     except (ValueError, TypeError) as exc:
         raise ReleaseError(
-            f"{path} is not a PEM public key: {exc}",
+            f"{source} is not a PEM public key: {exc}",
             "replace it with the release-signing key (keys/release.pub from ./do keygen)",
         ) from None
     if not isinstance(key, Ed25519PublicKey):
         raise ReleaseError(
-            f"{path} is not an ed25519 public key", "release keys are ed25519 (./do keygen)"
+            f"{source} is not an ed25519 public key", "release keys are ed25519 (./do keygen)"
         )
-    return PublicKey(str(path), key)
+    return PublicKey(source, key)
 
 
 def sign(key: Ed25519PrivateKey, data: bytes) -> bytes:

@@ -1,9 +1,10 @@
-"""Open a release tarball: extract it safely, then prove it is whole, signed and fits here.
+"""Open a release tarball: prove it is signed, whole and fits here, then hand it out.
 
 ``open_release`` is the one way the installer and the updater look inside a
-release. Order matters: the signature is checked before anything in
-RELEASE.json is believed, and every file is hashed before the release is
-handed out. Run as a program it is install.sh's verifier:
+release. Order matters: the signature of RELEASE.json is checked before
+anything else in the tarball is written or believed, and each member is
+hashed against it as it is written (extract.unpack). Run as a program it is
+install.sh's verifier:
 
     python -m scalebox.release.verify TARBALL DEST (--trusted-keys DIR | --trust-shipped-key)
 
@@ -14,9 +15,7 @@ exits non-zero.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,6 @@ from scalebox.release import extract, manifest, signing
 from scalebox.release.errors import ReleaseError
 
 DEFAULT_MAX_BYTES = extract.DEFAULT_MAX_BYTES
-_MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -70,107 +68,29 @@ def open_release(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Release:
-    """Extract ``tarball`` into ``dest`` and verify it completely.
+    """Verify ``tarball`` and extract it into ``dest`` (absent or empty; made 0700).
 
     ``trusted_keys`` None trusts the key shipped in the tarball: only a first
     install, which has no trusted key yet, may do that. Raises ReleaseError on
     the first problem; ``dest`` is then left empty (or absent).
     """
-    root = extract.extract(tarball, dest, max_bytes=max_bytes)
-    try:
-        return _verify_tree(tarball, root, trusted_keys)
-    except BaseException:
-        for child in list(dest.iterdir()):
-            shutil.rmtree(child, ignore_errors=True)
-        raise
+    keys = None if trusted_keys is None else [signing.load_public_key(p) for p in trusted_keys]
 
+    def fits(parsed: manifest.Manifest) -> None:
+        check_fits_here(parsed, platform.machine(), this_python())
 
-def _read(root: Path, relpath: str, limit: int) -> bytes:
-    path = root / relpath
-    if not path.is_file():
-        raise ReleaseError(
-            f"the release has no {relpath}",
-            "it is incomplete or not a scalebox release; get the release again",
-        )
-    if path.stat().st_size > limit:
-        raise ReleaseError(f"{relpath} is larger than {limit} bytes", "get the release again")
-    return path.read_bytes()
-
-
-def _verify_tree(tarball: Path, root: Path, trusted_keys: Sequence[Path] | None) -> Release:
-    manifest_bytes = _read(root, manifest.MANIFEST, _MAX_MANIFEST_BYTES)
-    signature = _read(root, manifest.SIGNATURE, 4096)
-    if trusted_keys is None:
-        shipped = signing.load_public_key(root / manifest.SHIPPED_KEY)
-        keys = [signing.PublicKey(f"the shipped {manifest.SHIPPED_KEY}", shipped.key)]
-    else:
-        keys = [signing.load_public_key(p) for p in trusted_keys]
-    signer = signing.find_signer(manifest_bytes, signature, keys)
-
-    parsed = manifest.parse(manifest_bytes)
-    if root.name != parsed.top_dir:
-        raise ReleaseError(
-            f"{tarball.name}: top directory {root.name!r} does not match RELEASE.json "
-            f"(expected {parsed.top_dir!r})",
-            "the tarball was repacked by hand; get the release again",
-        )
-    check_files(root, parsed)
-    missing = manifest.missing_parts(parsed)
-    if missing:
-        raise ReleaseError(
-            f"the release is incomplete: it lacks {', '.join(missing)}",
-            "rebuild it with ./do tarball, which refuses incomplete releases",
-        )
-    check_fits_here(parsed, platform.machine(), this_python())
+    unpacked = extract.unpack(tarball, dest, keys, check=fits, max_bytes=max_bytes)
+    parsed, signer = unpacked.manifest, unpacked.signer
     return Release(
         version=parsed.version,
         arch=parsed.arch,
         python=parsed.python,
         entry_points=parsed.entry_points,
         units=parsed.units,
-        root=root,
+        root=unpacked.root,
         signed_by=f"{signer.source} ({signer.fingerprint})",
         manifest=parsed.to_json(),
     )
-
-
-def tree_files(root: Path) -> set[str]:
-    """Every file under ``root`` as a relative POSIX path, except the manifest and signature."""
-    found: set[str] = set()
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            rel = (Path(dirpath) / name).relative_to(root).as_posix()
-            if rel not in {manifest.MANIFEST, manifest.SIGNATURE}:
-                found.add(rel)
-    return found
-
-
-def check_files(root: Path, parsed: manifest.Manifest) -> None:
-    """Exactly the listed files are present, each with its listed sha256."""
-    present = tree_files(root)
-    listed = set(parsed.files)
-    missing = sorted(listed - present)
-    if missing:
-        raise ReleaseError(
-            f"the release lacks {len(missing)} file(s) that RELEASE.json lists: "
-            f"{', '.join(missing[:5])}",
-            "the release is incomplete; get it again or rebuild it with ./do tarball",
-        )
-    extra = sorted(present - listed)
-    if extra:
-        raise ReleaseError(
-            f"the release holds {len(extra)} file(s) that RELEASE.json does not list: "
-            f"{', '.join(extra[:5])}",
-            "files were added after signing; get the release again from a trusted source",
-        )
-    for relpath in sorted(listed):
-        actual = manifest.sha256_file(root / relpath)
-        if actual != parsed.files[relpath]:
-            raise ReleaseError(
-                f"{relpath} does not match RELEASE.json (sha256 {actual[:16]}..., "
-                f"expected {parsed.files[relpath][:16]}...)",
-                "the file was damaged or changed after signing; get the release again",
-            )
 
 
 def check_fits_here(parsed: manifest.Manifest, machine: str, python: str) -> None:
