@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -12,6 +14,7 @@ import httpx
 import pytest
 
 import scalebox
+from scalebox.errors import UsageError
 from scalebox.update.fetch import (
     FetchError,
     PlainHttpRefused,
@@ -19,6 +22,7 @@ from scalebox.update.fetch import (
     fetch,
     make_client,
 )
+from scalebox.update.limits import Limits
 from tests.tls import make_tls
 from tests.unit.loopback_http import (
     Server,
@@ -434,3 +438,108 @@ def test_backoff_delays_grow_are_capped_and_jittered() -> None:
     assert delays == backoff_delays(6, base=0.5, cap=4.0, rng=random.Random(7))
     assert delays != backoff_delays(6, base=0.5, cap=4.0, rng=random.Random(8))
     assert backoff_delays(0) == []
+
+
+# --- deadlines: a server that drips bytes ---------------------------------------------
+
+
+def drip(req: BaseHTTPRequestHandler, stop: threading.Event, every: float = 0.2) -> None:
+    """200 with the full Content-Length, then one byte every ``every`` seconds."""
+    req.send_response(200)
+    req.send_header("Content-Length", str(len(BODY)))
+    req.end_headers()
+    for byte in BODY:
+        if stop.wait(every):
+            return
+        try:
+            req.wfile.write(bytes([byte]))
+            req.wfile.flush()
+        except OSError:
+            return
+
+
+def test_a_dripping_server_is_refused_below_the_minimum_rate(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    server.routes["/a.tar.gz"] = lambda req: drip(req, server.stopping)
+    started = time.monotonic()
+    with pytest.raises(FetchError) as info:
+        fetch(
+            server.url("/a.tar.gz"),
+            tmp_path / "dl" / "a.tar.gz",
+            client,
+            progress=False,
+            limits=Limits(total=60, min_rate=1000, window=1.5),
+        )
+    assert time.monotonic() - started < 10
+    assert "below the minimum of 1000 bytes/s" in info.value.what
+    assert "nothing was changed" in info.value.what
+    assert "SCALEBOX_DOWNLOAD_MIN_RATE" in str(info.value.hint)
+    assert not (tmp_path / "dl" / "a.tar.gz").exists()
+
+
+def test_the_total_time_limit_covers_every_attempt(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    """Fast enough per window, but never done: the total limit ends it."""
+    server.routes["/a.tar.gz"] = lambda req: drip(req, server.stopping, every=0.01)
+    started = time.monotonic()
+    with pytest.raises(FetchError, match=r"took more than 2 s \(SCALEBOX_DOWNLOAD_TIMEOUT\)"):
+        fetch(
+            server.url("/a.tar.gz"),
+            tmp_path / "a.tar.gz",
+            client,
+            progress=False,
+            limits=Limits(total=2, min_rate=10, window=1),
+        )
+    assert time.monotonic() - started < 6
+
+
+def test_limits_from_the_environment() -> None:
+    assert Limits.from_env({}) == Limits()
+    env = {"SCALEBOX_DOWNLOAD_TIMEOUT": "90", "SCALEBOX_DOWNLOAD_MIN_RATE": "0"}
+    assert Limits.from_env(env) == Limits(total=90, min_rate=0)
+    for bad in ("soon", "-1", "nan", "inf", "9" * 5000):
+        with pytest.raises(UsageError, match="SCALEBOX_DOWNLOAD_TIMEOUT"):
+            Limits.from_env({"SCALEBOX_DOWNLOAD_TIMEOUT": bad})
+
+
+# --- root-only download area, whatever the umask ----------------------------------------
+
+
+def test_downloads_are_root_only_even_with_umask_000(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    server.routes["/a.tar.gz"] = lambda req: send_body(req, BODY, cut_after=HALF)
+    dest = tmp_path / "downloads" / "a.tar.gz"
+    old = os.umask(0)
+    try:
+        with pytest.raises(FetchError):
+            fetch(server.url("/a.tar.gz"), dest, client, progress=False, retries=0)
+        src = tmp_path / "local.tar.gz"
+        src.write_bytes(BODY)
+        fetch(str(src), tmp_path / "downloads" / "b.tar.gz", client, progress=False)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "downloads").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "downloads" / "a.tar.gz.part").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "downloads" / "b.tar.gz").stat().st_mode & 0o777 == 0o600
+
+
+def test_an_existing_open_download_area_is_made_root_only(
+    client: httpx.Client, tmp_path: Path
+) -> None:
+    downloads = tmp_path / "downloads"
+    downloads.mkdir(mode=0o777)
+    downloads.chmod(0o777)
+    src = tmp_path / "local.tar.gz"
+    src.write_bytes(BODY)
+    fetch(str(src), downloads / "b.tar.gz", client, progress=False)
+    assert downloads.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_fifo_is_refused_without_blocking(client: httpx.Client, tmp_path: Path) -> None:
+    fifo = tmp_path / "release.tar.gz"
+    os.mkfifo(fifo)
+    with pytest.raises(FetchError, match=r"is a FIFO \(named pipe\), not a release file"):
+        fetch(str(fifo), tmp_path / "dl" / "a.tar.gz", client, progress=False)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler
@@ -158,7 +160,7 @@ def test_release_url_may_be_a_path_or_a_file_url(api: Server, tmp_path: Path) ->
 def test_a_missing_release_file_is_refused(api: Server, tmp_path: Path) -> None:
     err = error(source(api, release_url=str(tmp_path / "nope.tar.gz")))
     assert "nope.tar.gz" in err.what
-    assert "no such file" in err.what
+    assert "does not exist" in err.what
 
 
 def test_plain_http_release_url_is_refused_unless_allowed(api: Server) -> None:
@@ -370,3 +372,94 @@ def test_source_from_env_reads_the_documented_variables() -> None:
     assert defaults.arch  # uname -m of this machine
     assert source_from_env({}, allow_http=True).allow_http is True
     assert source_from_env({"SCALEBOX_ALLOW_HTTP": "0"}).allow_http is False
+
+
+# --- hostile local sources and API answers -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda p: p.mkdir(), "is a directory, not a release file"),
+        (os.mkfifo, "is a FIFO (named pipe), not a release file"),
+        (
+            lambda p: p.symlink_to("/dev/null"),
+            "is a symbolic link to /dev/null, which is a character device",
+        ),
+        (lambda p: p.symlink_to(p.parent), "which is a directory"),
+        (lambda p: p.symlink_to(p.parent / "gone"), "which does not exist"),
+    ],
+    ids=["directory", "fifo", "symlink-to-device", "symlink-to-directory", "dangling-symlink"],
+)
+def test_a_local_source_that_is_not_a_regular_file_says_what_it_is(
+    api: Server, tmp_path: Path, make: object, words: str
+) -> None:
+    path = tmp_path / "scalebox-1.0.0-x86_64.tar.gz"
+    make(path)  # type: ignore[operator]
+    err = error(source(api, release_url=str(path)))
+    assert words in err.what
+    assert "nothing was changed" in err.what
+
+
+def test_a_socket_as_local_source_says_socket(api: Server, tmp_path: Path) -> None:
+    path = tmp_path / "s.tar.gz"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+        err = error(source(api, release_url=f"file://{path}"))
+    assert "is a socket, not a release file" in err.what
+
+
+def endless(req: BaseHTTPRequestHandler) -> None:
+    """200 without a length, then bytes until the client goes away."""
+    req.send_response(200)
+    req.send_header("Content-Type", "application/json")
+    req.end_headers()
+    chunk = b"[" * 65536
+    try:
+        for _ in range(100_000):
+            req.wfile.write(chunk)
+    except OSError:
+        pass
+
+
+# 64 MiB of spaces in about 64 KB: past the cap a thousandfold once inflated.
+BOMB = gzip.compress(b" " * (64 * 1024 * 1024), compresslevel=9)
+
+
+def gzip_bomb(req: BaseHTTPRequestHandler) -> None:
+    send_body(req, BOMB, headers={"Content-Encoding": "gzip"})
+
+
+@pytest.mark.parametrize(
+    ("handler", "words"),
+    [
+        (endless, "sent more than 1048576 bytes"),
+        (gzip_bomb, "sent more than 1048576 bytes"),
+        (lambda req: send_body(req, b"[" * 100_000 + b"]" * 100_000), "nested too deeply"),
+        (lambda req: send_body(req, b'{"tag_name": ' + b"9" * 5000 + b"}"), "not JSON"),
+        (
+            lambda req: send_body(req, b'{"tag_name": "v' + b"9" * 5000 + b'", "assets": []}'),
+            "is not a version",
+        ),
+        (lambda req: send_body(req, b"\xff\xfe not utf-8"), "not JSON"),
+    ],
+    ids=["endless-body", "gzip-bomb", "deeply-nested", "huge-int", "absurd-tag", "not-utf8"],
+)
+def test_a_hostile_api_answer_is_a_refusal_not_a_crash(
+    api: Server, handler: object, words: str
+) -> None:
+    api.routes[f"/repos/{REPO}/releases/latest"] = handler  # type: ignore[assignment]
+    err = error(source(api))
+    assert words in err.what
+
+
+def test_an_absurd_rate_limit_reset_is_left_out(api: Server) -> None:
+    api.routes[f"/repos/{REPO}/releases/latest"] = lambda req: send_body(
+        req,
+        b'{"message": "API rate limit exceeded"}',
+        status=403,
+        headers={"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "9" * 5000},
+    )
+    err = error(source(api))
+    assert "rate limit reached" in err.what
+    assert "resets" not in err.what

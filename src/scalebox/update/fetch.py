@@ -39,6 +39,9 @@ from rich.progress import (
 import scalebox
 from scalebox.errors import ScaleboxError
 from scalebox.fsutil import fsync_dir
+from scalebox.update import local
+from scalebox.update.limits import Limits, Pace
+from scalebox.update.paths import private_dir
 
 MiB = 1024 * 1024
 DEFAULT_MAX_BYTES = 512 * MiB
@@ -203,9 +206,19 @@ def _remember_validator(resp: httpx.Response, part: Path) -> None:
     validator = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
     sidecar = _validator_path(part)
     if validator:
-        sidecar.write_text(validator)
+        with _private_file(sidecar, "wb") as f:
+            f.write(validator.encode(errors="replace")[:1024])
     else:
         sidecar.unlink(missing_ok=True)
+
+
+def _private_file(path: Path, mode: str) -> IO[bytes]:
+    """Open a download file root-only (0600), whatever the umask; never through a link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags |= os.O_APPEND if mode == "ab" else os.O_TRUNC
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, mode)
 
 
 def _finish(part: Path, dest: Path) -> Path:
@@ -235,33 +248,28 @@ def _local_source(url: str) -> Path | None:
 def _copy_local(src: Path, dest: Path, max_bytes: int) -> Path:
     part = _part_path(dest)
     try:
-        with src.open("rb") as inp:
+        with local.open_regular(src) as inp:
             size = os.fstat(inp.fileno()).st_size
             if size > max_bytes:
                 raise _too_big(str(src), size, max_bytes)
             copied = 0
-            with part.open("wb") as out:
+            with _private_file(part, "wb") as out:
                 # The file may still be growing: the cap applies to what is read.
                 while chunk := inp.read(_COPY_CHUNK):
                     copied += len(chunk)
                     if copied > max_bytes:
                         raise _too_big(str(src), copied, max_bytes)
                     out.write(chunk)
+    except local.NotARegularFile as exc:
+        part.unlink(missing_ok=True)
+        raise FetchError(
+            f"release file {src} {exc}; nothing was changed",
+            "point SCALEBOX_RELEASE_URL at the scalebox-<version>-<arch>.tar.gz file itself "
+            "(an https URL, file:///path or a path)",
+        ) from None
     except FetchError:
         part.unlink(missing_ok=True)
         raise
-    except FileNotFoundError as exc:
-        part.unlink(missing_ok=True)
-        raise FetchError(
-            f"release file {src} does not exist",
-            "check the path in SCALEBOX_RELEASE_URL (an https URL, file:///path or a path)",
-        ) from exc
-    except IsADirectoryError as exc:
-        part.unlink(missing_ok=True)
-        raise FetchError(
-            f"release file {src} is a directory, not a tarball",
-            "point SCALEBOX_RELEASE_URL at the scalebox-<version>-<arch>.tar.gz file",
-        ) from exc
     except OSError as exc:
         part.unlink(missing_ok=True)
         raise FetchError(
@@ -271,7 +279,9 @@ def _copy_local(src: Path, dest: Path, max_bytes: int) -> Path:
     return _finish(part, dest)
 
 
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# ASCII digits, at most 18 (an exabyte): header values come from outside.
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,18})-([0-9]{1,18})/([0-9]{1,18}|\*)")
+_LENGTH = re.compile(r"[0-9]{1,18}")
 
 
 def _where_body_goes(
@@ -286,7 +296,7 @@ def _where_body_goes(
     if status == 416:
         # Range not satisfiable: either the partial file is already whole,
         # or it is not a prefix of this file at all.
-        whole = re.fullmatch(r"bytes \*/(\d+)", resp.headers.get("Content-Range", ""))
+        whole = re.fullmatch(r"bytes \*/([0-9]{1,18})", resp.headers.get("Content-Range", ""))
         if whole and int(whole[1]) == have:
             return None
         part.unlink(missing_ok=True)
@@ -304,7 +314,7 @@ def _where_body_goes(
     elif status == 200:
         # The server ignored Range (or there was none): start from zero.
         length = resp.headers.get("Content-Length", "")
-        start, total = 0, int(length) if length.isdigit() else None
+        start, total = 0, int(length) if _LENGTH.fullmatch(length) else None
     else:
         raise FetchError(
             f"{url} answered {status} {resp.reason_phrase} instead of the file",
@@ -316,8 +326,14 @@ def _where_body_goes(
     return start, total
 
 
-def _http_attempt(
-    url: str, part: Path, client: httpx.Client, max_bytes: int, bar: _Progress
+def _too_slow(url: str, reason: str, pace: Pace) -> FetchError:
+    return FetchError(
+        f"download of {url} refused: {reason}; nothing was changed", pace.limits.hint()
+    )
+
+
+def _http_attempt(  # noqa: PLR0917 - one caller, _retrying_download
+    url: str, part: Path, client: httpx.Client, max_bytes: int, bar: _Progress, pace: Pace
 ) -> None:
     """One GET into ``part``, resuming it if it exists; complete when it returns."""
     have = part.stat().st_size if part.exists() else 0
@@ -340,10 +356,14 @@ def _http_attempt(
         if got == 0:
             _remember_validator(resp, part)
         bar.start(total, got)
-        with part.open("ab" if got else "wb") as out:
+        pace.restart_window()
+        with _private_file(part, "ab" if got else "wb") as out:
             try:
                 # Unsized: chunks as they arrive, so a cut keeps every byte received.
                 for chunk in resp.iter_bytes():
+                    if (slow := pace.received(len(chunk))) is not None:
+                        _flush(out)
+                        raise _too_slow(url, slow, pace)
                     got += len(chunk)
                     if got > max_bytes:
                         out.close()
@@ -419,6 +439,7 @@ def _retrying_download(
     retries: int,
     show: bool,
     sleep: Callable[[float], None],
+    pace: Pace,
 ) -> Path:
     part = _part_path(dest)
     delays = backoff_delays(retries)
@@ -428,10 +449,12 @@ def _retrying_download(
     total: int | None = None
     with _progress_bar(dest.name, show) as bar:
         while True:
+            if (late := pace.over_time()) is not None:
+                raise _too_slow(url, late, pace)
             attempts += 1
             before = part.stat().st_size if part.exists() else 0
             try:
-                _http_attempt(url, part, client, max_bytes, bar)
+                _http_attempt(url, part, client, max_bytes, bar, pace)
             except _Retryable as retry:
                 reason = retry.reason
                 total = retry.total if retry.total is not None else total
@@ -475,20 +498,26 @@ def fetch(
     retries: int = 4,
     progress: bool | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    limits: Limits | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Path:
     """Put the bytes at ``candidate_url`` into ``dest`` and return ``dest``.
 
     ``candidate_url`` is an http(s) URL, a file:// URL or a plain path.
     ``dest`` appears only once complete (written as ``dest.part``, renamed); a
     ``dest.part`` left by an interrupted run is resumed. ``progress`` None shows
-    a progress bar only when stderr is a terminal. Raises FetchError.
+    a progress bar only when stderr is a terminal. ``limits`` (None: from the
+    environment, limits.py) bound the time the whole download may take and
+    its transfer rate. ``dest``'s directory is made root-only (0700) and every
+    file in it 0600: the bytes are untrusted until verified. Raises FetchError.
     """
-    local = _local_source(candidate_url)
+    source = _local_source(candidate_url)
     show = sys.stderr.isatty() if progress is None else progress
+    pace = Pace(limits if limits is not None else Limits.from_env(os.environ), clock)
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if local is not None:
-            return _copy_local(local, dest, max_bytes)
+        private_dir(dest.parent)
+        if source is not None:
+            return _copy_local(source, dest, max_bytes)
         return _retrying_download(
             candidate_url,
             dest,
@@ -497,6 +526,7 @@ def fetch(
             retries=retries,
             show=show,
             sleep=sleep,
+            pace=pace,
         )
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise FetchError(

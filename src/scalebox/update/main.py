@@ -44,7 +44,7 @@ from scalebox.update import (
 )
 from scalebox.update.context import DEFAULT_STABILITY_WINDOW, Context
 from scalebox.update.errors import RolledBack, UpdateError
-from scalebox.update.paths import Paths
+from scalebox.update.paths import Paths, private_dir
 from scalebox.update.systemd import SERVICE, Systemctl
 
 EXIT_OK = 0
@@ -306,7 +306,7 @@ def _open(ctx: Context, tarball: Path) -> Release:
         )
     _report(f"verifying {tarball.name}")
     try:
-        return open_release(tarball, ctx.paths.work / "release", keys)
+        return open_release(tarball, private_dir(ctx.paths.work) / "release", keys)
     except ReleaseError as exc:
         # ReleaseError's own code (3) would read as "rolled back": nothing had started yet.
         raise UpdateError(f"{exc.what}; nothing was changed", exc.hint) from exc
@@ -460,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     """The entry point: the one handler that turns errors into a line and an exit code."""
     args = sys.argv[1:] if argv is None else argv
     as_json = "--json" in args
+    # The caller's umask must not decide the modes of what root runs later (the venv).
+    os.umask(0o022)
     try:
         # standalone_mode=False: click returns the code of ctx.exit() instead of exiting.
         code = cli.main(args=args, prog_name="scalebox-update", standalone_mode=False)

@@ -6,8 +6,11 @@ file-level steps run in tests exactly as they run on a server.
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+from scalebox.update.errors import UpdateError
 
 
 @dataclass(frozen=True)
@@ -80,3 +83,21 @@ class Paths:
 
     def backup_dir(self, transaction_id: str) -> Path:
         return self.backups / transaction_id
+
+
+def private_dir(path: Path) -> Path:
+    """Make ``path`` a root-only (0700) directory whatever the umask; refuse a link or a file.
+
+    The updater's working areas hold untrusted downloads and extracted
+    releases: no other user may read them while it works.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise UpdateError(
+            f"{path} is not a directory (a link or a file is in its place)",
+            f"remove {path}; scalebox-update makes it again, root-only",
+        )
+    if st.st_mode & 0o777 != 0o700:
+        path.chmod(0o700)
+    return path

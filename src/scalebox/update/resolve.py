@@ -11,11 +11,13 @@ what went wrong and what to do, raised before any download starts.
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+import zlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any
 import httpx
 
 from scalebox.errors import ScaleboxError
-from scalebox.update import versions
+from scalebox.update import local, versions
 from scalebox.update.fetch import (
     ALLOW_HTTP_HINT,
     DEFAULT_API_BASE,
@@ -35,12 +37,16 @@ from scalebox.update.fetch import (
     certificate_problem,
     make_client,
 )
+from scalebox.update.limits import API_TOTAL, Limits, Pace
 
 DEFAULT_REPO = "The-Agentic-Journey/Scalebox"
 _REPO_NAME = re.compile(r"[A-Za-z0-9._-]+/[A-Za-z0-9._-]+")
 _ASSET_NAME = re.compile(r"scalebox-(?P<version>.+)-(?P<arch>[^-]+)\.tar\.gz")
 _SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 _OTHER_SOURCE_HINT = "or install a tarball directly: SCALEBOX_RELEASE_URL=<url or path>"
+# A GitHub release object is a few KB (even with a long body and many assets).
+MAX_API_BYTES = 1024 * 1024
+_API_CHUNK = 64 * 1024
 
 
 class ResolveError(ScaleboxError):
@@ -167,10 +173,11 @@ def _from_release_url(url: str, allow_http: bool) -> Candidate:
             path = Path(urllib.parse.unquote(parsed.path))
         else:
             path = Path(url).expanduser()
-        if not path.is_file():
+        reason = local.describe(path)
+        if reason is not None:
             raise ResolveError(
-                f"SCALEBOX_RELEASE_URL={url}: no such file",
-                "give the path (or file:///path) of a scalebox-<version>-<arch>.tar.gz",
+                f"SCALEBOX_RELEASE_URL={url} {reason}; nothing was changed",
+                "give the path (or file:///path) of a scalebox-<version>-<arch>.tar.gz file",
             )
         path = path.resolve()
         return Candidate(
@@ -182,9 +189,32 @@ def _from_release_url(url: str, allow_http: bool) -> Candidate:
 
 def _reset_time(resp: httpx.Response) -> str:
     reset = resp.headers.get("X-RateLimit-Reset", "")
-    if not reset.isdigit():
+    if not re.fullmatch(r"[0-9]{1,12}", reset):
         return ""
-    return " (it resets at " + datetime.fromtimestamp(int(reset), UTC).strftime("%H:%M UTC") + ")"
+    try:
+        at = datetime.fromtimestamp(int(reset), UTC)
+    except (OverflowError, OSError, ValueError):
+        return ""
+    return " (it resets at " + at.strftime("%H:%M UTC") + ")"
+
+
+class _Transient(Exception):
+    """A network fault that another attempt may fix."""
+
+
+def _decoded(encoding: str, raw: Iterator[bytes]) -> Iterator[bytes]:
+    """The body's bytes, decompressed in bounded steps whatever its ratio."""
+    if encoding in ("", "identity"):
+        yield from raw
+        return
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise httpx.DecodingError(f"unsupported Content-Encoding {encoding[:40]!r}")
+    inflate = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or zlib header
+    for chunk in raw:
+        data = inflate.decompress(chunk, _API_CHUNK)
+        yield data
+        while inflate.unconsumed_tail:
+            yield inflate.decompress(inflate.unconsumed_tail, _API_CHUNK)
 
 
 class _NotFound(Exception):
@@ -322,31 +352,59 @@ class _GitHub:
         delays = backoff_delays(self.retries)
         for attempt in range(self.retries + 1):
             try:
-                resp = self.client.get(url, headers=headers)
-            except TRANSIENT_ERRORS as exc:
-                if (problem := certificate_problem(exc, url)) is not None:
-                    raise ResolveError(problem.what, problem.hint) from exc
+                resp, body = self._fetch(url, headers)
+            except _Transient as exc:
                 if attempt < self.retries:
                     self.sleep(delays[attempt])
                     continue
                 raise ResolveError(
-                    f"cannot reach the releases API at {url}: {exc or type(exc).__name__}",
+                    f"cannot reach the releases API at {url}: {exc}",
                     f"check the network and SCALEBOX_GITHUB_API, {_OTHER_SOURCE_HINT}",
-                ) from exc
-            except FetchError as exc:  # plain http refused on a redirect
-                raise ResolveError(exc.what, exc.hint) from exc
-            except httpx.HTTPError as exc:
-                raise ResolveError(
-                    f"the releases API request {url} failed: {exc}",
-                    f"check SCALEBOX_GITHUB_API, {_OTHER_SOURCE_HINT}",
                 ) from exc
             if resp.status_code >= 500 and attempt < self.retries:
                 self.sleep(delays[attempt])
                 continue
-            return self._json(url, resp)
+            return self._json(url, resp, body)
         raise AssertionError("unreachable: the loop returns or raises")
 
-    def _json(self, url: str, resp: httpx.Response) -> dict[str, Any]:
+    def _fetch(self, url: str, headers: dict[str, str]) -> tuple[httpx.Response, bytes]:
+        """One GET, its body read up to MAX_API_BYTES and within API_TOTAL seconds."""
+        pace = Pace(Limits(total=API_TOTAL, min_rate=0))
+        # identity: a compressed answer could inflate a thousandfold past any check.
+        headers = {**headers, "Accept-Encoding": "identity"}
+        try:
+            with self.client.stream("GET", url, headers=headers) as resp:
+                encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+                body = bytearray()
+                for chunk in _decoded(encoding, resp.iter_raw(_API_CHUNK)):
+                    body += chunk
+                    if len(body) > MAX_API_BYTES:
+                        raise ResolveError(
+                            f"the releases API at {url} sent more than {MAX_API_BYTES} bytes; "
+                            "refused (a GitHub release is a few KB)",
+                            f"check SCALEBOX_GITHUB_API points at a GitHub API, "
+                            f"{_OTHER_SOURCE_HINT}",
+                        )
+                    if (late := pace.received(len(chunk))) is not None:
+                        raise ResolveError(
+                            f"the releases API at {url} answered too slowly: "
+                            f"{late.replace(' (SCALEBOX_DOWNLOAD_TIMEOUT)', '')}",
+                            f"check the network and SCALEBOX_GITHUB_API, {_OTHER_SOURCE_HINT}",
+                        )
+                return resp, bytes(body)
+        except TRANSIENT_ERRORS as exc:
+            if (problem := certificate_problem(exc, url)) is not None:
+                raise ResolveError(problem.what, problem.hint) from exc
+            raise _Transient(str(exc) or type(exc).__name__) from exc
+        except FetchError as exc:  # plain http refused on a redirect
+            raise ResolveError(exc.what, exc.hint) from exc
+        except (httpx.HTTPError, zlib.error) as exc:
+            raise ResolveError(
+                f"the releases API request {url} failed: {exc}",
+                f"check SCALEBOX_GITHUB_API, {_OTHER_SOURCE_HINT}",
+            ) from exc
+
+    def _json(self, url: str, resp: httpx.Response, body: bytes) -> dict[str, Any]:
         status = resp.status_code
         if status == 404:
             raise _NotFound(url)
@@ -357,7 +415,7 @@ class _GitHub:
             )
         if status in (403, 429):
             limited = status == 429 or resp.headers.get("X-RateLimit-Remaining") == "0"
-            if limited or "rate limit" in resp.text.lower():
+            if limited or b"rate limit" in body.lower():
                 hint = (
                     "wait, or use a token with a higher limit"
                     if self.source.github_token
@@ -377,9 +435,12 @@ class _GitHub:
                 f"try again later, {_OTHER_SOURCE_HINT}",
             )
         try:
-            data = resp.json()
-        except ValueError as exc:
-            raise self._garbage(f"not JSON: {resp.text[:60]!r}") from exc
+            data = json.loads(body)
+        except RecursionError:
+            raise self._garbage("JSON nested too deeply") from None
+        except ValueError as exc:  # not JSON, not UTF-8, or an int of too many digits
+            text = body[:60].decode(errors="replace")
+            raise self._garbage(f"not JSON: {text!r}") from exc
         if not isinstance(data, dict):
             raise self._garbage(f"JSON {type(data).__name__}, not an object")
         return data
