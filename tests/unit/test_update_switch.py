@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
+import pytest
+
 from scalebox.update import switch
+from scalebox.update.errors import UpdateError
 from scalebox.update.paths import Paths
+
+UNITS = ["scalebox-vm@.service", "scaleboxd.service"]
 
 
 def _server(tmp_path: Path) -> Paths:
@@ -17,8 +23,12 @@ def _server(tmp_path: Path) -> Paths:
         (units / "scaleboxd.service").write_text(f"[Service]\n# {version}\n")
         (units / "scalebox-vm@.service").write_text("[Service]\n# unchanged\n")
     (p.release_dir("1.1.0") / "units" / "new.service").write_text("[Service]\n")
+    for version, listed in (("1.0.0", UNITS), ("1.1.0", [*UNITS, "new.service"])):
+        (p.release_dir(version) / "RELEASE.json").write_text(json.dumps({"units": listed}))
+    # Shipped but not listed in RELEASE.json: never installed.
+    (p.release_dir("1.1.0") / "units" / "unlisted.service").write_text("[Service]\n")
     p.systemd_dir.mkdir(parents=True)
-    for unit in (p.release_dir("1.0.0") / "units").iterdir():
+    for unit in (p.release_dir("1.0.0") / "units").glob("*.service"):
         (p.systemd_dir / unit.name).write_bytes(unit.read_bytes())
     p.config.parent.mkdir(parents=True)
     p.config.write_bytes(b"API_TOKEN=sb-x\r\n# odd bytes stay: \xff\n")
@@ -78,3 +88,20 @@ def test_restore_puts_back_every_byte_mode_and_removes_added_units(tmp_path: Pat
     assert p.config.read_bytes() == config
     assert p.config.stat().st_mode & 0o777 == 0o600
     assert switch.restore(p, backup) == []  # idempotent: nothing left to do
+
+
+def test_only_the_units_release_json_lists_are_installed(tmp_path: Path) -> None:
+    p = _server(tmp_path)
+    changed = switch.install_units(p, p.release_dir("1.1.0"))
+    assert "unlisted.service" not in changed
+    assert not (p.systemd_dir / "unlisted.service").exists()
+    assert (p.systemd_dir / "new.service").exists()
+
+
+def test_a_unit_name_with_a_path_in_release_json_is_refused(tmp_path: Path) -> None:
+    p = _server(tmp_path)
+    (p.release_dir("1.1.0") / "RELEASE.json").write_text(
+        json.dumps({"units": ["../../../etc/cron.d/x.service"]})
+    )
+    with pytest.raises(UpdateError, match="not a plain unit file name"):
+        switch.install_units(p, p.release_dir("1.1.0"))

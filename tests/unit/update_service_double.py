@@ -81,7 +81,10 @@ def make_release(
     root = paths.release_dir(version)
     (root / "venv" / "bin").mkdir(parents=True)
     (root / "units").mkdir()
-    (root / "RELEASE.json").write_text(json.dumps({"version": version, "python": []}))
+    units = ["scalebox-vm@.service", "scaleboxd.service"]
+    (root / "RELEASE.json").write_text(
+        json.dumps({"version": version, "python": [], "units": units})
+    )
     (root / "units" / "scaleboxd.service").write_text(f"[Service]\n# release {version}\n")
     (root / "units" / "scalebox-vm@.service").write_text("[Service]\n# same in every release\n")
     exe = root / "venv" / "bin" / "scaleboxd"

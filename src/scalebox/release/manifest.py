@@ -230,16 +230,23 @@ def _files(data: Mapping[str, Any]) -> dict[str, str]:
     return dict(files)
 
 
-def _names(data: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``units`` and ``entry_points``: plain names, none colliding with another."""
-    units = _str_list(data, "units")
-    for unit in units:
+def check_units(value: Any) -> tuple[str, ...]:
+    """A ``units`` list: plain unit file names with a unit suffix, none colliding."""
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _bad("'units' must be a list of names")
+    for unit in value:
         if not _UNIT.match(unit):
             raise _bad(
                 f"unit {_short(unit)} is not a plain unit file name ending in "
                 f"{', '.join(UNIT_SUFFIXES)}"
             )
-    check_distinct("the units", list(units))
+    check_distinct("the units", list(value))
+    return tuple(value)
+
+
+def _names(data: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``units`` and ``entry_points``: plain names, none colliding with another."""
+    units = check_units(data.get("units"))
     entry_points = _str_list(data, "entry_points")
     for name in entry_points:
         if not _ENTRY_POINT.match(name):

@@ -15,6 +15,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from scalebox.fsutil import atomic_symlink, atomic_write, fsync_dir
+from scalebox.release import manifest
+from scalebox.release.errors import ReleaseError
+from scalebox.update.errors import UpdateError
 from scalebox.update.paths import Paths
 from scalebox.update.systemd import SERVICE, SOCKET, ServiceManager
 
@@ -22,8 +25,22 @@ BACKUP_INDEX = "backup.json"
 
 
 def release_units(release_dir: Path) -> list[str]:
+    """Every file under the release's units/ (what a backup must cover)."""
     units = release_dir / "units"
     return sorted(p.name for p in units.iterdir() if p.is_file()) if units.is_dir() else []
+
+
+def listed_units(release_dir: Path) -> list[str]:
+    """The units the release's signed RELEASE.json lists: the only ones installed."""
+    try:
+        raw = json.loads((release_dir / "RELEASE.json").read_bytes())
+        return sorted(manifest.check_units(raw.get("units") if isinstance(raw, dict) else None))
+    except (OSError, ValueError, RecursionError, ReleaseError) as exc:
+        what = exc.what if isinstance(exc, ReleaseError) else str(exc)[:200]
+        raise UpdateError(
+            f"cannot read the units of {release_dir / 'RELEASE.json'}: {what}",
+            "the release is damaged; remove it and run scalebox-update again",
+        ) from None
 
 
 def back_up(paths: Paths, backup_dir: Path, unit_names: Iterable[str]) -> None:
@@ -55,7 +72,7 @@ def swap_current(paths: Paths, release_name: str) -> None:
 def install_units(paths: Paths, release_dir: Path) -> list[str]:
     """Copy the release's unit files that differ into /etc/systemd/system; return their names."""
     changed = []
-    for name in release_units(release_dir):
+    for name in listed_units(release_dir):
         new = (release_dir / "units" / name).read_bytes()
         installed = paths.systemd_dir / name
         if installed.is_file() and installed.read_bytes() == new:
