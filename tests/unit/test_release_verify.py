@@ -626,3 +626,29 @@ def test_cli_refuses_an_empty_trusted_keys_directory(
     assert result.returncode != 0
     assert "no trusted keys (*.pub)" in result.stderr
     assert not (tmp_path / "dest").exists()
+
+
+# --- key rotation ---------------------------------------------------------------------
+
+
+def test_after_rotation_the_retired_key_is_refused_by_name_and_the_new_one_trusted(
+    tmp_path: Path,
+) -> None:
+    """docs/threat-model.md: add the new key, then move the old one to keys/retired/."""
+    keys = tmp_path / "keys"
+    old_key, old_pub = write_key(keys, "2025")
+    new_key, _ = write_key(keys, "2026")
+    (keys / "retired").mkdir()
+    old_pub.rename(keys / "retired" / "2025.pub")
+    by_old = pack(tmp_path, old_key, name="old")
+    by_new = pack(tmp_path, new_key, name="new")
+
+    result = run_cli(by_old, tmp_path / "dest-old", "--trusted-keys", keys)
+    assert result.returncode == ReleaseError.exit_code
+    assert "signed by the retired key" in result.stderr
+    assert "retired/2025.pub" in result.stderr
+    assert not (tmp_path / "dest-old").exists()
+
+    result = run_cli(by_new, tmp_path / "dest-new", "--trusted-keys", keys)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{VERSION}\n"

@@ -207,6 +207,7 @@ def unpack(
     keys: Sequence[signing.PublicKey] | None,
     *,
     check: Check = lambda _m: None,
+    retired: Sequence[signing.PublicKey] = (),
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_members: int = DEFAULT_MAX_MEMBERS,
 ) -> Unpacked:
@@ -227,7 +228,9 @@ def unpack(
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     dest.chmod(0o700)
     try:
-        return _Unpacker(tarball, dest, keys, check, max_bytes, max_members).run()
+        unpacker = _Unpacker(tarball, dest, keys, check, max_bytes, max_members)
+        unpacker.retired = retired
+        return unpacker.run()
     except BaseException:
         if created:
             shutil.rmtree(dest, ignore_errors=True)
@@ -275,6 +278,7 @@ class _Unpacker:
         self.check = check
         self.max_bytes = max_bytes
         self.max_members = max_members
+        self.retired: Sequence[signing.PublicKey] = ()
         self.top: str | None = None
         self.seen: set[tuple[str, ...]] = set()
         self.count = 0
@@ -310,7 +314,7 @@ class _Unpacker:
                 keys = [_shipped_key(shipped_key)]
             else:
                 keys = list(self.keys)
-            signer = signing.find_signer(manifest_bytes, signature, keys)
+            signer = signing.find_signer(manifest_bytes, signature, keys, self.retired)
             parsed = manifest.parse(manifest_bytes)
             if self.top != parsed.top_dir:
                 raise ReleaseError(

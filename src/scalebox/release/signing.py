@@ -109,8 +109,25 @@ def sign(key: Ed25519PrivateKey, data: bytes) -> bytes:
     return key.sign(data)
 
 
-def find_signer(data: bytes, signature: bytes, keys: Sequence[PublicKey]) -> PublicKey:
-    """The key among ``keys`` that made ``signature`` over ``data``; else ReleaseError."""
+def _made_by(key: PublicKey, data: bytes, signature: bytes) -> bool:
+    try:
+        key.key.verify(signature, data)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def find_signer(
+    data: bytes,
+    signature: bytes,
+    keys: Sequence[PublicKey],
+    retired: Sequence[PublicKey] = (),
+) -> PublicKey:
+    """The key among ``keys`` that made ``signature`` over ``data``; else ReleaseError.
+
+    A signature by one of the ``retired`` keys is refused with a message of its
+    own: the operator retired that key on purpose (docs/threat-model.md).
+    """
     if not keys:
         raise ReleaseError(
             "no trusted release keys to check the signature with",
@@ -122,11 +139,16 @@ def find_signer(data: bytes, signature: bytes, keys: Sequence[PublicKey]) -> Pub
             "the release is damaged or unsigned; get it again",
         )
     for candidate in keys:
-        try:
-            candidate.key.verify(signature, data)
-        except InvalidSignature:
-            continue
-        return candidate
+        if _made_by(candidate, data, signature):
+            return candidate
+    for old in retired:
+        if _made_by(old, data, signature):
+            raise ReleaseError(
+                f"RELEASE.json is signed by the retired key {old.source} ({old.fingerprint}); "
+                "refusing it",
+                "a retired key is no longer trusted (it may have been stolen): get a release "
+                "signed by a current key in /etc/scalebox/keys/; see docs/threat-model.md",
+            )
     names = ", ".join(f"{k.source} ({k.fingerprint})" for k in keys)
     raise ReleaseError(
         f"RELEASE.json is not signed by a trusted key (tried {names})",

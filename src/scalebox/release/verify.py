@@ -54,6 +54,9 @@ def this_python() -> str:
     return f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
+RETIRED = "retired"
+
+
 def trusted_keys_in(directory: Path) -> list[Path]:
     """The *.pub files of a trusted-keys directory, sorted; missing directory = none."""
     if not directory.is_dir():
@@ -61,25 +64,33 @@ def trusted_keys_in(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("*.pub") if p.is_file())
 
 
+def retired_keys_in(directory: Path) -> list[Path]:
+    """The keys an operator retired: ``<keys dir>/retired/*.pub`` (docs/threat-model.md)."""
+    return trusted_keys_in(directory / RETIRED)
+
+
 def open_release(
     tarball: Path,
     dest: Path,
     trusted_keys: Sequence[Path] | None,
     *,
+    retired_keys: Sequence[Path] = (),
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Release:
     """Verify ``tarball`` and extract it into ``dest`` (absent or empty; made 0700).
 
     ``trusted_keys`` None trusts the key shipped in the tarball: only a first
-    install, which has no trusted key yet, may do that. Raises ReleaseError on
-    the first problem; ``dest`` is then left empty (or absent).
+    install, which has no trusted key yet, may do that. A release signed by
+    one of ``retired_keys`` is refused as such. Raises ReleaseError on the
+    first problem; ``dest`` is then left empty (or absent).
     """
     keys = None if trusted_keys is None else [signing.load_public_key(p) for p in trusted_keys]
+    retired = [signing.load_public_key(p) for p in retired_keys]
 
     def fits(parsed: manifest.Manifest) -> None:
         check_fits_here(parsed, platform.machine(), this_python())
 
-    unpacked = extract.unpack(tarball, dest, keys, check=fits, max_bytes=max_bytes)
+    unpacked = extract.unpack(tarball, dest, keys, check=fits, retired=retired, max_bytes=max_bytes)
     parsed, signer = unpacked.manifest, unpacked.signer
     return Release(
         version=parsed.version,
@@ -135,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         keys = None if args.trust_shipped_key else _required_keys(args.trusted_keys)
-        release = open_release(args.tarball, args.dest, keys)
+        retired = [] if args.trust_shipped_key else retired_keys_in(args.trusted_keys)
+        release = open_release(args.tarball, args.dest, keys, retired_keys=retired)
     except ReleaseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -28,7 +28,7 @@ import httpx
 import scalebox
 from scalebox.errors import ScaleboxError, UsageError
 from scalebox.release.errors import ReleaseError
-from scalebox.release.verify import Release, open_release, trusted_keys_in
+from scalebox.release.verify import Release, open_release, retired_keys_in, trusted_keys_in
 from scalebox.update import (
     fetch,
     history,
@@ -306,7 +306,12 @@ def _open(ctx: Context, tarball: Path) -> Release:
         )
     _report(f"verifying {tarball.name}")
     try:
-        return open_release(tarball, private_dir(ctx.paths.work) / "release", keys)
+        return open_release(
+            tarball,
+            private_dir(ctx.paths.work) / "release",
+            keys,
+            retired_keys=retired_keys_in(ctx.paths.keys_dir),
+        )
     except ReleaseError as exc:
         # ReleaseError's own code (3) would read as "rolled back": nothing had started yet.
         raise UpdateError(f"{exc.what}; nothing was changed", exc.hint) from exc
