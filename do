@@ -157,6 +157,7 @@ Usage: ./do COMMAND [ARGS]
   check         tarball, boot a server, install.sh, API tests against it, tear down [--keep-vm]
   system-tests  the update system tests on nspawn machines (root)
   bench         the update benchmarks; prints the figures
+  bench-hostile the updater's peak memory (RSS) on hostile inputs it builds; prints the figures
   check-update  install the last release on a server, update it to this build, verify [--keep-vm]
   release X.Y.Z bump the version, date CHANGELOG.md, record the release in the ledger
 USAGE
@@ -180,6 +181,7 @@ case "$cmd" in
   check-update) need_root check-update; ensure_host_packages; venv_python -m tools.check_update "$@" ;;
   release) venv_python -m tools.release "$@" ;;
   bench) need_root bench; ensure_host_packages; venv_python -m tools.bench "$@" ;;
+  bench-hostile) venv_python -m tools.bench_hostile "$@" ;;
   help|-h|--help) usage ;;
   *) usage >&2; die "unknown command '$cmd'" ;;
 esac

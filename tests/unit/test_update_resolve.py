@@ -212,7 +212,7 @@ def test_an_unknown_version_says_so(api: Server) -> None:
 
 def test_a_to_that_is_not_a_version_is_refused_before_any_request(api: Server) -> None:
     err = error(source(api, to_version="latest-and-greatest"))
-    assert "--to 'latest-and-greatest' is not a version" in err.what
+    assert "--to: 'latest-and-greatest' is not a version" in err.what
     assert api.seen == []
 
 
@@ -277,7 +277,10 @@ def test_a_403_that_is_not_the_rate_limit_asks_for_a_token(api: Server) -> None:
             b'{"tag_name": "v0.2.0", "assets": [{"name": 3}]}',
             "without name and browser_download_url",
         ),
-        (b'{"tag_name": "nightly", "assets": []}', "'nightly' of acme/scalebox is not a version"),
+        (
+            b'{"tag_name": "nightly", "assets": []}',
+            "release tag of acme/scalebox: 'nightly' is not a version",
+        ),
     ],
 )
 def test_garbage_from_the_api_is_refused(api: Server, body: bytes, words: str) -> None:

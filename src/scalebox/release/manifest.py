@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from scalebox.release.errors import ReleaseError
+from scalebox.update import versions
 
 FORMAT = 1
 NAME = "scalebox"
@@ -279,6 +280,10 @@ def parse_migrations(value: Any) -> tuple[MigrationInfo, ...]:
             raise _bad("each migration needs the strings 'id', 'since' and 'description'")
         if not _MIGRATION_ID.match(item["id"]):
             raise _bad(f"migration id {_short(item['id'])} is not allowed")
+        try:
+            versions.parse(item["since"])
+        except versions.InvalidVersion as exc:
+            raise _bad(f"migration {item['id']}: since {exc.what}") from None
         out.append(MigrationInfo(item["id"], item["since"], item["description"]))
     if len({m.id for m in out}) != len(out):
         raise _bad("a migration id is listed twice")

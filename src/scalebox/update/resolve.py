@@ -259,7 +259,7 @@ class _GitHub:
         try:
             wanted = versions.parse(version)
         except versions.InvalidVersion as exc:
-            raise ResolveError(f"--to {version!r} is not a version", exc.hint) from exc
+            raise ResolveError(f"--to: {exc.what}", exc.hint) from exc
         bare = version.removeprefix("v")
         tags = [f"v{bare}", bare]
         for tag in tags:
@@ -300,7 +300,7 @@ class _GitHub:
             version = str(versions.parse(tag))
         except versions.InvalidVersion as exc:
             raise ResolveError(
-                f"release tag {tag!r} of {self.repo} is not a version",
+                f"release tag of {self.repo}: {exc.what}",
                 f"tag releases v<version>, for example v0.2.0; {_OTHER_SOURCE_HINT}",
             ) from exc
         names = []
