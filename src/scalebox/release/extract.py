@@ -80,6 +80,12 @@ _TYPE_NAMES = {
 }
 
 
+def _short(name: str) -> str:
+    """repr() of a name from the archive, cut short: names may be 64 KiB long."""
+    text = repr(name)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _refuse(tarball: Path, what: str) -> ReleaseError:
     return ReleaseError(
         f"{tarball.name}: {what}; refusing to extract it",
@@ -138,7 +144,7 @@ class _StrictTarInfo(tarfile.TarInfo):
             raise TypeError("_StrictTarInfo reads only a _StrictTarFile")
         if self.type not in _PASSED_TYPES:
             kind = _TYPE_NAMES.get(self.type, f"an unknown type {self.type!r}")
-            raise _Refused(f"member {self.name!r} is {kind}, which a release never holds")
+            raise _Refused(f"member {_short(self.name)} is {kind}, which a release never holds")
         if self.type != tarfile.XHDTYPE:
             return super()._proc_member(tarfile_)  # type: ignore[misc]
         if tarfile_.in_extended_header:
@@ -156,7 +162,7 @@ class _StrictTarInfo(tarfile.TarInfo):
 
     # GNU sparse maps in pax headers (tarfile reads version 1.0's map with no bound).
     def _proc_gnusparse_00(self, *args: Any) -> None:
-        raise _Refused(f"member {self.name!r} is a GNU sparse file")
+        raise _Refused(f"member {_short(self.name)} is a GNU sparse file")
 
     _proc_gnusparse_01 = _proc_gnusparse_00
     _proc_gnusparse_10 = _proc_gnusparse_00
@@ -169,20 +175,24 @@ def member_parts(tarball: Path, member: tarfile.TarInfo) -> tuple[str, ...]:
     """The member's path parts after the safety checks on its name and type (pure)."""
     name = member.name
     if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        raise _refuse(tarball, f"member {name!r} has an absolute path")
+        raise _refuse(tarball, f"member {_short(name)} has an absolute path")
     parts = tuple(p for p in PurePosixPath(name).parts if p != ".")
     if ".." in parts:
-        raise _refuse(tarball, f"member {name!r} points outside the release ('..')")
+        raise _refuse(tarball, f"member {_short(name)} points outside the release ('..')")
     if not parts or "\\" in name or "\x00" in name:
-        raise _refuse(tarball, f"member {name!r} has an unusable name")
+        raise _refuse(tarball, f"member {_short(name)} has an unusable name")
     if member.issym():
-        raise _refuse(tarball, f"member {name!r} is a symbolic link (to {member.linkname!r})")
+        raise _refuse(
+            tarball, f"member {_short(name)} is a symbolic link (to {_short(member.linkname)})"
+        )
     if member.islnk():
-        raise _refuse(tarball, f"member {name!r} is a hard link (to {member.linkname!r})")
+        raise _refuse(
+            tarball, f"member {_short(name)} is a hard link (to {_short(member.linkname)})"
+        )
     if member.isdev() or member.isfifo():
-        raise _refuse(tarball, f"member {name!r} is a device or fifo")
+        raise _refuse(tarball, f"member {_short(name)} is a device or fifo")
     if not (member.isreg() or member.isdir()):
-        raise _refuse(tarball, f"member {name!r} is not a regular file or directory")
+        raise _refuse(tarball, f"member {_short(name)} is not a regular file or directory")
     return parts
 
 
@@ -318,7 +328,7 @@ class _Unpacker:
             parsed = manifest.parse(manifest_bytes)
             if self.top != parsed.top_dir:
                 raise ReleaseError(
-                    f"{self.tarball.name}: top directory {self.top!r} does not match "
+                    f"{self.tarball.name}: top directory {_short(self.top or '')} does not match "
                     f"RELEASE.json (expected {parsed.top_dir!r})",
                     "the tarball was repacked by hand; get the release again",
                 )
@@ -351,7 +361,7 @@ class _Unpacker:
                 raise _refuse(self.tarball, f"more than {self.max_members} members")
             parts = member_parts(self.tarball, member)
             if parts in self.seen:
-                raise _refuse(self.tarball, f"member {member.name!r} appears twice")
+                raise _refuse(self.tarball, f"member {_short(member.name)} appears twice")
             self.seen.add(parts)
             if self.top is None:
                 self.top = parts[0]
@@ -360,7 +370,9 @@ class _Unpacker:
                     self.tarball, f"more than one top directory ({sorted({self.top, parts[0]})})"
                 )
             if len(parts) == 1 and not member.isdir():
-                raise _refuse(self.tarball, f"member {member.name!r} is outside the top directory")
+                raise _refuse(
+                    self.tarball, f"member {_short(member.name)} is outside the top directory"
+                )
             self.total += max(member.size, 0) if member.isreg() else 0
             if self.total > self.max_bytes:
                 raise _refuse(self.tarball, f"it unpacks to more than {self.max_bytes} bytes")
@@ -380,7 +392,7 @@ class _Unpacker:
         while item is not None and relpath == manifest.SHIPPED_KEY and item[0].isdir():
             item = next(members, None)
         if item is None or item[1] != relpath or not item[0].isreg():
-            found = "the end of the archive" if item is None else repr(item[0].name)
+            found = "the end of the archive" if item is None else _short(item[0].name)
             order = "RELEASE.json, then RELEASE.json.sig"
             if relpath == manifest.SHIPPED_KEY:
                 order += ", then keys/release.pub"
@@ -399,7 +411,7 @@ class _Unpacker:
         actual = digest.hexdigest()
         if expected is None:
             raise ReleaseError(
-                f"the release holds {relpath}, which RELEASE.json does not list",
+                f"the release holds {_short(relpath)[1:-1]}, which RELEASE.json does not list",
                 "files were added after signing; get the release again from a trusted source",
             )
         if actual != expected:
@@ -430,7 +442,7 @@ class _Unpacker:
                 continue
             if relpath not in listed:
                 raise ReleaseError(
-                    f"the release holds {relpath}, which RELEASE.json does not list",
+                    f"the release holds {_short(relpath)[1:-1]}, which RELEASE.json does not list",
                     "files were added after signing; get the release again from a trusted source",
                 )
             target = root / relpath

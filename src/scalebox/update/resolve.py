@@ -143,7 +143,8 @@ def resolve(
 def _file_name(url_path: str) -> str:
     name = urllib.parse.unquote(url_path.rstrip("/").rpartition("/")[2])
     # The name becomes a path under downloads/: nothing that could climb out.
-    return name if _SAFE_FILE_NAME.fullmatch(name) else "scalebox-release.tar.gz"
+    safe = len(name) <= 200 and _SAFE_FILE_NAME.fullmatch(name)
+    return name if safe else "scalebox-release.tar.gz"
 
 
 def _check_scheme(url: str, what: str, allow_http: bool) -> None:
@@ -320,6 +321,8 @@ class _GitHub:
                     origin=f"{kind} {tag} of {self.repo}",
                 )
         expected = f"scalebox-{version}-{self.source.arch}.tar.gz"
+        # Names from outside: a few of them, each cut short, in the message.
+        names = [n if len(n) <= 80 else n[:80] + "..." for n in names[:10]]
         raise ResolveError(
             f"release {tag} of {self.repo} has no build for {self.source.arch}: "
             f"expected {expected}, found {', '.join(names) or 'no assets'}",
