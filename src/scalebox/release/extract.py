@@ -300,7 +300,7 @@ class _Unpacker:
                 return self._read(gz)
             except ReleaseError:
                 # A damaged download makes a bad signature or hash too: say what it really is.
-                damage = _gzip_damage(self.tarball)
+                damage = _gzip_damage(self.tarball, self.max_bytes + 2 * _MAX_PADDING)
                 if damage is not None:
                     raise _refuse(self.tarball, damage) from None
                 raise
@@ -366,9 +366,8 @@ class _Unpacker:
             if self.top is None:
                 self.top = parts[0]
             elif parts[0] != self.top:
-                raise _refuse(
-                    self.tarball, f"more than one top directory ({sorted({self.top, parts[0]})})"
-                )
+                tops = f"{_short(self.top)} and {_short(parts[0])}"
+                raise _refuse(self.tarball, f"more than one top directory ({tops})")
             if len(parts) == 1 and not member.isdir():
                 raise _refuse(
                     self.tarball, f"member {_short(member.name)} is outside the top directory"
@@ -463,12 +462,18 @@ class _Unpacker:
             )
 
 
-def _gzip_damage(tarball: Path) -> str | None:
-    """Why the gzip stream of ``tarball`` is damaged (its CRC, a cut), or None if it is whole."""
+def _gzip_damage(tarball: Path, limit: int) -> str | None:
+    """Why the gzip stream of ``tarball`` is damaged (its CRC, a cut), or None if it is whole.
+
+    Reads at most ``limit`` decompressed bytes: a release is never bigger, and a
+    zip bomb must not cost minutes of CPU for a better message.
+    """
     try:
         with tarball.open("rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
             while gz.read(_CHUNK):
-                pass
+                limit -= _CHUNK
+                if limit < 0:
+                    return None
     except (OSError, EOFError, zlib.error) as exc:
         return f"the archive is damaged or truncated ({exc})"
     return None
