@@ -149,3 +149,9 @@ def test_a_file_under_a_file_is_refused() -> None:
 )
 def test_malformed_json_is_a_refusal_not_a_traceback(raw: bytes, words: str) -> None:
     refused(raw, words)
+
+
+def test_a_version_that_is_a_safe_name_but_not_pep_440_is_refused() -> None:
+    data = good()
+    data["version"] = "1.0-x_y"
+    refused(data, "is not a version")

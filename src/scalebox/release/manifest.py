@@ -193,6 +193,10 @@ def parse(raw_bytes: bytes) -> Manifest:
     if not isinstance(version, str) or not isinstance(arch, str):
         raise _bad("version and arch must be strings")
     check_name("version", version)
+    try:
+        versions.parse(version)  # the updater compares it: a refusal here, not later
+    except versions.InvalidVersion as exc:
+        raise _bad(f"version {exc.what}") from None
     check_name("arch", arch)
     python = _str_list(data, "python")
     for py in python:
