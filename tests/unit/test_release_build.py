@@ -13,6 +13,7 @@ import platform
 import shutil
 import stat
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,15 @@ def test_built_release_verifies_and_holds_everything_install_needs(
     ).read_bytes()
     shipped = signing.load_public_key(release.root / "keys" / "release.pub")
     assert shipped.fingerprint == signing.load_public_key(built.pub).fingerprint
+
+
+def test_the_signed_manifest_comes_first_and_packaging_is_shipped(built: Built) -> None:
+    """A reader checks RELEASE.json and its signature before it writes anything."""
+    with tarfile.open(built.first) as archive:
+        names = [m.name.split("/", 1)[-1] for m in archive.getmembers()[:5]]
+        wheels = [m.name for m in archive.getmembers() if "/wheels/packaging-" in m.name]
+    assert names[1:] == ["RELEASE.json", "RELEASE.json.sig", "keys", "keys/release.pub"]
+    assert wheels, "packaging (versions.py) is a runtime dependency"
 
 
 def test_version_override_never_touches_the_working_tree(built: Built) -> None:
