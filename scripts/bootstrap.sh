@@ -63,23 +63,27 @@ if [[ -z $URL ]]; then
   log "asking $API for the latest release of $REPO"
   auth=()
   if [[ -n ${GITHUB_TOKEN:-} ]]; then auth=(-H "Authorization: Bearer $GITHUB_TOKEN"); fi
-  curl -fsSL --retry 3 -H 'Accept: application/vnd.github+json' "${auth[@]}" \
-    -o "$WORK/latest.json" "$API/repos/$REPO/releases/latest" ||
+  curl -fsSL --retry 3 --max-filesize 4194304 --max-time 120 \
+    -H 'Accept: application/vnd.github+json' "${auth[@]}" -o "$WORK/latest.json" "$API/repos/$REPO/releases/latest" ||
     die "cannot get the latest release of $REPO from $API" \
       "check the network, or set SCALEBOX_RELEASE_URL to the tarball's URL or path"
-  URL=$(python3 - "$WORK/latest.json" "$ARCH" <<'PY'
+  URL=$(python3 -I - "$WORK/latest.json" "$ARCH" <<'PY'
 import json
 import re
 import sys
 
-release = json.load(open(sys.argv[1]))
-pattern = re.compile(r"scalebox-.+-" + re.escape(sys.argv[2]) + r"\.tar\.gz")
-for asset in release.get("assets", []):
-    if pattern.fullmatch(asset.get("name", "")):
-        print(asset["browser_download_url"])
-        break
+try:
+    release = json.load(open(sys.argv[1]))
+    pattern = re.compile(r"scalebox-.+-" + re.escape(sys.argv[2]) + r"\.tar\.gz")
+    for asset in release.get("assets", []):
+        if pattern.fullmatch(asset.get("name", "")):
+            print(asset["browser_download_url"])
+            break
+except (ValueError, RecursionError, AttributeError, TypeError, KeyError) as exc:
+    sys.exit(f"bootstrap.sh: error: the releases API answered something unexpected ({type(exc).__name__})")
 PY
-  )
+  ) || die "cannot read the latest release of $REPO from $API's answer (reason above)" \
+    "set SCALEBOX_RELEASE_URL to the tarball's URL or path"
   [[ -n $URL ]] || die "the latest release of $REPO has no scalebox-*-$ARCH.tar.gz" \
     "set SCALEBOX_RELEASE_URL to a release tarball for $ARCH"
 fi
@@ -98,7 +102,8 @@ name=$(basename "${URL%%\?*}")
 [[ $name =~ ^scalebox-[A-Za-z0-9._+-]+\.tar\.gz$ ]] || name=scalebox-release.tar.gz
 TARBALL=$WORK/$name
 log "downloading $URL"
-curl -fL --retry 3 --proto '=https,file,http' -o "$TARBALL" "$URL" ||
+# Give up on a stalled download: under 1 KiB/s for a minute.
+curl -fL --retry 3 --speed-limit 1024 --speed-time 60 --max-filesize 1073741824 --proto '=https,file,http' -o "$TARBALL" "$URL" ||
   die "cannot download $URL" "check the URL and the network, then run bootstrap.sh again"
 
 # Only the installer and the signed manifest are taken out here (bounded sizes,

@@ -100,9 +100,9 @@ TARBALL=$(cd "$(dirname "$TARBALL")" && pwd)/$(basename "$TARBALL")
 
 command -v python3 >/dev/null || die "python3 is not installed" \
   "install the Debian package python3 (apt-get install python3), then run install.sh again"
-PYVER=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+PYVER=$(python3 -I -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 # Debian splits venv's pip bootstrap (ensurepip) into python3-venv.
-if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+if ! python3 -I -c 'import ensurepip, venv' 2>/dev/null; then
   die "python3 -m venv is not usable here: the Debian package python3-venv (python$PYVER-venv) is missing" \
     "apt-get install python3-venv; on a server without a package mirror, copy python$PYVER-venv, python3-pip-whl and python3-setuptools-whl .deb files from a matching Debian machine and install them with dpkg -i"
 fi
@@ -443,7 +443,7 @@ else
   if [[ ! -d $OPT ]]; then MADE_OPT=1; fi
   BUILDING=$RELEASE_DIR
   install -d -m 0755 "$OPT" "$OPT/releases" "$RELEASE_DIR"
-  python3 -m venv "$RELEASE_DIR/venv"
+  python3 -I -m venv "$RELEASE_DIR/venv"
   "$RELEASE_DIR/venv/bin/pip" install --isolated --quiet --no-index --find-links "$REL/wheels" "scalebox==$VERSION"
   for name in "${PROGRAMS[@]}"; do
     [[ -x $RELEASE_DIR/venv/bin/$name ]] || die "the release's venv has no program $name" \
@@ -463,8 +463,8 @@ fi
 
 if [[ ! -e $CONFIG ]]; then
   log "writing $CONFIG with a new API token"
-  token=$(python3 -c 'import secrets; print("sb-" + secrets.token_hex(24))')
-  host_ip=$(python3 - <<'PY'
+  token=$(python3 -I -c 'import secrets; print("sb-" + secrets.token_hex(24))')
+  host_ip=$(python3 -I - <<'PY'
 import socket
 # A UDP connect only looks up the route; no packet is sent (TEST-NET-1 address).
 try:
@@ -626,7 +626,7 @@ else
   fi
 
   log "waiting up to ${HEALTH_TIMEOUT}s for http://127.0.0.1:$API_PORT/health to report $VERSION"
-  python3 - "http://127.0.0.1:$API_PORT/health" "$VERSION" "$HEALTH_TIMEOUT" <<'PY' ||
+  python3 -I - "http://127.0.0.1:$API_PORT/health" "$VERSION" "$HEALTH_TIMEOUT" <<'PY' ||
 import json
 import sys
 import time

@@ -198,7 +198,9 @@ def state(m: Machine) -> str:
             f"for p in {INSTALL_PATHS}; do [ -e $p ] && find $p -printf '%p %y %m %l\\n'; done "
             f"| sort; find {INSTALL_PATHS} -type f -print0 2>/dev/null | sort -z "
             "| xargs -0 -r sha256sum; systemctl is-active scaleboxd || true; "
-            f"ls -d {EVIL_RAN} /etc/evil /usr/local/etc/evil 2>/dev/null || true",
+            # install.sh's scratch directory goes too, whatever the outcome.
+            f"ls -d {EVIL_RAN} /etc/evil /usr/local/etc/evil /tmp/scalebox-install.* "
+            "2>/dev/null || true",
         ]
     ).stdout
 

@@ -312,3 +312,12 @@ def test_a_pinned_key_installs_its_release_and_is_the_key_trusted(
     keys = root / "etc/scalebox/keys"
     assert [p.name for p in keys.iterdir()] == ["release.pub"]
     assert (keys / "release.pub").read_bytes() == built.pub.read_bytes()
+    # Installed: now the installed release's verifier checks, against the --key file alone.
+    before = snapshot(root)
+    result = run_script(INSTALL_SH, root, "--key", other, built.tarball)
+    assert result.returncode == 1
+    assert "not signed by a trusted key" in result.stderr
+    result = run_script(INSTALL_SH, root, "--key", built.pub, built.tarball)
+    assert result.returncode == 0, result.stderr
+    assert "nothing changed" in result.stdout
+    assert snapshot(root) == before
