@@ -312,7 +312,7 @@ PY
 reader() { python3 -I "$WORK/reader.py" "$@"; }
 
 need_openssl() {
-  command -v openssl >/dev/null || die "openssl is not installed; install.sh needs it to check the release against $1 with code that does not come from the release" \
+  command -v openssl >/dev/null || die "openssl is not installed; install.sh needs it to check the release against $1 with code that does not come from the release; nothing was changed" \
     "apt-get install openssl (the Debian package openssl), then run install.sh again"
 }
 
@@ -320,7 +320,7 @@ need_openssl() {
 
 TRUST_DIR=""
 if [[ -n $KEY_FILE ]]; then
-  [[ -f $KEY_FILE && -r $KEY_FILE ]] || die "the key $KEY_FILE does not exist or is not a readable file" \
+  [[ -f $KEY_FILE && -r $KEY_FILE ]] || die "the key $KEY_FILE does not exist or is not a readable file; nothing was changed" \
     "give the release-signing public key (PEM): --key /path/to/release.pub"
   need_openssl "the key $KEY_FILE"
   mkdir -m 0700 "$WORK/pinned"
@@ -330,7 +330,7 @@ if [[ -n $KEY_FILE ]]; then
   if [[ $(stat -c %s "$WORK/pinned/release.pub") -le 65536 ]]; then
     key_text=$(openssl pkey -pubin -in "$WORK/pinned/release.pub" -noout -text 2>/dev/null || true)
   fi
-  [[ $key_text == "ED25519 Public-Key:"* ]] || die "$KEY_FILE is not an ed25519 public key in PEM form" \
+  [[ $key_text == "ED25519 Public-Key:"* ]] || die "$KEY_FILE is not an ed25519 public key in PEM form; nothing was changed" \
     "use the release-signing key's .pub file (it begins with -----BEGIN PUBLIC KEY-----; ./do keygen makes keys/release.pub)"
   TRUST_DIR=$WORK/pinned
 else

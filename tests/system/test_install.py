@@ -292,6 +292,20 @@ def test_install_key_pins_the_key_and_refuses_others(
     assert httpx.get(m.url(8080, "/health"), timeout=10).json()["version"] == A
 
 
+def test_a_pinned_key_without_openssl_is_refused_naming_the_package(
+    boot_machine: BootMachine, install_releases: Path
+) -> None:
+    """Without openssl nothing outside the tarball can check its signature: refused."""
+    m = boot_machine(install_releases)
+    # The machine is a volatile overlay: hiding openssl here leaves the image intact.
+    m.run(["mv", "/usr/bin/openssl", "/root/openssl.hidden"])
+    m.run(["install", "-D", "-m", "0644", f"{MNT}/publisher.pub", "/etc/scalebox/keys/release.pub"])
+    before = state(m)
+    code, _out, err = install(m, tarball(A))
+    assert_refused(m, before, code, err, "openssl is not installed", "apt-get install openssl")
+    assert "nothing was changed" in err
+
+
 def test_bootstrap_with_a_pinned_key_never_runs_the_tarballs_installer(
     boot_machine: BootMachine, install_releases: Path
 ) -> None:
