@@ -41,12 +41,17 @@ case "${1:-}" in
     [[ $# -eq 2 && -n $2 ]] || die "--key needs the path of a public key (PEM)" "usage: sudo bash bootstrap.sh [--key KEY.pub]"
     KEY_FILE=$2
     ;;
-  --key=*) KEY_FILE=${1#--key=} ;;
+  --key=?*) KEY_FILE=${1#--key=} ;;
   "") ;;
   *) die "unknown argument $1" "usage: sudo bash bootstrap.sh [--key KEY.pub]" ;;
 esac
 
 [[ $EUID -eq 0 ]] || die "Must run as root. Try: sudo bash bootstrap.sh"
+if [[ -n $KEY_FILE ]]; then
+  [[ -f $KEY_FILE && -r $KEY_FILE ]] || die "the key $KEY_FILE does not exist or is not a readable file" \
+    "give the release-signing public key (PEM): --key /path/to/release.pub"
+  KEY_FILE=$(cd "$(dirname "$KEY_FILE")" && pwd)/$(basename "$KEY_FILE")
+fi
 command -v curl >/dev/null || die "curl is not installed" "apt-get install curl, or download the release tarball yourself and run its scripts/install.sh"
 command -v python3 >/dev/null || die "python3 is not installed" "apt-get install python3 python3-venv"
 
@@ -143,8 +148,6 @@ PY
 # found RELEASE.json signed by that key and install.sh's sha256 listed in it.
 TRUST=()
 if [[ -n $KEY_FILE ]]; then
-  [[ -f $KEY_FILE && -r $KEY_FILE ]] || die "the key $KEY_FILE does not exist or is not a readable file" \
-    "give the release-signing public key (PEM): --key /path/to/release.pub"
   TRUST=("$KEY_FILE")
 else
   shopt -s nullglob

@@ -67,7 +67,7 @@ while [[ $# -gt 0 ]]; do
       KEY_FILE=$2
       shift 2
       ;;
-    --key=*) KEY_FILE=${1#--key=}; shift ;;
+    --key=?*) KEY_FILE=${1#--key=}; shift ;;
     --) shift; ARGS+=("$@"); break ;;
     -*) die "unknown option $1" "$USAGE" ;;
     *) ARGS+=("$1"); shift ;;
