@@ -1,23 +1,37 @@
 #!/usr/bin/env bash
 # install.sh: the first install of a scalebox release on a Debian server (12 or 13).
 #
-#   sudo bash install.sh [TARBALL]
+#   sudo bash install.sh [--key KEY.pub] [TARBALL]
 #
 # TARBALL defaults to the one scalebox-*-<arch>.tar.gz beside this script.
+# --key KEY.pub pins the release-signing key: the tarball must be signed by
+# it, and it becomes the key /etc/scalebox/keys trusts for every later update.
+# Without --key and without a key already in /etc/scalebox/keys, the first
+# install trusts the key shipped inside the tarball (trust on first use).
+#
 # Everything is checked before anything on the server changes: root, python3
-# and its venv module, then the tarball (safe extraction, ed25519 signature,
-# every file's sha256, arch and Python). Needs no network: the release brings
-# its wheels. Running it again for the installed version changes nothing.
-# Other versions are installed with scalebox-update, not with this script.
+# and its venv module, then the tarball (signature, every file's sha256, safe
+# names, arch and Python). Whenever a key is trusted, the signature is checked
+# by code that did not come from the tarball (openssl, then the installed
+# release's verifier or the tarball's own only once its hash is signed).
+# Needs no network: the release brings its wheels. Running it again for the
+# installed version changes nothing. Other versions are installed with
+# scalebox-update, not with this script. Exit codes: 0 installed (or nothing
+# to do), 1 refused or failed (the message says what and what to do), 130
+# interrupted.
 #
 # Layout it makes (docs/architecture.md): /opt/scalebox/releases/<version>,
 # /opt/scalebox/current, /usr/local/bin/{scaleboxd,scalebox,scalebox-update},
-# /etc/systemd/system/<units>, /etc/scaleboxd/{config,version},
+# /etc/systemd/system/<units> (and scaleboxd.socket.d/port.conf when the
+# config's API_PORT is not 8080), /etc/scaleboxd/{config,version},
 # /etc/scalebox/keys/release.pub.
 #
 # SCALEBOX_INSTALL_ROOT=DIR installs the files under DIR instead of / and skips
 # systemd and the health check (for tests of the file layout; not for servers).
 set -euo pipefail
+# Whatever the caller's umask (even 000), nothing this script makes is
+# writable by others; the modes that matter are also set explicitly.
+umask 022
 
 R=${SCALEBOX_INSTALL_ROOT:-}
 R=${R%/}
@@ -27,8 +41,8 @@ CONFIG=$CONFIG_DIR/config
 KEYS=$R/etc/scalebox/keys
 BIN=$R/usr/local/bin
 UNIT_DIR=$R/etc/systemd/system
-API_PORT=8080 # scaleboxd.socket's ListenStream
 HEALTH_TIMEOUT=${SCALEBOX_HEALTH_TIMEOUT:-30}
+USAGE="usage: sudo bash install.sh [--key KEY.pub] [TARBALL]"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
 log() { printf '==> %s\n' "$*"; }
@@ -42,15 +56,29 @@ usage() {
   sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
 }
 
-case "${1:-}" in
-  -h | --help) usage; exit 0 ;;
-  -*) die "unknown option $1" "usage: sudo bash install.sh [TARBALL]" ;;
-esac
-[[ $# -le 1 ]] || die "too many arguments" "usage: sudo bash install.sh [TARBALL]"
+ORIG_ARGS="$*"
+KEY_FILE=""
+ARGS=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    -h | --help) usage; exit 0 ;;
+    --key)
+      [[ $# -ge 2 && -n $2 ]] || die "--key needs the path of a public key (PEM)" "$USAGE"
+      KEY_FILE=$2
+      shift 2
+      ;;
+    --key=?*) KEY_FILE=${1#--key=}; shift ;;
+    --) shift; ARGS+=("$@"); break ;;
+    -*) die "unknown option $1" "$USAGE" ;;
+    *) ARGS+=("$1"); shift ;;
+  esac
+done
+[[ ${#ARGS[@]} -le 1 ]] || die "too many arguments" "$USAGE"
+set -- "${ARGS[@]}"
 
 # --- checks: nothing on the server changes before all of them pass -----------
 
-[[ $EUID -eq 0 ]] || die "Must run as root. Try: sudo bash install.sh${*:+ $*}"
+[[ $EUID -eq 0 ]] || die "Must run as root. Try: sudo bash install.sh${ORIG_ARGS:+ $ORIG_ARGS}"
 
 ARCH=$(uname -m)
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -72,9 +100,9 @@ TARBALL=$(cd "$(dirname "$TARBALL")" && pwd)/$(basename "$TARBALL")
 
 command -v python3 >/dev/null || die "python3 is not installed" \
   "install the Debian package python3 (apt-get install python3), then run install.sh again"
-PYVER=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+PYVER=$(python3 -I -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 # Debian splits venv's pip bootstrap (ensurepip) into python3-venv.
-if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+if ! python3 -I -c 'import ensurepip, venv' 2>/dev/null; then
   die "python3 -m venv is not usable here: the Debian package python3-venv (python$PYVER-venv) is missing" \
     "apt-get install python3-venv; on a server without a package mirror, copy python$PYVER-venv, python3-pip-whl and python3-setuptools-whl .deb files from a matching Debian machine and install them with dpkg -i"
 fi
@@ -93,84 +121,299 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-shopt -s nullglob
-trusted=("$KEYS"/*.pub)
-shopt -u nullglob
-if [[ ${#trusted[@]} -gt 0 ]]; then
-  TRUST=(--trusted-keys "$KEYS")
+# Reads a release before it is trusted, with Debian's python3 and its standard
+# library only (-I: no code from the current directory or the environment).
+# Every refusal is printed here in full; install.sh then just exits 1.
+cat >"$WORK/reader.py" <<'PY'
+import hashlib
+import json
+import os
+import re
+import resource
+import sys
+import tarfile
+import zipfile
+import zlib
+
+MAX_MEMBERS = 10_000
+MAX_MANIFEST = 4 << 20
+MAX_SIGNATURE = 4096
+MAX_WHEEL = 256 << 20
+SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}", re.ASCII)
+# Programs land in /usr/local/bin and units in /etc/systemd/system: plain names of ours only.
+PROGRAM = re.compile(r"scalebox[A-Za-z0-9._-]{0,56}", re.ASCII)
+UNIT = re.compile(r"scalebox[A-Za-z0-9._@-]{0,48}\.(service|socket|timer|target|path)", re.ASCII)
+AGAIN = "get the release again from a trusted source"
+HOSTILE = "do not install this release; report it to its publisher"
+
+# A huge tar header or manifest ends in MemoryError here, not in an exhausted server.
+_soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+_cap = 768 << 20
+if _hard == resource.RLIM_INFINITY or _hard > _cap:
+    resource.setrlimit(resource.RLIMIT_AS, (_cap, _hard))
+
+
+def fail(what, hint=AGAIN):
+    print(f"install.sh: error: {what}; nothing was changed", file=sys.stderr)
+    print(f"  hint: {hint}", file=sys.stderr)
+    sys.exit(1)
+
+
+def walk(tarball, arch):
+    """(archive, member, parts) for each member; names checked, one top directory for arch."""
+    name = os.path.basename(tarball)
+    top = None
+    with tarfile.open(tarball, "r:gz") as archive:
+        for count, member in enumerate(archive, 1):
+            if count > MAX_MEMBERS:
+                fail(f"{name} has more than {MAX_MEMBERS} members")
+            parts = member.name.split("/")
+            if member.name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+                fail(f"{name} is not a scalebox release (unsafe member {member.name[:200]!r})")
+            if top is None:
+                top = parts[0]
+                if not (top.startswith("scalebox-") and SAFE.fullmatch(top[len("scalebox-") :])):
+                    fail(f"{name} is not a scalebox release (top directory {top[:100]!r})")
+                if not top.endswith("-" + arch):
+                    fail(f"the release is for {top.rsplit('-', 1)[-1]}, this machine is {arch}",
+                         f"use the release built for {arch}")
+            elif parts[0] != top:
+                fail(f"{name} has more than one top directory ({top!r}, {parts[0][:100]!r})")
+            yield archive, member, parts
+
+
+def guarded(action):
+    try:
+        action()
+    except MemoryError:
+        fail(f"{os.path.basename(sys.argv[2])} needs more than {_cap >> 20} MiB to read (a hostile tar header?)")
+    except RecursionError:
+        fail("RELEASE.json is nested too deeply to read", HOSTILE)
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as exc:
+        fail(f"{sys.argv[2]} is not a readable release tarball ({exc})")
+
+
+def read_manifest(path):
+    with open(path, "rb") as f:
+        data = json.loads(f.read(MAX_MANIFEST + 1))
+    if not isinstance(data, dict):
+        fail("RELEASE.json is not a JSON object", HOSTILE)
+    return data
+
+
+def signed(tarball, out, arch):
+    """Copy RELEASE.json and its signature out of the tarball, nothing else."""
+    found = {}
+    for archive, member, parts in walk(tarball, arch):
+        rel = "/".join(parts[1:])
+        if rel not in ("RELEASE.json", "RELEASE.json.sig"):
+            continue
+        if rel in found:
+            fail(f"the tarball holds {rel} twice", HOSTILE)
+        limit = MAX_MANIFEST if rel == "RELEASE.json" else MAX_SIGNATURE
+        if not member.isreg() or member.size > limit:
+            fail(f"{rel} in the tarball is not a regular file of at most {limit} bytes", HOSTILE)
+        found[rel] = archive.extractfile(member).read(limit + 1)
+    for rel in ("RELEASE.json", "RELEASE.json.sig"):
+        if rel not in found:
+            fail(f"the tarball has no {rel}: it is not a signed scalebox release")
+        with open(os.path.join(out, rel), "xb") as f:
+            f.write(found[rel])
+
+
+def importable(wheel):
+    here = "cp%d%d" % sys.version_info[:2]
+    try:
+        py, abi = wheel[:-4].split("-")[-3:-1]
+    except ValueError:
+        return False
+    tags = py.split(".")
+    if "py3" in tags or here in tags:
+        return True
+    return abi == "abi3" and any(
+        re.fullmatch(r"cp3\d+", t) and int(t[3:]) <= int(here[3:]) for t in tags
+    )
+
+
+def wheels(tarball, site, arch, manifest=None):
+    """Unzip the wheels this Python imports into site; with a signed manifest, only those
+    whose sha256 it lists."""
+    files, top = None, None
+    if manifest is not None:
+        data = read_manifest(manifest)
+        files, version = data.get("files"), data.get("version")
+        if not isinstance(files, dict) or not isinstance(version, str) or not SAFE.fullmatch(version):
+            fail("the signed RELEASE.json has no valid version and files", HOSTILE)
+        top = f"scalebox-{version}-{arch}"
+    store = site + ".wheels"
+    os.makedirs(store, mode=0o700)
+    seen = set()
+    for archive, member, parts in walk(tarball, arch):
+        if top is not None and parts[0] != top:
+            fail(f"the tarball's top directory {parts[0]!r} is not {top!r}, as its signed RELEASE.json says", HOSTILE)
+        if not (member.isreg() and len(parts) == 3 and parts[1] == "wheels"):
+            continue
+        name = parts[2]
+        if not name.endswith(".whl") or not importable(name):
+            continue
+        rel = "wheels/" + name
+        if name in seen:
+            fail(f"the tarball holds {rel} twice", HOSTILE)
+        seen.add(name)
+        if files is not None and rel not in files:
+            fail(f"{rel} is not listed in the signed RELEASE.json", HOSTILE)
+        if member.size > MAX_WHEEL:
+            fail(f"{rel} is larger than {MAX_WHEEL >> 20} MiB")
+        digest = hashlib.sha256()
+        path = os.path.join(store, name)
+        source = archive.extractfile(member)
+        with open(path, "xb") as out:
+            for chunk in iter(lambda: source.read(1 << 20), b""):
+                digest.update(chunk)
+                out.write(chunk)
+        if files is not None and digest.hexdigest() != files[rel]:
+            fail(f"{rel} does not match the signed RELEASE.json (sha256 {digest.hexdigest()[:16]}...)",
+                 "the file was changed after signing; " + AGAIN)
+        with zipfile.ZipFile(path) as wheel:
+            wheel.extractall(site)  # extractall drops absolute and '..' parts
+    if not seen:
+        fail(f"the tarball holds no wheels for Python {sys.version_info[0]}.{sys.version_info[1]}")
+
+
+def names(manifest):
+    """The version, the programs and the units, each a plain name of ours, one line each."""
+    data = read_manifest(manifest)
+    version = data.get("version")
+    if not isinstance(version, str) or not SAFE.fullmatch(version):
+        fail("RELEASE.json's version is not a plain name", HOSTILE)
+    listed = {}
+    for key, kind, pattern in (("entry_points", "program", PROGRAM), ("units", "unit", UNIT)):
+        value = data.get(key)
+        if not isinstance(value, list) or not value:
+            fail(f"RELEASE.json's {key} is not a list of names", HOSTILE)
+        folded = {}
+        for item in value:
+            if not isinstance(item, str) or not pattern.fullmatch(item):
+                fail(f"RELEASE.json lists the {kind} {str(item)[:100]!r}, which is not a plain "
+                     f"scalebox {kind} name", HOSTILE)
+            if item.casefold() in folded:
+                fail(f"RELEASE.json lists the {kind}s {folded[item.casefold()]!r} and {item!r}, "
+                     "which are the same name ignoring case", HOSTILE)
+            folded[item.casefold()] = item
+        listed[key] = value
+    print(version)
+    print(" ".join(listed["entry_points"]))
+    print(" ".join(listed["units"]))
+
+
+COMMANDS = {"signed": signed, "wheels": wheels, "names": names}
+guarded(lambda: COMMANDS[sys.argv[1]](*sys.argv[2:]))
+PY
+reader() { python3 -I "$WORK/reader.py" "$@"; }
+
+need_openssl() {
+  command -v openssl >/dev/null || die "openssl is not installed; install.sh needs it to check the release against $1 with code that does not come from the release; nothing was changed" \
+    "apt-get install openssl (the Debian package openssl), then run install.sh again"
+}
+
+# --- which keys the release must be signed by ----------------------------------
+
+TRUST_DIR=""
+if [[ -n $KEY_FILE ]]; then
+  [[ -f $KEY_FILE && -r $KEY_FILE ]] || die "the key $KEY_FILE does not exist or is not a readable file; nothing was changed" \
+    "give the release-signing public key (PEM): --key /path/to/release.pub"
+  need_openssl "the key $KEY_FILE"
+  mkdir -m 0700 "$WORK/pinned"
+  # A copy: the key that is checked is the key that gets installed.
+  head -c 65537 -- "$KEY_FILE" >"$WORK/pinned/release.pub"
+  key_text=""
+  if [[ $(stat -c %s "$WORK/pinned/release.pub") -le 65536 ]]; then
+    key_text=$(openssl pkey -pubin -in "$WORK/pinned/release.pub" -noout -text 2>/dev/null || true)
+  fi
+  [[ $key_text == "ED25519 Public-Key:"* ]] || die "$KEY_FILE is not an ed25519 public key in PEM form; nothing was changed" \
+    "use the release-signing key's .pub file (it begins with -----BEGIN PUBLIC KEY-----; ./do keygen makes keys/release.pub)"
+  TRUST_DIR=$WORK/pinned
+else
+  shopt -s nullglob
+  trusted=("$KEYS"/*.pub)
+  shopt -u nullglob
+  if [[ ${#trusted[@]} -gt 0 ]]; then TRUST_DIR=$KEYS; fi
+fi
+if [[ -n $TRUST_DIR ]]; then
+  TRUST=(--trusted-keys "$TRUST_DIR")
 else
   TRUST=(--trust-shipped-key)
 fi
 
-# The verifier is Python. An installed release's own verifier is already
-# trusted; on a first install the one shipped in the tarball runs, from its
-# wheels unpacked (zip) into a scratch directory: no venv, no pip, about a second.
+# --- the verifier: never code from this tarball that no trusted key vouched for ---
+
+# An installed release's own verifier is already trusted. On a first install the
+# one shipped in the tarball runs, from its wheels unzipped into a scratch
+# directory (no venv, no pip, about a second) -- but when a key is trusted, only
+# after openssl found RELEASE.json signed by that key and every wheel to import
+# matches its sha256 there.
 if [[ -x $OPT/current/venv/bin/python ]] &&
-  "$OPT/current/venv/bin/python" -c 'import scalebox.release.verify' 2>/dev/null; then
-  VERIFY=("$OPT/current/venv/bin/python")
+  "$OPT/current/venv/bin/python" -I -c 'import scalebox.release.verify' 2>/dev/null; then
+  VERIFY=("$OPT/current/venv/bin/python" -I -m scalebox.release.verify)
 else
+  SIGNED=()
+  if [[ -n $TRUST_DIR ]]; then
+    if [[ -n $KEY_FILE ]]; then what="the key $KEY_FILE"; else what="the keys in $KEYS"; fi
+    need_openssl "$what"
+    log "checking the signature of RELEASE.json in $(basename "$TARBALL") with openssl against $what"
+    mkdir -m 0700 "$WORK/signed"
+    reader signed "$TARBALL" "$WORK/signed" "$ARCH" || exit 1
+    signer=""
+    tried=()
+    for key in "$TRUST_DIR"/*.pub; do
+      shown=$key
+      if [[ -n $KEY_FILE ]]; then shown=$KEY_FILE; fi
+      tried+=("$shown")
+      if openssl pkeyutl -verify -pubin -inkey "$key" -rawin -in "$WORK/signed/RELEASE.json" \
+        -sigfile "$WORK/signed/RELEASE.json.sig" >/dev/null 2>&1; then
+        signer=$shown
+        break
+      fi
+    done
+    [[ -n $signer ]] || die "$(basename "$TARBALL") is not signed by a trusted key (tried ${tried[*]}); nothing was changed" \
+      "get the release from its publisher again; if the publisher really changed keys, check the new key's fingerprint with them, then pin it: sudo bash install.sh --key NEW.pub TARBALL"
+    log "RELEASE.json is signed by $signer"
+    SIGNED=("$WORK/signed/RELEASE.json")
+  fi
   log "unpacking the verifier from $(basename "$TARBALL")"
-  python3 - "$TARBALL" "$WORK/site" "$ARCH" <<'PY' || die "cannot use $TARBALL (reason above); nothing was changed" "get the release tarball again"
-# Reads only the wheels this Python can import, straight from the tarball, and
-# unzips them into one directory for sys.path. Everything is checked again, in
-# full, by the verifier itself.
-import io
-import re
-import sys
-import tarfile
-import zipfile
-
-tarball, site, arch = sys.argv[1], sys.argv[2], sys.argv[3]
-here = "cp%d%d" % sys.version_info[:2]
-
-
-def importable(name):
-    py, abi = name[:-4].split("-")[-3:-1]
-    tags = py.split(".")
-    if "py3" in tags or here in tags:
-        return True
-    return abi == "abi3" and any(re.fullmatch(r"cp3\d+", t) and int(t[3:]) <= int(here[3:]) for t in tags)
-
-
-found = 0
-try:
-    with tarfile.open(tarball, "r:gz") as archive:
-        for member in archive:
-            parts = member.name.split("/")
-            top = parts[0]
-            if not top.startswith("scalebox-") or ".." in parts or member.name.startswith("/"):
-                sys.exit(f"install.sh: error: {tarball} is not a scalebox release (member {member.name!r})")
-            if not top.endswith("-" + arch):
-                sys.exit(f"install.sh: error: the release is for {top.rsplit('-', 1)[-1]}, this machine is {arch}")
-            if member.isreg() and len(parts) == 3 and parts[1] == "wheels" and parts[2].endswith(".whl"):
-                if member.size > 256 << 20:
-                    sys.exit(f"install.sh: error: {member.name} is too large")
-                if importable(parts[2]):
-                    data = archive.extractfile(member).read()
-                    with zipfile.ZipFile(io.BytesIO(data)) as wheel:
-                        wheel.extractall(site)  # extractall drops absolute and '..' parts
-                    found += 1
-except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-    sys.exit(f"install.sh: error: {tarball} is not a readable release tarball ({exc})")
-if not found:
-    sys.exit(f"install.sh: error: {tarball} holds no wheels for Python {sys.version_info[0]}.{sys.version_info[1]}")
-PY
-  VERIFY=(env "PYTHONPATH=$WORK/site" python3 -s)
+  reader wheels "$TARBALL" "$WORK/site" "$ARCH" "${SIGNED[@]}" || exit 1
+  VERIFY=(python3 -I -c 'import sys; sys.path.insert(0, sys.argv.pop(1)); from scalebox.release.verify import main; sys.exit(main(sys.argv[1:]))' "$WORK/site")
 fi
 
 log "verifying $(basename "$TARBALL")"
-VERSION=$("${VERIFY[@]}" -m scalebox.release.verify "$TARBALL" "$WORK/release" "${TRUST[@]}") ||
+VERSION=$("${VERIFY[@]}" "$TARBALL" "$WORK/release" "${TRUST[@]}") ||
   die "the release tarball failed verification (reason above); nothing was changed" \
     "get the release again from a trusted source"
+[[ $VERSION =~ ^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$ ]] ||
+  die "the verifier reported the version '${VERSION:0:80}', which is not a plain name; nothing was changed" \
+    "do not install this release; report it to its publisher"
 REL=$WORK/release/scalebox-$VERSION-$ARCH
 [[ -f $REL/RELEASE.json ]] || die "the verifier reported version '$VERSION' but $REL is missing" \
   "report this as a bug in scalebox.release.verify"
-if [[ ${TRUST[0]} == --trust-shipped-key ]]; then
-  log "verified scalebox $VERSION with the key shipped in the tarball (first install: no trusted key yet)"
+if [[ -z $TRUST_DIR ]]; then
+  log "verified scalebox $VERSION with the key shipped in the tarball (first install, no key pinned: trust on first use)"
+elif [[ -n $KEY_FILE ]]; then
+  log "verified scalebox $VERSION, signed by the pinned key $KEY_FILE"
 else
   log "verified scalebox $VERSION, signed by a key trusted in $KEYS"
 fi
-read -r -a PROGRAMS < <(python3 -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))["entry_points"]))' "$REL/RELEASE.json")
+
+# Names from the manifest become paths: each must be a plain name of ours.
+NAMES=$(reader names "$REL/RELEASE.json") || exit 1
+mapfile -t lines <<<"$NAMES"
+[[ ${lines[0]} == "$VERSION" ]] || die "RELEASE.json says version ${lines[0]} but the verifier reported $VERSION; nothing was changed" \
+  "report this as a bug in scalebox.release.verify"
+read -r -a PROGRAMS <<<"${lines[1]}"
+read -r -a UNITS <<<"${lines[2]}"
+for unit in "${UNITS[@]}"; do
+  [[ -f $REL/units/$unit && ! -L $REL/units/$unit ]] || die "the release lists the unit $unit but has no file units/$unit; nothing was changed" \
+    "the release is incomplete; get it again"
+done
 
 INSTALLED=""
 if [[ -L $OPT/current ]]; then
@@ -199,15 +442,19 @@ else
   log "installing scalebox $VERSION into $RELEASE_DIR (offline, from the release's wheels)"
   if [[ ! -d $OPT ]]; then MADE_OPT=1; fi
   BUILDING=$RELEASE_DIR
-  mkdir -p "$RELEASE_DIR"
-  python3 -m venv "$RELEASE_DIR/venv"
+  install -d -m 0755 "$OPT" "$OPT/releases" "$RELEASE_DIR"
+  python3 -I -m venv "$RELEASE_DIR/venv"
   "$RELEASE_DIR/venv/bin/pip" install --isolated --quiet --no-index --find-links "$REL/wheels" "scalebox==$VERSION"
   for name in "${PROGRAMS[@]}"; do
     [[ -x $RELEASE_DIR/venv/bin/$name ]] || die "the release's venv has no program $name" \
       "the release is broken; report it"
   done
-  cp -R "$REL/units" "$RELEASE_DIR/units"
-  cp "$REL/RELEASE.json" "$REL/RELEASE.json.sig" "$RELEASE_DIR/"
+  # Only the units RELEASE.json lists; any other file under units/ stays behind.
+  install -d -m 0755 "$RELEASE_DIR/units"
+  for unit in "${UNITS[@]}"; do
+    install -m 0644 "$REL/units/$unit" "$RELEASE_DIR/units/$unit"
+  done
+  install -m 0644 "$REL/RELEASE.json" "$REL/RELEASE.json.sig" "$RELEASE_DIR/"
   sync
   : >"$RELEASE_DIR/.complete" # last: a release directory without it is unfinished
   sync
@@ -216,8 +463,8 @@ fi
 
 if [[ ! -e $CONFIG ]]; then
   log "writing $CONFIG with a new API token"
-  token=$(python3 -c 'import secrets; print("sb-" + secrets.token_hex(24))')
-  host_ip=$(python3 - <<'PY'
+  token=$(python3 -I -c 'import secrets; print("sb-" + secrets.token_hex(24))')
+  host_ip=$(python3 -I - <<'PY'
 import socket
 # A UDP connect only looks up the route; no packet is sent (TEST-NET-1 address).
 try:
@@ -232,8 +479,7 @@ PY
     host_ip=$(hostname -I 2>/dev/null | awk '{print $1}')
   fi
   host_ip=${host_ip:-127.0.0.1}
-  mkdir -p "$CONFIG_DIR"
-  chmod 0755 "$CONFIG_DIR"
+  install -d -m 0755 "$CONFIG_DIR"
   tmp_config=$(mktemp "$CONFIG_DIR/.config.XXXXXX")
   cat >"$tmp_config" <<EOF
 # /etc/scaleboxd/config: settings of scaleboxd, KEY=VALUE, one per line.
@@ -241,7 +487,8 @@ PY
 # Mode 0600: it holds the API token. After a change: systemctl restart scaleboxd
 #
 # Keys and their defaults (uncomment a line to change it):
-#   API_PORT=8080                  the API port (scaleboxd.socket listens on 8080)
+#   API_PORT=8080                  the API port (install.sh and scalebox-update make
+#                                  scaleboxd.socket listen on it)
 #   DATA_DIR=/var/lib/scalebox     templates, VM disks and state
 #   KERNEL_PATH=\$DATA_DIR/kernel/vmlinux
 #   PORT_MIN=22001                 ssh ports handed to VMs: PORT_MIN..PORT_MAX
@@ -286,26 +533,61 @@ for name in "${PROGRAMS[@]}"; do
 done
 
 mkdir -p "$UNIT_DIR"
-for unit in "$REL"/units/*; do
-  name=$(basename "$unit")
+SOCKET_CHANGED=0
+for name in "${UNITS[@]}"; do # only the units RELEASE.json lists
+  unit=$REL/units/$name
   if ! cmp -s "$unit" "$UNIT_DIR/$name"; then
     log "installing $UNIT_DIR/$name"
     install -m 0644 "$unit" "$UNIT_DIR/.$name.tmp"
     mv -f "$UNIT_DIR/.$name.tmp" "$UNIT_DIR/$name"
     UNITS_CHANGED=1
     CHANGED=1
+    if [[ $name == scaleboxd.socket ]]; then SOCKET_CHANGED=1; fi
   fi
 done
 
-if [[ ${#trusted[@]} -eq 0 ]]; then
-  log "trusting the release key $KEYS/release.pub for future updates"
-  mkdir -p "$KEYS"
+# scaleboxd.socket listens on the config's API_PORT: the release's own code
+# writes the drop-in, as every update does (scalebox.update.socket_port), and
+# says the port.
+port_state=$("$RELEASE_DIR/venv/bin/python" -I -m scalebox.update.socket_port --root "${R:-/}") ||
+  die "cannot make scaleboxd.socket listen on the API_PORT of $CONFIG (reason above)" \
+    "fix API_PORT in $CONFIG, then run install.sh again"
+API_PORT=${port_state%% *}
+if [[ $port_state == *" changed" ]]; then
+  log "scaleboxd.socket listens on port $API_PORT, the API_PORT of $CONFIG ($UNIT_DIR/scaleboxd.socket.d/port.conf)"
+  UNITS_CHANGED=1
+  SOCKET_CHANGED=1
+  CHANGED=1
+fi
+
+if [[ -n $KEY_FILE ]]; then
+  shopt -s nullglob
+  present=("$KEYS"/*.pub)
+  shopt -u nullglob
+  pinned_as=""
+  for key in "${present[@]}"; do
+    if cmp -s "$key" "$WORK/pinned/release.pub"; then pinned_as=$key; fi
+  done
+  if [[ -z $pinned_as ]]; then
+    pinned_as=$KEYS/release.pub
+    if [[ -e $pinned_as ]]; then
+      pinned_as=$KEYS/pinned-$(sha256sum "$WORK/pinned/release.pub" | cut -c1-16).pub
+    fi
+    log "trusting the pinned key $KEY_FILE as $pinned_as for future updates"
+    install -d -m 0755 "$R/etc/scalebox" "$KEYS"
+    install -m 0644 "$WORK/pinned/release.pub" "$pinned_as"
+    CHANGED=1
+  fi
+elif [[ -z $TRUST_DIR ]]; then
+  log "trusting the release key shipped in the tarball as $KEYS/release.pub for future updates (trust on first use)"
+  install -d -m 0755 "$R/etc/scalebox" "$KEYS"
   install -m 0644 "$REL/keys/release.pub" "$KEYS/release.pub"
   CHANGED=1
 fi
 
 if [[ $(cat "$CONFIG_DIR/version" 2>/dev/null || true) != "$VERSION" ]]; then
   printf '%s\n' "$VERSION" >"$CONFIG_DIR/.version.tmp"
+  chmod 0644 "$CONFIG_DIR/.version.tmp"
   mv -f "$CONFIG_DIR/.version.tmp" "$CONFIG_DIR/version"
   CHANGED=1
 fi
@@ -318,6 +600,11 @@ if [[ -n $R ]]; then
   log "SCALEBOX_INSTALL_ROOT=$R: skipping systemd and the health check"
 else
   if ((UNITS_CHANGED)); then systemctl daemon-reload; fi
+  if ((SOCKET_CHANGED)) && systemctl is-active --quiet scaleboxd.socket; then
+    # A new port or socket unit: systemd applies it only when the socket restarts.
+    log "restarting scaleboxd.socket (it listens on port $API_PORT)"
+    systemctl restart scaleboxd.socket
+  fi
   if ! systemctl is-enabled --quiet scaleboxd.socket scaleboxd.service ||
     ! systemctl is-active --quiet scaleboxd.socket scaleboxd.service; then
     log "enabling and starting scaleboxd.socket and scaleboxd.service"
@@ -339,7 +626,7 @@ else
   fi
 
   log "waiting up to ${HEALTH_TIMEOUT}s for http://127.0.0.1:$API_PORT/health to report $VERSION"
-  python3 - "http://127.0.0.1:$API_PORT/health" "$VERSION" "$HEALTH_TIMEOUT" <<'PY' ||
+  python3 -I - "http://127.0.0.1:$API_PORT/health" "$VERSION" "$HEALTH_TIMEOUT" <<'PY' ||
 import json
 import sys
 import time

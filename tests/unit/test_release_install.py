@@ -278,3 +278,48 @@ def test_bootstrap_refuses_plain_http(tmp_path: Path) -> None:
         BOOTSTRAP_SH, root, env={"SCALEBOX_RELEASE_URL": "http://127.0.0.1:9/x.tar.gz"}
     )
     refused_and_untouched(result, root, "refusing the plain http URL")
+
+
+def test_a_program_name_that_is_a_path_is_refused(built: Built, tmp_path: Path) -> None:
+    """entry_points become /usr/local/bin/<name>: '../../etc/evil' must never be one."""
+    hostile = repack(built, tmp_path, entry_points=(*PROGRAMS, "../../etc/evil"))
+    root = tmp_path / "root"
+    root.mkdir()
+    result = run_script(INSTALL_SH, root, hostile)
+    # The shipped verifier refuses it first; install.sh's own check is the second layer.
+    refused_and_untouched(result, root, "'../../etc/evil'")
+    assert "not a plain" in result.stderr, result.stderr
+    assert "nothing was changed" in result.stderr
+
+
+def test_a_key_option_that_is_not_an_ed25519_key_is_refused(built: Built, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    result = run_script(INSTALL_SH, root, "--key", built.tarball, built.tarball)
+    refused_and_untouched(result, root, "is not an ed25519 public key in PEM form")
+
+
+def test_a_pinned_key_installs_its_release_and_is_the_key_trusted(
+    built: Built, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    other = tmp_path / "other.pub"
+    other.write_bytes(signing.generate()[1])
+    result = run_script(INSTALL_SH, root, "--key", other, built.tarball)
+    refused_and_untouched(result, root, "is not signed by a trusted key")
+    result = run_script(INSTALL_SH, root, "--key", built.pub, built.tarball)
+    assert result.returncode == 0, result.stderr
+    assert "signed by the pinned key" in result.stdout
+    keys = root / "etc/scalebox/keys"
+    assert [p.name for p in keys.iterdir()] == ["release.pub"]
+    assert (keys / "release.pub").read_bytes() == built.pub.read_bytes()
+    # Installed: now the installed release's verifier checks, against the --key file alone.
+    before = snapshot(root)
+    result = run_script(INSTALL_SH, root, "--key", other, built.tarball)
+    assert result.returncode == 1
+    assert "not signed by a trusted key" in result.stderr
+    result = run_script(INSTALL_SH, root, "--key", built.pub, built.tarball)
+    assert result.returncode == 0, result.stderr
+    assert "nothing changed" in result.stdout
+    assert snapshot(root) == before

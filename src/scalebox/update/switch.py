@@ -1,9 +1,10 @@
 """Switch: back up units and config, swap ``current``, install changed units, restart.
 
 The backup lives in /var/lib/scalebox-update/backups/<transaction id>/:
-``units/<name>`` copies, ``config`` (bytes, mode and owner kept) and
-``backup.json`` naming which units existed before, written last, so a
-rollback also removes units this update added.
+``units/<name>`` copies (and ``units/scaleboxd.socket.d/port.conf``, the
+socket's port drop-in, see socket_port), ``config`` (bytes, mode and owner
+kept) and ``backup.json`` naming which units existed before, written last,
+so a rollback also removes units this update added.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from scalebox.fsutil import atomic_symlink, atomic_write, fsync_dir
 from scalebox.release import manifest
 from scalebox.release.errors import ReleaseError
+from scalebox.update import socket_port
 from scalebox.update.errors import UpdateError
 from scalebox.update.paths import Paths
 from scalebox.update.systemd import SERVICE, SOCKET, ServiceManager
@@ -49,10 +51,11 @@ def back_up(paths: Paths, backup_dir: Path, unit_names: Iterable[str]) -> None:
         shutil.rmtree(backup_dir)  # a half-made backup from an interrupted run
     (backup_dir / "units").mkdir(parents=True)
     present: dict[str, bool] = {}
-    for name in sorted(set(unit_names)):
+    for name in sorted({*unit_names, str(socket_port.DROPIN)}):
         installed = paths.systemd_dir / name
         present[name] = installed.is_file()
         if present[name]:
+            (backup_dir / "units" / name).parent.mkdir(exist_ok=True)  # the drop-in's .d
             shutil.copy2(installed, backup_dir / "units" / name)
     shutil.copy2(paths.config, backup_dir / "config")
     st = paths.config.stat()
@@ -70,7 +73,11 @@ def swap_current(paths: Paths, release_name: str) -> None:
 
 
 def install_units(paths: Paths, release_dir: Path) -> list[str]:
-    """Copy the release's unit files that differ into /etc/systemd/system; return their names."""
+    """Copy the release's unit files that differ into /etc/systemd/system; return their names.
+
+    The socket's port drop-in is made to match the config's API_PORT too
+    (socket_port); a change to it counts as a change of scaleboxd.socket.
+    """
     changed = []
     for name in listed_units(release_dir):
         new = (release_dir / "units" / name).read_bytes()
@@ -79,6 +86,8 @@ def install_units(paths: Paths, release_dir: Path) -> list[str]:
             continue
         atomic_write(installed, new, mode=0o644)
         changed.append(name)
+    if socket_port.apply(paths) and SOCKET not in changed:
+        changed.append(SOCKET)
     return changed
 
 
@@ -108,10 +117,14 @@ def restore(paths: Paths, backup_dir: Path) -> list[str]:
         elif installed.exists():
             installed.unlink()
             fsync_dir(installed.parent)
+            if installed.parent != paths.systemd_dir and not any(installed.parent.iterdir()):
+                installed.parent.rmdir()  # the drop-in's .d that this update made
             touched.append(name)
     saved_config = backup_dir / "config"
     config = saved_config.read_bytes()
     if not paths.config.is_file() or paths.config.read_bytes() != config:
         atomic_write(paths.config, config, mode=saved_config.stat().st_mode & 0o7777)
         os.chown(paths.config, index["config_uid"], index["config_gid"])
+    if str(socket_port.DROPIN) in touched and SOCKET not in touched:
+        touched.append(SOCKET)  # the socket's port drop-in was put back
     return touched
