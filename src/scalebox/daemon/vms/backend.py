@@ -1,7 +1,8 @@
 """Where a VM's guest runs: the Backend interface and its implementations.
 
 A backend starts, stops and observes guests; it knows nothing about state,
-names or templates. Two run the process guest (``guest.py``) today:
+names or templates. Two run the process guest (``guest.py``), for fast
+rootless API tests; ``nspawn.NspawnBackend`` runs real containers:
 
 - ``SystemdBackend``: one unit ``scalebox-vm@<id>.service`` per VM, so
   restarting or updating scaleboxd never touches a VM;
@@ -14,18 +15,23 @@ A Firecracker backend implements the same four methods.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from scalebox.daemon.vms.command import CommandFailed, run
 from scalebox.daemon.vms.naming import VM_ID_RE
+
+if TYPE_CHECKING:
+    from scalebox.daemon.vms.models import VM
 
 GUEST_MODULE = "scalebox.daemon.vms.guest"
 GUEST_LOG_NAME = "guest.log"
@@ -39,6 +45,20 @@ class GuestStatus:
 
 
 class Backend(Protocol):
+    ready_timeout: float
+
+    def prepare_disk(self, vm: VM, disk: Path) -> None:
+        """Make the fresh copy ``disk`` of the template this VM's (before it is in place)."""
+
+    def answers(self, vm: VM) -> bool:
+        """Whether the started guest of ``vm`` serves on its ssh_port yet."""
+
+    def release(self, vm_id: str) -> None:
+        """Free what a stopped guest held besides its disk (network, forwarder)."""
+
+    def adopt(self, vm: VM) -> None:
+        """Called for a guest found running at start: repair what it needs around it."""
+
     def start(self, vm_id: str) -> int | None:
         """Start the guest of ``vm_id`` (its directory and vm.json exist); return its pid."""
 
@@ -109,7 +129,36 @@ def parse_list_units(text: str) -> list[str]:
     return ids
 
 
-class SystemdBackend:
+def answers_as(port: int, vm_id: str) -> bool:
+    """Whether the process guest of ``vm_id`` answers on ``port`` (not merely something)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+            line = conn.makefile("rb").readline(64 * 1024)
+        answer = json.loads(line)
+    except (OSError, ValueError):
+        return False
+    return isinstance(answer, dict) and answer.get("vm") == vm_id
+
+
+class _ProcessGuest:
+    """What both process-guest backends share: nothing to prepare or free."""
+
+    ready_timeout = 10.0
+
+    def prepare_disk(self, vm: VM, disk: Path) -> None:
+        pass
+
+    def answers(self, vm: VM) -> bool:
+        return answers_as(vm.ssh_port, vm.id)
+
+    def release(self, vm_id: str) -> None:
+        pass
+
+    def adopt(self, vm: VM) -> None:
+        pass
+
+
+class SystemdBackend(_ProcessGuest):
     """Each guest in its own unit; systemd keeps it when scaleboxd restarts."""
 
     def start(self, vm_id: str) -> int | None:
@@ -212,7 +261,7 @@ def _live_cmdline(pid: int) -> list[str] | None:
     return [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]]
 
 
-class ProcessBackend:
+class ProcessBackend(_ProcessGuest):
     """Each guest in a detached process group (start_new_session), outside systemd.
 
     The pid is recorded, and a guest is only trusted (adopted or signalled)
