@@ -174,3 +174,24 @@ def test_create_to_ssh_time(sandbox: Sandbox) -> None:
     print(f"\nPOST /vms answered in {api_seconds:.2f} s; ssh true worked after {total:.2f} s")
     assert s.api("DELETE", f"/vms/{vm['id']}").status_code == 204
     assert s.leftovers(vm["id"], vm["ssh_port"]) == []
+
+
+def test_orphan_forwarders_and_namespaces_are_cleaned_up_when_scaleboxd_starts(
+    sandbox: Sandbox,
+) -> None:
+    """What a crash between delete's steps leaves (no VM record) is freed, one log line each."""
+    s = sandbox
+    stray, port = "vm-0123456789ab", 23999
+    s.sh(
+        f"ip netns add scalebox-{stray} && systemd-run --quiet --unit=scalebox-ssh-{stray} "
+        f"--socket-property=ListenStream={port} /usr/lib/systemd/systemd-socket-proxyd "
+        "10.187.255.2:22"
+    )
+    assert s.leftovers(stray, port) != []
+    s.sh("systemctl restart scaleboxd")
+    assert s.leftovers(stray, port) == []
+    log = s.sh("journalctl -u scaleboxd -n 100 -o cat --no-pager").stdout
+    assert (
+        f"cleaned up orphan forwarder scalebox-ssh-{stray}, network namespace scalebox-{stray} "
+        f"of VM {stray}: it is not in the state file"
+    ) in log

@@ -189,3 +189,14 @@ def test_vm_backend_nspawn_and_its_network_are_read_from_the_config() -> None:
 def test_bad_backend_or_network_names_the_key(line: str) -> None:
     with pytest.raises(ConfigError, match=line.split("=", maxsplit=1)[0]):
         config_module.parse(TOKEN + line + "\n", "c", {})
+
+
+def test_forwarders_are_found_in_the_unit_list_and_strangers_ignored() -> None:
+    listing = (
+        f"scalebox-ssh-{VM_ID}.socket loaded active listening SSH port 22001\n"
+        f"scalebox-ssh-{VM_ID}.service loaded active running SSH port 22001\n"
+        "scalebox-ssh-vm-nothex.socket loaded active listening x\n"
+        "scalebox-sshd.service loaded active running x\n"
+        "\n"
+    )
+    assert nspawn.parse_forwarders(listing) == [f"scalebox-ssh-{VM_ID}"]

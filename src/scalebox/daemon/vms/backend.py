@@ -59,6 +59,9 @@ class Backend(Protocol):
     def adopt(self, vm: VM) -> None:
         """Called for a guest found running at start: repair what it needs around it."""
 
+    def strays(self, known: set[str]) -> dict[str, str]:
+        """What a guest holds besides its unit and disk, for VM ids not in ``known``: id -> what."""
+
     def start(self, vm_id: str) -> int | None:
         """Start the guest of ``vm_id`` (its directory and vm.json exist); return its pid."""
 
@@ -156,6 +159,9 @@ class _ProcessGuest:
 
     def adopt(self, vm: VM) -> None:
         pass
+
+    def strays(self, known: set[str]) -> dict[str, str]:
+        return {}
 
 
 class SystemdBackend(_ProcessGuest):

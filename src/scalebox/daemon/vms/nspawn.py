@@ -37,6 +37,7 @@ from scalebox.daemon.errors import ApiError
 from scalebox.daemon.vms.backend import GuestStatus, SystemdBackend, unit_name
 from scalebox.daemon.vms.command import CommandFailed, run
 from scalebox.daemon.vms.models import VM
+from scalebox.daemon.vms.naming import VM_ID_RE
 from scalebox.daemon.vms.state import read_vm_record
 
 SOCKET_PROXYD = "/usr/lib/systemd/systemd-socket-proxyd"
@@ -67,6 +68,22 @@ def host_if(vm_id: str) -> str:
 def forwarder_unit(vm_id: str) -> str:
     """The transient units' name without suffix: ``<it>.socket`` and ``<it>.service``."""
     return f"scalebox-ssh-{vm_id}"
+
+
+def parse_forwarders(listing: str) -> list[str]:
+    """Forwarder unit names (without suffix) in ``systemctl list-units --plain --no-legend``."""
+    names = []
+    for line in listing.splitlines():
+        unit = line.split(maxsplit=1)[0] if line.strip() else ""
+        stem, _, suffix = unit.rpartition(".")
+        vm_id = stem.removeprefix("scalebox-ssh-")
+        if (
+            suffix in ("socket", "service")
+            and stem.startswith("scalebox-ssh-")
+            and (VM_ID_RE.fullmatch(vm_id))
+        ):
+            names.append(stem)
+    return sorted(set(names))
 
 
 def slot_addresses(network: str, index: int) -> tuple[str, str]:
@@ -250,6 +267,23 @@ class NspawnBackend:
                     f"read the state of {name}.socket").strip()  # fmt: skip
         if state != "active":
             self._forwarder_up(vm)
+
+    def strays(self, known: set[str]) -> dict[str, str]:
+        """Network namespaces and forwarders of VM ids not in ``known`` (a crash mid-delete)."""
+        found: dict[str, list[str]] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for entry in Path("/run/netns").iterdir():
+                vm_id = entry.name.removeprefix(NETNS_PREFIX)
+                if entry.name.startswith(NETNS_PREFIX) and VM_ID_RE.fullmatch(vm_id):
+                    found.setdefault(vm_id, []).append(f"network namespace {entry.name}")
+        listing = run(
+            ["systemctl", "list-units", "--all", "--plain", "--no-legend", "scalebox-ssh-vm-*"],
+            "list the SSH forwarders of VMs",
+        )
+        for unit in parse_forwarders(listing):
+            found.setdefault(unit.removeprefix("scalebox-ssh-"), []).append(f"forwarder {unit}")
+        return {vm_id: ", ".join(sorted(set(what))) for vm_id, what in found.items()
+                if vm_id not in known}  # fmt: skip
 
     # -- pieces
 
