@@ -195,3 +195,25 @@ def test_orphan_forwarders_and_namespaces_are_cleaned_up_when_scaleboxd_starts(
         f"cleaned up orphan forwarder scalebox-ssh-{stray}, network namespace scalebox-{stray} "
         f"of VM {stray}: it is not in the state file"
     ) in log
+
+
+def test_a_vm_whose_container_powers_off_is_reported_stopped_and_deletes_cleanly(
+    sandbox: Sandbox,
+) -> None:
+    s = sandbox
+    created = s.api(
+        "POST", "/vms", json={"template": "debian-base", "ssh_public_key": s.public_key()}
+    )
+    assert created.status_code == 201, created.text
+    vm_id, port = created.json()["id"], created.json()["ssh_port"]
+    s.ssh(port, "/root/one", "sudo systemctl poweroff")  # the session ends with the VM
+    deadline = time.monotonic() + 60
+    status = ""
+    while time.monotonic() < deadline and status != "stopped":
+        status = s.api("GET", f"/vms/{vm_id}").json()["status"]
+        time.sleep(0.5)
+    assert status == "stopped"
+    listed = {vm["id"]: vm["status"] for vm in s.api("GET", "/vms").json()["vms"]}
+    assert listed[vm_id] == "stopped"
+    assert s.api("DELETE", f"/vms/{vm_id}").status_code == 204
+    assert s.leftovers(vm_id, port) == []

@@ -200,3 +200,44 @@ def test_forwarders_are_found_in_the_unit_list_and_strangers_ignored() -> None:
         "\n"
     )
     assert nspawn.parse_forwarders(listing) == [f"scalebox-ssh-{VM_ID}"]
+
+
+# -- template install (real tar, real files) -------------------------------------------
+
+
+def fake_template_tarball(tmp_path: Path, *, version: int | None, name: str) -> Path:
+    root = tmp_path / f"tree-{name}"
+    (root / "usr/lib/systemd").mkdir(parents=True)
+    (root / "etc").mkdir()
+    (root / "usr/lib/systemd/systemd").write_text("#!/bin/true\n")
+    (root / "etc/os-release").write_text('ID=debian\nVERSION_ID="12"\n')
+    if version is not None:
+        (root / templates.VERSION_FILE).write_text(f'{{"template_version": {version}}}\n')
+    tarball = tmp_path / f"{name}.tar.gz"
+    templates.pack(root, tarball)
+    return tarball
+
+
+def test_a_template_tarball_is_installed_with_its_version_and_replaces_the_old(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    assert templates.install(fake_template_tarball(tmp_path, version=1, name="v1"), data) == 1
+    assert templates.install(fake_template_tarball(tmp_path, version=2, name="v2"), data) == 2
+    base = data / "templates/debian-base"
+    assert templates.is_bootable(base / "disk")
+    assert templates.read_version(base / "disk") == 2
+    assert '"template_version": 2' in (base / "template.json").read_text()
+    assert sorted(p.name for p in (data / "templates").iterdir()) == ["debian-base"]
+
+
+def test_a_tarball_that_is_not_a_template_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    templates.install(fake_template_tarball(tmp_path, version=1, name="good"), data)
+    before = (data / "templates/debian-base/template.json").read_text()
+    with pytest.raises(templates.TemplateError, match="not a scalebox template"):
+        templates.install(fake_template_tarball(tmp_path, version=None, name="bad"), data)
+    with pytest.raises(templates.TemplateError, match="could not unpack"):
+        templates.install(tmp_path / "missing.tar.gz", data)
+    assert sorted(p.name for p in (data / "templates").iterdir()) == ["debian-base"]
+    assert (data / "templates/debian-base/template.json").read_text() == before
