@@ -91,14 +91,22 @@ class Sandbox:
 
 
 @contextlib.contextmanager
-def sandbox_server(scratch: Path, *, keep: bool = False) -> Iterator[Sandbox]:
-    """Boot a machine with release A installed and VM_BACKEND=nspawn; torn down after."""
+def sandbox_server(
+    scratch: Path, *, keep: bool = False, also: tuple[str, ...] = ()
+) -> Iterator[Sandbox]:
+    """Boot a machine with release A installed and VM_BACKEND=nspawn; torn down after.
+
+    ``also``: more release versions built with the same key into /mnt/release
+    (e.g. B, to update to).
+    """
     release, keys, template = scratch / "release", scratch / "keys", scratch / "template"
     for folder in (release, keys, template):
         folder.mkdir(parents=True, exist_ok=True)
-    if not (release / tarball_name(A)).is_file():
-        key, _pub = keygen.keygen(keys)
-        build_tarball(release, key, A)
+    if not (keys / "release.key").is_file():
+        keygen.keygen(keys)
+    for version in (A, *also):
+        if not (release / tarball_name(version)).is_file():
+            build_tarball(release, keys / "release.key", version)
     (release / "install.sh").write_bytes((ROOT / "scripts/install.sh").read_bytes())
     cached = image.ensure_template()
     with contextlib.suppress(FileNotFoundError):

@@ -8,6 +8,7 @@ with ssh-keygen in the machine; ssh runs there against HOST_IP.
 from __future__ import annotations
 
 import contextlib
+import json
 import select
 import subprocess
 import time
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 from tools.machine import MACHINE_ENV
+from tools.releases import A, B, tarball_name
 from tools.sandbox import Sandbox, sandbox_server
 
 from .conftest import _skip_unless_able
@@ -23,7 +25,7 @@ from .conftest import _skip_unless_able
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     _skip_unless_able()
-    with sandbox_server(tmp_path_factory.mktemp("sandbox")) as s:
+    with sandbox_server(tmp_path_factory.mktemp("sandbox"), also=(B,)) as s:
         yield s
 
 
@@ -215,5 +217,48 @@ def test_a_vm_whose_container_powers_off_is_reported_stopped_and_deletes_cleanly
     assert status == "stopped"
     listed = {vm["id"]: vm["status"] for vm in s.api("GET", "/vms").json()["vms"]}
     assert listed[vm_id] == "stopped"
+    assert s.api("DELETE", f"/vms/{vm_id}").status_code == 204
+    assert s.leftovers(vm_id, port) == []
+
+
+def _update(s: Sandbox, args: str = "", env: str = "") -> dict[str, object]:
+    """``scalebox-update --json ARGS`` in the machine; its JSON result (exit 0 asserted)."""
+    done = s.sh(f"{env} scalebox-update --json {args}", check=False)
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_an_ssh_session_survives_an_update_and_its_rollback_and_no_new_one_is_refused(
+    sandbox: Sandbox,
+) -> None:
+    s = sandbox
+    created = s.api(
+        "POST", "/vms", json={"template": "debian-base", "ssh_public_key": s.public_key()}
+    )
+    assert created.status_code == 201, created.text
+    vm_id, port = created.json()["id"], created.json()["ssh_port"]
+    pids = f"systemctl show -p MainPID --value scalebox-vm@{vm_id}.service scalebox-ssh-{vm_id}"
+    # New connections all along the update: one `ssh true` every 0.2 s, each result logged.
+    loop = " ".join(s.ssh_argv(port, "/root/one", "true"))
+    s.sh(
+        "rm -f /run/ssh-loop.log /run/ssh-loop.stop; systemd-run --quiet --unit=ssh-loop "
+        f"bash -c 'until [ -e /run/ssh-loop.stop ]; do if {loop}; then echo ok; else echo refused; "
+        "fi >> /run/ssh-loop.log; sleep 0.2; done'"
+    )
+    with open_session(s, port, "/root/one") as session:
+        assert ask(session, "echo before") == "before"
+        before = s.sh(pids).stdout
+        result = _update(s, env=f"SCALEBOX_RELEASE_URL=/mnt/release/{tarball_name(B)}")
+        assert (result["result"], result["target"]) == ("updated", B)
+        assert s.sh("cat /etc/scaleboxd/version").stdout.strip() == B
+        assert ask(session, "echo after the update") == "after the update"
+        result = _update(s, "--rollback")
+        assert result["target"] == A
+        assert ask(session, "echo after the rollback") == "after the rollback"
+        assert s.sh(pids).stdout == before  # the container and its forwarder were never restarted
+    s.sh("touch /run/ssh-loop.stop; while systemctl is-active -q ssh-loop; do sleep 0.2; done")
+    results = s.sh("cat /run/ssh-loop.log").stdout.split()
+    assert len(results) >= 5 and results.count("refused") == 0, results
+    print(f"\n{len(results)} new SSH connections during update and rollback, 0 refused")
     assert s.api("DELETE", f"/vms/{vm_id}").status_code == 204
     assert s.leftovers(vm_id, port) == []
