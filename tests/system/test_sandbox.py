@@ -262,3 +262,28 @@ def test_an_ssh_session_survives_an_update_and_its_rollback_and_no_new_one_is_re
     print(f"\n{len(results)} new SSH connections during update and rollback, 0 refused")
     assert s.api("DELETE", f"/vms/{vm_id}").status_code == 204
     assert s.leftovers(vm_id, port) == []
+
+
+def test_a_template_that_does_not_boot_fails_the_create_fast_and_leaves_nothing(
+    sandbox: Sandbox,
+) -> None:
+    s = sandbox
+    # A copy of debian-base whose init exits at once: looks bootable, is not.
+    s.sh(
+        "cp -a --reflink=auto /var/lib/scalebox/templates/debian-base /var/lib/scalebox/templates/"
+        "broken && printf '#!/bin/sh\\nexit 3\\n' > "
+        "/var/lib/scalebox/templates/broken/disk/usr/lib/systemd/systemd"
+    )
+    try:
+        before = _vms_dir(s)
+        started = time.monotonic()
+        answer = s.api(
+            "POST", "/vms", json={"template": "broken", "ssh_public_key": s.public_key()}
+        )
+        seconds = time.monotonic() - started
+        assert answer.status_code == 500, answer.text
+        assert "did not start" in answer.json()["error"]
+        assert seconds < 30, f"took {seconds:.0f} s to notice"
+        assert _vms_dir(s) == before
+    finally:
+        s.sh("rm -rf /var/lib/scalebox/templates/broken")

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from scalebox import config as config_module
 from scalebox.daemon.errors import InvalidInput
 from scalebox.daemon.vms import nspawn, templates
+from scalebox.daemon.vms.backend import GuestStatus, parse_show
 from scalebox.daemon.vms.models import VM
 from scalebox.daemon.vms.naming import check_ssh_key
 from scalebox.errors import ConfigError
@@ -241,3 +242,9 @@ def test_a_tarball_that_is_not_a_template_is_refused_and_changes_nothing(tmp_pat
         templates.install(tmp_path / "missing.tar.gz", data)
     assert sorted(p.name for p in (data / "templates").iterdir()) == ["debian-base"]
     assert (data / "templates/debian-base/template.json").read_text() == before
+
+
+def test_a_unit_waiting_to_restart_its_dead_guest_is_failed_not_starting() -> None:
+    text = "MainPID=0\nActiveState=activating\nSubState=auto-restart\n"
+    assert parse_show(text) == GuestStatus("failed", None)
+    assert parse_show("MainPID=0\nActiveState=activating\nSubState=start\n").status == "starting"

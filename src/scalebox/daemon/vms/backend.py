@@ -96,7 +96,7 @@ def unit_name(vm_id: str) -> str:
 
 
 def parse_show(text: str) -> GuestStatus:
-    """``systemctl show -p MainPID,ActiveState`` output -> GuestStatus."""
+    """``systemctl show -p MainPID,ActiveState,SubState`` output -> GuestStatus."""
     props = dict(line.partition("=")[::2] for line in text.splitlines() if "=" in line)
     active = props.get("ActiveState", "")
     pid = int(props["MainPID"]) if props.get("MainPID", "0").isdigit() else 0
@@ -107,6 +107,9 @@ def parse_show(text: str) -> GuestStatus:
         "deactivating": "stopping",
         "failed": "failed",
     }.get(active, "stopped")
+    if props.get("SubState") == "auto-restart":
+        # Its guest died and systemd waits RestartSec to start it again: not "starting".
+        status = "failed"
     return GuestStatus(status, pid or None)
 
 
@@ -181,7 +184,7 @@ class SystemdBackend(_ProcessGuest):
     def status(self, vm_id: str, pid: int | None) -> GuestStatus:
         unit = unit_name(vm_id)
         out = run(
-            ["systemctl", "show", "-p", "MainPID,ActiveState", unit],
+            ["systemctl", "show", "-p", "MainPID,ActiveState,SubState", unit],
             f"read the state of unit {unit}",
         )
         return parse_show(out)
@@ -189,8 +192,9 @@ class SystemdBackend(_ProcessGuest):
     def status_many(self, last_pids: Mapping[str, int | None]) -> dict[str, GuestStatus]:
         if not last_pids:
             return {}
+        units = [unit_name(vm_id) for vm_id in last_pids]
         out = run(
-            ["systemctl", "show", "-p", "Id,MainPID,ActiveState", *map(unit_name, last_pids)],
+            ["systemctl", "show", "-p", "Id,MainPID,ActiveState,SubState", *units],
             "read the state of the VM units",
         )
         found = parse_show_many(out)
