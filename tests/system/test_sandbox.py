@@ -116,6 +116,8 @@ def test_a_vm_is_a_container_you_ssh_into_whose_session_survives_scaleboxd(
     assert s.leftovers(vm_id, port) == []
     assert s.ssh(port, "/root/one", "true").returncode != 0
     assert s.api("GET", f"/vms/{vm_id}").status_code == 404
+    # No program scaleboxd ran spoke to systemd in its name.
+    assert "Got notification message" not in s.sh("journalctl -u scaleboxd -o cat").stdout
 
 
 def _vms_dir(s: Sandbox) -> str:
