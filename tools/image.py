@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from scalebox.daemon.vms import templates
 from scalebox.errors import ScaleboxError
 
 CACHE_DIR = Path(os.environ.get("SCALEBOX_DEV_CACHE", "/var/cache/scalebox-dev"))
@@ -39,6 +40,9 @@ PACKAGES = (
     "iproute2",
     "ca-certificates",
     "procps",
+    # The nspawn VM backend: containers inside the machine, and the real ssh client to reach them.
+    "systemd-container",
+    "openssh-client",
 )
 # Bump when _configure() changes what goes into the image: it is part of the key.
 REVISION = 1
@@ -171,5 +175,56 @@ def build_seconds(path: Path) -> float | None:
     return float(seconds) if isinstance(seconds, int | float) else None
 
 
+# --- the VM template (debian-base) -------------------------------------------------
+# Built once per host with the same code a server uses
+# (scalebox.daemon.vms.templates) and cached as the tarball that
+# `templates install` takes; the key changes with its packages and version.
+
+
+def template_key() -> str:
+    text = json.dumps(
+        {
+            "suite": templates.SUITE,
+            "mirror": MIRROR,
+            "packages": sorted(templates.PACKAGES),
+            "template_version": templates.TEMPLATE_VERSION,
+        }
+    )
+    return f"debian-base-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def template_path(cache_dir: Path = CACHE_DIR) -> Path:
+    return cache_dir / "templates" / f"{template_key()}.tar.gz"
+
+
+def ensure_template(cache_dir: Path = CACHE_DIR) -> Path:
+    """Return the path of the cached debian-base tarball, building it first if needed."""
+    final = template_path(cache_dir)
+    if final.is_file():
+        return final
+    with _locked(cache_dir / "template.lock"):
+        if final.is_file():
+            return final
+        print(f"==> building the VM template {final.name} (first use only, 1-2 minutes)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        started = time.monotonic()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # Under the lock: what a killed build left is never finished; remove it.
+        for stale in final.parent.glob(".build-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        building = final.parent / f".build-{os.getpid()}"
+        try:
+            building.mkdir()
+            log = final.parent / f"{template_key()}.debootstrap.log"
+            templates.build_rootfs(building / "rootfs", mirror=MIRROR, log=log)
+            # pack() writes a temporary file and renames it: the tarball is complete or absent.
+            templates.pack(building / "rootfs", final)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+        print(f"==> template built in {time.monotonic() - started:.0f} s: {final}",
+              file=sys.stderr, flush=True)  # fmt: skip
+    return final
+
+
 if __name__ == "__main__":
-    print(ensure_image())
+    print(ensure_template() if sys.argv[1:] == ["template"] else ensure_image())

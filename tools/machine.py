@@ -254,6 +254,9 @@ class Machine:
     def __init__(
         self, slot: Slot, image_dir: Path, release_dir: Path | None, state_dir: Path
     ) -> None:
+        # Set by boot() before _start(): a root server's capabilities, extra read-only binds.
+        self.all_capabilities = False
+        self.extra_binds: tuple[tuple[Path, str], ...] = ()
         self.slot = slot
         self.image_dir = image_dir
         self.release_dir = release_dir
@@ -284,8 +287,15 @@ class Machine:
         keep: bool = False,
         timeout: float = BOOT_TIMEOUT,
         state_dir: Path = netns.STATE_DIR,
+        all_capabilities: bool = False,
+        binds_ro: Sequence[tuple[Path, str]] = (),
     ) -> Iterator[Machine]:
-        """Boot a fresh machine; tear it down on leaving the block unless ``keep``."""
+        """Boot a fresh machine; tear it down on leaving the block unless ``keep``.
+
+        ``all_capabilities`` gives the machine every capability a real root
+        server has (nspawn's --capability=all), which containers inside it
+        need (veth, mounts); ``binds_ro`` binds host paths read-only (host, inside).
+        """
         for name in sweep_stale(state_dir):
             _say(f"removed the stale machine {name} of a killed run")
         image_dir = image.ensure_image()
@@ -294,6 +304,8 @@ class Machine:
             owner = {"owner_pid": owner_pid, "owner_start": start_time(owner_pid), "keep": keep}
             slot = netns.claim_slot(owner, state_dir)
             machine = cls(slot, image_dir, release_dir, state_dir)
+            machine.all_capabilities = all_capabilities
+            machine.extra_binds = tuple(binds_ro)
             machine._state = {"name": slot.name, **owner}
             booted = False
             try:
@@ -341,6 +353,10 @@ class Machine:
         ]
         if self.release_dir is not None:
             argv.append(f"--bind-ro={self.release_dir.resolve()}:/mnt/release")
+        for host_path, inside in self.extra_binds:
+            argv.append(f"--bind-ro={host_path.resolve()}:{inside}")
+        if self.all_capabilities:
+            argv.append("--capability=all")
         argv += ["-D", str(self.image_dir), "-b"]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:

@@ -38,6 +38,8 @@ class ServerConfig:
     acme_staging: bool = False
     host_ip: str = "127.0.0.1"
     vm_backend: str = "process"
+    vm_network: str = "10.187.0.0/16"
+    vm_pids_max: int = 4096
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -95,10 +97,25 @@ def _ip(raw: str) -> object:
         raise ValueError("expected an IP address such as 203.0.113.7") from None
 
 
+BACKENDS = ("process", "nspawn")
+
+
 def _backend(raw: str) -> object:
-    if raw not in {"process"}:
-        raise ValueError("expected 'process' (the only backend in this release)")
+    if raw not in BACKENDS:
+        raise ValueError(
+            "expected 'nspawn' (containers you ssh into) or 'process' (stand-ins for API tests)"
+        )
     return raw
+
+
+def _vm_network(raw: str) -> object:
+    try:
+        network = ipaddress.IPv4Network(raw, strict=True)
+    except ValueError:
+        raise ValueError("expected an IPv4 network such as 10.187.0.0/16") from None
+    if not 8 <= network.prefixlen <= 28:
+        raise ValueError("expected a prefix length from /8 to /28 (each VM takes a /30)")
+    return str(network)
 
 
 KEYS: dict[str, _Key] = {
@@ -117,6 +134,9 @@ KEYS: dict[str, _Key] = {
     "ACME_STAGING": _Key("acme_staging", _bool, "false"),
     "HOST_IP": _Key("host_ip", _ip, None),  # default detected, see _detect_host_ip
     "VM_BACKEND": _Key("vm_backend", _backend, "process"),
+    # nspawn: each VM gets a /30 of this network (host side .1, VM .2).
+    "VM_NETWORK": _Key("vm_network", _vm_network, "10.187.0.0/16"),
+    "VM_PIDS_MAX": _Key("vm_pids_max", _int_in(16, 4194304), "4096"),
 }
 
 

@@ -113,8 +113,9 @@ class CreateVMBody(BaseModel):
     @field_validator("ssh_public_key")
     @classmethod
     def _key(cls, value: str) -> str:
-        if "\n" in value.strip() or "\r" in value or "\0" in value:
-            raise ValueError("expected one line such as 'ssh-ed25519 AAAA... user@host'")
+        # One key or several, one per line (LF or CRLF); the VM service checks each.
+        if "\0" in value:
+            raise ValueError("expected text such as 'ssh-ed25519 AAAA... user@host'")
         return value.strip()
 
 

@@ -1,7 +1,8 @@
 """Where a VM's guest runs: the Backend interface and its implementations.
 
 A backend starts, stops and observes guests; it knows nothing about state,
-names or templates. Two run the process guest (``guest.py``) today:
+names or templates. Two run the process guest (``guest.py``), for fast
+rootless API tests; ``nspawn.NspawnBackend`` runs real containers:
 
 - ``SystemdBackend``: one unit ``scalebox-vm@<id>.service`` per VM, so
   restarting or updating scaleboxd never touches a VM;
@@ -14,18 +15,23 @@ A Firecracker backend implements the same four methods.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from scalebox.daemon.vms.command import CommandFailed, run
 from scalebox.daemon.vms.naming import VM_ID_RE
+
+if TYPE_CHECKING:
+    from scalebox.daemon.vms.models import VM
 
 GUEST_MODULE = "scalebox.daemon.vms.guest"
 GUEST_LOG_NAME = "guest.log"
@@ -39,6 +45,23 @@ class GuestStatus:
 
 
 class Backend(Protocol):
+    ready_timeout: float
+
+    def prepare_disk(self, vm: VM, disk: Path) -> None:
+        """Make the fresh copy ``disk`` of the template this VM's (before it is in place)."""
+
+    def answers(self, vm: VM) -> bool:
+        """Whether the started guest of ``vm`` serves on its ssh_port yet."""
+
+    def release(self, vm_id: str) -> None:
+        """Free what a stopped guest held besides its disk (network, forwarder)."""
+
+    def adopt(self, vm: VM) -> None:
+        """Called for a guest found running at start: repair what it needs around it."""
+
+    def strays(self, known: set[str]) -> dict[str, str]:
+        """What a guest holds besides its unit and disk, for VM ids not in ``known``: id -> what."""
+
     def start(self, vm_id: str) -> int | None:
         """Start the guest of ``vm_id`` (its directory and vm.json exist); return its pid."""
 
@@ -73,7 +96,7 @@ def unit_name(vm_id: str) -> str:
 
 
 def parse_show(text: str) -> GuestStatus:
-    """``systemctl show -p MainPID,ActiveState`` output -> GuestStatus."""
+    """``systemctl show -p MainPID,ActiveState,SubState`` output -> GuestStatus."""
     props = dict(line.partition("=")[::2] for line in text.splitlines() if "=" in line)
     active = props.get("ActiveState", "")
     pid = int(props["MainPID"]) if props.get("MainPID", "0").isdigit() else 0
@@ -84,6 +107,9 @@ def parse_show(text: str) -> GuestStatus:
         "deactivating": "stopping",
         "failed": "failed",
     }.get(active, "stopped")
+    if props.get("SubState") == "auto-restart":
+        # Its guest died and systemd waits RestartSec to start it again: not "starting".
+        status = "failed"
     return GuestStatus(status, pid or None)
 
 
@@ -109,7 +135,39 @@ def parse_list_units(text: str) -> list[str]:
     return ids
 
 
-class SystemdBackend:
+def answers_as(port: int, vm_id: str) -> bool:
+    """Whether the process guest of ``vm_id`` answers on ``port`` (not merely something)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+            line = conn.makefile("rb").readline(64 * 1024)
+        answer = json.loads(line)
+    except (OSError, ValueError):
+        return False
+    return isinstance(answer, dict) and answer.get("vm") == vm_id
+
+
+class _ProcessGuest:
+    """What both process-guest backends share: nothing to prepare or free."""
+
+    ready_timeout = 10.0
+
+    def prepare_disk(self, vm: VM, disk: Path) -> None:
+        pass
+
+    def answers(self, vm: VM) -> bool:
+        return answers_as(vm.ssh_port, vm.id)
+
+    def release(self, vm_id: str) -> None:
+        pass
+
+    def adopt(self, vm: VM) -> None:
+        pass
+
+    def strays(self, known: set[str]) -> dict[str, str]:
+        return {}
+
+
+class SystemdBackend(_ProcessGuest):
     """Each guest in its own unit; systemd keeps it when scaleboxd restarts."""
 
     def start(self, vm_id: str) -> int | None:
@@ -126,7 +184,7 @@ class SystemdBackend:
     def status(self, vm_id: str, pid: int | None) -> GuestStatus:
         unit = unit_name(vm_id)
         out = run(
-            ["systemctl", "show", "-p", "MainPID,ActiveState", unit],
+            ["systemctl", "show", "-p", "MainPID,ActiveState,SubState", unit],
             f"read the state of unit {unit}",
         )
         return parse_show(out)
@@ -134,8 +192,9 @@ class SystemdBackend:
     def status_many(self, last_pids: Mapping[str, int | None]) -> dict[str, GuestStatus]:
         if not last_pids:
             return {}
+        units = [unit_name(vm_id) for vm_id in last_pids]
         out = run(
-            ["systemctl", "show", "-p", "Id,MainPID,ActiveState", *map(unit_name, last_pids)],
+            ["systemctl", "show", "-p", "Id,MainPID,ActiveState,SubState", *units],
             "read the state of the VM units",
         )
         found = parse_show_many(out)
@@ -212,7 +271,7 @@ def _live_cmdline(pid: int) -> list[str] | None:
     return [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]]
 
 
-class ProcessBackend:
+class ProcessBackend(_ProcessGuest):
     """Each guest in a detached process group (start_new_session), outside systemd.
 
     The pid is recorded, and a guest is only trusted (adopted or signalled)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 from scalebox.daemon.errors import ApiError
+
+# What only scaleboxd itself may use: a child holding NOTIFY_SOCKET speaks to
+# systemd in scaleboxd's name (systemd logs "Got notification message from PID ...").
+PRIVATE_ENV = frozenset({"NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"})
 
 
 class CommandFailed(ApiError):
@@ -27,6 +32,7 @@ def run(argv: list[str], description: str, *, timeout: float = 60.0) -> str:
             timeout=timeout,
             check=False,
             stdin=subprocess.DEVNULL,
+            env={key: value for key, value in os.environ.items() if key not in PRIVATE_ENV},
         )
     except FileNotFoundError:
         raise CommandFailed(

@@ -1,7 +1,9 @@
 """The guest program of one VM on the process backend.
 
-It stands in for a booted VM: it listens on the VM's ssh_port and answers
-each connection with one JSON line ``{"vm": "<id>", "file": "<DISK/hello.txt>"}``.
+On the nspawn backend ``run`` instead execs systemd-nspawn (nspawn.py).
+The process guest stands in for a booted VM, for fast rootless API tests:
+it listens on the VM's ssh_port and answers each connection with one JSON
+line ``{"vm": "<id>", "file": "<DISK/hello.txt>"}``.
 
 Run by ``scaleboxd --config PATH --run-guest VM_ID`` (the unit
 scalebox-vm@.service) or, outside systemd, ``python -m
@@ -22,6 +24,7 @@ from types import FrameType
 
 from scalebox.config import ServerConfig
 from scalebox.daemon.vms.naming import VM_ID_RE
+from scalebox.daemon.vms.nspawn import exec_guest
 
 ANSWER_TIMEOUT = 5.0
 
@@ -79,7 +82,12 @@ def serve(data_dir: Path, vm_id: str) -> int:
 
 
 def run(config: ServerConfig, vm_id: str) -> int:
-    """Entry for ``scaleboxd --config PATH --run-guest VM_ID``."""
+    """Entry for ``scaleboxd --config PATH --run-guest VM_ID`` (scalebox-vm@.service)."""
+    if config.vm_backend == "nspawn":
+        if not VM_ID_RE.fullmatch(vm_id):
+            print(f"scalebox guest: {vm_id!r} is not a VM id (vm-<12 hex>)", file=sys.stderr)
+            return 2
+        return exec_guest(config, vm_id)  # execs systemd-nspawn; returns only on failure
     return serve(config.data_dir, vm_id)
 
 

@@ -31,6 +31,9 @@ class VM:
     # The guest's process id as last seen (process backend: recorded at start;
     # systemd: the unit's MainPID). None when not running or unknown.
     pid: int | None = None
+    # nspawn backend: the VM's own address on its veth (``ip`` is HOST_IP,
+    # where users connect). Empty on the process backend.
+    guest_ip: str = ""
 
     def to_api(self, host_ip: str, vm_domain: str) -> dict[str, object]:
         """The VM object of the API contract."""
@@ -60,6 +63,7 @@ class VM:
             "disk_size_gib": self.disk_size_gib,
             "ssh_public_key": self.ssh_public_key,
             "pid": self.pid,
+            "guest_ip": self.guest_ip,
         }
 
     @classmethod
@@ -75,6 +79,12 @@ class VM:
                 continue
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise RecordError(f"VM record field {field!r} is missing or not a {kind.__name__}")
+            values[field] = value
+        for field, default in _OPTIONAL_FIELDS.items():
+            # Added after format 1 was released: older records lack them.
+            value = record.get(field, default)
+            if not isinstance(value, type(default)):
+                raise RecordError(f"VM record field {field!r} is not a {type(default).__name__}")
             values[field] = value
         return cls(status="unknown", **values)  # type: ignore[arg-type]
 
@@ -92,6 +102,7 @@ _RECORD_FIELDS: dict[str, type] = {
     "ssh_public_key": str,
     "pid": int,
 }
+_OPTIONAL_FIELDS: dict[str, object] = {"guest_ip": ""}
 
 
 @dataclass(frozen=True)

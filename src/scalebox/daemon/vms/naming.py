@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import secrets
 from collections.abc import Callable, Collection
@@ -94,19 +96,64 @@ def check_int(value: object, field: str, lo: int, hi: int) -> int:
     return value
 
 
-def check_ssh_key(value: object) -> str:
+KEY_TYPES = frozenset({
+    "ssh-ed25519", "ssh-rsa", "ssh-dss", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
+})  # fmt: skip
+
+
+def _key_problem(line: str, strict: bool) -> str | None:
+    """What is wrong with one authorized_keys line ``type base64 [comment]``, or None."""
+    fields = line.split()
+    if len(fields) < 2:
+        return "expected 'TYPE BASE64 [comment]'"
+    kind, blob = fields[0], fields[1]
+    if kind not in KEY_TYPES:
+        return f"unknown key type {kind[:40]!r}"
+    if not strict:
+        return None
+    try:
+        raw = base64.b64decode(blob, validate=True)
+    except (binascii.Error, ValueError):
+        return "the key data is not base64"
+    # The blob starts with its own type as an SSH string: uint32 length, bytes.
+    length = int.from_bytes(raw[:4], "big")
+    if raw[4 : 4 + length].decode(errors="replace") != kind or len(raw) <= 4 + length:
+        return f"the key data is not a {kind} key"
+    return None
+
+
+def check_ssh_key(value: object, *, strict: bool = False) -> str:
+    """One or more public keys (LF or CRLF lines), normalised to LF lines.
+
+    Every non-empty line must be ``TYPE BASE64 [comment]`` with a known TYPE;
+    ``strict`` (keys that go into a real authorized_keys) also decodes the
+    key data and checks it names the same type.
+    """
     if not isinstance(value, str) or not value.strip():
         raise InvalidInput(
             "ssh_public_key must be a non-empty string",
             "send the content of your ~/.ssh/id_ed25519.pub",
         )
-    key = value.strip()
-    if len(key) > MAX_SSH_KEY_LEN or any(c in key for c in "\r\n\0"):
+    if len(value) > MAX_SSH_KEY_LEN or "\0" in value:
         raise InvalidInput(
-            f"ssh_public_key must be one line of at most {MAX_SSH_KEY_LEN} characters",
-            "send the content of one .pub file",
+            f"ssh_public_key must be at most {MAX_SSH_KEY_LEN} characters of text",
+            "send the content of one or a few .pub files",
         )
-    return key
+    lines = [line.strip() for line in value.replace("\r\n", "\n").split("\n")]
+    keys = [line for line in lines if line and not line.startswith("#")]
+    for number, line in enumerate(keys, start=1):
+        problem = "a stray carriage return" if "\r" in line else _key_problem(line, strict)
+        if problem is not None:
+            where = f"key {number} of {len(keys)}" if len(keys) > 1 else "it"
+            raise InvalidInput(
+                f"ssh_public_key is not an SSH public key: {where} ({line[:40]!r}...): {problem}",
+                "send the content of a .pub file, e.g. ~/.ssh/id_ed25519.pub (one key per line)",
+            )
+    if not keys:
+        raise InvalidInput("ssh_public_key holds no key, only comments or blank lines",
+                           "send the content of your ~/.ssh/id_ed25519.pub")  # fmt: skip
+    return "\n".join(keys)
 
 
 def pick_port(

@@ -1,0 +1,368 @@
+"""The nspawn backend: each VM a booted Debian container you ssh into.
+
+Per VM ``vm-<hex>``, all named after its id so nothing is ever guessed:
+
+- its root filesystem ``DATA_DIR/vms/<id>/disk``, a copy of its template's
+  (``cp --reflink=auto``: shared blocks on btrfs/XFS, a full copy elsewhere);
+- a network namespace ``scalebox-<id>`` joined to the host by the veth pair
+  ``vm<hex>`` (host, ``.1`` of the VM's /30 of VM_NETWORK) and ``eth0``
+  (VM, ``.2``), configured before the container boots;
+- ``scalebox-vm@<id>.service``: its ExecStart (``scaleboxd --run-guest``)
+  execs ``systemd-nspawn --boot`` (see ``nspawn_argv``); the container's
+  processes live in that unit's cgroup, with MemoryMax, CPUQuota and
+  TasksMax set as runtime properties, so restarting scaleboxd never touches it;
+- ``scalebox-ssh-<id>.socket`` + ``.service``: transient units made with
+  systemd-run, ``systemd-socket-proxyd`` from host port ``ssh_port`` to
+  ``<VM address>:22``, outside scaleboxd's process and cgroup, so an open
+  SSH session survives restarts and updates of scaleboxd.
+
+Deleting a VM stops and removes all of them (``release``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from scalebox.config import ServerConfig
+from scalebox.daemon.errors import ApiError
+from scalebox.daemon.vms.backend import GuestStatus, SystemdBackend, unit_name
+from scalebox.daemon.vms.command import CommandFailed, run
+from scalebox.daemon.vms.models import VM
+from scalebox.daemon.vms.naming import VM_ID_RE
+from scalebox.daemon.vms.state import read_vm_record
+
+SOCKET_PROXYD = "/usr/lib/systemd/systemd-socket-proxyd"
+NETNS_PREFIX = "scalebox-"
+GUEST_IF = "eth0"
+SSH_BANNER = b"SSH-"
+MAX_HOSTNAME_LEN = 63
+
+
+class NoFreeAddress(ApiError):
+    """Every /30 of VM_NETWORK is taken."""
+
+    status = 503
+
+
+# --- pure decisions ----------------------------------------------------------------
+
+
+def netns_name(vm_id: str) -> str:
+    return f"{NETNS_PREFIX}{vm_id}"
+
+
+def host_if(vm_id: str) -> str:
+    """The host end of the VM's veth: ``vm`` + 12 hex = 14 characters (the limit is 15)."""
+    return "vm" + vm_id.removeprefix("vm-")
+
+
+def forwarder_unit(vm_id: str) -> str:
+    """The transient units' name without suffix: ``<it>.socket`` and ``<it>.service``."""
+    return f"scalebox-ssh-{vm_id}"
+
+
+def parse_forwarders(listing: str) -> list[str]:
+    """Forwarder unit names (without suffix) in ``systemctl list-units --plain --no-legend``."""
+    names = []
+    for line in listing.splitlines():
+        unit = line.split(maxsplit=1)[0] if line.strip() else ""
+        stem, _, suffix = unit.rpartition(".")
+        vm_id = stem.removeprefix("scalebox-ssh-")
+        if (
+            suffix in ("socket", "service")
+            and stem.startswith("scalebox-ssh-")
+            and (VM_ID_RE.fullmatch(vm_id))
+        ):
+            names.append(stem)
+    return sorted(set(names))
+
+
+def slot_addresses(network: str, index: int) -> tuple[str, str]:
+    """(host side, VM side) addresses of /30 number ``index`` of ``network``."""
+    net = ipaddress.IPv4Network(network)
+    base = int(net.network_address) + 4 * index
+    return str(ipaddress.IPv4Address(base + 1)), str(ipaddress.IPv4Address(base + 2))
+
+
+def pick_guest_ip(network: str, used: set[str]) -> str | None:
+    """The VM address of the lowest free /30 of ``network``, or None when all are taken."""
+    slots = ipaddress.IPv4Network(network).num_addresses // 4
+    for index in range(slots):
+        guest = slot_addresses(network, index)[1]
+        if guest not in used:
+            return guest
+    return None
+
+
+def host_side_of(guest_ip: str) -> str:
+    """The host end's address of the /30 that ``guest_ip`` (its ``.2``) is in."""
+    return str(ipaddress.IPv4Address(int(ipaddress.IPv4Address(guest_ip)) - 1))
+
+
+def hostname_for(name: str) -> str:
+    """A VM name as a valid hostname: letters, digits and '-' (names may hold '_')."""
+    host = re.sub(r"[^a-zA-Z0-9-]", "-", name).strip("-")[:MAX_HOSTNAME_LEN].strip("-")
+    return host or "vm"
+
+
+def nspawn_argv(rootfs: Path, vm_id: str, hostname: str) -> list[str]:
+    """The command scalebox-vm@<id>.service runs (by exec) for an nspawn VM."""
+    return [
+        "systemd-nspawn",
+        "--quiet",
+        "--boot",
+        # The unit is the container's cgroup (Delegate=yes): its limits are the VM's.
+        "--keep-unit",
+        "--register=no",
+        f"--machine={vm_id}",
+        f"--hostname={hostname}",
+        f"--directory={rootfs}",
+        f"--network-namespace-path=/run/netns/{netns_name(vm_id)}",
+        "--link-journal=no",
+        "--console=read-only",  # the container's boot messages go to the unit's journal
+    ]
+
+
+def limit_properties(vm: VM, pids_max: int) -> list[str]:
+    """Unit properties that bound the VM: memory, CPUs, processes."""
+    return [
+        f"MemoryMax={vm.mem_size_mib}M",
+        f"CPUQuota={vm.vcpu_count * 100}%",
+        f"TasksMax={pids_max}",
+    ]
+
+
+def hosts_file(hostname: str) -> str:
+    # sudo resolves its own hostname; without this line every sudo waits for DNS.
+    return f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost\n"
+
+
+# --- the backend ---------------------------------------------------------------------
+
+
+def _user_ids(rootfs: Path, user: str) -> tuple[int, int]:
+    for line in (rootfs / "etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if len(fields) >= 4 and fields[0] == user:
+            return int(fields[2]), int(fields[3])
+    raise CommandFailed(
+        f"the template has no account {user!r} (no line in /etc/passwd)",
+        "rebuild the template: python -m scalebox.daemon.vms.templates build FILE",
+    )
+
+
+def _safe_dir(path: Path, uid: int, gid: int, mode: int) -> None:
+    """mkdir that refuses a symlink in the VM's tree (the guest owns that tree)."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=mode)
+    if path.is_symlink() or not path.is_dir():
+        raise CommandFailed(f"{path} is not a directory", "recreate the VM from a clean template")
+    os.chown(path, uid, gid)
+    path.chmod(mode)
+
+
+def _write_new(
+    path: Path, text: str, mode: int = 0o644, owner: tuple[int, int] | None = None
+) -> None:
+    """Replace ``path`` with a new regular file; never follows a symlink at ``path``."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        if owner is not None:
+            os.fchown(f.fileno(), *owner)
+        os.fchmod(f.fileno(), mode)
+
+
+def ssh_banner(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether an SSH server answers its banner at host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            return conn.recv(64).startswith(SSH_BANNER)
+    except OSError:
+        return False
+
+
+class NspawnBackend:
+    """systemd-nspawn containers in scalebox-vm@ units; needs root and systemd."""
+
+    ready_timeout = 60.0
+
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
+        self._vms_dir = config.data_dir / "vms"
+        self._units = SystemdBackend()
+
+    # -- the Backend interface
+
+    def prepare_disk(self, vm: VM, disk: Path) -> None:
+        """Write what makes the copied template this VM: keys, hostname, machine id."""
+        uid, gid = _user_ids(disk, "user")
+        home = disk / "home/user"
+        _safe_dir(home, uid, gid, 0o755)
+        _safe_dir(home / ".ssh", uid, gid, 0o700)
+        _write_new(home / ".ssh/authorized_keys", vm.ssh_public_key + "\n", 0o600, (uid, gid))
+        hostname = hostname_for(vm.name)
+        _write_new(disk / "etc/hostname", hostname + "\n")
+        _write_new(disk / "etc/hosts", hosts_file(hostname))
+        _write_new(disk / "etc/machine-id", secrets.token_hex(16) + "\n", 0o444)
+
+    def start(self, vm_id: str) -> int | None:
+        vm = self._record(vm_id)
+        self._network_up(vm)
+        unit = unit_name(vm_id)
+        props = limit_properties(vm, self._config.vm_pids_max)
+        run(["systemctl", "set-property", "--runtime", unit, *props],
+            f"set the limits of VM {vm_id}")  # fmt: skip
+        pid = self._units.start(vm_id)
+        self._forwarder_up(vm)
+        return pid
+
+    def answers(self, vm: VM) -> bool:
+        """The whole path works: host port -> forwarder -> VM's sshd sends its banner."""
+        return ssh_banner("127.0.0.1", vm.ssh_port)
+
+    def stop(self, vm_id: str, pid: int | None) -> None:
+        self._units.stop(vm_id, pid)
+
+    def release(self, vm_id: str) -> None:
+        """Remove everything of a stopped VM but its disk: forwarder, network, limits."""
+        name = forwarder_unit(vm_id)
+        for unit in (f"{name}.socket", f"{name}.service"):
+            with contextlib.suppress(CommandFailed):
+                run(["systemctl", "stop", unit], f"stop {unit}")
+            with contextlib.suppress(CommandFailed):
+                run(["systemctl", "reset-failed", unit], f"reset {unit}")
+        self._network_down(vm_id)
+        with contextlib.suppress(CommandFailed):
+            run(["systemctl", "revert", unit_name(vm_id)], f"remove the limits of VM {vm_id}")
+
+    def status(self, vm_id: str, pid: int | None) -> GuestStatus:
+        return self._units.status(vm_id, pid)
+
+    def status_many(self, last_pids: Mapping[str, int | None]) -> dict[str, GuestStatus]:
+        return self._units.status_many(last_pids)
+
+    def list_running(self) -> dict[str, int | None]:
+        return self._units.list_running()
+
+    def recent_output(self, vm_id: str) -> str:
+        return self._units.recent_output(vm_id)
+
+    def adopt(self, vm: VM) -> None:
+        """A VM that runs since before scaleboxd started: make sure its forwarder does too."""
+        name = forwarder_unit(vm.id)
+        state = run(["systemctl", "show", "-p", "ActiveState", "--value", f"{name}.socket"],
+                    f"read the state of {name}.socket").strip()  # fmt: skip
+        if state != "active":
+            self._forwarder_up(vm)
+
+    def strays(self, known: set[str]) -> dict[str, str]:
+        """Network namespaces and forwarders of VM ids not in ``known`` (a crash mid-delete)."""
+        found: dict[str, list[str]] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for entry in Path("/run/netns").iterdir():
+                vm_id = entry.name.removeprefix(NETNS_PREFIX)
+                if entry.name.startswith(NETNS_PREFIX) and VM_ID_RE.fullmatch(vm_id):
+                    found.setdefault(vm_id, []).append(f"network namespace {entry.name}")
+        listing = run(
+            ["systemctl", "list-units", "--all", "--plain", "--no-legend", "scalebox-ssh-vm-*"],
+            "list the SSH forwarders of VMs",
+        )
+        for unit in parse_forwarders(listing):
+            found.setdefault(unit.removeprefix("scalebox-ssh-"), []).append(f"forwarder {unit}")
+        return {vm_id: ", ".join(sorted(set(what))) for vm_id, what in found.items()
+                if vm_id not in known}  # fmt: skip
+
+    # -- pieces
+
+    def _record(self, vm_id: str) -> VM:
+        try:
+            return read_vm_record(self._vms_dir / vm_id)
+        except (OSError, ValueError) as exc:
+            raise CommandFailed(f"cannot read the record of VM {vm_id}: {exc}",
+                                "delete the VM and create it again") from None  # fmt: skip
+
+    def _network_up(self, vm: VM) -> None:
+        """A fresh namespace and veth for ``vm`` (what a previous run left is removed first)."""
+        self._network_down(vm.id)
+        ns, hif = netns_name(vm.id), host_if(vm.id)
+        host_ip, prefix = host_side_of(vm.guest_ip), 30
+        what = f"set up the network of VM {vm.id}"
+        run(["ip", "netns", "add", ns], what)
+        try:
+            run(["ip", "link", "add", hif, "type", "veth", "peer", "name", GUEST_IF,
+                 "netns", ns], what)  # fmt: skip
+            run(["ip", "addr", "add", f"{host_ip}/{prefix}", "dev", hif], what)
+            run(["ip", "link", "set", hif, "up"], what)
+            run(["ip", "-n", ns, "addr", "add", f"{vm.guest_ip}/{prefix}", "dev", GUEST_IF], what)
+            run(["ip", "-n", ns, "link", "set", GUEST_IF, "up"], what)
+            run(["ip", "-n", ns, "link", "set", "lo", "up"], what)
+            run(["ip", "-n", ns, "route", "add", "default", "via", host_ip], what)
+        except BaseException:
+            self._network_down(vm.id)
+            raise
+
+    def _network_down(self, vm_id: str) -> None:
+        with contextlib.suppress(CommandFailed):
+            if Path("/run/netns", netns_name(vm_id)).exists():
+                run(["ip", "netns", "del", netns_name(vm_id)], f"remove the network of {vm_id}")
+        # The veth goes with the namespace; a host end left alone (a crash between
+        # the two steps) is removed here.
+        if Path("/sys/class/net", host_if(vm_id)).exists():
+            with contextlib.suppress(CommandFailed):
+                run(["ip", "link", "del", host_if(vm_id)], f"remove the veth of {vm_id}")
+
+    def _forwarder_up(self, vm: VM) -> None:
+        name = forwarder_unit(vm.id)
+        for unit in (f"{name}.socket", f"{name}.service"):
+            with contextlib.suppress(CommandFailed):
+                run(["systemctl", "reset-failed", unit], f"reset {unit}")
+        run(
+            [
+                "systemd-run", "--quiet", f"--unit={name}",
+                f"--description=SSH port {vm.ssh_port} of Scalebox VM {vm.id}",
+                f"--socket-property=ListenStream={vm.ssh_port}",
+                "--socket-property=NoDelay=true",
+                SOCKET_PROXYD, f"{vm.guest_ip}:22",
+            ],
+            f"start the SSH forwarder of VM {vm.id} on port {vm.ssh_port}",
+        )  # fmt: skip
+
+
+def wait_ssh(host: str, port: int, timeout: float) -> bool:
+    """Poll until an SSH banner answers at host:port (for tools and tests)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ssh_banner(host, port):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def exec_guest(config: ServerConfig, vm_id: str) -> int:
+    """``scaleboxd --run-guest ID`` on the nspawn backend: become the container's nspawn."""
+    vm_dir = config.data_dir / "vms" / vm_id
+    try:
+        record = json.loads((vm_dir / "vm.json").read_text())
+        name = str(record["name"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"scalebox guest {vm_id}: cannot read {vm_dir / 'vm.json'}: {exc}", flush=True)
+        return 1
+    argv = nspawn_argv(vm_dir / "disk", vm_id, hostname_for(name))
+    try:
+        os.execvp(argv[0], argv)  # noqa: S606 - argv is ours, no shell involved
+    except OSError as exc:
+        print(f"scalebox guest {vm_id}: cannot run systemd-nspawn: {exc}", flush=True)
+    return 1

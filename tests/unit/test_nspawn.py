@@ -1,0 +1,250 @@
+"""The nspawn backend's pure decisions, its key check and what it writes into a VM's disk.
+
+The backend itself (containers, veths, forwarders) runs only on a real
+systemd machine: tests/system/test_sandbox.py.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from scalebox import config as config_module
+from scalebox.daemon.errors import InvalidInput
+from scalebox.daemon.vms import nspawn, templates
+from scalebox.daemon.vms.backend import GuestStatus, parse_show
+from scalebox.daemon.vms.models import VM
+from scalebox.daemon.vms.naming import check_ssh_key
+from scalebox.errors import ConfigError
+
+VM_ID = "vm-0123456789ab"
+
+
+def real_key(comment: str = "me@host") -> str:
+    raw = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    return f"{raw.decode()} {comment}"
+
+
+def make_vm(**changes: object) -> VM:
+    values: dict[str, object] = {
+        "id": VM_ID, "name": "my_box", "template": "debian-base", "ip": "203.0.113.7",
+        "ssh_port": 22001, "status": "running", "created_at": "2026-01-01T00:00:00.000Z",
+        "vcpu_count": 2, "mem_size_mib": 1024, "disk_size_gib": 2,
+        "ssh_public_key": real_key(), "guest_ip": "10.187.0.2",
+    }  # fmt: skip
+    values.update(changes)
+    return VM(**values)  # type: ignore[arg-type]
+
+
+def test_each_vm_gets_its_own_slash_30_host_side_dot_1_vm_dot_2() -> None:
+    assert nspawn.slot_addresses("10.187.0.0/16", 0) == ("10.187.0.1", "10.187.0.2")
+    assert nspawn.slot_addresses("10.187.0.0/16", 64) == ("10.187.1.1", "10.187.1.2")
+    assert nspawn.host_side_of("10.187.1.2") == "10.187.1.1"
+
+
+def test_the_lowest_free_address_is_picked_and_a_full_pool_gives_none() -> None:
+    assert nspawn.pick_guest_ip("10.187.0.0/16", set()) == "10.187.0.2"
+    assert nspawn.pick_guest_ip("10.187.0.0/16", {"10.187.0.2"}) == "10.187.0.6"
+    full = {"10.9.0.2", "10.9.0.6", "10.9.0.10", "10.9.0.14"}
+    assert nspawn.pick_guest_ip("10.9.0.0/28", full) is None
+    assert nspawn.pick_guest_ip("10.9.0.0/28", full - {"10.9.0.10"}) == "10.9.0.10"
+
+
+def test_names_derived_from_the_vm_id_fit_the_kernels_limits() -> None:
+    assert nspawn.host_if(VM_ID) == "vm0123456789ab"
+    assert len(nspawn.host_if(VM_ID)) <= 15  # IFNAMSIZ - 1
+    assert nspawn.netns_name(VM_ID) == f"scalebox-{VM_ID}"
+    assert nspawn.forwarder_unit(VM_ID) == f"scalebox-ssh-{VM_ID}"
+
+
+@pytest.mark.parametrize(
+    ("name", "hostname"),
+    [("box-1", "box-1"), ("my_box", "my-box"), ("_x_", "x"), ("___", "vm"), ("a" * 63, "a" * 63)],
+)
+def test_vm_names_become_valid_hostnames(name: str, hostname: str) -> None:
+    assert nspawn.hostname_for(name) == hostname
+
+
+def test_the_unit_boots_the_vms_own_disk_in_its_own_network_namespace() -> None:
+    argv = nspawn.nspawn_argv(Path("/d/vms") / VM_ID / "disk", VM_ID, "my-box")
+    assert argv[0] == "systemd-nspawn"
+    assert "--boot" in argv and "--keep-unit" in argv
+    assert f"--directory=/d/vms/{VM_ID}/disk" in argv
+    assert f"--network-namespace-path=/run/netns/scalebox-{VM_ID}" in argv
+    assert "--hostname=my-box" in argv
+
+
+def test_limits_come_from_the_vm_and_the_config() -> None:
+    props = nspawn.limit_properties(make_vm(vcpu_count=3, mem_size_mib=512), pids_max=100)
+    assert props == ["MemoryMax=512M", "CPUQuota=300%", "TasksMax=100"]
+
+
+# -- keys ---------------------------------------------------------------------------
+
+
+def test_several_keys_with_crlf_or_lf_are_kept_one_per_line() -> None:
+    one, two = real_key("a@x"), real_key("b@y")
+    text = f"{one}\r\n\r\n# a comment\r\n{two}\r\n"
+    assert check_ssh_key(text, strict=True) == f"{one}\n{two}"
+    assert check_ssh_key(f"{one}\n{two}\n", strict=True) == f"{one}\n{two}"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("hello", "expected 'TYPE BASE64"),
+        ("ssh-foo AAAA x", "unknown key type"),
+        ("ssh-ed25519 not!base64 x", "not base64"),
+        # a valid ssh-rsa blob presented as ed25519
+        ("ssh-ed25519 AAAAB3NzaC1yc2EAAAADAQABAAABAQ== x", "not a ssh-ed25519 key"),
+        ("# only a comment\n", "holds no key"),
+        ("ssh-ed25519 AAAA\rx", "carriage return"),
+    ],
+)
+def test_what_is_not_a_key_is_refused_naming_the_problem(text: str, problem: str) -> None:
+    with pytest.raises(InvalidInput, match="ssh_public_key") as caught:
+        check_ssh_key(text, strict=True)
+    assert problem in caught.value.what
+
+
+def test_the_second_of_two_keys_is_named_when_it_is_bad() -> None:
+    with pytest.raises(InvalidInput, match="key 2 of 2"):
+        check_ssh_key(f"{real_key()}\nssh-ed25519 AAAA", strict=True)
+
+
+# -- the VM's disk ------------------------------------------------------------------
+
+
+def fake_rootfs(root: Path) -> Path:
+    (root / "etc").mkdir(parents=True)
+    (root / "home").mkdir()
+    (root / "etc/passwd").write_text(
+        "root:x:0:0:root:/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/bash\n"
+    )
+    (root / "etc/hostname").write_text("debian-base\n")
+    (root / "etc/machine-id").write_text("")
+    return root
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chowns files to the guest's user (needs root)")
+def test_prepare_disk_writes_keys_hostname_and_a_machine_id(tmp_path: Path) -> None:
+    disk = fake_rootfs(tmp_path / "disk")
+    one, two = real_key("a"), real_key("b")
+    nspawn.NspawnBackend.prepare_disk(
+        None,  # type: ignore[arg-type]  # prepare_disk uses no backend state
+        make_vm(ssh_public_key=f"{one}\n{two}"),
+        disk,
+    )
+    keys = disk / "home/user/.ssh/authorized_keys"
+    assert keys.read_text() == f"{one}\n{two}\n"
+    assert (keys.stat().st_uid, keys.stat().st_mode & 0o777) == (1000, 0o600)
+    assert (keys.parent.stat().st_mode & 0o777) == 0o700
+    assert (disk / "etc/hostname").read_text() == "my-box\n"
+    assert "127.0.1.1\tmy-box" in (disk / "etc/hosts").read_text()
+    assert len((disk / "etc/machine-id").read_text().strip()) == 32
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chowns files to the guest's user (needs root)")
+def test_prepare_disk_replaces_a_symlink_instead_of_writing_through_it(tmp_path: Path) -> None:
+    disk = fake_rootfs(tmp_path / "disk")
+    outside = tmp_path / "outside"
+    outside.write_text("untouched\n")
+    (disk / "etc/hosts").symlink_to(outside)
+    nspawn.NspawnBackend.prepare_disk(None, make_vm(), disk)  # type: ignore[arg-type]
+    assert outside.read_text() == "untouched\n"
+    assert not (disk / "etc/hosts").is_symlink()
+
+
+def test_a_template_without_systemd_or_version_is_not_bootable(tmp_path: Path) -> None:
+    assert not templates.is_bootable(tmp_path)
+    assert templates.read_version(tmp_path) is None
+    (tmp_path / "etc").mkdir()
+    (tmp_path / templates.VERSION_FILE).write_text('{"template_version": 3}')
+    assert templates.read_version(tmp_path) == 3
+
+
+# -- config -------------------------------------------------------------------------
+
+TOKEN = "API_TOKEN=sb-0123456789abcdef0123\nHOST_IP=203.0.113.7\n"
+
+
+def test_vm_backend_nspawn_and_its_network_are_read_from_the_config() -> None:
+    cfg = config_module.parse(TOKEN + "VM_BACKEND=nspawn\nVM_NETWORK=10.50.0.0/20\n", "c", {})
+    assert (cfg.vm_backend, cfg.vm_network, cfg.vm_pids_max) == ("nspawn", "10.50.0.0/20", 4096)
+    default = config_module.parse(TOKEN, "c", {})
+    assert (default.vm_backend, default.vm_network) == ("process", "10.187.0.0/16")
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["VM_BACKEND=docker", "VM_NETWORK=10.50.0.1/16", "VM_NETWORK=10.50.0.0/30", "VM_NETWORK=x"],
+)
+def test_bad_backend_or_network_names_the_key(line: str) -> None:
+    with pytest.raises(ConfigError, match=line.split("=", maxsplit=1)[0]):
+        config_module.parse(TOKEN + line + "\n", "c", {})
+
+
+def test_forwarders_are_found_in_the_unit_list_and_strangers_ignored() -> None:
+    listing = (
+        f"scalebox-ssh-{VM_ID}.socket loaded active listening SSH port 22001\n"
+        f"scalebox-ssh-{VM_ID}.service loaded active running SSH port 22001\n"
+        "scalebox-ssh-vm-nothex.socket loaded active listening x\n"
+        "scalebox-sshd.service loaded active running x\n"
+        "\n"
+    )
+    assert nspawn.parse_forwarders(listing) == [f"scalebox-ssh-{VM_ID}"]
+
+
+# -- template install (real tar, real files) -------------------------------------------
+
+
+def fake_template_tarball(tmp_path: Path, *, version: int | None, name: str) -> Path:
+    root = tmp_path / f"tree-{name}"
+    (root / "usr/lib/systemd").mkdir(parents=True)
+    (root / "etc").mkdir()
+    (root / "usr/lib/systemd/systemd").write_text("#!/bin/true\n")
+    (root / "etc/os-release").write_text('ID=debian\nVERSION_ID="12"\n')
+    if version is not None:
+        (root / templates.VERSION_FILE).write_text(f'{{"template_version": {version}}}\n')
+    tarball = tmp_path / f"{name}.tar.gz"
+    templates.pack(root, tarball)
+    return tarball
+
+
+def test_a_template_tarball_is_installed_with_its_version_and_replaces_the_old(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    assert templates.install(fake_template_tarball(tmp_path, version=1, name="v1"), data) == 1
+    assert templates.install(fake_template_tarball(tmp_path, version=2, name="v2"), data) == 2
+    base = data / "templates/debian-base"
+    assert templates.is_bootable(base / "disk")
+    assert templates.read_version(base / "disk") == 2
+    assert '"template_version": 2' in (base / "template.json").read_text()
+    assert sorted(p.name for p in (data / "templates").iterdir()) == ["debian-base"]
+
+
+def test_a_tarball_that_is_not_a_template_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    templates.install(fake_template_tarball(tmp_path, version=1, name="good"), data)
+    before = (data / "templates/debian-base/template.json").read_text()
+    with pytest.raises(templates.TemplateError, match="not a scalebox template"):
+        templates.install(fake_template_tarball(tmp_path, version=None, name="bad"), data)
+    with pytest.raises(templates.TemplateError, match="could not unpack"):
+        templates.install(tmp_path / "missing.tar.gz", data)
+    assert sorted(p.name for p in (data / "templates").iterdir()) == ["debian-base"]
+    assert (data / "templates/debian-base/template.json").read_text() == before
+
+
+def test_a_unit_waiting_to_restart_its_dead_guest_is_failed_not_starting() -> None:
+    text = "MainPID=0\nActiveState=activating\nSubState=auto-restart\n"
+    assert parse_show(text) == GuestStatus("failed", None)
+    assert parse_show("MainPID=0\nActiveState=activating\nSubState=start\n").status == "starting"
