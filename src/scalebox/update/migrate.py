@@ -24,11 +24,11 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 from scalebox.fsutil import atomic_write
+from scalebox.runner import ProgramError, run_program
 from scalebox.update import stage, versions
 from scalebox.update.errors import UpdateError
 from scalebox.update.journal import Journal
@@ -112,10 +112,10 @@ def run(
     ]
     report(f"running {to_version}'s migrations with its own interpreter")
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        done = run_program(argv, timeout=timeout)
+    except ProgramError as exc:
         raise MigrationFailed(
-            f"running {to_version}'s migrations failed: {exc}",
+            f"running {to_version}'s migrations failed: {exc.detail}",
             "the update is rolled back; see the message above",
         ) from None
     for line in done.stderr.splitlines():

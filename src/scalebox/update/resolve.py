@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from scalebox.errors import ScaleboxError
+from scalebox.retry import backoff_delays
 from scalebox.update import versions
 from scalebox.update.fetch import (
     ALLOW_HTTP_HINT,
@@ -31,7 +32,6 @@ from scalebox.update.fetch import (
     DEFAULT_TIMEOUT,
     TRANSIENT_ERRORS,
     FetchError,
-    backoff_delays,
     certificate_problem,
     make_client,
 )

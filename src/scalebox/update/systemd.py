@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from scalebox import unitprops
 from scalebox.update import process
 
 SERVICE = "scaleboxd.service"
@@ -75,15 +76,10 @@ class Systemctl:
 
 def parse_show(text: str) -> UnitState:
     """Parse ``systemctl show -p ...`` output (KEY=VALUE lines) into a UnitState."""
-    values = dict(line.partition("=")[::2] for line in text.splitlines() if "=" in line)
-
-    def number(key: str) -> int:
-        raw = values.get(key, "0").strip()
-        return int(raw) if raw.isdigit() else 0
-
+    props = unitprops.parse(text)
     return UnitState(
-        active=values.get("ActiveState", "unknown").strip(),
-        sub=values.get("SubState", "unknown").strip(),
-        main_pid=number("MainPID"),
-        restarts=number("NRestarts"),
+        active=props.get("ActiveState", "unknown"),
+        sub=props.get("SubState", "unknown"),
+        main_pid=unitprops.number(props, "MainPID"),
+        restarts=unitprops.number(props, "NRestarts"),
     )
