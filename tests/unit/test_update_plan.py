@@ -41,23 +41,28 @@ def test_prerelease_sorts_before_its_release() -> None:
     assert plan.decide("1.0.0rc1", "1.0.0", force=False, allow_downgrade=False) is Decision.UPDATE
 
 
-@pytest.mark.parametrize(
-    ("step", "action"),
-    [
-        ("stage", Recovery.DISCARD),
-        ("backup", Recovery.DISCARD),
-        ("switch", Recovery.ROLL_BACK),
-        ("verify", Recovery.ROLL_BACK),
-        ("commit", Recovery.COMMIT),
-        ("rollback", Recovery.ROLL_BACK),
-    ],
-)
+# Written by hand from the design, not derived from plan.recovery_action:
+# nothing live changed before migrate; the config may be half migrated or the
+# switch half done until verify passed; after that only bookkeeping is left.
+RECOVERY_BY_HAND = {
+    "stage": Recovery.DISCARD,
+    "backup": Recovery.DISCARD,
+    "migrate": Recovery.ROLL_BACK,
+    "switch": Recovery.ROLL_BACK,
+    "verify": Recovery.ROLL_BACK,
+    "commit": Recovery.COMMIT,
+    "rollback": Recovery.ROLL_BACK,
+}
+
+
+@pytest.mark.parametrize(("step", "action"), RECOVERY_BY_HAND.items())
 def test_every_journal_step_has_its_recovery(step: str, action: Recovery) -> None:
     assert plan.recovery_action(step) is action
 
 
-def test_the_table_covers_every_step_the_journal_can_hold() -> None:
-    assert {plan.recovery_action(step) for step in STEPS} == set(Recovery)
+def test_the_hand_written_table_covers_every_step_the_journal_can_hold() -> None:
+    # A new journal step fails here until someone writes down its recovery.
+    assert set(RECOVERY_BY_HAND) == set(STEPS)
 
 
 def test_unknown_step_is_an_error_not_a_guess() -> None:
