@@ -207,6 +207,7 @@ else
       "the release is broken; report it"
   done
   cp -R "$REL/units" "$RELEASE_DIR/units"
+  if [[ -d $REL/docs ]]; then cp -R "$REL/docs" "$RELEASE_DIR/docs"; fi # what units' Documentation= names
   cp "$REL/RELEASE.json" "$REL/RELEASE.json.sig" "$RELEASE_DIR/"
   sync
   : >"$RELEASE_DIR/.complete" # last: a release directory without it is unfinished

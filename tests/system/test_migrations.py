@@ -223,6 +223,10 @@ def test_dry_run_names_the_pending_migrations_and_the_missing_packages(server: S
     assert server.main_pid("scaleboxd.service") == pid
     assert server.config() == config
     server.assert_runs(A)
+    # (Also on this installed server: the docs the units' Documentation= names are there.)
+    assert (
+        server.sh("test -f /opt/scalebox/current/docs/operations.md", check=False).returncode == 0
+    )
 
 
 def test_failing_migration_rolls_everything_back(server: Server) -> None:

@@ -90,6 +90,19 @@ def test_built_release_verifies_and_holds_everything_install_needs(
     assert shipped.fingerprint == signing.load_public_key(built.pub).fingerprint
 
 
+def test_the_docs_the_units_point_at_are_in_the_release(built: Built, tmp_path: Path) -> None:
+    release = open_built(built.first, tmp_path / "dest", built.pub)
+    assert (release.root / "docs" / "operations.md").read_bytes() == (
+        ROOT / "docs" / "operations.md"
+    ).read_bytes()
+    prefix = "Documentation=file:///opt/scalebox/current/"
+    for unit in (ROOT / "units").iterdir():
+        for line in unit.read_text().splitlines():
+            if line.startswith("Documentation=file://"):
+                assert line.startswith(prefix), (unit.name, line)
+                assert (release.root / line.removeprefix(prefix)).is_file(), (unit.name, line)
+
+
 def test_version_override_never_touches_the_working_tree(built: Built) -> None:
     init = (ROOT / "src" / "scalebox" / "__init__.py").read_text()
     assert f'"{VERSION}"' not in init
