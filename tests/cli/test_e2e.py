@@ -345,6 +345,25 @@ def test_login_checks_and_saves_then_commands_use_the_file(
     assert "vms" in json.loads(listed.stdout)
 
 
+def test_login_as_upstream_teaches_with_host_and_token_stdin(
+    scaleboxd: Scaleboxd, home: Path
+) -> None:
+    done = Run(home, {})(
+        "login", "--host", scaleboxd.url, "--token-stdin", stdin=scaleboxd.token + "\n"
+    )
+    assert done.returncode == 0, done.stderr
+    saved = (home / ".config" / "scalebox" / "config").read_text()
+    assert f"SCALEBOX_URL={scaleboxd.url}\n" in saved
+    assert f"SCALEBOX_TOKEN={scaleboxd.token}\n" in saved
+
+
+def test_login_token_stdin_that_is_empty_saves_nothing(scaleboxd: Scaleboxd, home: Path) -> None:
+    done = Run(home, {})("login", "--host", scaleboxd.url, "--token-stdin", stdin="")
+    assert done.returncode == 2
+    assert one_error_line(done).startswith("--token-stdin read no token")
+    assert not (home / ".config" / "scalebox" / "config").exists()
+
+
 def test_login_with_a_wrong_token_saves_nothing(scaleboxd: Scaleboxd, home: Path) -> None:
     done = Run(home, {})("login", "--url", scaleboxd.url, "--token", "sb-" + "1" * 48)
     assert done.returncode == 4

@@ -8,6 +8,7 @@ exception keeps its traceback, because it is a bug.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -369,12 +370,31 @@ def template_delete(name: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--url", help="Server URL, e.g. http://203.0.113.7:8080 (prompted when missing).")
+@click.option(
+    "--url",
+    "--host",
+    "url",
+    help="Server URL, e.g. http://203.0.113.7:8080 (prompted when missing).",
+)
 @click.option("--token", help="API token (prompted without echo when missing).")
+@click.option(
+    "--token-stdin",
+    is_flag=True,
+    help="Read the API token from the first line of stdin (keeps it out of `ps`).",
+)
 @json_option
-def login(url: str | None, token: str | None, as_json: bool) -> None:
+def login(url: str | None, token: str | None, token_stdin: bool, as_json: bool) -> None:
     """Check a server URL and token, then save them in your config file (mode 0600)."""
     path = settings.user_config_path(os.environ)
+    if token_stdin:
+        if token is not None:
+            raise UsageError("--token and --token-stdin were both given", "pass only one of them")
+        token = sys.stdin.readline()
+        if not token.strip():
+            raise UsageError(
+                "--token-stdin read no token",
+                "pipe the token in: `... | scalebox login --token-stdin`",
+            )
     if url is None:
         try:
             default = settings.load().url
