@@ -231,7 +231,7 @@ def vm_get(vm_ref: str, as_json: bool) -> None:
     "--key",
     "key_arg",
     metavar="KEY|@FILE",
-    help="The public key itself, or @FILE to read it from FILE (as upstream's client).",
+    help="The public key itself, or @FILE to read it from FILE, as upstream's client does.",
 )
 @click.option("-n", "--name", help="VM name [default: the server picks one].")
 @click.option("--vcpu", type=click.IntRange(min=1), help="Virtual CPUs [default: the server's].")
