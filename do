@@ -27,6 +27,8 @@ ensure_host_packages() {
   command -v debootstrap >/dev/null || missing+=(debootstrap)
   command -v ip >/dev/null || missing+=(iproute2)
   command -v nsenter >/dev/null || missing+=(util-linux)
+  # Ubuntu (GitHub's runners) lacks it, and debootstrap of Debian needs it (tools/image.py).
+  [[ -f /usr/share/keyrings/debian-archive-keyring.gpg ]] || missing+=(debian-archive-keyring)
   if ((${#missing[@]})); then
     log "installing Debian packages: ${missing[*]}"
     apt-get update -qq
@@ -98,7 +100,7 @@ do_lint() {
   "$VENV/bin/ruff" check src tests tools
   log "ruff format --check"
   "$VENV/bin/ruff" format --check src tests tools
-  log "mypy --strict src"
+  log "mypy --strict src tools"
   "$VENV/bin/mypy"
   log "shellcheck"
   # shellcheck disable=SC2046

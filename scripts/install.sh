@@ -454,6 +454,10 @@ else
   for unit in "${UNITS[@]}"; do
     install -m 0644 "$REL/units/$unit" "$RELEASE_DIR/units/$unit"
   done
+  if [[ -d $REL/docs ]]; then # what the units' Documentation= names
+    install -d -m 0755 "$RELEASE_DIR/docs"
+    install -m 0644 "$REL"/docs/*.md "$RELEASE_DIR/docs/"
+  fi
   install -m 0644 "$REL/RELEASE.json" "$REL/RELEASE.json.sig" "$RELEASE_DIR/"
   sync
   : >"$RELEASE_DIR/.complete" # last: a release directory without it is unfinished

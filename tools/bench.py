@@ -253,6 +253,19 @@ def _wait_answered(loads: list[Load], count: int = 5) -> None:
     )
 
 
+def _wait_more_answers(loads: list[Load], more: int = 5, timeout: float = 10) -> None:
+    """Until each load got ``more`` answers than now: the new process answers too.
+
+    Not an error when it does not happen: the figures then show what was seen.
+    """
+    start = [load.stats().answered for load in loads]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(load.stats().answered >= n + more for load, n in zip(loads, start, strict=True)):
+            return
+        time.sleep(0.05)
+
+
 def measure_update(m: Machine, figures: RunFigures, workers: int, interval: float) -> None:
     """1 and 3: A -> B under constant load."""
     new_conn = Load(lambda: _health_url(m), workers=workers, interval=interval)
@@ -261,7 +274,7 @@ def measure_update(m: Machine, figures: RunFigures, workers: int, interval: floa
     with new_conn.running(), kept.running(), open_loop.running():
         _wait_answered([new_conn, kept, open_loop])
         run = run_updater(m, f"/mnt/release/{releases.tarball_name(B)}")
-        time.sleep(1.0)  # and a while after: the new process must answer too
+        _wait_more_answers([new_conn, kept, open_loop])  # the new process answers too
     figures.update_exit = run.exit_code
     figures.update_result = str(run.result.get("result", run.result.get("message", "")))
     figures.update_wall_s = round(run.ended - run.started, 3)
@@ -307,7 +320,7 @@ def measure_crash(m: Machine, figures: RunFigures, old: str) -> None:
         while poll.stats().answered < 5 and time.monotonic() < deadline:
             time.sleep(0.05)
         run = run_updater(m, f"/mnt/release/{releases.tarball_name(CRASH)}")
-        time.sleep(1.0)
+        _wait_more_answers([poll])  # the old version answers again after the rollback
     figures.crash_exit = run.exit_code
     figures.crash_result = str(run.result.get("result", ""))
     figures.crash_load = LoadFigures.of("poll during crash+rollback", poll.stats())

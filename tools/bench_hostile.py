@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from scalebox.release import build, manifest, signing
 
 TARGET_MB = 100.0
@@ -85,7 +87,7 @@ def _zeros(n: int) -> Iterator[bytes]:
         n -= MiB
 
 
-def _signed_release(tmp: Path, key: signing.Ed25519PrivateKey) -> Path:
+def _signed_release(tmp: Path, key: Ed25519PrivateKey) -> Path:
     """A small, complete and good release (the wheel is a stand-in)."""
     tree = tmp / "tree"
     for relpath, data in {
@@ -122,7 +124,7 @@ def _tar_bytes(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
     return buf.getvalue()[:end]
 
 
-def tarball_cases(tmp: Path, key: signing.Ed25519PrivateKey) -> dict[str, Path]:
+def tarball_cases(tmp: Path, key: Ed25519PrivateKey) -> dict[str, Path]:
     good = _signed_release(tmp, key)
     head = _members_of(good)[:3]  # the top directory, RELEASE.json, RELEASE.json.sig
     cases = {"good release (baseline)": good}

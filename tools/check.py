@@ -223,6 +223,26 @@ class RequestStream:
     def stop(self) -> None:
         self._stop.set()
 
+    def wait_answered_after(self, since: float, count: int, timeout: float) -> bool:
+        """Wait until ``count`` requests sent after ``since`` were answered; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if sum(1 for sent, _ in self.times if sent > since) >= count:
+                    return True
+            time.sleep(0.05)
+        return False
+
+    def wait_refused(self, timeout: float) -> bool:
+        """Wait until a request was refused; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.refused:
+                    return True
+            time.sleep(0.01)
+        return False
+
 
 def requests_during_restart(m: Machine) -> str:
     stream = RequestStream(url=lambda: m.url(API_PORT, "/health"))
@@ -236,7 +256,8 @@ def requests_during_restart(m: Machine) -> str:
         start = time.monotonic()
         m.run(["systemctl", "restart", "scaleboxd.service"], timeout=120)
         restart_seconds = time.monotonic() - start
-        time.sleep(1.0)  # and a while after: the new process must answer too
+        # and after it: the new process must answer too (the "after" count below).
+        stream.wait_answered_after(start + restart_seconds, 5, timeout=10)
     finally:
         stream.stop()
         thread.join(90)

@@ -30,6 +30,9 @@ SUITE = "bookworm"
 # the machine itself has no route to any registry, so everything install.sh
 # needs on a real server must be in the image already.
 MIRROR = "http://deb.debian.org/debian"
+# Named explicitly: on an Ubuntu host (GitHub's runners) debootstrap of a Debian
+# suite cannot check the archive's signature without it. ./do installs it.
+KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -132,15 +135,26 @@ def _build(final: Path) -> None:
     print(f"==> image built in {seconds:.0f} s: {final}", file=sys.stderr, flush=True)
 
 
-def _debootstrap(target: Path, log: Path) -> None:
-    argv = [
+def debootstrap_argv(target: Path) -> list[str]:
+    """The debootstrap command line; the keyring is always named (see KEYRING)."""
+    return [
         "debootstrap",
         "--variant=minbase",
+        f"--keyring={KEYRING}",
         f"--include={','.join(PACKAGES)}",
         SUITE,
         str(target),
         MIRROR,
     ]
+
+
+def _debootstrap(target: Path, log: Path) -> None:
+    if not KEYRING.is_file():
+        raise ImageError(
+            f"the Debian archive keyring {KEYRING} is missing; debootstrap cannot check {MIRROR}",
+            "install it: sudo apt-get install debian-archive-keyring (./do does this)",
+        )
+    argv = debootstrap_argv(target)
     with log.open("w") as out:
         result = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=False)
     if result.returncode != 0:

@@ -41,7 +41,7 @@ PYTHONS = ("3.11", "3.13")
 # expand manylinux_2_X tags by itself, so every compatible tag is listed.
 GLIBC_MINOR = 36
 SOURCE_FILES = ("pyproject.toml", "README.md", "uv.lock", "LICENSE")
-SOURCE_DIRS = ("src", "units", "scripts")
+SOURCE_DIRS = ("src", "units", "scripts", "docs")
 _VERSION_LINE = re.compile(r'^__version__ = "([^"]+)"$', re.MULTILINE)
 _PEP440 = re.compile(
     r"^\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?(\+[a-z0-9]+(\.[a-z0-9]+)*)?$"
@@ -340,6 +340,13 @@ def build_release(
         for unit in sorted((sources / "units").glob("*")) if (sources / "units").is_dir() else []:
             if unit.is_file():
                 shutil.copy2(unit, tree / "units" / unit.name)
+        # The units' Documentation= and the updater's hints name docs/operations.md
+        # under /opt/scalebox/current: ship the operator docs so those paths are true.
+        docs = sorted((sources / "docs").glob("*.md")) if (sources / "docs").is_dir() else []
+        if docs:
+            (tree / "docs").mkdir()
+            for doc in docs:
+                shutil.copy2(doc, tree / "docs" / doc.name)
         install_sh = sources / manifest.INSTALL_SCRIPT
         if install_sh.is_file():
             (tree / "scripts").mkdir()

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,15 +93,33 @@ def test_a_server_that_does_not_answer_times_out_as_unreachable(silent_server: s
     assert e.value.exit_code == EXIT_UNREACHABLE
 
 
-def test_ctrl_c_exits_130_not_the_api_error_code(silent_server: str) -> None:
+def test_ctrl_c_exits_130_not_the_api_error_code() -> None:
     """A real `scalebox status` waiting on a silent server, interrupted with SIGINT."""
     exe = Path(sys.executable).with_name("scalebox")
-    env = {**os.environ, "SCALEBOX_URL": silent_server, "SCALEBOX_TOKEN": "sb-" + "0" * 48}
-    child = subprocess.Popen(
-        [str(exe), "status"], env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    time.sleep(1.5)  # the request is sent and waits for an answer (read timeout is 60 s)
-    child.send_signal(signal.SIGINT)
-    _out, err = child.communicate(timeout=30)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.settimeout(30)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        env = {**os.environ, "SCALEBOX_URL": url, "SCALEBOX_TOKEN": "sb-" + "0" * 48}
+        child = subprocess.Popen(
+            [str(exe), "status"], env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            # Ready when the whole request has arrived: the CLI now waits for an answer.
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(30)
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    chunk = conn.recv(4096)
+                    assert chunk, request
+                    request += chunk
+                assert request.startswith(b"GET /health ")
+                child.send_signal(signal.SIGINT)
+                _out, err = child.communicate(timeout=30)
+        finally:
+            child.kill()
+            child.wait()
     assert child.returncode == 130, err
     assert "scalebox: interrupted" in err

@@ -207,7 +207,57 @@ def test_vm_create_json_and_explicit_key_file(run: Run, home: Path) -> None:
         assert created["template"] == "debian-base"
         assert created["ssh"].startswith(f"ssh -p {created['ssh_port']} ")
     finally:
-        assert run("vm", "delete", created["id"], "--json").stdout == ""
+        gone = run("vm", "delete", created["id"], "--json")
+    assert gone.returncode == 0, gone.stderr
+    # The API answers 204 without a body; --json still says what happened.
+    assert json.loads(gone.stdout) == {
+        "deleted": created["id"],
+        "message": f"Deleted VM {created['id']}",
+    }
+
+
+def saved_key(scaleboxd: Scaleboxd, vm_id: str) -> str:
+    """The key the daemon stored for the VM (the API does not show it)."""
+    if scaleboxd.data_dir is None:
+        pytest.skip("needs the local daemon's data dir")
+    record = json.loads((scaleboxd.data_dir / "vms" / vm_id / "vm.json").read_text())
+    return str(record["ssh_public_key"])
+
+
+def test_upstreams_short_options_create_with_key_text_and_snapshot_with_n(
+    run: Run, scaleboxd: Scaleboxd
+) -> None:
+    """`vm create -t T -n N -m M -d D -k KEY` and `vm snapshot ID -n NAME`, as upstream teaches."""
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIShortOptionKeyText short@opt"
+    name = unique("short")
+    done = run("vm", "create", "-t", "debian-base", "-n", name, "-m", "256", "-d", "1", "-k", key)
+    assert done.returncode == 0, done.stderr
+    vm_id = re.search(r"\((vm-[0-9a-f]{12})\)", done.stdout).group(1)  # type: ignore[union-attr]
+    snap = unique("shortsnap")
+    try:
+        assert done.stdout.startswith(f"Created VM {name} (vm-")
+        assert saved_key(scaleboxd, vm_id) == key
+        saved = run("vm", "snapshot", vm_id, "-n", snap, "--json")
+        assert saved.returncode == 0, saved.stderr
+        assert json.loads(saved.stdout)["template"] == snap
+        assert json.loads(saved.stdout)["source_vm"] == vm_id
+        gone = run("template", "delete", snap, "--json")
+        assert json.loads(gone.stdout) == {"deleted": snap, "message": f"Deleted template {snap}"}
+    finally:
+        run("template", "delete", snap)
+        assert run("vm", "delete", vm_id).returncode == 0
+
+
+def test_key_at_file_reads_the_key_from_the_file(
+    run: Run, scaleboxd: Scaleboxd, home: Path
+) -> None:
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKeyFromAtFile at@file"
+    (home / "from-file.pub").write_text(key + "\n")
+    created = run.json("vm", "create", "-k", f"@{home / 'from-file.pub'}")
+    try:
+        assert saved_key(scaleboxd, created["id"]) == key
+    finally:
+        assert run("vm", "delete", created["id"]).returncode == 0
 
 
 def test_vm_from_a_snapshot_answers_like_its_source(run: Run, vm: dict[str, Any]) -> None:
@@ -293,6 +343,25 @@ def test_login_checks_and_saves_then_commands_use_the_file(
     listed = bare("vm", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     assert "vms" in json.loads(listed.stdout)
+
+
+def test_login_as_upstream_teaches_with_host_and_token_stdin(
+    scaleboxd: Scaleboxd, home: Path
+) -> None:
+    done = Run(home, {})(
+        "login", "--host", scaleboxd.url, "--token-stdin", stdin=scaleboxd.token + "\n"
+    )
+    assert done.returncode == 0, done.stderr
+    saved = (home / ".config" / "scalebox" / "config").read_text()
+    assert f"SCALEBOX_URL={scaleboxd.url}\n" in saved
+    assert f"SCALEBOX_TOKEN={scaleboxd.token}\n" in saved
+
+
+def test_login_token_stdin_that_is_empty_saves_nothing(scaleboxd: Scaleboxd, home: Path) -> None:
+    done = Run(home, {})("login", "--host", scaleboxd.url, "--token-stdin", stdin="")
+    assert done.returncode == 2
+    assert one_error_line(done).startswith("--token-stdin read no token")
+    assert not (home / ".config" / "scalebox" / "config").exists()
 
 
 def test_login_with_a_wrong_token_saves_nothing(scaleboxd: Scaleboxd, home: Path) -> None:

@@ -247,3 +247,53 @@ def test_saved_login_replaces_a_world_readable_file_with_a_private_one(tmp_path:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert "http://old" not in path.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["config"]  # no temp file left behind
+
+
+def test_key_at_a_missing_file_is_refused_before_sending(scalebox: Cli, dead_url: str) -> None:
+    result = scalebox(
+        "vm", "create", "-k", "@/nonexistent/k.pub", SCALEBOX_URL=dead_url, SCALEBOX_TOKEN=TOKEN
+    )
+    assert result.exit_code == 2
+    assert_one_error_line(result.stderr, "-k @/nonexistent/k.pub: no such file")
+
+
+def test_key_text_and_a_key_file_together_are_refused(
+    scalebox: Cli, home: Path, dead_url: str
+) -> None:
+    key = home / "k.pub"
+    key.write_text(PUBLIC_KEY + "\n")
+    result = scalebox(
+        "vm", "create", "-k", PUBLIC_KEY, "--ssh-key", str(key),
+        SCALEBOX_URL=dead_url, SCALEBOX_TOKEN=TOKEN,
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert_one_error_line(result.stderr, "-k/--key and --ssh-key were both given")
+
+
+def test_key_text_that_is_a_private_key_is_never_sent(scalebox: Cli, dead_url: str) -> None:
+    result = scalebox(
+        "vm", "create", "-k", "-----BEGIN OPENSSH PRIVATE KEY-----",
+        SCALEBOX_URL=dead_url, SCALEBOX_TOKEN=TOKEN,
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert_one_error_line(result.stderr, "-k/--key holds a PRIVATE key; it was not sent")
+
+
+def test_short_options_reach_the_server(scalebox: Cli, dead_url: str) -> None:
+    """-t -n -m -d -k pass the CLI's checks (exit 3: it tried the server)."""
+    result = scalebox(
+        "vm", "create", "-t", "debian-base", "-n", "box", "-m", "256", "-d", "1", "-k", PUBLIC_KEY,
+        SCALEBOX_URL=dead_url, SCALEBOX_TOKEN=TOKEN,
+    )  # fmt: skip
+    assert result.exit_code == 3, result.stderr
+
+
+def test_snapshot_needs_exactly_one_template_name(scalebox: Cli, dead_url: str) -> None:
+    env = {"SCALEBOX_URL": dead_url, "SCALEBOX_TOKEN": TOKEN}
+    neither = scalebox("vm", "snapshot", "box", **env)
+    assert neither.exit_code == 2
+    assert_one_error_line(neither.stderr, "no template name given")
+    both = scalebox("vm", "snapshot", "box", "one", "-n", "two", **env)
+    assert both.exit_code == 2
+    assert_one_error_line(both.stderr, "the template name was given twice")
+    assert scalebox("vm", "snapshot", "box", "-n", "two", **env).exit_code == 3

@@ -187,6 +187,48 @@ def test_migration_adds_a_key_and_rollback_restores_the_config(server: Server) -
     assert "restored the config from before 2.0.0's migrations" in err
 
 
+def test_dry_run_names_the_pending_migrations_and_the_missing_packages(server: Server) -> None:
+    config, pid = server.config(), server.main_pid("scaleboxd.service")
+    listing = "ls /opt/scalebox/releases && readlink /opt/scalebox/current"
+    before = server.sh(listing).stdout
+
+    code, result, err = server.update("--dry-run", env=f"SCALEBOX_RELEASE_URL={tarball(MIGRATES)}")
+    assert code == 0, err
+    assert result["result"] == "dry run"
+    assert result["pending_migrations"] == [
+        {"id": "0001-add-vm-backend", "since": MIGRATES, "description": "write VM_BACKEND=process"}
+    ]
+    assert result["missing_packages"] == []
+    assert "  migrations to run: 0001-add-vm-backend (write VM_BACKEND=process)" in str(
+        result["message"]
+    )
+
+    code, result, err = server.update(
+        "--dry-run", env=f"SCALEBOX_RELEASE_URL={tarball(NEEDS_PACKAGE)}"
+    )
+    assert code == 0, err
+    assert result["pending_migrations"] == []
+    assert result["missing_packages"] == ["hello"]
+    assert "  Debian packages to install: hello" in str(result["message"])
+
+    # The text form says the same.
+    text = server.sh(
+        f"SCALEBOX_RELEASE_URL={tarball(NEEDS_PACKAGE)} scalebox-update --dry-run 2>/dev/null"
+    ).stdout
+    assert "  migrations to run: none\n  Debian packages to install: hello\n" in text
+
+    # Nothing changed: no package, no release directory, same process, same config.
+    assert server.sh("dpkg-query -W hello", check=False).returncode != 0
+    assert server.sh(listing).stdout == before
+    assert server.main_pid("scaleboxd.service") == pid
+    assert server.config() == config
+    server.assert_runs(A)
+    # (Also on this installed server: the docs the units' Documentation= names are there.)
+    assert (
+        server.sh("test -f /opt/scalebox/current/docs/operations.md", check=False).returncode == 0
+    )
+
+
 def test_failing_migration_rolls_everything_back(server: Server) -> None:
     config, stat = server.config(), server.config_stat()
     code, result, err = server.update(env=f"SCALEBOX_RELEASE_URL={tarball(FAILS)}")

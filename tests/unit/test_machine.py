@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from tools import image, netns
@@ -42,6 +43,12 @@ def test_image_key_changes_with_its_inputs_only() -> None:
     assert image.image_key(packages=(*image.PACKAGES, "vim")) != key
     assert image.image_key(suite="trixie") != key
     assert image.image_key(packages=tuple(reversed(image.PACKAGES))) == key
+
+
+def test_debootstrap_names_the_debian_keyring_as_an_ubuntu_host_needs() -> None:
+    argv = image.debootstrap_argv(Path("/tmp/target"))
+    assert "--keyring=/usr/share/keyrings/debian-archive-keyring.gpg" in argv
+    assert argv[-3:] == ["bookworm", "/tmp/target", "http://deb.debian.org/debian"]
 
 
 def _dead_pid() -> tuple[int, int | None]:
@@ -140,7 +147,7 @@ def test_request_stream_counts_a_refused_connection_as_refused() -> None:
     stream = RequestStream(url=lambda: f"http://127.0.0.1:{port}/health")
     thread = threading.Thread(target=stream.run)
     thread.start()
-    time.sleep(0.3)
+    assert stream.wait_refused(timeout=10)
     stream.stop()
     thread.join(10)
     assert stream.refused > 0

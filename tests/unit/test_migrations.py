@@ -161,8 +161,9 @@ def test_this_release_registers_valid_migrations() -> None:
 
     seen: list[Migration] = []
     for m in registry.MIGRATIONS:
-        registry.check_next(seen, m)
+        registry.check_next(seen, m)  # raises on a bad id, version or order
         seen.append(m)
+    assert len({m.id for m in seen}) == len(seen), "migration ids must be unique"
 
 
 # --- the runner -------------------------------------------------------------------------

@@ -100,6 +100,19 @@ def test_the_signed_manifest_comes_first_and_packaging_is_shipped(built: Built) 
     assert wheels, "packaging (versions.py) is a runtime dependency"
 
 
+def test_the_docs_the_units_point_at_are_in_the_release(built: Built, tmp_path: Path) -> None:
+    release = open_built(built.first, tmp_path / "dest", built.pub)
+    assert (release.root / "docs" / "operations.md").read_bytes() == (
+        ROOT / "docs" / "operations.md"
+    ).read_bytes()
+    prefix = "Documentation=file:///opt/scalebox/current/"
+    for unit in (ROOT / "units").iterdir():
+        for line in unit.read_text().splitlines():
+            if line.startswith("Documentation=file://"):
+                assert line.startswith(prefix), (unit.name, line)
+                assert (release.root / line.removeprefix(prefix)).is_file(), (unit.name, line)
+
+
 def test_version_override_never_touches_the_working_tree(built: Built) -> None:
     init = (ROOT / "src" / "scalebox" / "__init__.py").read_text()
     assert f'"{VERSION}"' not in init

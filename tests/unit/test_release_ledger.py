@@ -95,7 +95,10 @@ def test_a_missing_ledger_file_has_no_entries(tmp_path: Path) -> None:
 
 
 def test_the_repository_ledger_parses() -> None:
-    ledger.load(release.ROOT / "releases.json")
+    entries = ledger.load(release.ROOT / "releases.json")
+    # The first release ever recorded; every later one is appended after it.
+    assert entries[0].version == "0.1.0"
+    assert len({e.version for e in entries}) == len(entries)
 
 
 # --- release decisions ----------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +17,6 @@ from scalebox.errors import UsageError
 from scalebox.update.fetch import (
     FetchError,
     PlainHttpRefused,
-    backoff_delays,
     fetch,
     make_client,
 )
@@ -427,17 +425,6 @@ def test_a_missing_local_file_says_which(client: httpx.Client, tmp_path: Path) -
     assert "does not exist" in info.value.what
     assert info.value.hint is not None
     assert "SCALEBOX_RELEASE_URL" in info.value.hint
-
-
-def test_backoff_delays_grow_are_capped_and_jittered() -> None:
-    delays = backoff_delays(6, base=0.5, cap=4.0, rng=random.Random(7))
-    assert len(delays) == 6
-    bounds = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
-    for delay, upper in zip(delays, bounds, strict=True):
-        assert upper / 2 <= delay <= upper
-    assert delays == backoff_delays(6, base=0.5, cap=4.0, rng=random.Random(7))
-    assert delays != backoff_delays(6, base=0.5, cap=4.0, rng=random.Random(8))
-    assert backoff_delays(0) == []
 
 
 # --- deadlines: a server that drips bytes ---------------------------------------------

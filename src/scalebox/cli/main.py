@@ -8,14 +8,14 @@ exception keeps its traceback, because it is a bug.
 from __future__ import annotations
 
 import os
-import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from scalebox import __version__, fsutil
+from scalebox import __version__, fsutil, names
 from scalebox.cli import output, settings
 from scalebox.cli.client import Client, Json
 from scalebox.cli.errors import EXIT_CODES_HELP, EXIT_INTERRUPTED
@@ -23,10 +23,6 @@ from scalebox.cli.sshkey import choose_public_key
 from scalebox.errors import ConfigError, ScaleboxError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-# The API's rule for template names and VM ids and names; checked here too so
-# that a bad name is refused before anything is sent.
-NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 EPILOG = (
     "\b\nConfiguration, first found wins:\n"
@@ -88,21 +84,25 @@ def connect(*, auth: bool = True) -> Client:
     return Client(url, found.require_token(), token_source=found.token_source)
 
 
+# The API's rules (scalebox.names) are checked here too, so that a bad name is
+# refused before anything is sent.
+
+
 def check_vm_ref(value: str) -> str:
-    if not NAME_RE.match(value):
-        raise UsageError(
-            f"{value[:64]!r} is not a VM id or name",
-            "use 1 to 64 letters, digits, '-' and '_'; `scalebox vm list` shows the VMs",
-        )
+    if (problem := names.vm_ref_problem(value)) is not None:
+        raise UsageError(problem, "`scalebox vm list` shows the VMs")
+    return value
+
+
+def check_vm_name(value: str, option: str) -> str:
+    if (problem := names.vm_name_problem(value, f"{option} (VM name)")) is not None:
+        raise UsageError(problem, "or leave it out and the server picks a name")
     return value
 
 
 def check_template_name(value: str, option: str) -> str:
-    if not NAME_RE.match(value):
-        raise UsageError(
-            f"{option} {value[:64]!r} is not a valid template name",
-            "use 1 to 64 letters, digits, '-' and '_'",
-        )
+    if (problem := names.template_name_problem(value, f"{option} (template name)")) is not None:
+        raise UsageError(problem, "`scalebox template list` shows the templates")
     return value
 
 
@@ -216,7 +216,9 @@ def vm_get(vm_ref: str, as_json: bool) -> None:
 
 
 @vm.command("create")
-@click.option("--template", default="debian-base", show_default=True, help="Template to copy.")
+@click.option(
+    "-t", "--template", default="debian-base", show_default=True, help="Template to copy."
+)
 @click.option(
     "--ssh-key",
     "ssh_key_file",
@@ -224,16 +226,28 @@ def vm_get(vm_ref: str, as_json: bool) -> None:
     help="Public key file the VM accepts [default: ~/.ssh/id_ed25519.pub or id_rsa.pub].",
 )
 @click.option("--ssh-public-key", "ssh_key_text", help="The public key itself, instead of a file.")
-@click.option("--name", help="VM name [default: the server picks one].")
+@click.option(
+    "-k",
+    "--key",
+    "key_arg",
+    metavar="KEY|@FILE",
+    help="The public key itself, or @FILE to read it from FILE, as upstream's client does.",
+)
+@click.option("-n", "--name", help="VM name [default: the server picks one].")
 @click.option("--vcpu", type=click.IntRange(min=1), help="Virtual CPUs [default: the server's].")
-@click.option("--mem", type=click.IntRange(min=1), help="Memory in MiB [default: the server's].")
-@click.option("--disk", type=click.IntRange(min=1), help="Disk in GiB [default: the server's].")
+@click.option(
+    "-m", "--mem", type=click.IntRange(min=1), help="Memory in MiB [default: the server's]."
+)
+@click.option(
+    "-d", "--disk", type=click.IntRange(min=1), help="Disk in GiB [default: the server's]."
+)
 @json_option
 def vm_create(
     *,
     template: str,
     ssh_key_file: Path | None,
     ssh_key_text: str | None,
+    key_arg: str | None,
     name: str | None,
     vcpu: int | None,
     mem: int | None,
@@ -243,8 +257,8 @@ def vm_create(
     """Create a VM from a template and print how to reach it."""
     check_template_name(template, "--template")
     if name is not None:
-        check_vm_ref(name)
-    key = choose_public_key(ssh_key_file, ssh_key_text, Path.home() / ".ssh")
+        check_vm_name(name, "--name")
+    key = choose_public_key(ssh_key_file, ssh_key_text, Path.home() / ".ssh", key_arg=key_arg)
     body: Json = {"template": template, "ssh_public_key": key}
     optional = {"name": name, "vcpu_count": vcpu, "mem_size_mib": mem, "disk_size_gib": disk}
     body.update({field: value for field, value in optional.items() if value is not None})
@@ -262,24 +276,41 @@ def vm_create(
 @click.argument("vm_ref", metavar="VM")
 @json_option
 def vm_delete(vm_ref: str, as_json: bool) -> None:
-    """Delete a VM and its disk, by id or name. With --json, prints nothing."""
+    """Delete a VM and its disk, by id or name."""
     check_vm_ref(vm_ref)
     with connect() as client:
         client.delete_vm(vm_ref)
-    if not as_json:
+    if as_json:
+        # The API answers 204 with no body; say what happened in JSON all the same.
+        output.print_json({"deleted": vm_ref, "message": f"Deleted VM {vm_ref}"})
+    else:
         click.echo(f"Deleted VM {vm_ref}.")
 
 
 @vm.command("snapshot")
 @click.argument("vm_ref", metavar="VM")
-@click.argument("template_name", metavar="TEMPLATE_NAME")
+@click.argument("template_name", metavar="[TEMPLATE_NAME]", required=False)
+@click.option(
+    "-n", "--name", "name_option", metavar="TEMPLATE_NAME", help="Name of the new template."
+)
 @json_option
-def vm_snapshot(vm_ref: str, template_name: str, as_json: bool) -> None:
-    """Copy a VM's disk into a new template named TEMPLATE_NAME."""
+def vm_snapshot(
+    vm_ref: str, template_name: str | None, name_option: str | None, as_json: bool
+) -> None:
+    """Copy a VM's disk into a new template named TEMPLATE_NAME (or -n TEMPLATE_NAME)."""
     check_vm_ref(vm_ref)
-    check_template_name(template_name, "TEMPLATE_NAME")
+    if template_name is not None and name_option is not None:
+        raise UsageError(
+            "the template name was given twice (TEMPLATE_NAME and -n)", "pass only one of them"
+        )
+    chosen = template_name if template_name is not None else name_option
+    if chosen is None:
+        raise UsageError(
+            "no template name given", "pass it: `scalebox vm snapshot VM -n TEMPLATE_NAME`"
+        )
+    check_template_name(chosen, "TEMPLATE_NAME")
     with connect() as client:
-        answer = client.snapshot_vm(vm_ref, template_name)
+        answer = client.snapshot_vm(vm_ref, chosen)
     if as_json:
         output.print_json(answer)
         return
@@ -325,11 +356,13 @@ def template_list(as_json: bool) -> None:
 @click.argument("name")
 @json_option
 def template_delete(name: str, as_json: bool) -> None:
-    """Delete a template. debian-base is protected. With --json, prints nothing."""
+    """Delete a template. debian-base is protected."""
     check_template_name(name, "NAME")
     with connect() as client:
         client.delete_template(name)
-    if not as_json:
+    if as_json:
+        output.print_json({"deleted": name, "message": f"Deleted template {name}"})
+    else:
         click.echo(f"Deleted template {name}.")
 
 
@@ -337,12 +370,31 @@ def template_delete(name: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--url", help="Server URL, e.g. http://203.0.113.7:8080 (prompted when missing).")
+@click.option(
+    "--url",
+    "--host",
+    "url",
+    help="Server URL, e.g. http://203.0.113.7:8080 (prompted when missing).",
+)
 @click.option("--token", help="API token (prompted without echo when missing).")
+@click.option(
+    "--token-stdin",
+    is_flag=True,
+    help="Read the API token from the first line of stdin (keeps it out of `ps`).",
+)
 @json_option
-def login(url: str | None, token: str | None, as_json: bool) -> None:
+def login(url: str | None, token: str | None, token_stdin: bool, as_json: bool) -> None:
     """Check a server URL and token, then save them in your config file (mode 0600)."""
     path = settings.user_config_path(os.environ)
+    if token_stdin:
+        if token is not None:
+            raise UsageError("--token and --token-stdin were both given", "pass only one of them")
+        token = sys.stdin.readline()
+        if not token.strip():
+            raise UsageError(
+                "--token-stdin read no token",
+                "pipe the token in: `... | scalebox login --token-stdin`",
+            )
     if url is None:
         try:
             default = settings.load().url

@@ -56,12 +56,41 @@ def read_public_key(path: Path) -> str:
     return check_public_key(text, str(path))
 
 
+def read_key_argument(value: str) -> str:
+    """``-k KEY`` is the key itself; ``-k @FILE`` reads it from FILE, as upstream's client does."""
+    if not value.startswith("@"):
+        return check_public_key(value, "-k/--key")
+    path = Path(value[1:]).expanduser()
+    if not path.is_file():
+        raise UsageError(
+            f"-k {value}: no such file {path}", "pass -k @FILE with an existing .pub file"
+        )
+    return read_public_key(path)
+
+
 def choose_public_key(
-    key_file: Path | None, key_text: str | None, ssh_dir: Path, names: Sequence[str] = ()
+    key_file: Path | None,
+    key_text: str | None,
+    ssh_dir: Path,
+    names: Sequence[str] = (),
+    *,
+    key_arg: str | None = None,
 ) -> str:
-    """--ssh-key FILE, else --ssh-public-key STR, else the first default key in ``ssh_dir``."""
-    if key_file is not None and key_text is not None:
-        raise UsageError("--ssh-key and --ssh-public-key were both given", "pass only one of them")
+    """-k KEY|@FILE, --ssh-key FILE or --ssh-public-key STR, else the first default key."""
+    given = [
+        option
+        for option, value in (
+            ("-k/--key", key_arg),
+            ("--ssh-key", key_file),
+            ("--ssh-public-key", key_text),
+        )
+        if value is not None
+    ]
+    if len(given) > 1:
+        both = "both " if len(given) == 2 else ""
+        raise UsageError(f"{' and '.join(given)} were {both}given", "pass only one of them")
+    if key_arg is not None:
+        return read_key_argument(key_arg)
     if key_file is not None:
         return read_public_key(key_file)
     if key_text is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
@@ -27,12 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import scalebox
+from scalebox import names
 from scalebox.config import ServerConfig
 from scalebox.daemon.auth import check_bearer
 from scalebox.daemon.errors import ApiError, InvalidInput
 
 MAX_BODY_BYTES = 64 * 1024
-NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 PUBLIC_PATHS = frozenset({"/health", "/info", "/caddy/check", "/openapi.json"})
 
 Scope = MutableMapping[str, Any]
@@ -83,9 +82,9 @@ class VMServiceLike(Protocol):
     def snapshot_vm(self, id_or_name: str, template_name: str) -> tuple[TemplateLike, VMLike]: ...
 
 
-def _check_name(value: str, what: str) -> str:
-    if not NAME_RE.match(value):
-        raise ValueError(f"invalid {what} {value[:64]!r}: use 1 to 64 letters, digits, '_' or '-'")
+def _valid(problem: str | None, value: str) -> str:
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
@@ -93,9 +92,9 @@ class CreateVMBody(BaseModel):
     # strict: "2" is not 2 and true is not 1; a client sending the wrong type gets a 400.
     model_config = ConfigDict(strict=True)
 
-    template: str = Field(max_length=64)
+    template: str = Field(max_length=names.MAX_TEMPLATE_NAME_LEN)
     ssh_public_key: str = Field(min_length=1, max_length=16 * 1024)
-    name: str | None = Field(default=None, max_length=64)
+    name: str | None = Field(default=None, max_length=names.MAX_VM_NAME_LEN)
     vcpu_count: int | None = Field(default=None, ge=1, le=256)
     mem_size_mib: int | None = Field(default=None, ge=64, le=1048576)
     disk_size_gib: int | None = Field(default=None, ge=1, le=65536)
@@ -103,12 +102,12 @@ class CreateVMBody(BaseModel):
     @field_validator("template")
     @classmethod
     def _template(cls, value: str) -> str:
-        return _check_name(value, "template name")
+        return _valid(names.template_name_problem(value), value)
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str | None) -> str | None:
-        return None if value is None else _check_name(value, "VM name")
+        return None if value is None else _valid(names.vm_name_problem(value), value)
 
     @field_validator("ssh_public_key")
     @classmethod
@@ -122,12 +121,12 @@ class CreateVMBody(BaseModel):
 class SnapshotBody(BaseModel):
     model_config = ConfigDict(strict=True)
 
-    template_name: str = Field(max_length=64)
+    template_name: str = Field(max_length=names.MAX_TEMPLATE_NAME_LEN)
 
     @field_validator("template_name")
     @classmethod
     def _template_name(cls, value: str) -> str:
-        return _check_name(value, "template name")
+        return _valid(names.template_name_problem(value), value)
 
 
 def _timestamp(value: Any) -> Any:
@@ -354,10 +353,8 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
 
     @api.delete("/templates/{name:path}", status_code=204, response_class=Response)
     def delete_template(name: str) -> Response:
-        if not NAME_RE.match(name):
-            raise InvalidInput(
-                f"invalid template name {name[:64]!r}: use 1 to 64 letters, digits, '_' or '-'"
-            )
+        if (problem := names.template_name_problem(name)) is not None:
+            raise InvalidInput(problem)
         with changes:
             service.delete_template(name)
         log.info("deleted template %s", name)
@@ -416,7 +413,5 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
 
 
 def _check_ref(ref: str) -> None:
-    if not NAME_RE.match(ref):
-        raise InvalidInput(
-            f"invalid VM id or name {ref[:64]!r}: use 1 to 64 letters, digits, '_' or '-'"
-        )
+    if (problem := names.vm_ref_problem(ref)) is not None:
+        raise InvalidInput(problem)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from scalebox.migrations.configfile import ConfigFile
 from scalebox.update import versions
@@ -71,9 +72,21 @@ def release_number(version: str) -> str:
     return ".".join(str(n) for n in versions.parse(version).release)
 
 
+class Versioned(Protocol):
+    """A migration or its entry in a release manifest: an id and the release it came with."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def since(self) -> str: ...
+
+
+M = TypeVar("M", bound=Versioned)
+
+
 def pending(
-    migrations: Iterable[Migration], from_version: str, to_version: str, applied: Iterable[str]
-) -> list[Migration]:
+    migrations: Iterable[M], from_version: str, to_version: str, applied: Iterable[str]
+) -> list[M]:
     """The migrations an update from ``from_version`` to ``to_version`` still has to run."""
     done = set(applied)
     ceiling = release_number(to_version)

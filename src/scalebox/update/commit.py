@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 
 from scalebox.fsutil import atomic_write
-from scalebox.update import history, plan, stage
+from scalebox.update import history, migrate, plan, stage
 from scalebox.update.context import Context
 from scalebox.update.journal import Journal
 
@@ -50,4 +50,9 @@ def prune(ctx: Context, *, previous: str | None, entries: list[history.Entry]) -
     for name in doomed:
         ctx.report(f"pruning releases/{name}")
         shutil.rmtree(p.release_dir(name), ignore_errors=True)
+    # The running release's and the rollback target's records always stay.
+    kept = (
+        {r.name for r in stage.list_releases(p)} | {current} | ({previous} if previous else set())
+    )
+    migrate.prune_records(p, kept, ctx.report)
     return doomed

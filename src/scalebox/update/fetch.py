@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import ssl
 import sys
@@ -39,6 +38,7 @@ from rich.progress import (
 import scalebox
 from scalebox.errors import ScaleboxError
 from scalebox.fsutil import fsync_dir
+from scalebox.retry import backoff_delays
 from scalebox.update import local
 from scalebox.update.limits import Limits, Pace
 from scalebox.update.paths import private_dir
@@ -109,24 +109,6 @@ def make_client(
         headers={"User-Agent": user_agent()},
         event_hooks={"request": [on_request]},
     )
-
-
-def backoff_delays(
-    retries: int, base: float = 0.5, cap: float = 8.0, *, rng: random.Random | None = None
-) -> list[float]:
-    """The pauses before each of ``retries`` retries: exponential, capped, jittered.
-
-    Delay i lies in [d/2, d] with d = min(cap, base * 2**i) ("equal jitter"): it
-    grows, never collapses to zero, and many servers retrying at once spread out.
-    Pure for a given ``rng``.
-    """
-    # Jitter only spreads retries in time; nothing secret depends on it.
-    rng = rng or random.Random()  # noqa: S311
-    delays = []
-    for i in range(retries):
-        d = min(cap, base * 2**i)
-        delays.append(d / 2 + rng.random() * d / 2)
-    return delays
 
 
 class _Progress(Protocol):

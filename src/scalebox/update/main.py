@@ -35,6 +35,8 @@ from scalebox.update import (
     interrupt,
     journal,
     lock,
+    migrate,
+    packages,
     plan,
     preflight,
     resolve,
@@ -240,13 +242,7 @@ def _update(
     if decided is not None:
         return decided
     if dry_run:
-        return _result(
-            "dry run",
-            installed.version,
-            release.version,
-            f"would update {installed.version} -> {release.version} "
-            f"(verified, signed by {release.signed_by}); nothing was changed",
-        )
+        return _dry_run(installed.version, release)
     outcome = transaction.install(
         ctx,
         action="update",
@@ -263,6 +259,23 @@ def _update(
         step_times=outcome.step_times,
         migrations=outcome.migrations,
     )
+
+
+def _dry_run(installed: str, release: Release) -> Result:
+    """What the update would do beyond the switch: migrations to run, packages to install."""
+    pending = migrate.would_run(release.root, installed, release.version)
+    need = packages.missing_now(stage.declared_packages(release.root))
+    lines = [
+        f"would update {installed} -> {release.version} "
+        f"(verified, signed by {release.signed_by}); nothing was changed",
+        "  migrations to run: "
+        + (", ".join(f"{m.id} ({m.description})" for m in pending) or "none"),
+        "  Debian packages to install: " + (", ".join(need) or "none"),
+    ]
+    out = _result("dry run", installed, release.version, "\n".join(lines))
+    out["pending_migrations"] = [m.to_json() for m in pending]
+    out["missing_packages"] = need
+    return out
 
 
 def _decide(

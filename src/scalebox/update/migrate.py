@@ -24,11 +24,13 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from scalebox.fsutil import atomic_write
+from scalebox.migrations import registry
+from scalebox.release.manifest import MigrationInfo
+from scalebox.runner import ProgramError, run_program
 from scalebox.update import stage, versions
 from scalebox.update.errors import UpdateError
 from scalebox.update.journal import Journal
@@ -75,6 +77,17 @@ def step(paths: Paths, j: Journal, report: Report) -> list[str]:
     return applied
 
 
+def would_run(release_root: Path, from_version: str, to_version: str) -> list[MigrationInfo]:
+    """What the migrate step would apply, from the release's manifest (for --dry-run).
+
+    The same rule the release's own runner applies (scalebox.migrations.registry);
+    a downgrade runs none (it restores the config instead).
+    """
+    if versions.compare(to_version, from_version) <= 0:
+        return []
+    return registry.pending(stage.declared_migrations(release_root), from_version, to_version, ())
+
+
 def records_dir(paths: Paths) -> Path:
     return paths.state_dir / "migrated"
 
@@ -112,10 +125,10 @@ def run(
     ]
     report(f"running {to_version}'s migrations with its own interpreter")
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        done = run_program(argv, timeout=timeout)
+    except ProgramError as exc:
         raise MigrationFailed(
-            f"running {to_version}'s migrations failed: {exc}",
+            f"running {to_version}'s migrations failed: {exc.detail}",
             "the update is rolled back; see the message above",
         ) from None
     for line in done.stderr.splitlines():
@@ -167,6 +180,29 @@ def remember(
         "after_sha256": _sha256(after),
     }
     atomic_write(where / RECORD, json.dumps(record, sort_keys=True) + "\n", mode=0o600)
+
+
+def stale_records(recorded: Iterable[str], kept: Iterable[str]) -> list[str]:
+    """The releases whose records may go: those no longer kept under releases/.
+
+    A record is only read when leaving its release (--rollback from it), so
+    one whose release directory was pruned can never be used again.
+    """
+    return sorted(set(recorded) - set(kept))
+
+
+def prune_records(paths: Paths, kept: Iterable[str], report: Report) -> list[str]:
+    """Delete migrated/<release> of every release not in ``kept``; return their names."""
+    where = records_dir(paths)
+    try:
+        recorded = [d.name for d in where.iterdir() if d.is_dir()]
+    except FileNotFoundError:
+        return []
+    doomed = stale_records(recorded, kept)
+    for name in doomed:
+        report(f"pruning the migration record of {name}")
+        shutil.rmtree(where / name, ignore_errors=True)
+    return doomed
 
 
 def forget(paths: Paths, release_name: str) -> None:

@@ -49,6 +49,11 @@ def _installed_now() -> set[str]:
     )
 
 
+def missing_now(wanted: Sequence[str]) -> list[str]:
+    """The ones of ``wanted`` that this server lacks now (for --dry-run); asks dpkg."""
+    return missing(wanted, _installed_now()) if wanted else []
+
+
 def ensure(
     wanted: Sequence[str], version: str, report: Callable[[str], None], *, timeout: float
 ) -> list[str]:

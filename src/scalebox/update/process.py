@@ -1,10 +1,10 @@
-"""The one door for running programs: argv in, stdout out, a CommandError on failure."""
+"""The updater's door for running programs: argv in, stdout out, a CommandError on failure."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Mapping, Sequence
 
+from scalebox.runner import ProgramError, run_program
 from scalebox.update.errors import CommandError
 
 
@@ -22,28 +22,15 @@ def run(
     person reads: "restart scaleboxd failed: ...".
     """
     try:
-        done = subprocess.run(
-            list(argv),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=dict(env) if env is not None else None,
-            check=False,
-        )
-    except FileNotFoundError:
-        raise CommandError(
-            f"{description} failed: program {argv[0]} not found",
-            hint or f"install {argv[0]} or check PATH",
-        ) from None
-    except subprocess.TimeoutExpired:
-        raise CommandError(
-            f"{description} did not finish within {timeout:.0f} s ({' '.join(argv)})",
-            hint,
-        ) from None
-    if done.returncode != 0:
-        output = (done.stderr.strip() or done.stdout.strip())[-2000:]
-        raise CommandError(
-            f"{description} failed (exit {done.returncode}): {output or 'no output'}",
-            hint,
-        )
+        done = run_program(argv, timeout=timeout, env=env)
+    except ProgramError as exc:
+        if exc.kind == "not found":
+            raise CommandError(
+                f"{description} failed: {exc.detail}", hint or f"install {argv[0]} or check PATH"
+            ) from None
+        if exc.kind == "timeout":
+            raise CommandError(f"{description} did not finish: {exc.detail}", hint) from None
+        raise CommandError(f"{description} failed: {exc.detail}", hint) from None
+    if not done.ok:
+        raise CommandError(f"{description} failed (exit {done.returncode}): {done.output}", hint)
     return done.stdout

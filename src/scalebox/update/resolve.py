@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 from scalebox.errors import ScaleboxError
+from scalebox.retry import backoff_delays
 from scalebox.update import local, versions
 from scalebox.update.fetch import (
     ALLOW_HTTP_HINT,
@@ -33,7 +34,6 @@ from scalebox.update.fetch import (
     DEFAULT_TIMEOUT,
     TRANSIENT_ERRORS,
     FetchError,
-    backoff_delays,
     certificate_problem,
     make_client,
 )

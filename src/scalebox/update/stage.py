@@ -210,5 +210,5 @@ def check_config(paths: Paths, name: str) -> None:
         raise UpdateError(
             f"release {name} rejects the live config {paths.config}: {exc.what}",
             "nothing was changed and scaleboxd keeps running; fix the config "
-            "(see docs/operations.md) or wait for a release that accepts it",
+            "(see /opt/scalebox/current/docs/operations.md) or wait for a release that accepts it",
         ) from None

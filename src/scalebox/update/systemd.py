@@ -7,14 +7,24 @@ the file-level steps can also run where systemd is not PID 1.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from scalebox import unitprops
 from scalebox.update import process
+from scalebox.update.errors import CommandError
 
 SERVICE = "scaleboxd.service"
 SOCKET = "scaleboxd.socket"
+# The updater's own budget for a restarted scaleboxd to send READY=1. A healthy
+# start takes a few seconds; waiting for the unit's TimeoutStartSec=30 made a
+# release that hangs at start cost 30 s of downtime before the rollback began.
+READY_TIMEOUT = 15.0
+POLL = 0.1
+STATE_PROPERTIES = "ActiveState,SubState,MainPID,NRestarts,InvocationID"
+HINT = "see `systemctl status scaleboxd` and `journalctl -u scaleboxd -n 50`"
 
 
 @dataclass(frozen=True)
@@ -25,6 +35,7 @@ class UnitState:
     sub: str  # SubState: running, auto-restart, dead, ...
     main_pid: int
     restarts: int  # NRestarts: systemd's own restarts (Restart=on-failure)
+    invocation: str = ""  # InvocationID: new for every start of the unit
 
     @property
     def running(self) -> bool:
@@ -40,24 +51,70 @@ class ServiceManager(Protocol):
 
 def run(argv: Sequence[str], description: str, *, timeout: float = 120.0) -> str:
     """Run one systemctl command; a failure raises a CommandError carrying its stderr."""
-    return process.run(
-        argv,
-        description,
-        timeout=timeout,
-        hint="see `systemctl status scaleboxd` and `journalctl -u scaleboxd -n 50`",
-    )
+    return process.run(argv, description, timeout=timeout, hint=HINT)
+
+
+def start_outcome(before: str, state: UnitState) -> str:
+    """Where a restart queued with --no-block stands: 'ready', 'failed' or 'waiting'.
+
+    ``before`` is the unit's InvocationID before the restart: until it changes,
+    what systemctl shows is still the old process (or its stop).
+    """
+    if state.invocation == before:
+        return "waiting"
+    if state.active == "active":
+        return "ready"  # Type=notify: active only once READY=1 was sent
+    if state.active in ("failed", "inactive") or state.sub == "auto-restart":
+        # auto-restart: the new process exited before READY=1 and systemd
+        # will try again (Restart=on-failure); `systemctl restart` failed here too.
+        return "failed"
+    return "waiting"  # activating/start, deactivating
 
 
 class Systemctl:
     """The real systemd, through the systemctl program."""
 
+    def __init__(
+        self,
+        ready_timeout: float = READY_TIMEOUT,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.ready_timeout = ready_timeout
+        self._clock = clock
+        self._sleep = sleep
+
     def daemon_reload(self) -> None:
         run(["systemctl", "daemon-reload"], "systemctl daemon-reload")
 
     def restart(self, unit: str, timeout: float) -> None:
-        # Type=notify: restart returns once the new process has sent READY=1,
-        # and fails at once when it exits before that.
-        run(["systemctl", "restart", unit], f"restart {unit}", timeout=timeout)
+        if unit != SERVICE:
+            run(["systemctl", "restart", unit], f"restart {unit}", timeout=timeout)
+            return
+        # Queue the restart and wait here, with our own deadline, instead of in
+        # `systemctl restart` until the unit's TimeoutStartSec: a start that is
+        # not ready in time is given up and rolled back sooner.
+        before = self.state(unit).invocation
+        run(["systemctl", "restart", "--no-block", unit], f"restart {unit}", timeout=timeout)
+        budget = min(timeout, self.ready_timeout)
+        deadline = self._clock() + budget
+        while True:
+            state = self.state(unit)
+            outcome = start_outcome(before, state)
+            if outcome == "ready":
+                return
+            if outcome == "failed":
+                raise CommandError(
+                    f"restart {unit} failed: the unit is {state.active}/{state.sub}", HINT
+                )
+            if self._clock() >= deadline:
+                raise CommandError(
+                    f"restart {unit} did not become ready within {budget:g} s "
+                    f"(the unit is {state.active}/{state.sub}, main PID {state.main_pid})",
+                    HINT,
+                )
+            self._sleep(POLL)
 
     def reset_failed(self, unit: str) -> None:
         # Clears the start-rate limit a crashing release may have run into, so
@@ -66,7 +123,7 @@ class Systemctl:
 
     def state(self, unit: str) -> UnitState:
         out = run(
-            ["systemctl", "show", unit, "-p", "ActiveState,SubState,MainPID,NRestarts"],
+            ["systemctl", "show", unit, "-p", STATE_PROPERTIES],
             f"read the state of {unit}",
             timeout=15.0,
         )
@@ -75,15 +132,11 @@ class Systemctl:
 
 def parse_show(text: str) -> UnitState:
     """Parse ``systemctl show -p ...`` output (KEY=VALUE lines) into a UnitState."""
-    values = dict(line.partition("=")[::2] for line in text.splitlines() if "=" in line)
-
-    def number(key: str) -> int:
-        raw = values.get(key, "0").strip()
-        return int(raw) if raw.isdigit() else 0
-
+    props = unitprops.parse(text)
     return UnitState(
-        active=values.get("ActiveState", "unknown").strip(),
-        sub=values.get("SubState", "unknown").strip(),
-        main_pid=number("MainPID"),
-        restarts=number("NRestarts"),
+        active=props.get("ActiveState", "unknown"),
+        sub=props.get("SubState", "unknown"),
+        main_pid=unitprops.number(props, "MainPID"),
+        restarts=unitprops.number(props, "NRestarts"),
+        invocation=props.get("InvocationID", ""),
     )

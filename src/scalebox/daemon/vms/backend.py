@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from scalebox import unitprops
 from scalebox.daemon.vms.command import CommandFailed, run
 from scalebox.daemon.vms.naming import VM_ID_RE
 
@@ -97,9 +98,12 @@ def unit_name(vm_id: str) -> str:
 
 def parse_show(text: str) -> GuestStatus:
     """``systemctl show -p MainPID,ActiveState,SubState`` output -> GuestStatus."""
-    props = dict(line.partition("=")[::2] for line in text.splitlines() if "=" in line)
+    return _guest_status(unitprops.parse(text))
+
+
+def _guest_status(props: dict[str, str]) -> GuestStatus:
     active = props.get("ActiveState", "")
-    pid = int(props["MainPID"]) if props.get("MainPID", "0").isdigit() else 0
+    pid = unitprops.number(props, "MainPID")
     status = {
         "active": "running",
         "reloading": "running",
@@ -116,10 +120,10 @@ def parse_show(text: str) -> GuestStatus:
 def parse_show_many(text: str) -> dict[str, GuestStatus]:
     """``systemctl show -p Id,MainPID,ActiveState U1 U2 ...``: one block per unit -> by VM id."""
     found = {}
-    for block in text.split("\n\n"):
-        unit = next((ln[3:] for ln in block.splitlines() if ln.startswith("Id=")), "")
+    for props in unitprops.parse_blocks(text):
+        unit = props.get("Id", "")
         if unit.startswith("scalebox-vm@") and unit.endswith(".service"):
-            found[unit[len("scalebox-vm@") : -len(".service")]] = parse_show(block)
+            found[unit[len("scalebox-vm@") : -len(".service")]] = _guest_status(props)
     return found
 
 

@@ -1,11 +1,11 @@
-"""The one door for running other programs (systemctl, cp)."""
+"""The daemon's door for running other programs (systemctl, cp)."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 
 from scalebox.daemon.errors import ApiError
+from scalebox.runner import ProgramError, run_program
 
 # What only scaleboxd itself may use: a child holding NOTIFY_SOCKET speaks to
 # systemd in scaleboxd's name (systemd logs "Got notification message from PID ...").
@@ -25,28 +25,23 @@ def run(argv: list[str], description: str, *, timeout: float = 60.0) -> str:
     the error understands ("start the unit of VM vm-...").
     """
     try:
-        done = subprocess.run(
+        done = run_program(
             argv,
-            capture_output=True,
-            text=True,
             timeout=timeout,
-            check=False,
-            stdin=subprocess.DEVNULL,
             env={key: value for key, value in os.environ.items() if key not in PRIVATE_ENV},
         )
-    except FileNotFoundError:
+    except ProgramError as exc:
+        if exc.kind == "not found":
+            raise CommandFailed(
+                f"could not {description}: {argv[0]} is not installed", f"install {argv[0]}"
+            ) from None
         raise CommandFailed(
-            f"could not {description}: {argv[0]} is not installed", f"install {argv[0]}"
-        ) from None
-    except subprocess.TimeoutExpired:
-        raise CommandFailed(
-            f"could not {description}: {' '.join(argv)} did not finish in {timeout:.0f} s",
+            f"could not {description}: {exc.detail}",
             "check the system's load and the program's logs",
         ) from None
-    if done.returncode != 0:
-        stderr = done.stderr.strip() or done.stdout.strip() or "no output"
+    if not done.ok:
         raise CommandFailed(
-            f"could not {description}: {' '.join(argv)} exited with {done.returncode}: {stderr}",
+            f"could not {description}: {done.command} exited with {done.returncode}: {done.output}",
             "see the daemon's log (journalctl -u scaleboxd) for context",
         )
     return done.stdout

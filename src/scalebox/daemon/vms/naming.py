@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 import secrets
 from collections.abc import Callable, Collection
 
+from scalebox import names
 from scalebox.daemon.errors import InvalidInput
 
-VM_ID_RE = re.compile(r"^vm-[0-9a-f]{12}$")
-NAME_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
-# A VM name becomes a DNS label (<name>.<VM_DOMAIN>), which is at most 63 characters.
-MAX_VM_NAME_LEN = 63
-MAX_TEMPLATE_NAME_LEN = 64
+# The rule itself lives in scalebox.names, shared with the CLI.
+VM_ID_RE = names.VM_ID
+NAME_RE = names.NAME_CHARS
+MAX_VM_NAME_LEN = names.MAX_VM_NAME_LEN
+MAX_TEMPLATE_NAME_LEN = names.MAX_TEMPLATE_NAME_LEN
 MAX_SSH_KEY_LEN = 16384
 
 ADVERBS = (
@@ -58,30 +58,21 @@ def random_name(taken: Collection[str] = ()) -> str:
             return name
 
 
-def check_name(value: object, field: str, max_len: int) -> str:
-    """``value`` as a name of letters, digits, ``_``, ``-``; else InvalidInput naming ``field``."""
+def _checked(value: object, field: str, problem_of: Callable[[str, str], str | None]) -> str:
     if not isinstance(value, str):
         raise InvalidInput(f"{field} must be a string", f"send {field} as a JSON string")
-    if not value or len(value) > max_len or not NAME_RE.fullmatch(value):
-        raise InvalidInput(
-            f"{field} {value[:80]!r} is invalid: use 1 to {max_len} letters, digits, '_' or '-'",
-            f"choose a {field} that matches ^[a-zA-Z0-9_-]+$",
-        )
+    problem = problem_of(value, field)
+    if problem is not None:
+        raise InvalidInput(problem, f"choose a {field} that matches ^[a-zA-Z0-9_-]+$")
     return value
 
 
 def check_template_name(value: object, field: str = "template") -> str:
-    return check_name(value, field, MAX_TEMPLATE_NAME_LEN)
+    return _checked(value, field, names.template_name_problem)
 
 
 def check_vm_name(value: object) -> str:
-    name = check_name(value, "name", MAX_VM_NAME_LEN)
-    if VM_ID_RE.fullmatch(name):
-        # get_vm looks names and ids up in one namespace; an id-shaped name would be ambiguous.
-        raise InvalidInput(
-            f"name {name!r} looks like a VM id", "choose a name that does not start with 'vm-'"
-        )
-    return name
+    return _checked(value, "name", names.vm_name_problem)
 
 
 def check_int(value: object, field: str, lo: int, hi: int) -> int:

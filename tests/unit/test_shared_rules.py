@@ -1,0 +1,104 @@
+"""The shared one-place rules, each tested once with cases written by hand:
+the retry schedule (scalebox.retry), the `systemctl show` parser
+(scalebox.unitprops) and the program runner (scalebox.runner).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import pytest
+
+from scalebox import unitprops
+from scalebox.retry import backoff_delays
+from scalebox.runner import ProgramError, run_program
+
+# -- retry ---------------------------------------------------------------------
+
+
+def test_backoff_delays_grow_are_capped_and_jittered() -> None:
+    delays = backoff_delays(6, base=0.5, cap=4.0, rng=random.Random(7))
+    # Each pause lies in [d/2, d], d = 0.5, 1, 2, 4 (the cap), 4, 4: written out by hand.
+    bounds = [(0.25, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 4.0), (2.0, 4.0), (2.0, 4.0)]
+    assert len(delays) == len(bounds)
+    for delay, (low, high) in zip(delays, bounds, strict=True):
+        assert low <= delay <= high
+    assert delays == backoff_delays(6, base=0.5, cap=4.0, rng=random.Random(7))
+    assert delays != backoff_delays(6, base=0.5, cap=4.0, rng=random.Random(8))
+    assert backoff_delays(0) == []
+
+
+# -- systemctl show --------------------------------------------------------------
+
+TWO_UNITS = (
+    "Id=scalebox-vm@vm-0123456789ab.service\n"
+    "MainPID=77\n"
+    "ActiveState=active\n"
+    "ExecStart={ path=/usr/bin/python3 ; argv[]=/usr/bin/python3 -m x --a=b }\n"
+    "\n"
+    "Id=scalebox-vm@vm-ba9876543210.service\n"
+    "MainPID=0\n"
+    "ActiveState=inactive\n"
+)
+
+
+def test_show_output_is_one_block_per_unit_split_at_the_first_equals() -> None:
+    assert unitprops.parse_blocks(TWO_UNITS) == [
+        {
+            "Id": "scalebox-vm@vm-0123456789ab.service",
+            "MainPID": "77",
+            "ActiveState": "active",
+            "ExecStart": "{ path=/usr/bin/python3 ; argv[]=/usr/bin/python3 -m x --a=b }",
+        },
+        {"Id": "scalebox-vm@vm-ba9876543210.service", "MainPID": "0", "ActiveState": "inactive"},
+    ]
+
+
+def test_show_output_of_one_unit_and_of_none() -> None:
+    assert unitprops.parse("ActiveState=failed\nSubState=failed\n") == {
+        "ActiveState": "failed",
+        "SubState": "failed",
+    }
+    assert unitprops.parse("") == {}
+    assert unitprops.parse("\n\n") == {}
+    assert unitprops.parse_blocks("junk line\n\nA=1\n\n\n") == [{"A": "1"}]
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"), [("1234", 1234), ("0", 0), ("", 0), ("[not set]", 0), ("-1", 0)]
+)
+def test_numbers_that_are_not_numbers_read_as_zero(raw: str, value: int) -> None:
+    assert unitprops.number({"MainPID": raw}, "MainPID") == value
+    assert unitprops.number({}, "MainPID") == 0
+
+
+# -- running a program ----------------------------------------------------------------
+
+
+def test_a_program_that_fails_is_finished_with_its_output() -> None:
+    code = "import sys; print('out'); print('the reason', file=sys.stderr); sys.exit(3)"
+    done = run_program([sys.executable, "-c", code], timeout=30)
+    assert (done.ok, done.returncode, done.stdout, done.output) == (False, 3, "out\n", "the reason")
+
+
+def test_stdin_is_never_the_terminal() -> None:
+    done = run_program(
+        [sys.executable, "-c", "import sys; print(repr(sys.stdin.read()))"], timeout=30
+    )
+    assert done.stdout == "''\n"
+    fed = run_program(
+        [sys.executable, "-c", "import sys; print(sys.stdin.read())"], timeout=30, input_text="hi"
+    )
+    assert fed.stdout == "hi\n"
+
+
+def test_a_missing_program_and_an_overrun_are_program_errors() -> None:
+    with pytest.raises(ProgramError) as missing:
+        run_program(["/nonexistent/program"], timeout=5)
+    assert missing.value.kind == "not found"
+    assert missing.value.detail == "program /nonexistent/program not found"
+    with pytest.raises(ProgramError) as slow:
+        run_program([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5)
+    assert slow.value.kind == "timeout"
+    assert slow.value.detail.endswith(" did not finish within 0.5 s")
