@@ -3,7 +3,8 @@
 The backup lives in /var/lib/scalebox-update/backups/<transaction id>/:
 ``units/<name>`` copies, ``config`` (bytes, mode and owner kept) and
 ``backup.json`` naming which units existed before, written last, so a
-rollback also removes units this update added.
+rollback also removes units this update added. Every copy is fsynced
+before ``backup.json`` vouches for it (fsutil.durable_copy).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from scalebox.fsutil import atomic_symlink, atomic_write, fsync_dir
+from scalebox.fsutil import atomic_symlink, atomic_write, durable_copy, fsync_dir
 from scalebox.update.paths import Paths
 from scalebox.update.systemd import SERVICE, SOCKET, ServiceManager
 
@@ -36,10 +37,11 @@ def back_up(paths: Paths, backup_dir: Path, unit_names: Iterable[str]) -> None:
         installed = paths.systemd_dir / name
         present[name] = installed.is_file()
         if present[name]:
-            shutil.copy2(installed, backup_dir / "units" / name)
-    shutil.copy2(paths.config, backup_dir / "config")
+            durable_copy(installed, backup_dir / "units" / name)
+    durable_copy(paths.config, backup_dir / "config")
     st = paths.config.stat()
-    fsync_dir(backup_dir / "units")
+    fsync_dir(backup_dir)
+    # Written last, after every copy's data is on disk: it says the backup is whole.
     atomic_write(
         backup_dir / BACKUP_INDEX,
         json.dumps({"units": present, "config_uid": st.st_uid, "config_gid": st.st_gid}),
