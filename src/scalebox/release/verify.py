@@ -7,8 +7,9 @@ handed out. Run as a program it is install.sh's verifier:
 
     python -m scalebox.release.verify TARBALL DEST (--trusted-keys DIR | --trust-shipped-key)
 
-prints the version on success; on failure prints what and what to do, and
-exits non-zero.
+prints the version on success; on failure prints what and what to do.
+Exit codes (install.sh relies on them; docs/operations.md): 0 verified,
+2 usage error (argparse), 3 the release was rejected (EXIT_REJECTED).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 from scalebox.release import extract, manifest, signing
 from scalebox.release.errors import ReleaseError
 
+EXIT_REJECTED = 3
 DEFAULT_MAX_BYTES = extract.DEFAULT_MAX_BYTES
 _MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
@@ -218,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         release = open_release(args.tarball, args.dest, keys)
     except ReleaseError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return EXIT_REJECTED
     print(release.version)
     return 0
 

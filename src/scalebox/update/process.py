@@ -20,6 +20,11 @@ def run(
 
     ``description`` says in words what the command does, for the error a
     person reads: "restart scaleboxd failed: ...".
+
+    The program runs in a session of its own, away from the terminal: a
+    Ctrl-C or hang-up reaches the updater only, which decides whether the
+    program is stopped (an exception here kills it) or finishes (a shielded
+    rollback must not lose its `systemctl restart`).
     """
     try:
         done = subprocess.run(
@@ -29,6 +34,8 @@ def run(
             timeout=timeout,
             env=dict(env) if env is not None else None,
             check=False,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     except FileNotFoundError:
         raise CommandError(

@@ -46,8 +46,6 @@ _OTHER_SOURCE_HINT = "or install a tarball directly: SCALEBOX_RELEASE_URL=<url o
 class ResolveError(ScaleboxError):
     """The release to install could not be determined; nothing was changed."""
 
-    exit_code = 1
-
 
 @dataclass(frozen=True)
 class Source:

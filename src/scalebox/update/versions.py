@@ -42,8 +42,6 @@ Relation = Literal["upgrade", "same", "downgrade"]
 class InvalidVersion(ScaleboxError):
     """A version string is not a PEP 440 version."""
 
-    exit_code = 2
-
 
 @functools.total_ordering
 @dataclass(frozen=True, eq=False)

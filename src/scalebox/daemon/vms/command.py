@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from scalebox.daemon.errors import ApiError
+from scalebox.daemon.errors import ApiError, Unavailable
 
 
 class CommandFailed(ApiError):
@@ -27,6 +27,9 @@ def run(argv: list[str], description: str, *, timeout: float = 60.0) -> str:
             timeout=timeout,
             check=False,
             stdin=subprocess.DEVNULL,
+            # Its own session: a signal meant for the daemon (a terminal's Ctrl-C
+            # in development) does not kill the systemctl a request waits on.
+            start_new_session=True,
         )
     except FileNotFoundError:
         raise CommandFailed(
@@ -37,6 +40,14 @@ def run(argv: list[str], description: str, *, timeout: float = 60.0) -> str:
             f"could not {description}: {' '.join(argv)} did not finish in {timeout:.0f} s",
             "check the system's load and the program's logs",
         ) from None
+    if done.returncode < 0:
+        # Killed by a signal: the machine or the service is stopping. The
+        # request may be retried; it is no server error.
+        raise Unavailable(
+            f"could not {description}: {argv[0]} was stopped by a signal "
+            f"({-done.returncode}); the server is restarting",
+            "retry in a few seconds",
+        )
     if done.returncode != 0:
         stderr = done.stderr.strip() or done.stdout.strip() or "no output"
         raise CommandFailed(
