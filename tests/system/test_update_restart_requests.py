@@ -7,8 +7,9 @@ drains what it accepted, and the programs those requests wait on finish.
 The promise checked here: each request accepted before or during a restart
 completes, or fails retryably (503 with Retry-After); never a 500, never a
 dropped connection. Workers create and delete VMs without pause (each a
-`systemctl start`/`stop` in the daemon) while the daemon is restarted
-again and again, so requests are inside the daemon at each SIGTERM.
+`systemctl start`/`stop` in the daemon, the start slowed to a second by a
+drop-in) while the daemon is restarted again and again, so `systemctl`
+children are alive at each SIGTERM.
 """
 
 from __future__ import annotations
@@ -50,12 +51,20 @@ def test_vm_requests_in_flight_during_daemon_restarts_complete_or_ask_to_retry(
             except httpx.HTTPError as exc:
                 answers.append(("request", exc))
 
+    # A VM unit that takes a second to start (a slow disk, a busy host): each
+    # create then waits a second on `systemctl start`, so every restart finds
+    # some in flight rather than by luck (the window is milliseconds otherwise).
+    server.sh(
+        "mkdir -p /etc/systemd/system/scalebox-vm@.service.d && printf "
+        "'[Service]\\nExecStartPre=/bin/sleep 1\\n' "
+        ">/etc/systemd/system/scalebox-vm@.service.d/slow-start.conf && systemctl daemon-reload"
+    )
     workers = [threading.Thread(target=work) for _ in range(WORKERS)]
     for w in workers:
         w.start()
     try:
         for _ in range(RESTARTS):
-            time.sleep(1.5)
+            time.sleep(2.5)
             server.sh("systemctl restart scaleboxd")
     finally:
         restarting.clear()
