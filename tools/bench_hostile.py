@@ -266,7 +266,7 @@ def child(kind: str, arg: str, scratch: str) -> int:
                 )
     except ScaleboxError as exc:
         print(f"refused: {exc.what}", file=sys.stderr)
-        return exc.exit_code
+        return 1  # refused or failed; this tool has no other outcomes
     return 0
 
 

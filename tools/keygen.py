@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         private_path, public_path = keygen(args.dir)
     except ReleaseError as exc:
         print(f"keygen: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return 1
     key = signing.load_public_key(public_path)
     print(f"wrote {private_path} (secret, mode 0600) and {public_path}")
     print(f"fingerprint {key.fingerprint}")

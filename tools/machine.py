@@ -6,9 +6,13 @@
 
 Each machine has its own network namespace (see tools/netns.py), a volatile
 overlay (every boot is a fresh server; the cached image is never written) and
-real systemd as PID 1. It is always torn down: on return, on any exception, on
-Ctrl-C and on SIGTERM; a run killed with SIGKILL is cleaned up by the stale
-sweep that every boot (and `./do machine down --stale`) runs first.
+real systemd as PID 1. ``Machine.boot(persistent=True)`` boots a copy of the
+image instead, kept across ``power_cut()`` and ``power_on()`` (a power loss:
+the machine's init and nspawn killed together, then the same root booted
+again) and removed at teardown like the rest. It is always torn down: on
+return, on any exception, on Ctrl-C and on SIGTERM; a run killed with
+SIGKILL is cleaned up by the stale sweep that every boot (and `./do machine
+down --stale`) runs first.
 
 CLI (`./do machine ...`): up [--release DIR], shell NAME [CMD...], down NAME...
 | --stale | --all, list.
@@ -41,6 +45,7 @@ from tools.netns import Slot
 BOOT_TIMEOUT = 90.0
 STOP_TIMEOUT = 30.0
 LOG_DIR = image.CACHE_DIR / "logs"
+ROOTS_DIR = image.CACHE_DIR / "roots"  # persistent machines' root copies, one per slot
 MACHINE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
@@ -225,6 +230,9 @@ def destroy(slot: Slot, state_dir: Path = netns.STATE_DIR, timeout: float = STOP
         _kill(init_pid, init_start, signal.SIGKILL)
         _wait_gone(init_pid, init_start, 5)
     netns.delete_network(slot)
+    root = state.get("root_dir")
+    if isinstance(root, str) and Path(root).parent == ROOTS_DIR:
+        shutil.rmtree(root, ignore_errors=True)
     netns.release_slot(slot, state_dir)
 
 
@@ -265,6 +273,8 @@ class Machine:
         self.nspawn: subprocess.Popen[bytes] | None = None
         self.init_pid: int | None = None
         self.boot_seconds: float | None = None
+        self.root_dir: Path | None = None  # a persistent machine's own root
+        self._network_up = False
         self._state: dict[str, Any] = {}
 
     @property
@@ -289,12 +299,15 @@ class Machine:
         state_dir: Path = netns.STATE_DIR,
         all_capabilities: bool = False,
         binds_ro: Sequence[tuple[Path, str]] = (),
+        persistent: bool = False,
     ) -> Iterator[Machine]:
         """Boot a fresh machine; tear it down on leaving the block unless ``keep``.
 
         ``all_capabilities`` gives the machine every capability a real root
         server has (nspawn's --capability=all), which containers inside it
         need (veth, mounts); ``binds_ro`` binds host paths read-only (host, inside).
+        ``persistent``: its root is a copy of the image that survives
+        ``power_cut()``/``power_on()``; teardown deletes it.
         """
         for name in sweep_stale(state_dir):
             _say(f"removed the stale machine {name} of a killed run")
@@ -309,6 +322,8 @@ class Machine:
             machine._state = {"name": slot.name, **owner}
             booted = False
             try:
+                if persistent:
+                    machine._make_root()
                 machine._start(keep=keep)
                 machine._wait_running(timeout)
                 booted = True
@@ -318,6 +333,38 @@ class Machine:
                     _say(machine.keep_instructions())
                 else:
                     machine.teardown()
+
+    def _make_root(self) -> None:
+        root = ROOTS_DIR / self.name
+        self._save(root_dir=str(root))  # saved first: a killed run's sweep removes it
+        shutil.rmtree(root, ignore_errors=True)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["cp", "-a", "--reflink=auto", str(self.image_dir), str(root)], check=True)
+        self.root_dir = root
+
+    def power_cut(self) -> None:
+        """Kill the machine's init and nspawn together, as a power cut stops everything.
+
+        The host still holds the machine's unsynced writes in its page cache,
+        so this proves recovery from a stop at any instant, not durability:
+        that must come from fsync in the code.
+        """
+        if self.root_dir is None:
+            raise MachineError("power_cut needs a persistent machine", "boot(persistent=True)")
+        init, nspawn = self.init_pid, self.nspawn
+        if init is not None:
+            _kill(init, self._state.get("init_start"), signal.SIGKILL)
+        if nspawn is not None:
+            nspawn.kill()
+            nspawn.wait(30)
+        if init is not None:
+            _wait_gone(init, self._state.get("init_start"), 10)
+        self.init_pid = None
+
+    def power_on(self, timeout: float = BOOT_TIMEOUT) -> None:
+        """Boot the same root again after ``power_cut``."""
+        self._start(keep=bool(self._state.get("keep")))
+        self._wait_running(timeout)
 
     def _save(self, **changes: Any) -> None:
         self._state.update(changes)
@@ -331,7 +378,9 @@ class Machine:
             )
         _say(f"booting {self.name} at {self.ip} from {self.image_dir.name}")
         started = time.monotonic()
-        netns.create_network(self.slot)
+        if not self._network_up:
+            netns.create_network(self.slot)
+            self._network_up = True
         self._save(
             ip=self.ip,
             image=str(self.image_dir),
@@ -345,19 +394,20 @@ class Machine:
             # The host has no systemd-machined and systemd is not its PID 1.
             "--register=no",
             "--keep-unit",
-            # Writes go to a tmpfs overlay: every boot is a fresh server.
-            "--volatile=overlay",
             f"--machine={self.name}",
             f"--network-namespace-path={self.slot.netns_path}",
             "--console=read-only",
         ]
+        if self.root_dir is None:
+            # Writes go to a tmpfs overlay: every boot is a fresh server.
+            argv.append("--volatile=overlay")
         if self.release_dir is not None:
             argv.append(f"--bind-ro={self.release_dir.resolve()}:/mnt/release")
         for host_path, inside in self.extra_binds:
             argv.append(f"--bind-ro={host_path.resolve()}:{inside}")
         if self.all_capabilities:
             argv.append("--capability=all")
-        argv += ["-D", str(self.image_dir), "-b"]
+        argv += ["-D", str(self.root_dir or self.image_dir), "-b"]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             # Own session: a Ctrl-C on the terminal reaches only the harness,
@@ -594,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except ScaleboxError as exc:
         print(f"machine: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return 1
     except KeyboardInterrupt:
         return 130
 

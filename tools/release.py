@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(release(args.repo, args.version, dry_run=args.dry_run, day=date.today()))
     except ScaleboxError as exc:
         print(f"release: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return 2 if isinstance(exc, UsageError) else 1
     return 0
 
 

@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         out = build_release(args.src.resolve(), args.out.resolve(), key, version=args.version)
     except ReleaseError as exc:
         print(f"tarball: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return 1
     log(
         f"built {out} in {time.monotonic() - started:.1f}s "
         f"(signed by {signing.fingerprint(key.public_key())})"

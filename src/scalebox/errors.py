@@ -2,8 +2,11 @@
 
 Every error a person may see is a ScaleboxError: it says what happened and
 what to do next. Exactly one top-level handler per program turns it into a
-single line on stderr and the class's documented exit code. This module
-imports nothing from the rest of the package, so every module may use it.
+single line on stderr and an exit code. The code is that program's decision,
+made at its boundary from the kind of error (one table per program, in
+docs/operations.md): the classes here carry none, because one kind of error
+means different things to different programs. This module imports nothing
+from the rest of the package, so every module may use it.
 """
 
 from __future__ import annotations
@@ -14,8 +17,6 @@ class ScaleboxError(Exception):
 
     ``what`` says what happened; ``hint`` says what to do next.
     """
-
-    exit_code = 1
 
     def __init__(self, what: str, hint: str | None = None) -> None:
         super().__init__(what)
@@ -31,10 +32,6 @@ class ScaleboxError(Exception):
 class ConfigError(ScaleboxError):
     """A config file or value is invalid."""
 
-    exit_code = 2
-
 
 class UsageError(ScaleboxError):
     """The command line asked for something impossible."""
-
-    exit_code = 2

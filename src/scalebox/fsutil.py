@@ -1,4 +1,13 @@
-"""The one door for writing files that must never be seen half-written."""
+"""The one door for durable writes: files that must never be seen half-written or lost.
+
+A later step may rely on a file only once it is here with its data fsynced
+*before* the marker that vouches for it (``.complete`` of a staged release,
+``backup.json`` of a backup, a journal step): after a power loss a marker
+must never point at an empty or torn file. So every write the updater
+relies on goes through this module: ``atomic_write`` (replace a file),
+``durable_copy`` (a backup copy), ``fsync_tree`` (a tree built by other
+programs, e.g. pip, before its marker) and ``append_line`` (the history).
+"""
 
 from __future__ import annotations
 
@@ -36,9 +45,12 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         tmp.replace(path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename is None:
+            # A failed write(2) names no file; the person reading the error needs it.
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     fsync_dir(path.parent)
 
@@ -51,3 +63,50 @@ def atomic_symlink(target: str | Path, link: Path) -> None:
     tmp.symlink_to(target)
     tmp.replace(link)
     fsync_dir(link.parent)
+
+
+def durable_copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` (bytes and permission bits), fsynced, atomically replaced."""
+    data = src.read_bytes()
+    atomic_write(dst, data, mode=src.stat().st_mode & 0o7777)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every regular file and directory under ``root`` (symlinks are not followed).
+
+    For a tree that other programs wrote (cp, pip): their data reaches the
+    disk before the caller writes the marker that says the tree is whole.
+    """
+    for dirpath, _dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        for name in filenames:
+            path = here / name
+            if path.is_symlink() or not path.is_file():
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(here)
+
+
+def append_line(path: Path, line: str, mode: int = 0o644) -> None:
+    """Append one line to ``path`` and fsync it; a line torn by a crash before it is ended first.
+
+    A reader skips a torn line; this keeps the next line whole by starting it
+    on a line of its own.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not path.exists()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = "\n" + line
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if new_file:
+        fsync_dir(path.parent)

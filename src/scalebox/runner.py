@@ -55,8 +55,13 @@ def run_program(
     timeout: float,
     env: Mapping[str, str] | None = None,
     input_text: str | None = None,
+    new_session: bool = False,
 ) -> Finished:
-    """Run ``argv`` and wait for it; raise ProgramError when it cannot run or overruns."""
+    """Run ``argv`` and wait for it; raise ProgramError when it cannot run or overruns.
+
+    ``new_session`` starts it in a session of its own, so a signal sent to the
+    caller's process group (a terminal's Ctrl-C or hang-up) does not reach it.
+    """
     args = [str(a) for a in argv]
     try:
         done = subprocess.run(
@@ -67,6 +72,7 @@ def run_program(
             env=dict(env) if env is not None else None,
             input=input_text,
             stdin=subprocess.DEVNULL if input_text is None else None,
+            start_new_session=new_session,
             check=False,
         )
     except FileNotFoundError:

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from scalebox.cli.client import Client
-from scalebox.cli.errors import EXIT_UNREACHABLE, ApiError, Unreachable
+from scalebox.cli.errors import EXIT_UNREACHABLE, ApiError, Unreachable, exit_code_for
 
 URL = "http://127.0.0.1:8080"
 
@@ -37,7 +37,7 @@ def test_server_error_shows_the_servers_text_on_one_line() -> None:
     with Client(URL, "t", transport=transport) as client, pytest.raises(ApiError) as caught:
         client.list_vms()
     assert caught.value.what == "disk full (HTTP 500)"
-    assert caught.value.exit_code == 1
+    assert exit_code_for(caught.value) == 1
     assert "journalctl -u scaleboxd" in str(caught.value.hint)
 
 
@@ -90,7 +90,7 @@ def test_a_server_that_does_not_answer_times_out_as_unreachable(silent_server: s
     with Client(silent_server, "t", timeout=timeout) as client, pytest.raises(Unreachable) as e:
         client.health()
     assert e.value.what.startswith(f"the Scalebox server at {silent_server} did not answer in time")
-    assert e.value.exit_code == EXIT_UNREACHABLE
+    assert exit_code_for(e.value) == EXIT_UNREACHABLE
 
 
 def test_ctrl_c_exits_130_not_the_api_error_code() -> None:

@@ -44,8 +44,8 @@ def boot_machine() -> Iterator[BootMachine]:
     _skip_unless_able()
     with contextlib.ExitStack() as stack:
 
-        def boot(release_dir: Path | None = None) -> Machine:
-            return stack.enter_context(Machine.boot(release_dir))
+        def boot(release_dir: Path | None = None, *, persistent: bool = False) -> Machine:
+            return stack.enter_context(Machine.boot(release_dir, persistent=persistent))
 
         yield boot
 

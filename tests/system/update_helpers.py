@@ -13,6 +13,7 @@ for; with a ``Snapshot`` it also proves that nothing at all was changed.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import json
@@ -266,7 +267,10 @@ class Server:
         assert self.sh("systemctl is-active scaleboxd").stdout.strip() == "active"
         assert self.sh("readlink /opt/scalebox/current").stdout.strip() == f"releases/{version}"
         assert _digest(self, "/etc/scaleboxd/config") == self.config
-        assert _data_digest(self) == self.data
+        data = _data_digest(self)
+        assert data == self.data, "DATA_DIR changed:\n" + "\n".join(
+            difflib.unified_diff(self.data.splitlines(), data.splitlines(), lineterm="")
+        )
         assert self.main_pid(self.vm_unit) == self.vm_pid
         assert self.sh("test -e /var/lib/scalebox-update/journal.json", check=False).returncode == 1
         if unchanged is not None:

@@ -229,7 +229,6 @@ def test_a_failing_migration_stops_the_run_naming_it(tmp_path: Path) -> None:
         runner.run(ms, config_path=path, from_version="1.0.0", to_version="1.1.0", state_path=state)
     assert failed.value.migration_id == "0002-boom"
     assert failed.value.message == "RuntimeError: cannot reach /etc/caddy"
-    assert failed.value.exit_code == 3
     text = path.read_bytes()
     assert b"A_KEY=1" in text
     assert b"HALF" not in text  # the failed migration's edits are never saved
@@ -508,7 +507,6 @@ def test_a_failing_migration_rolls_back_with_the_config_byte_identical(server: S
     server.release("2.0.0", FAILING_STEP)
     with pytest.raises(RolledBack) as rolled:
         server.install("2.0.0", "1.0.0")
-    assert rolled.value.exit_code == 3
     assert "migration 0002-needs-caddy of 2.0.0 failed" in rolled.value.what
     assert "FileNotFoundError: /etc/caddy/Caddyfile" in rolled.value.what
     assert server.digest() == digest
@@ -573,7 +571,6 @@ def test_a_release_that_needs_an_unknown_package_is_refused_before_anything(
     (root / stage.MANIFEST).write_text(json.dumps(data))
     with pytest.raises(UpdateError) as refused:
         server.install("2.0.0", "1.0.0")
-    assert refused.value.exit_code == 1
     assert "needs the Debian packages scalebox-no-such-package" in refused.value.what
     assert "apt-get install scalebox-no-such-package" in str(refused.value.hint)
     assert server.digest() == digest

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from scalebox.release import build, extract, manifest, signing
 from scalebox.release.errors import ReleaseError
-from scalebox.release.verify import open_release, this_python
+from scalebox.release.verify import EXIT_REJECTED, open_release, this_python
 
 VERSION = "1.2.3"
 SERVICE = b"[Service]\nExecStart=/bin/true\n"
@@ -611,7 +611,7 @@ def test_cli_fails_with_the_reason_and_a_hint(
     other_key, _ = write_key(tmp_path / "other")
     tarball = pack(tmp_path, other_key)
     result = run_cli(tarball, tmp_path / "dest", "--trusted-keys", key_pair[1].parent)
-    assert result.returncode == ReleaseError.exit_code
+    assert result.returncode == EXIT_REJECTED
     assert "not signed by a trusted key" in result.stderr
     assert "hint:" in result.stderr
     assert result.stdout == ""

@@ -1,4 +1,4 @@
-"""Errors of the scalebox CLI and the exit codes they map to.
+"""Errors of the scalebox CLI and the exit codes it maps them to (exit_code_for).
 
 The exit codes are part of the CLI's interface (scripts test them) and are
 printed in ``scalebox --help``; keep them stable.
@@ -6,7 +6,7 @@ printed in ``scalebox --help``; keep them stable.
 
 from __future__ import annotations
 
-from scalebox.errors import ScaleboxError
+from scalebox.errors import ConfigError, ScaleboxError, UsageError
 
 EXIT_OK = 0
 EXIT_API_ERROR = 1
@@ -30,8 +30,6 @@ EXIT_CODES_HELP = (
 class ApiError(ScaleboxError):
     """The server answered with an error; ``what`` is its ``{"error"}`` text."""
 
-    exit_code = EXIT_API_ERROR
-
     def __init__(self, what: str, hint: str | None = None, status: int = 0) -> None:
         super().__init__(what, hint)
         self.status = status
@@ -40,16 +38,23 @@ class ApiError(ScaleboxError):
 class Unreachable(ScaleboxError):
     """No HTTP answer: connection refused, DNS failure, timeout, TLS failure."""
 
-    exit_code = EXIT_UNREACHABLE
-
 
 class AuthRefused(ApiError):
     """401: the token is missing or wrong."""
-
-    exit_code = EXIT_AUTH
 
 
 class NotFound(ApiError):
     """404: the VM or template named on the command line does not exist."""
 
-    exit_code = EXIT_NOT_FOUND
+
+def exit_code_for(error: ScaleboxError) -> int:
+    """The CLI's exit code for an error, by its kind (the table: EXIT_CODES_HELP)."""
+    if isinstance(error, NotFound):
+        return EXIT_NOT_FOUND
+    if isinstance(error, AuthRefused):
+        return EXIT_AUTH
+    if isinstance(error, Unreachable):
+        return EXIT_UNREACHABLE
+    if isinstance(error, (UsageError, ConfigError)):
+        return EXIT_USAGE
+    return EXIT_API_ERROR

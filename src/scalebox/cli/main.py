@@ -18,7 +18,7 @@ import click
 from scalebox import __version__, fsutil, names
 from scalebox.cli import output, settings
 from scalebox.cli.client import Client, Json
-from scalebox.cli.errors import EXIT_CODES_HELP, EXIT_INTERRUPTED
+from scalebox.cli.errors import EXIT_CODES_HELP, EXIT_INTERRUPTED, exit_code_for
 from scalebox.cli.sshkey import choose_public_key
 from scalebox.errors import ConfigError, ScaleboxError, UsageError
 
@@ -41,7 +41,7 @@ class ReportedError(click.ClickException):
         what = error.what.rstrip(".")
         super().__init__(f"{what}; {error.hint}" if error.hint else what)
         # click declares exit_code a ClassVar but reads it from the instance it catches.
-        self.exit_code = error.exit_code  # type: ignore[misc]
+        self.exit_code = exit_code_for(error)  # type: ignore[misc]
 
     def show(self, file: Any = None) -> None:
         click.echo(f"scalebox: error: {self.message}", err=True)

@@ -29,7 +29,7 @@ import scalebox
 from scalebox import names
 from scalebox.config import ServerConfig
 from scalebox.daemon.auth import check_bearer
-from scalebox.daemon.errors import ApiError, InvalidInput
+from scalebox.daemon.errors import ApiError, InvalidInput, Unavailable
 
 MAX_BODY_BYTES = 64 * 1024
 PUBLIC_PATHS = frozenset({"/health", "/info", "/caddy/check", "/openapi.json"})
@@ -145,6 +145,13 @@ def template_json(template: TemplateLike) -> dict[str, Any]:
 def _error(status: int, what: str, hint: str | None = None) -> JSONResponse:
     body = {"error": what} if hint is None else {"error": what, "hint": hint}
     return JSONResponse(body, status_code=status)
+
+
+def _api_error_response(exc: ApiError) -> JSONResponse:
+    answer = _error(exc.status, exc.what, exc.hint)
+    if isinstance(exc, Unavailable):  # retryable: say when
+        answer.headers["Retry-After"] = str(exc.retry_after)
+    return answer
 
 
 def validation_message(errors: Sequence[Any]) -> str:
@@ -303,7 +310,7 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.what, exc.hint)
+        return _api_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

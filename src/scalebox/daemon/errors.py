@@ -31,3 +31,13 @@ class Conflict(ApiError):
 
 class InsufficientStorage(ApiError):
     status = 507
+
+
+class Unavailable(ApiError):
+    """Retryable: the daemon is stopping (a restart, an update); try again shortly.
+
+    Answered with 503 and ``Retry-After: retry_after`` seconds.
+    """
+
+    status = 503
+    retry_after = 2

@@ -35,6 +35,8 @@ from scalebox.errors import ConfigError, ScaleboxError
 log = logging.getLogger("scaleboxd")
 
 # Below systemd's TimeoutStopSec=30, so state is saved before a SIGKILL.
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2  # invalid config or usage (argparse exits 2 too)
 GRACEFUL_SHUTDOWN_SECONDS = 20
 # How long a connection accepted just before SIGTERM has to send its request.
 ACCEPT_GRACE_SECONDS = 0.3
@@ -87,7 +89,7 @@ def check_config(path: Path) -> int:
         config = config_module.load(path, os.environ)
     except ConfigError as exc:
         print(f"scaleboxd: {exc}", file=sys.stderr)
-        return ConfigError.exit_code
+        return EXIT_CONFIG
     print(f"config OK: {path}")
     for warning in config.warnings:
         print(f"warning: {warning}")
@@ -264,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(load_config(args.config), args.bind)
     except ScaleboxError as exc:
         log.error("%s", exc)  # noqa: TRY400  (a ScaleboxError is for people; no traceback)
-        return exc.exit_code
+        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE
 
 
 if __name__ == "__main__":

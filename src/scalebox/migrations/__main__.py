@@ -22,6 +22,18 @@ from scalebox.migrations.registry import MIGRATIONS
 from scalebox.migrations.runner import run
 from scalebox.update import versions
 
+EXIT_UNUSABLE = 1  # the config or the state file cannot be used
+EXIT_USAGE = 2  # a version on the command line is not PEP 440 (argparse's own errors too)
+EXIT_FAILED = 3  # a migration failed (the updater then rolls back)
+
+
+def _exit_code_for(exc: ScaleboxError) -> int:
+    if isinstance(exc, MigrationFailed):
+        return EXIT_FAILED
+    if isinstance(exc, versions.InvalidVersion):
+        return EXIT_USAGE
+    return EXIT_UNUSABLE
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -93,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 out["result"] = "failed"
                 out["failed"] = {"id": exc.migration_id, "message": exc.message}
             print(json.dumps(out, sort_keys=True))
-        return exc.exit_code
+        return _exit_code_for(exc)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,9 @@ from scalebox.errors import ScaleboxError
 class MigrationError(ScaleboxError):
     """The config or the state file cannot be read or written, or a migration misbehaved."""
 
-    exit_code = 1
-
 
 class MigrationFailed(MigrationError):
     """One migration raised: the runner stopped there, the updater rolls back."""
-
-    exit_code = 3
 
     def __init__(self, migration_id: str, message: str) -> None:
         super().__init__(

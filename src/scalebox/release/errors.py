@@ -7,5 +7,3 @@ from scalebox.errors import ScaleboxError
 
 class ReleaseError(ScaleboxError):
     """A release tarball or tree is unusable; nothing outside the destination was changed."""
-
-    exit_code = 3

@@ -8,8 +8,9 @@ install.sh's verifier:
 
     python -m scalebox.release.verify TARBALL DEST (--trusted-keys DIR | --trust-shipped-key)
 
-prints the version on success; on failure prints what and what to do, and
-exits non-zero.
+prints the version on success; on failure prints what and what to do.
+Exit codes (install.sh relies on them; docs/operations.md): 0 verified,
+2 usage error (argparse), 3 the release was rejected (EXIT_REJECTED).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from scalebox.release import extract, manifest, signing
 from scalebox.release.errors import ReleaseError
 
+EXIT_REJECTED = 3
 DEFAULT_MAX_BYTES = extract.DEFAULT_MAX_BYTES
 
 
@@ -150,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         release = open_release(args.tarball, args.dest, keys, retired_keys=retired)
     except ReleaseError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return EXIT_REJECTED
     print(release.version)
     return 0
 

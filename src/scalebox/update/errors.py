@@ -1,4 +1,4 @@
-"""The updater's errors, one class per exit code (see main.py for the table)."""
+"""The updater's errors, one class per outcome; main.exit_code_for maps them to exit codes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from scalebox.errors import ScaleboxError
 
 class UpdateError(ScaleboxError):
     """Refused before any change to the running install: nothing was changed."""
-
-    exit_code = 1
 
 
 class CommandError(UpdateError):
@@ -22,17 +20,12 @@ class VerifyError(UpdateError):
 class RolledBack(UpdateError):
     """The new release failed after the switch; the old one runs again, verified healthy."""
 
-    exit_code = 3
     step_times: dict[str, float] | None = None  # when each step began, for --json
 
 
 class RollbackFailed(UpdateError):
     """The old release could not be brought back healthy: a person must step in."""
 
-    exit_code = 4
-
 
 class LockHeld(UpdateError):
     """Another scalebox-update holds the lock."""
-
-    exit_code = 5

@@ -60,8 +60,6 @@ ALLOW_HTTP_HINT = (
 class FetchError(ScaleboxError):
     """A release could not be downloaded or copied; nothing was changed."""
 
-    exit_code = 1
-
 
 class PlainHttpRefused(FetchError):
     """A request (possibly a redirect) would go over unencrypted http."""

@@ -11,12 +11,11 @@ recorded; absent in lines written before it existed) and ``migrations``
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from scalebox.fsutil import fsync_dir
+from scalebox.fsutil import append_line
 from scalebox.update.journal import now, stamp
 
 UPDATED = "updated"
@@ -53,20 +52,7 @@ class Entry:
 
 def append(path: Path, entry: Entry) -> None:
     """Add one line and fsync it. A line torn by a crash is skipped by ``read``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not path.exists()
-    line = json.dumps(entry.to_json(), sort_keys=True) + "\n"
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            line = "\n" + line  # end a line torn by a crash, so this one stays whole
-        os.write(fd, line.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if new_file:
-        fsync_dir(path.parent)
+    append_line(path, json.dumps(entry.to_json(), sort_keys=True) + "\n")
 
 
 def record(

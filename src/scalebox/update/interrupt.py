@@ -1,12 +1,28 @@
-"""SIGTERM and SIGINT become an exception where the updater is, so the transaction rolls back.
+"""Signals during a transaction: which ones stop it, and which ones it rides out.
 
-While a rollback runs it is ``shielded``: a signal then is noted and
-ignored, because stopping a rollback half way would leave the server
-between two releases. (SIGKILL cannot be caught; the journal covers it.)
+- SIGTERM and SIGINT before the outcome is settled become an exception
+  where the updater is, so the transaction refuses (nothing changed yet)
+  or rolls back (the switch may have happened).
+- While a rollback runs it is ``shielded``: a signal then is noted and
+  ignored, because stopping a rollback half way would leave the server
+  between two releases.
+- Once the outcome is ``settle``d (the commit began, or the rollback did),
+  every later signal is noted and ignored until the program ends (after
+  the outermost ``catching`` block, ignored outright), so the exit code
+  stays the one the transaction earned.
+- SIGHUP (the admin's SSH session dropped) never stops anything: the
+  transaction goes on and records its outcome; lost output is lost.
+
+The programs the updater waits on run in their own session (process.py),
+so a terminal's Ctrl-C, which reaches the whole foreground process group,
+does not kill a `systemctl restart` under a rollback.
+(SIGKILL cannot be caught; the journal covers it.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import types
 from collections.abc import Iterator
@@ -15,30 +31,77 @@ from contextlib import contextmanager
 from scalebox.update.errors import UpdateError
 
 _shield_depth = 0
+_settled = False
+_catching_depth = 0
+_noted: set[int] = set()  # signals already reported (once each is enough)
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Interrupted(UpdateError):
     """SIGTERM or SIGINT arrived."""
 
 
+def _note(signum: int, text: str) -> None:
+    """Say once per signal kind that it arrived, straight to fd 2.
+
+    A signal handler runs between two bytecodes of whatever the program was
+    doing, maybe in the middle of a write to sys.stderr: writing there again
+    would be a reentrant call. os.write is one system call, safe here; a
+    terminal that is gone loses the line.
+    """
+    if signum in _noted:
+        return
+    _noted.add(signum)
+    with contextlib.suppress(OSError):
+        os.write(2, f"scalebox-update: {text}\n".encode())
+
+
 def _on_signal(signum: int, _frame: types.FrameType | None) -> None:
-    if _shield_depth:
+    name = signal.Signals(signum).name
+    if signum == signal.SIGHUP:
+        _note(signum, f"{name} (the terminal hung up): carrying on; see `scalebox-update history`")
+        return
+    if _shield_depth or _settled:
+        _note(signum, f"{name} ignored: the transaction is finishing and must not stop half way")
         return
     raise Interrupted(
-        f"interrupted by {signal.Signals(signum).name}",
+        f"interrupted by {name}",
         "run scalebox-update again; it finishes any interrupted transaction first",
     )
 
 
 @contextmanager
 def catching() -> Iterator[None]:
-    """Turn SIGTERM/SIGINT into Interrupted for the ``with`` block."""
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    """Turn SIGTERM/SIGINT into Interrupted for the ``with`` block; ride out SIGHUP."""
+    global _catching_depth, _settled  # noqa: PLW0603 - process-wide, read by the signal handler
+    previous = {s: signal.signal(s, _on_signal) for s in HANDLED}
+    _catching_depth += 1
     try:
         yield
     finally:
+        _catching_depth -= 1
+        if _catching_depth == 0:
+            _noted.clear()
+        if _catching_depth == 0 and _settled:
+            # The outermost scope of a settled run: all that is left is to exit
+            # with the settled code, so a signal now must not replace it (a
+            # default SIGINT handler would make it 130).
+            _settled = False
+            previous = dict.fromkeys(HANDLED, signal.SIG_IGN)
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def settle() -> None:
+    """From now until the outermost ``catching`` block ends, signals are noted only."""
+    global _settled  # noqa: PLW0603 - one process-wide flag, read by the signal handler
+    _settled = True
+
+
+def unsettle() -> None:
+    """Signals may stop the program again (a recovery finished; the run goes on to its task)."""
+    global _settled  # noqa: PLW0603 - one process-wide flag, read by the signal handler
+    _settled = False
 
 
 @contextmanager

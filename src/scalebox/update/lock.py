@@ -7,6 +7,7 @@ so a refused run can name it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
@@ -35,6 +36,9 @@ def held(path: Path) -> Iterator[None]:
         try:
             yield
         finally:
-            os.ftruncate(fd, 0)
+            # Only a courtesy to the next reader: a full or read-only disk must not
+            # turn a finished transaction's outcome into an error.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # closing the descriptor releases the lock

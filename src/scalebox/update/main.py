@@ -1,6 +1,9 @@
 """scalebox-update: the command line, and the one place errors become exit codes.
 
-Exit codes (also in --help):
+The exit code is decided here, at the program's boundary, from the kind of
+error (``exit_code_for``); error classes carry no codes, because the same
+class means different things to different programs. The table is
+EXIT_CODES (also in --help, and docs/operations.md, which a test compares):
 
     0   updated, or already up to date (--check: up to date)
     1   refused before any change: nothing was changed
@@ -9,10 +12,14 @@ Exit codes (also in --help):
     4   rollback failed: manual intervention needed (the message says what to run)
     5   another scalebox-update is running
     10  --check: an update is available
+
+Every OSError (a full disk, a read-only file system) ends in one line and a
+hint, never a traceback; output to a terminal that is gone is dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -45,29 +52,75 @@ from scalebox.update import (
     versions,
 )
 from scalebox.update.context import DEFAULT_STABILITY_WINDOW, Context
-from scalebox.update.errors import RolledBack, UpdateError
+from scalebox.update.errors import LockHeld, RollbackFailed, RolledBack, UpdateError
 from scalebox.update.paths import Paths, private_dir
 from scalebox.update.systemd import SERVICE, Systemctl
 
 EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_ROLLED_BACK = 3
+EXIT_ROLLBACK_FAILED = 4
+EXIT_BUSY = 5
 EXIT_UPDATE_AVAILABLE = 10
 
-EXIT_CODES_HELP = """\b
-Exit codes:
-  0   updated, or already up to date (--check: up to date)
-  1   refused before any change: nothing was changed
-  2   usage error
-  3   the new release failed and was rolled back; the old version runs, healthy
-  4   rollback failed: manual intervention needed (the message says what to run)
-  5   another scalebox-update is running
-  10  --check: an update is available
-"""
+# code -> (the "result" of --json, what it means); docs/operations.md has the same table.
+EXIT_CODES: dict[int, tuple[str, str]] = {
+    EXIT_OK: ("updated", "updated, or already up to date (--check: up to date)"),
+    EXIT_REFUSED: ("refused", "refused before any change: nothing was changed"),
+    EXIT_USAGE: ("usage error", "usage error"),
+    EXIT_ROLLED_BACK: (
+        "rolled back",
+        "the new release failed and was rolled back; the old version runs, healthy",
+    ),
+    EXIT_ROLLBACK_FAILED: (
+        "rollback failed",
+        "rollback failed: manual intervention needed (the message says what to run)",
+    ),
+    EXIT_BUSY: ("busy", "another scalebox-update is running"),
+    EXIT_UPDATE_AVAILABLE: ("update available", "--check: an update is available"),
+}
+
+EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(
+    f"  {code:<3} {meaning}" for code, (_, meaning) in EXIT_CODES.items()
+)
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The updater's exit code for an error, by its kind (the one table: EXIT_CODES)."""
+    if isinstance(exc, RolledBack):
+        return EXIT_ROLLED_BACK
+    if isinstance(exc, RollbackFailed):
+        return EXIT_ROLLBACK_FAILED
+    if isinstance(exc, LockHeld):
+        return EXIT_BUSY
+    if isinstance(exc, (UsageError, click.UsageError)):
+        return EXIT_USAGE
+    # Everything else stopped before any change: a bad release (ReleaseError), a
+    # version that is not PEP 440, a config the new release rejects, a full disk.
+    return EXIT_REFUSED
+
 
 Result = dict[str, Any]
 
 
+def _say(text: str, *, err: bool = False) -> None:
+    """Write one line; a terminal that is gone (hang-up, closed pipe) loses it, nothing else."""
+    stream = sys.stderr if err else sys.stdout
+    try:
+        click.echo(text, err=err)
+        stream.flush()
+    except (OSError, ValueError):
+        # Point the descriptor at /dev/null so that no later write (or the flush at
+        # exit, which would turn the exit code into 120) fails again.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+
+
 def _report(message: str) -> None:
-    click.echo(f"scalebox-update: {message}", err=True)
+    _say(f"scalebox-update: {message}", err=True)
 
 
 def _paths() -> Paths:
@@ -118,9 +171,9 @@ def _transaction_guard(ctx: Context) -> Iterator[str | None]:
 def _emit(result: Result, as_json: bool) -> int:
     code = int(result.get("exit_code", 0))
     if as_json:
-        click.echo(json.dumps(result, sort_keys=True))
+        _say(json.dumps(result, sort_keys=True))
     elif result.get("message"):
-        click.echo(result["message"])
+        _say(result["message"])
     return code
 
 
@@ -250,7 +303,7 @@ def _update(
         from_release=installed.release,
         target=transaction.Target(release.version, release.root),
     )
-    return _result(
+    result = _result(
         outcome.result,
         outcome.from_version,
         outcome.to_version,
@@ -259,6 +312,8 @@ def _update(
         step_times=outcome.step_times,
         migrations=outcome.migrations,
     )
+    result["unfinished"] = outcome.unfinished
+    return result
 
 
 def _dry_run(installed: str, release: Release) -> Result:
@@ -326,7 +381,6 @@ def _open(ctx: Context, tarball: Path) -> Release:
             retired_keys=retired_keys_in(ctx.paths.keys_dir),
         )
     except ReleaseError as exc:
-        # ReleaseError's own code (3) would read as "rolled back": nothing had started yet.
         raise UpdateError(f"{exc.what}; nothing was changed", exc.hint) from exc
 
 
@@ -481,46 +535,57 @@ def main(argv: list[str] | None = None) -> int:
     # The caller's umask must not decide the modes of what root runs later (the venv).
     os.umask(0o022)
     try:
-        # standalone_mode=False: click returns the code of ctx.exit() instead of exiting.
-        code = cli.main(args=args, prog_name="scalebox-update", standalone_mode=False)
+        # One signal scope for the whole run: once a transaction's outcome is
+        # settled, no later signal can change the exit code (interrupt.py).
+        with interrupt.catching():
+            # standalone_mode=False: click returns the code of ctx.exit() instead of exiting.
+            code = cli.main(args=args, prog_name="scalebox-update", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
-        return _fail_json(as_json, "usage error", exc.format_message(), None, exc.exit_code)
+        with contextlib.suppress(OSError, ValueError):
+            exc.show()
+        return _fail_json(as_json, exc.format_message(), None, EXIT_USAGE)
     except click.exceptions.Abort:
-        return _fail_json(as_json, "interrupted", "interrupted", None, 1)
+        return _fail_json(as_json, "interrupted", None, EXIT_REFUSED, result="interrupted")
     except ScaleboxError as exc:
-        click.echo(f"scalebox-update: error: {exc.what}", err=True)
-        if exc.hint:
-            click.echo(f"  hint: {exc.hint}", err=True)
-        return _fail_json(
-            as_json,
-            _RESULTS.get(exc.exit_code, "refused"),
-            exc.what,
-            exc.hint,
-            exc.exit_code,
-            exc.step_times if isinstance(exc, RolledBack) else None,
+        return _fail(as_json, exc.what, exc.hint, exit_code_for(exc), exc)
+    except OSError as exc:
+        # A file system refused a write or a read outside any transaction step
+        # (those record it themselves): one line, no traceback.
+        return _fail(
+            as_json, transaction.os_error(exc), transaction.os_hint(exc), EXIT_REFUSED, exc
         )
     return code if isinstance(code, int) else 0
 
 
-_RESULTS = {1: "refused", 2: "usage error", 3: "rolled back", 4: "rollback failed", 5: "busy"}
+def _fail(as_json: bool, what: str, hint: str | None, code: int, exc: BaseException) -> int:
+    _say(f"scalebox-update: error: {what}", err=True)
+    if hint:
+        _say(f"  hint: {hint}", err=True)
+    step_times = exc.step_times if isinstance(exc, RolledBack) else None
+    return _fail_json(as_json, what, hint, code, step_times)
 
 
-def _fail_json(  # noqa: PLR0917 - one field each of the JSON result
+def _fail_json(
     as_json: bool,
-    result: str,
     message: str,
     hint: str | None,
     code: int,
     step_times: dict[str, float] | None = None,
+    *,
+    result: str | None = None,
 ) -> int:
     if as_json:
-        out: Result = {"result": result, "message": message, "hint": hint, "exit_code": code}
+        out: Result = {
+            "result": result or EXIT_CODES[code][0],
+            "message": message,
+            "hint": hint,
+            "exit_code": code,
+        }
         if step_times is not None:
             out["step_times"] = step_times
-        click.echo(json.dumps(out, sort_keys=True))
+        _say(json.dumps(out, sort_keys=True))
     return code
 
 

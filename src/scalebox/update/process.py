@@ -20,9 +20,14 @@ def run(
 
     ``description`` says in words what the command does, for the error a
     person reads: "restart scaleboxd failed: ...".
+
+    The program runs in a session of its own, away from the terminal: a
+    Ctrl-C or hang-up reaches the updater only, which decides whether the
+    program is stopped (an exception here kills it) or finishes (a shielded
+    rollback must not lose its `systemctl restart`).
     """
     try:
-        done = run_program(argv, timeout=timeout, env=env)
+        done = run_program(argv, timeout=timeout, env=env, new_session=True)
     except ProgramError as exc:
         if exc.kind == "not found":
             raise CommandError(

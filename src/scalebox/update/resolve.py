@@ -52,8 +52,6 @@ _API_CHUNK = 64 * 1024
 class ResolveError(ScaleboxError):
     """The release to install could not be determined; nothing was changed."""
 
-    exit_code = 1
-
 
 @dataclass(frozen=True)
 class Source:

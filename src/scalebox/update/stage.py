@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from scalebox.fsutil import atomic_write, fsync_dir
+from scalebox.fsutil import atomic_write, fsync_dir, fsync_tree
 from scalebox.release import manifest
 from scalebox.release.errors import ReleaseError
 from scalebox.update import packages, process
@@ -184,7 +184,9 @@ def build(paths: Paths, release_root: Path, version: str, *, python: str, report
         env={**os.environ, "PIP_CONFIG_FILE": os.devnull},
         hint="the release's wheels/ do not install on this server; nothing was changed",
     )
-    fsync_dir(target)
+    # Everything cp and pip wrote reaches the disk before .complete says the tree is whole.
+    fsync_tree(target)
+    fsync_dir(target.parent)
     atomic_write(target / COMPLETE, f"{version}\n")
     return True
 

@@ -4,7 +4,8 @@ The backup lives in /var/lib/scalebox-update/backups/<transaction id>/:
 ``units/<name>`` copies (and ``units/scaleboxd.socket.d/port.conf``, the
 socket's port drop-in, see socket_port), ``config`` (bytes, mode and owner
 kept) and ``backup.json`` naming which units existed before, written last,
-so a rollback also removes units this update added.
+so a rollback also removes units this update added. Every copy is fsynced
+before ``backup.json`` vouches for it (fsutil.durable_copy).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from scalebox.fsutil import atomic_symlink, atomic_write, fsync_dir
+from scalebox.fsutil import atomic_symlink, atomic_write, durable_copy, fsync_dir
 from scalebox.release import manifest
 from scalebox.release.errors import ReleaseError
 from scalebox.update import socket_port
@@ -56,10 +57,11 @@ def back_up(paths: Paths, backup_dir: Path, unit_names: Iterable[str]) -> None:
         present[name] = installed.is_file()
         if present[name]:
             (backup_dir / "units" / name).parent.mkdir(exist_ok=True)  # the drop-in's .d
-            shutil.copy2(installed, backup_dir / "units" / name)
-    shutil.copy2(paths.config, backup_dir / "config")
+            durable_copy(installed, backup_dir / "units" / name)
+    durable_copy(paths.config, backup_dir / "config")
     st = paths.config.stat()
-    fsync_dir(backup_dir / "units")
+    fsync_dir(backup_dir)
+    # Written last, after every copy's data is on disk: it says the backup is whole.
     atomic_write(
         backup_dir / BACKUP_INDEX,
         json.dumps({"units": present, "config_uid": st.st_uid, "config_gid": st.st_gid}),

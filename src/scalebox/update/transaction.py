@@ -9,6 +9,7 @@ nothing here starts until the release is proven good.
 from __future__ import annotations
 
 import contextlib
+import errno
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,34 +49,44 @@ class Outcome:
     pruned: list[str] = field(default_factory=list)
     step_times: dict[str, float] = field(default_factory=dict)  # when each step began
     migrations: list[str] = field(default_factory=list)  # ids applied, in order
+    unfinished: str | None = None  # updated, but bookkeeping is left: what and how to finish
 
 
 def install(
     ctx: Context, *, action: str, from_version: str, from_release: str, target: Target
 ) -> Outcome:
-    """Run the whole transaction to ``target``; raise RolledBack or RollbackFailed on failure."""
+    """Run the whole transaction to ``target``; raise RolledBack or RollbackFailed on failure.
+
+    Faults (design of issue 9): before the switch, any failure (an OSError
+    too: a full disk, a read-only releases/) refuses the update with nothing
+    changed. From the switch on, any failure, including a journal write that
+    fails, rolls back from what is kept in memory. Once the commit begins the
+    outcome is "updated": a failure there leaves only bookkeeping, said so.
+    """
     p = ctx.paths
     name = stage.check_name(target.version)
     new_dir = p.release_dir(name)
-    reusing = stage.is_complete(new_dir) and (
-        target.root is None
-        or (new_dir / stage.MANIFEST).read_bytes() == (target.root / stage.MANIFEST).read_bytes()
+    first = Journal(
+        id=journal.new_id(),
+        action=action,
+        from_version=from_version,
+        from_release=from_release,
+        to_version=target.version,
+        to_release=name,
+        step="stage",
+        built_release=False,
     )
-    j = journal.begin(
-        p.journal,
-        Journal(
-            id=journal.new_id(),
-            action=action,
-            from_version=from_version,
-            from_release=from_release,
-            to_version=target.version,
-            to_release=name,
-            step="stage",
-            built_release=not reusing,
-        ),
-    )
+    try:
+        reusing = stage.is_complete(new_dir) and (
+            target.root is None
+            or (new_dir / stage.MANIFEST).read_bytes()
+            == (target.root / stage.MANIFEST).read_bytes()
+        )
+        j = journal.begin(p.journal, replace(first, built_release=not reusing))
+    except OSError as exc:
+        raise _refuse(ctx, first, exc, "stage") from None
 
-    # stage: nothing live changes; a failure here refuses the update.
+    # stage and backup: nothing live changes; a failure here refuses the update.
     try:
         release_root = target.root if target.root is not None else new_dir
         stage.ensure_packages(release_root, target.version, ctx.report)
@@ -83,27 +94,24 @@ def install(
             stage.build(p, target.root, target.version, python=ctx.python, report=ctx.report)
         ctx.report(f"checking the live config with {target.version}'s own scaleboxd")
         stage.check_config(p, name)
+        j = journal.advance(p.journal, j, "backup")
+        old_units = switch.release_units(p.release_dir(from_release))
+        switch.back_up(p, p.backup_dir(j.id), [*switch.release_units(new_dir), *old_units])
+        # migrate: the new release's own migrations change the config. From here a
+        # failure (or a crash, via recovery) rolls back, the config restored from the backup.
+        j = journal.advance(p.journal, j, "migrate")
+    except OSError as exc:
+        raise _refuse(ctx, j, exc, j.step) from None
     except BaseException as exc:
         _discard(ctx, j)
         if isinstance(exc, UpdateError):
             _record(ctx, j, history.REFUSED, exc.what)
         raise
 
-    j = journal.advance(p.journal, j, "backup")
-    old_units = switch.release_units(p.release_dir(from_release))
-    switch.back_up(p, p.backup_dir(j.id), [*switch.release_units(new_dir), *old_units])
-
-    # migrate: the new release's own migrations change the config; a failure
-    # (or a crash, via recovery) rolls back with the config restored from the backup.
-    j = journal.advance(p.journal, j, "migrate")
     try:
         applied = migrate.step(p, j, ctx.report)
-    except Exception as exc:  # noqa: BLE001 - a failed migration rolls everything back
-        _roll_back(ctx, j, _reason(exc))  # raises
-    j = replace(j, migrations=applied)
-
-    j = journal.advance(p.journal, j, "switch")
-    try:
+        j = replace(j, migrations=applied)
+        j = journal.advance(p.journal, j, "switch")
         ctx.report(f"switching current to releases/{name} and restarting scaleboxd")
         switch.swap_current(p, name)
         changed = switch.install_units(p, new_dir)
@@ -119,29 +127,100 @@ def install(
             ),
             ctx.report,
         )
-    except Exception as exc:  # noqa: BLE001 - every failure from the switch on rolls back
+        # Verified: from here no signal changes the outcome. The journal write is the
+        # last thing that may still turn back: without "commit" in the journal a crash
+        # would roll back, so a journal that cannot say so rolls back now.
+        interrupt.settle()
+        j = journal.advance(p.journal, j, "commit")
+    except Exception as exc:  # noqa: BLE001 - every failure from migrate on rolls back
         _roll_back(ctx, j, _reason(exc))  # raises
 
-    j = journal.advance(p.journal, j, "commit")
-    pruned = commit.commit(ctx, j)
-    _finish(ctx, j)
+    pruned, left = _commit(ctx, j)
+    message = f"updated {from_version} -> {target.version}; scaleboxd {target.version} is healthy"
+    if left:
+        message += f"; {left}"
     return Outcome(
         history.UPDATED,
         from_version,
         target.version,
-        f"updated {from_version} -> {target.version}; scaleboxd {target.version} is healthy",
+        message,
         pruned,
         {**j.step_times, "end": journal.stamp()},
         applied,
+        unfinished=left,
     )
 
 
-def _reason(exc: Exception) -> str:
-    return exc.what if isinstance(exc, UpdateError) else f"{type(exc).__name__}: {exc}"
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UpdateError):
+        return exc.what
+    if isinstance(exc, OSError):
+        return os_error(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def os_error(exc: OSError) -> str:
+    """An OSError in words: what failed on which file ("No space left on device: /var/...")."""
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
+def os_hint(exc: OSError) -> str:
+    """What to do about an OSError, for the hint line."""
+    if exc.errno == errno.ENOSPC:
+        return "free space on that file system (`df -h`), then run scalebox-update again"
+    if exc.errno == errno.EROFS:
+        return "that file system is mounted read-only; remount it read-write and run again"
+    return "fix the cause above, then run scalebox-update again"
+
+
+def _refuse(ctx: Context, j: Journal, exc: OSError, step: str) -> UpdateError:
+    """An OSError before anything live changed: undo, record and say so in one line."""
+    try:
+        _discard(ctx, j)
+    except OSError as again:
+        ctx.report(f"could not clean up ({os_error(again)}); the next run does")
+    what = (
+        f"the update to {j.to_version} failed during {step}: {os_error(exc)}; nothing was changed"
+    )
+    _record(ctx, j, history.REFUSED, what)
+    return UpdateError(what, os_hint(exc))
+
+
+def _commit(ctx: Context, j: Journal) -> tuple[list[str], str | None]:
+    """Finish the bookkeeping of a verified update; (pruned, None) or ([], what is left)."""
+    try:
+        with interrupt.shielded():
+            pruned = commit.commit(ctx, j)
+            _finish(ctx, j)
+    except OSError as exc:
+        left = (
+            f"but its bookkeeping is not finished ({os_error(exc)}): "
+            f"{ctx.paths.version_file} or the history may still name {j.from_version}; "
+            "fix that, then run `scalebox-update recover`, which finishes it"
+        )
+        ctx.report(f"the update is done, {left}")
+        return [], left
+    return pruned, None
+
+
+def _advance(ctx: Context, j: Journal, step: str, reason: str | None = None) -> Journal:
+    """Advance the journal if the disk lets us; the rollback goes on from memory either way."""
+    try:
+        return journal.advance(ctx.paths.journal, j, step, reason=reason)
+    except OSError as exc:
+        ctx.report(
+            f"could not write the journal ({os_error(exc)}); rolling back from memory "
+            f"(the journal still says {j.step}, which a later run also rolls back)"
+        )
+        return replace(j, step=step, reason=reason if reason is not None else j.reason)
 
 
 def _roll_back(ctx: Context, j: Journal, reason: str) -> NoReturn:
-    j = journal.advance(ctx.paths.journal, j, "rollback", reason=reason)
+    # Whatever the terminal sends from now on, the rollback finishes and its
+    # outcome is the one the exit code reports.
+    interrupt.settle()
+    j = _advance(ctx, j, "rollback", reason=reason)
     try:
         with interrupt.shielded():
             rollback.roll_back(ctx, j)
@@ -149,7 +228,13 @@ def _roll_back(ctx: Context, j: Journal, reason: str) -> NoReturn:
         _record(ctx, j, history.ROLLBACK_FAILED, f"{reason}; then {exc.what}")
         raise  # the journal stays: the next run or the boot unit tries again
     _record(ctx, j, history.ROLLED_BACK, reason)
-    _finish(ctx, j)
+    try:
+        _finish(ctx, j)
+    except OSError as exc:
+        ctx.report(
+            f"could not remove the journal ({os_error(exc)}); the next run repeats the "
+            "rollback, which changes nothing more, and ends it"
+        )
     rolled_back = RolledBack(
         f"{j.to_version} failed: {reason}. Rolled back to {j.from_version}, which is healthy",
         "nothing else changed; see `scalebox-update history` and `journalctl -u scaleboxd`",
@@ -173,12 +258,17 @@ def recover(ctx: Context) -> str | None:
             f"{j.from_version} still runs"
         )
     if action is plan.Recovery.COMMIT:
-        commit.commit(ctx, j)
-        _finish(ctx, j)
+        _, left = _commit(ctx, j)
+        if left:
+            raise UpdateError(
+                f"{j.to_version} runs, verified, {left}",
+                "nothing else was done in this run",
+            )
         return f"recovered: finished committing the verified update to {j.to_version}"
     reason = j.reason or f"the updater was interrupted during {j.step}"
     with contextlib.suppress(RolledBack):
         _roll_back(ctx, j, reason)
+    interrupt.unsettle()  # that transaction is over; what this run does next may be stopped
     return (
         f"recovered: rolled back the interrupted update to {j.to_version}; "
         f"{j.from_version} is healthy"
@@ -202,6 +292,17 @@ def _finish(ctx: Context, j: Journal) -> None:
 
 
 def _record(ctx: Context, j: Journal, result: str, reason: str | None) -> None:
+    """Append the outcome to the history; an unwritable history is said, never raised."""
+    try:
+        _append_once(ctx, j, result, reason)
+    except OSError as exc:
+        ctx.report(
+            f"could not record '{result}' in {ctx.paths.history} ({os_error(exc)}); "
+            "the history lacks this transaction"
+        )
+
+
+def _append_once(ctx: Context, j: Journal, result: str, reason: str | None) -> None:
     entries = history.read(ctx.paths.history)
     if not history.has(entries, j.id, result):
         history.record(

@@ -26,8 +26,6 @@ Relation = Literal["upgrade", "same", "downgrade"]
 class InvalidVersion(ScaleboxError):
     """A version string is not a PEP 440 version."""
 
-    exit_code = 2
-
 
 def _invalid(text: str, why: str = "") -> InvalidVersion:
     shown = text if len(text) <= 40 else text[:40] + "..."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from scalebox.daemon.errors import ApiError
+from scalebox.daemon.errors import ApiError, Unavailable
 from scalebox.runner import ProgramError, run_program
 
 # What only scaleboxd itself may use: a child holding NOTIFY_SOCKET speaks to
@@ -29,6 +29,9 @@ def run(argv: list[str], description: str, *, timeout: float = 60.0) -> str:
             argv,
             timeout=timeout,
             env={key: value for key, value in os.environ.items() if key not in PRIVATE_ENV},
+            # Its own session: a signal meant for the daemon (a terminal's Ctrl-C
+            # in development) does not kill the systemctl a request waits on.
+            new_session=True,
         )
     except ProgramError as exc:
         if exc.kind == "not found":
@@ -39,6 +42,14 @@ def run(argv: list[str], description: str, *, timeout: float = 60.0) -> str:
             f"could not {description}: {exc.detail}",
             "check the system's load and the program's logs",
         ) from None
+    if done.returncode < 0:
+        # Killed by a signal: the machine or the service is stopping. The
+        # request may be retried; it is no server error.
+        raise Unavailable(
+            f"could not {description}: {argv[0]} was stopped by a signal "
+            f"({-done.returncode}); the server is restarting",
+            "retry in a few seconds",
+        )
     if not done.ok:
         raise CommandFailed(
             f"could not {description}: {done.command} exited with {done.returncode}: {done.output}",

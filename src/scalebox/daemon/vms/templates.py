@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"installed template {args.name} version {version} in {config.data_dir}")
     except ScaleboxError as exc:
         print(f"templates: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return 1  # refused or failed; this tool has no other outcomes
     return 0
 
 

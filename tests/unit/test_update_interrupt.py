@@ -1,0 +1,54 @@
+"""Which signals stop the updater, sent for real to this process."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from scalebox.update import interrupt
+
+
+def test_sigint_and_sigterm_stop_an_unsettled_transaction() -> None:
+    with interrupt.catching():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with pytest.raises(interrupt.Interrupted, match=signal.Signals(sig).name):
+                os.kill(os.getpid(), sig)
+
+
+def test_a_hang_up_never_stops_it(capfd: pytest.CaptureFixture[str]) -> None:
+    with interrupt.catching():
+        os.kill(os.getpid(), signal.SIGHUP)
+    assert "SIGHUP (the terminal hung up): carrying on" in capfd.readouterr().err
+
+
+def test_once_settled_signals_are_noted_until_the_program_ends(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    with interrupt.catching():
+        with interrupt.catching():  # the transaction's own scope, inside main's
+            interrupt.settle()
+        # Still settled after the inner scope: main's result must not change.
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # said once: a held-down Ctrl-C is one line
+        os.kill(os.getpid(), signal.SIGTERM)
+        interrupt.unsettle()
+        with pytest.raises(interrupt.Interrupted):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert capfd.readouterr().err.count("ignored: the transaction is finishing") == 2
+    # The outermost scope ended: the flag is gone with it, the handlers restored.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_after_a_settled_run_signals_are_ignored_until_exit() -> None:
+    """main()'s scope ends with the outcome settled: only the exit is left."""
+    saved = {s: signal.getsignal(s) for s in interrupt.HANDLED}
+    try:
+        with interrupt.catching():
+            interrupt.settle()
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in interrupt.HANDLED)
+        os.kill(os.getpid(), signal.SIGINT)  # would raise KeyboardInterrupt otherwise
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
