@@ -644,7 +644,7 @@ def test_after_rotation_the_retired_key_is_refused_by_name_and_the_new_one_trust
     by_new = pack(tmp_path, new_key, name="new")
 
     result = run_cli(by_old, tmp_path / "dest-old", "--trusted-keys", keys)
-    assert result.returncode == ReleaseError.exit_code
+    assert result.returncode == EXIT_REJECTED
     assert "signed by the retired key" in result.stderr
     assert "retired/2025.pub" in result.stderr
     assert not (tmp_path / "dest-old").exists()
