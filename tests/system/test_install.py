@@ -82,9 +82,9 @@ def _evil_verifier(tree: Tree) -> bytes:
     wheel = f"wheels/scalebox-{A}-py3-none-any.whl"
     return _patch_wheel(
         tree.get(wheel),
-        "scalebox/release/verify.py",
-        "    signer = signing.find_signer(manifest_bytes, signature, keys)\n",
-        f"    open({EVIL_RAN!r}, 'w').close()\n    signer = keys[0]\n",
+        "scalebox/release/extract.py",
+        "            signer = signing.find_signer(manifest_bytes, signature, keys, self.retired)\n",
+        f"            open({EVIL_RAN!r}, 'w').close()\n            signer = keys[0]\n",
     )
 
 
