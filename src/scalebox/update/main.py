@@ -188,6 +188,13 @@ def _emit(result: Result, as_json: bool) -> int:
 @click.option("--allow-http", is_flag=True, help="Allow plain-http release URLs.")
 @click.option("--check", is_flag=True, help="Only say whether an update is available (exit 10).")
 @click.option("--dry-run", is_flag=True, help="Resolve, download and verify; change nothing.")
+@click.option(
+    "--stage",
+    "stage_only",
+    is_flag=True,
+    help="Download, verify and build the release into releases/ but do not switch to it; "
+    "scaleboxd keeps running. The next scalebox-update re-checks it and only switches.",
+)
 @click.option("--rollback", is_flag=True, help="Go back to the previous kept release.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON result object on stdout.")
 @click.option(
@@ -207,6 +214,7 @@ def cli(  # noqa: PLR0917 - click passes every option as an argument
     allow_http: bool,
     check: bool,
     dry_run: bool,
+    stage_only: bool,
     rollback: bool,
     as_json: bool,
     stability_window: float | None,
@@ -240,6 +248,8 @@ def cli(  # noqa: PLR0917 - click passes every option as an argument
         )
     if check and dry_run:
         raise UsageError("--check and --dry-run are separate modes", "choose one")
+    if stage_only and (check or rollback):
+        raise UsageError("--stage cannot be combined with --check or --rollback", "choose one")
     preflight.require_root()
     with _context(stability_window) as ctx, _transaction_guard(ctx) as recovered:
         if rollback:
@@ -253,6 +263,7 @@ def cli(  # noqa: PLR0917 - click passes every option as an argument
                 allow_http=allow_http,
                 check=check,
                 dry_run=dry_run,
+                stage_only=stage_only,
             )
     result["recovered"] = recovered
     click_ctx.exit(_emit(result, as_json))
@@ -267,6 +278,7 @@ def _update(
     allow_http: bool,
     check: bool,
     dry_run: bool,
+    stage_only: bool = False,
 ) -> Result:
     installed = preflight.check(ctx)
     source = resolve.source_from_env(os.environ, to_version=to_version, allow_http=allow_http)
@@ -295,7 +307,9 @@ def _update(
     if decided is not None:
         return decided
     if dry_run:
-        return _dry_run(installed.version, release)
+        return _dry_run(installed.version, release, stage_only=stage_only)
+    if stage_only:
+        return _pre_stage(ctx, installed.version, release)
     outcome = transaction.install(
         ctx,
         action="update",
@@ -316,12 +330,48 @@ def _update(
     return result
 
 
-def _dry_run(installed: str, release: Release) -> Result:
+def _pre_stage(ctx: Context, installed: str, release: Release) -> Result:
+    """Build releases/<version> and check the live config with it; the service is not touched.
+
+    No journal: nothing live changes. The lock is held, and the directory is
+    marked .complete only once whole, so a crash leaves an unfinished
+    directory that the next run removes; a complete one is re-checked
+    (RELEASE.json bytes and every staged file) before an update reuses it.
+    """
+    name = stage.check_name(release.version)
+    if stage.current_name(ctx.paths) == name:
+        return _result(
+            "up to date", installed, release.version, f"{release.version} is the running release"
+        )
+    stage.ensure_packages(release.root, release.version, _report)
+    try:
+        built = stage.build(
+            ctx.paths, release.root, release.version, python=ctx.python, report=_report
+        )
+    except BaseException:
+        # Failed or interrupted: the unfinished directory goes now (else the next run removes it).
+        if not stage.is_complete(ctx.paths.release_dir(name)):
+            shutil.rmtree(ctx.paths.release_dir(name), ignore_errors=True)
+        raise
+    stage.check_config(ctx.paths, name)
+    how = "built" if built else "already built and re-checked"
+    return _result(
+        "staged",
+        installed,
+        release.version,
+        f"staged {release.version} in {ctx.paths.release_dir(name)} ({how}, verified, "
+        f"accepts the live config); scaleboxd {installed} keeps running; "
+        f"`scalebox-update --to {release.version}` switches to it",
+    )
+
+
+def _dry_run(installed: str, release: Release, *, stage_only: bool = False) -> Result:
     """What the update would do beyond the switch: migrations to run, packages to install."""
     pending = migrate.would_run(release.root, installed, release.version)
     need = packages.missing_now(stage.declared_packages(release.root))
+    verb = "stage" if stage_only else "update"
     lines = [
-        f"would update {installed} -> {release.version} "
+        f"would {verb} {installed} -> {release.version} "
         f"(verified, signed by {release.signed_by}); nothing was changed",
         "  migrations to run: "
         + (", ".join(f"{m.id} ({m.description})" for m in pending) or "none"),

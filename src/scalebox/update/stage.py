@@ -11,6 +11,7 @@ build, the Debian packages the release declares are installed if missing
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +28,11 @@ from scalebox.update.paths import Paths
 from scalebox.update.plan import ReleaseDir
 
 COMPLETE = ".complete"
+# What staging wrote (sha256 per file, target per symlink): a pre-staged release is
+# re-checked against it before an update reuses it.
+STAGED_FILES = ".staged-files.json"
+# Run by the new venv's interpreter, so it imports nothing of the running release.
+INSTALL_SCRIPT = Path(__file__).with_name("wheel_install.py")
 MANIFEST = "RELEASE.json"
 
 Report = Callable[[str], None]
@@ -136,7 +142,7 @@ def build(paths: Paths, release_root: Path, version: str, *, python: str, report
     new_manifest = (release_root / MANIFEST).read_bytes()
     if target.exists():
         same = (target / MANIFEST).is_file() and (target / MANIFEST).read_bytes() == new_manifest
-        if is_complete(target) and same:
+        if is_complete(target) and same and (current_name(paths) == name or unchanged(target)):
             report(f"releases/{name} is already built from this release; reusing it")
             return False
         if current_name(paths) == name:
@@ -145,7 +151,7 @@ def build(paths: Paths, release_root: Path, version: str, *, python: str, report
                 f"{MANIFEST}; it cannot be rebuilt while it runs",
                 "install another version first, or publish this build under a new version",
             )
-        report(f"removing stale releases/{name}")
+        report(f"releases/{name} is not exactly what this release builds; rebuilding it")
         shutil.rmtree(target)
 
     wanted = _supported_pythons(new_manifest)
@@ -165,30 +171,92 @@ def build(paths: Paths, release_root: Path, version: str, *, python: str, report
             shutil.copytree(entry, target / entry.name, symlinks=True)
         else:
             shutil.copy2(entry, target / entry.name)
-    process.run([python, "-m", "venv", str(target / "venv")], "create the release venv")
-    process.run(
-        [
-            str(target / "venv" / "bin" / "python"),
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-index",
-            "--no-cache-dir",
-            "--disable-pip-version-check",
-            "--find-links",
-            str(release_root / "wheels"),
-            f"scalebox=={version}",
-        ],
-        f"install scalebox {version} from the release's wheels",
-        env={**os.environ, "PIP_CONFIG_FILE": os.devnull},
-        hint="the release's wheels/ do not install on this server; nothing was changed",
-    )
-    # Everything cp and pip wrote reaches the disk before .complete says the tree is whole.
+    _install(target / "venv", release_root / "wheels", version, python)
+    (target / STAGED_FILES).write_text(json.dumps(file_record(target), indent=0, sort_keys=True))
+    # All that cp and the installer wrote reaches the disk before .complete says it is whole.
     fsync_tree(target)
     fsync_dir(target.parent)
     atomic_write(target / COMPLETE, f"{version}\n")
     return True
+
+
+def file_record(directory: Path) -> dict[str, str]:
+    """sha256 of every regular file under ``directory``, and the target of every symlink."""
+    record: dict[str, str] = {}
+    for dirpath, dirs, files in os.walk(directory):
+        dirs.sort()
+        for entry in [*files, *(d for d in dirs if Path(dirpath, d).is_symlink())]:
+            path = Path(dirpath) / entry
+            rel = path.relative_to(directory).as_posix()
+            if rel in {COMPLETE, STAGED_FILES}:
+                continue
+            if path.is_symlink():
+                record[rel] = "symlink:" + str(path.readlink())
+            else:
+                record[rel] = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    return record
+
+
+def unchanged(directory: Path) -> bool:
+    """True when ``directory`` holds exactly the files staging recorded (none changed or added)."""
+    try:
+        recorded = json.loads((directory / STAGED_FILES).read_text())
+        return isinstance(recorded, dict) and recorded == file_record(directory)
+    except (OSError, ValueError):
+        return False  # staged by an updater that kept no record, or damaged: rebuild
+
+
+def _tool_wheel(wheels: Path, project: str) -> Path | None:
+    found = sorted(wheels.glob(f"{project}-*-py3-none-any.whl"))
+    return found[-1] if found else None
+
+
+def _install(venv: Path, wheels: Path, version: str, python: str) -> None:
+    """Build ``venv`` with scalebox==version from ``wheels`` alone, offline.
+
+    With the release's own PyPA ``installer`` and ``packaging`` wheels (every
+    release since 0.2.0 ships them), a venv without pip and one process that
+    installs every wheel and compiles the bytecode: about a second, where
+    ensurepip + pip took 8-10 s. A release without them (an older one, being
+    rolled back to) is built the old way, with pip.
+    """
+    hint = "the release's wheels/ do not install on this server; nothing was changed"
+    tools = [_tool_wheel(wheels, "installer"), _tool_wheel(wheels, "packaging")]
+    if None in tools:
+        process.run([python, "-m", "venv", str(venv)], "create the release venv")
+        process.run(
+            [
+                str(venv / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-index",
+                "--no-cache-dir",
+                "--disable-pip-version-check",
+                "--find-links",
+                str(wheels),
+                f"scalebox=={version}",
+            ],
+            f"install scalebox {version} from the release's wheels",
+            env={**os.environ, "PIP_CONFIG_FILE": os.devnull},
+            hint=hint,
+        )
+        return
+    process.run([python, "-m", "venv", "--without-pip", str(venv)], "create the release venv")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    process.run(
+        [
+            str(venv / "bin" / "python"),
+            "-s",
+            str(INSTALL_SCRIPT),
+            str(wheels),
+            f"scalebox=={version}",
+        ],
+        f"install scalebox {version} from the release's wheels",
+        env={**env, "PYTHONPATH": os.pathsep.join(str(t) for t in tools)},
+        hint=hint,
+    )
 
 
 def _supported_pythons(manifest: bytes) -> list[str]:
