@@ -309,3 +309,35 @@ def test_is_frozen_reads_cgroup_events(tmp_path: Path) -> None:
     (tmp_path / "cgroup.events").write_text("populated 1\nfrozen 0\n")
     assert not nspawn.is_frozen(tmp_path)
     assert not nspawn.is_frozen(tmp_path / "gone")
+
+
+def test_forget_identity_removes_nothing_through_a_planted_directory_symlink(
+    tmp_path: Path,
+) -> None:
+    """A guest made /etc/ssh and /etc point at the host's (absolute) paths: nothing there goes."""
+    host = tmp_path / "host"
+    (host / "ssh").mkdir(parents=True)
+    (host / "ssh/ssh_host_ed25519_key").write_text("the host's key")
+    (host / "machine-id").write_text("host id\n")
+    root = tmp_path / "disk"
+    root.mkdir()
+    (root / "etc").symlink_to(host)
+    (root / "home/user").mkdir(parents=True)
+    (root / "home/user/.ssh").symlink_to(host / "ssh")
+
+    assert nspawn.forget_identity(root) == []
+    assert (host / "ssh/ssh_host_ed25519_key").read_text() == "the host's key"
+    assert (host / "machine-id").read_text() == "host id\n"
+
+
+def test_prepare_disk_refuses_a_template_whose_etc_is_a_symlink(tmp_path: Path) -> None:
+    host_etc = tmp_path / "host-etc"
+    host_etc.mkdir()
+    (host_etc / "hostname").write_text("host\n")
+    disk = tmp_path / "disk"
+    (disk / "home/user").mkdir(parents=True)
+    (disk / "etc").symlink_to(host_etc)
+    backend = nspawn.NspawnBackend.__new__(nspawn.NspawnBackend)  # prepare_disk uses no state
+    with pytest.raises(nspawn.CommandFailed, match="template's etc is a symlink"):
+        backend.prepare_disk(make_vm(ssh_public_key=real_key()), disk)
+    assert (host_etc / "hostname").read_text() == "host\n"

@@ -168,20 +168,39 @@ IDENTITY_FILES = (
 )
 
 
+def through_symlink(rootfs: Path, rel: str) -> bool:
+    """Whether a directory on the way from ``rootfs`` to ``rel`` is a symlink (or not a dir).
+
+    A guest owns its tree: a symlink it plants at ``etc`` or ``home/user``
+    points, for the host that copies or edits the tree, into the host's own
+    files. Nothing may be written or removed through one.
+    """
+    path = rootfs
+    for part in Path(rel).parent.parts:
+        path = path / part
+        if path.is_symlink() or not path.is_dir():
+            return True
+    return False
+
+
 def forget_identity(rootfs: Path) -> list[str]:
     """Remove a VM's own identity from a copy of its disk; return what was removed.
 
     Host keys, authorized keys, random seed and the D-Bus machine id go; the
     machine id is emptied (systemd makes one at boot, scalebox writes one when
-    a VM is made from the copy). Never follows a symlink the guest planted.
+    a VM is made from the copy). Never follows a symlink the guest planted:
+    what is behind one is not in the tree and is left alone.
     """
     removed = []
     for pattern in IDENTITY_FILES:
+        if through_symlink(rootfs, pattern):
+            continue
         for path in sorted(rootfs.glob(pattern)):
             if path.is_symlink() or path.is_file():
                 path.unlink()
                 removed.append(str(path.relative_to(rootfs)))
-    _write_new(rootfs / "etc/machine-id", "", 0o444)
+    if not through_symlink(rootfs, "etc/machine-id"):
+        _write_new(rootfs / "etc/machine-id", "", 0o444)
     return removed
 
 
@@ -293,6 +312,12 @@ class NspawnBackend:
 
     def prepare_disk(self, vm: VM, disk: Path) -> None:
         """Write what makes the copied template this VM: keys, hostname, machine id."""
+        for rel in ("etc/hostname", "home/user"):
+            if through_symlink(disk, rel):
+                raise CommandFailed(
+                    f"the template's {Path(rel).parent} is a symlink or not a directory",
+                    "make VMs from another template; delete this one if a snapshot made it",
+                )
         uid, gid = _user_ids(disk, "user")
         home = disk / "home/user"
         _safe_dir(home, uid, gid, 0o755)
