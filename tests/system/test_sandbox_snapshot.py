@@ -83,16 +83,18 @@ def test_a_snapshot_of_a_running_vm_makes_a_template_whose_vms_have_its_files(
         snap = s.api("POST", f"/vms/{src_id}/snapshot", json={"template_name": "snap-one"})
         assert snap.status_code == 201, snap.text
         # The same container process, running (not frozen), and the same SSH session.
-        assert unit_props(s, src_id) == before
+        after = unit_props(s, src_id)
+        assert after == before, (before, after)
         assert ask(session, "cat /home/user/note.txt") == "kept-by-the-snapshot"
-    assert s.sh("cat /run/seen-frozen", check=False).stdout.strip() == "seen"
+    seen = s.sh("cat /run/seen-frozen; systemctl status freeze-watch", check=False).stdout
+    assert seen.startswith("seen"), seen
     s.sh("systemctl stop freeze-watch 2>/dev/null || true")
 
     answer = snap.json()
     assert (answer["template"], answer["source_vm"]) == ("snap-one", src_id)
     disk = f"{TEMPLATES}/snap-one/disk"
     real = s.sh(f"find {disk} -type f -printf '%s\\n' | awk '{{n += $1}} END {{print n}}'")
-    assert answer["size_bytes"] == int(real.stdout) > 100_000_000  # a Debian root filesystem
+    assert answer["size_bytes"] == int(real.stdout) > 100_000_000, (answer, real.stdout)
     # The VM's own identity stayed with it.
     assert s.sh(f"ls {disk}/etc/ssh/ | grep -c ssh_host_ || true").stdout.strip() == "0"
     assert s.sh(f"stat -c %s {disk}/etc/machine-id").stdout.strip() == "0"
@@ -104,8 +106,9 @@ def test_a_snapshot_of_a_running_vm_makes_a_template_whose_vms_have_its_files(
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["kept-by-the-snapshot", "from-snap"]
     copy_identity = vm_ssh(s, "from-snap", "/root/two", IDENTITY).stdout.split()
-    assert len(copy_identity) == 2 and copy_identity[0] != src_identity[0]
-    assert copy_identity[1] != src_identity[1]  # its own ssh host key
+    # Its own machine id and its own ssh host key.
+    assert len(copy_identity) == 2, copy_identity
+    assert copy_identity[0] != src_identity[0] and copy_identity[1] != src_identity[1]
     assert s.ssh(int(str(copy["ssh_port"])), "/root/one", "true").returncode != 0
     # `scalebox vm ssh` exits with the command's exit code.
     assert vm_ssh(s, "from-snap", "/root/two", "exit 3").returncode == 3
