@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import select
+import queue
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -29,12 +30,25 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
         yield s
 
 
-def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
+# Lines of each open session, read by a thread: select() on the pipe would
+# miss a second line that readline() had already pulled into its buffer.
+_LINES: dict[subprocess.Popen[str], queue.Queue[str]] = {}
+
+
+def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str]) -> None:
     assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready:
-        raise AssertionError(f"no line from the ssh session within {timeout:.0f} s")
-    return proc.stdout.readline().strip()
+    for line in proc.stdout:
+        lines.put(line)
+
+
+def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
+    if proc not in _LINES:
+        _LINES[proc] = queue.Queue()
+        threading.Thread(target=_pump, args=(proc, _LINES[proc]), daemon=True).start()
+    try:
+        return _LINES[proc].get(timeout=timeout).strip()
+    except queue.Empty:
+        raise AssertionError(f"no line from the ssh session within {timeout:.0f} s") from None
 
 
 @contextlib.contextmanager
@@ -56,6 +70,7 @@ def open_session(s: Sandbox, port: int, key: str) -> Iterator[subprocess.Popen[s
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+        _LINES.pop(proc, None)
 
 
 def ask(proc: subprocess.Popen[str], command: str, timeout: float = 30) -> str:

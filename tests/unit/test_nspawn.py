@@ -248,3 +248,96 @@ def test_a_unit_waiting_to_restart_its_dead_guest_is_failed_not_starting() -> No
     text = "MainPID=0\nActiveState=activating\nSubState=auto-restart\n"
     assert parse_show(text) == GuestStatus("failed", None)
     assert parse_show("MainPID=0\nActiveState=activating\nSubState=start\n").status == "starting"
+
+
+def test_forget_identity_removes_what_makes_a_vm_itself_and_keeps_its_files(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "disk"
+    for rel, text in {
+        "etc/ssh/ssh_host_ed25519_key": "secret",
+        "etc/ssh/ssh_host_ed25519_key.pub": "public",
+        "etc/ssh/sshd_config": "Port 22\n",
+        "etc/machine-id": "0123456789abcdef0123456789abcdef\n",
+        "home/user/.ssh/authorized_keys": "ssh-ed25519 AAAA me\n",
+        "home/user/notes.txt": "kept\n",
+        "var/lib/systemd/random-seed": "seed",
+    }.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    # A guest may plant a symlink where a file is expected: it is removed, not followed.
+    outside = tmp_path / "outside"
+    outside.write_text("host file\n")
+    (root / "var/lib/dbus").mkdir(parents=True)
+    (root / "var/lib/dbus/machine-id").symlink_to(outside)
+
+    removed = nspawn.forget_identity(root)
+
+    assert sorted(removed) == [
+        "etc/ssh/ssh_host_ed25519_key", "etc/ssh/ssh_host_ed25519_key.pub",
+        "home/user/.ssh/authorized_keys", "var/lib/dbus/machine-id",
+        "var/lib/systemd/random-seed",
+    ]  # fmt: skip
+    assert (root / "etc/machine-id").read_text() == ""
+    assert (root / "etc/ssh/sshd_config").read_text() == "Port 22\n"
+    assert (root / "home/user/notes.txt").read_text() == "kept\n"
+    assert outside.read_text() == "host file\n"
+
+
+def test_parse_props_reads_systemctl_show() -> None:
+    text = "ActiveState=active\nControlGroup=/system.slice/a=b.service\n"
+    assert nspawn.parse_props(text) == {
+        "ActiveState": "active", "ControlGroup": "/system.slice/a=b.service",
+    }  # fmt: skip
+
+
+def test_cgroup_v2_root_is_the_unified_or_the_hybrid_mount(tmp_path: Path) -> None:
+    unified, hybrid = tmp_path / "cgroup", tmp_path / "cgroup/unified"
+    hybrid.mkdir(parents=True)
+    assert nspawn.cgroup_v2_root((unified, hybrid)) is None  # v1 only: no v2 hierarchy
+    (hybrid / "cgroup.procs").write_text("")
+    (hybrid / "cgroup.subtree_control").write_text("")
+    assert nspawn.cgroup_v2_root((unified, hybrid)) == hybrid
+    (unified / "cgroup.procs").write_text("")
+    (unified / "cgroup.subtree_control").write_text("")
+    assert nspawn.cgroup_v2_root((unified, hybrid)) == unified
+
+
+def test_is_frozen_reads_cgroup_events(tmp_path: Path) -> None:
+    (tmp_path / "cgroup.events").write_text("populated 1\nfrozen 1\n")
+    assert nspawn.is_frozen(tmp_path)
+    (tmp_path / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    assert not nspawn.is_frozen(tmp_path)
+    assert not nspawn.is_frozen(tmp_path / "gone")
+
+
+def test_forget_identity_removes_nothing_through_a_planted_directory_symlink(
+    tmp_path: Path,
+) -> None:
+    """A guest made /etc/ssh and /etc point at the host's (absolute) paths: nothing there goes."""
+    host = tmp_path / "host"
+    (host / "ssh").mkdir(parents=True)
+    (host / "ssh/ssh_host_ed25519_key").write_text("the host's key")
+    (host / "machine-id").write_text("host id\n")
+    root = tmp_path / "disk"
+    root.mkdir()
+    (root / "etc").symlink_to(host)
+    (root / "home/user").mkdir(parents=True)
+    (root / "home/user/.ssh").symlink_to(host / "ssh")
+
+    assert nspawn.forget_identity(root) == []
+    assert (host / "ssh/ssh_host_ed25519_key").read_text() == "the host's key"
+    assert (host / "machine-id").read_text() == "host id\n"
+
+
+def test_prepare_disk_refuses_a_template_whose_etc_is_a_symlink(tmp_path: Path) -> None:
+    host_etc = tmp_path / "host-etc"
+    host_etc.mkdir()
+    (host_etc / "hostname").write_text("host\n")
+    disk = tmp_path / "disk"
+    (disk / "home/user").mkdir(parents=True)
+    (disk / "etc").symlink_to(host_etc)
+    backend = nspawn.NspawnBackend.__new__(nspawn.NspawnBackend)  # prepare_disk uses no state
+    with pytest.raises(nspawn.CommandFailed, match="template's etc is a symlink"):
+        backend.prepare_disk(make_vm(ssh_public_key=real_key()), disk)
+    assert (host_etc / "hostname").read_text() == "host\n"

@@ -8,6 +8,8 @@ exception keeps its traceback, because it is a bug.
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +20,7 @@ import click
 from scalebox import __version__, fsutil, names
 from scalebox.cli import output, settings
 from scalebox.cli.client import Client, Json
-from scalebox.cli.errors import EXIT_CODES_HELP, EXIT_INTERRUPTED, exit_code_for
+from scalebox.cli.errors import EXIT_CODES_HELP, EXIT_INTERRUPTED, ApiError, exit_code_for
 from scalebox.cli.sshkey import choose_public_key
 from scalebox.errors import ConfigError, ScaleboxError, UsageError
 
@@ -318,6 +320,77 @@ def vm_snapshot(
         f"Saved VM {vm_ref} as template {answer.get('template')} "
         f"({output.size(answer.get('size_bytes'))})."
     )
+
+
+SSH_USER = "user"  # the account every template has (docs/architecture.md)
+
+
+def ssh_argv(
+    vm: Json, identity: Path | None, options: tuple[str, ...], command: tuple[str, ...]
+) -> list[str]:
+    """The ssh command line into ``vm`` (a VM as the API shows it) that runs ``command``."""
+    port, host = vm.get("ssh_port"), vm.get("ip")
+    label = vm.get("name") or vm.get("id")
+    if not isinstance(port, int) or isinstance(port, bool) or port <= 0:
+        raise ApiError(
+            f"VM {label} has no SSH port", "`scalebox vm get` shows what the server says"
+        )
+    if not isinstance(host, str) or not host:
+        raise ApiError(f"VM {label} has no address (ip)", "set HOST_IP in the server's config")
+    argv = ["ssh", "-p", str(port)]
+    if identity is not None:
+        argv += ["-i", str(identity)]
+    for option in options:
+        argv += ["-o", option]
+    # `--`: the destination and the command are never read as ssh options.
+    return [*argv, "--", f"{SSH_USER}@{host}", *command]
+
+
+@vm.command(
+    "ssh",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.argument("vm_ref", metavar="VM")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- CMD...]")
+@click.option(
+    "-i", "--identity", type=click.Path(dir_okay=False, path_type=Path),
+    help="Private key file for ssh (ssh -i) [default: ssh's own choice].",
+)  # fmt: skip
+@click.option(
+    "-o", "--ssh-option", "options", multiple=True, metavar="OPTION",
+    help="An option for ssh (ssh -o OPTION); may be repeated.",
+)  # fmt: skip
+@click.option(
+    "--print", "print_only", is_flag=True,
+    help="Print the ssh command line instead of running it.",
+)  # fmt: skip
+def vm_ssh(
+    vm_ref: str,
+    command: tuple[str, ...],
+    identity: Path | None,
+    options: tuple[str, ...],
+    print_only: bool,
+) -> None:
+    """Log into a VM with ssh as `user`, or run CMD in it; exits with ssh's exit code."""
+    check_vm_ref(vm_ref)
+    if command[:1] == ("--",):  # click keeps the `--` that follows VM: it is ours, not CMD's
+        command = command[1:]
+    with connect() as client:
+        answer = client.get_vm(vm_ref)
+    argv = ssh_argv(answer, identity, options, command)
+    if print_only:
+        click.echo(shlex.join(argv))
+        return
+    program = shutil.which("ssh")
+    if program is None:
+        raise UsageError(
+            "ssh is not installed (no ssh on PATH)",
+            "install the OpenSSH client (apt-get install openssh-client), "
+            "or print the command with --print",
+        )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(program, argv)  # noqa: S606 - argv is ours, no shell involved
 
 
 # -- template --------------------------------------------------------------

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from scalebox import unitprops
+from scalebox.daemon.vms import disks
 from scalebox.daemon.vms.command import CommandFailed, run
 from scalebox.daemon.vms.naming import VM_ID_RE
 
@@ -62,6 +63,9 @@ class Backend(Protocol):
 
     def strays(self, known: set[str]) -> dict[str, str]:
         """What a guest holds besides its unit and disk, for VM ids not in ``known``: id -> what."""
+
+    def copy_for_snapshot(self, vm: VM, disk: Path, target: Path) -> None:
+        """Copy the disk of ``vm`` (running or not) to the new path ``target`` for a template."""
 
     def start(self, vm_id: str) -> int | None:
         """Start the guest of ``vm_id`` (its directory and vm.json exist); return its pid."""
@@ -169,6 +173,10 @@ class _ProcessGuest:
 
     def strays(self, known: set[str]) -> dict[str, str]:
         return {}
+
+    def copy_for_snapshot(self, vm: VM, disk: Path, target: Path) -> None:
+        # A stand-in guest writes nothing to its disk: a plain copy is consistent.
+        disks.copy_tree(disk, target)
 
 
 class SystemdBackend(_ProcessGuest):

@@ -17,6 +17,11 @@ Per VM ``vm-<hex>``, all named after its id so nothing is ever guessed:
   SSH session survives restarts and updates of scaleboxd.
 
 Deleting a VM stops and removes all of them (``release``).
+
+A snapshot (``copy_for_snapshot``) freezes the VM's unit (the cgroup v2
+freezer stops every process of the container where it is), copies its
+disk, thaws it again whatever the copy did, and removes from the copy what
+makes a VM itself (``forget_identity``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 
 from scalebox.config import ServerConfig
 from scalebox.daemon.errors import ApiError
+from scalebox.daemon.vms import disks
 from scalebox.daemon.vms.backend import GuestStatus, SystemdBackend, unit_name
 from scalebox.daemon.vms.command import CommandFailed, run
 from scalebox.daemon.vms.models import VM
@@ -44,6 +50,10 @@ SOCKET_PROXYD = "/usr/lib/systemd/systemd-socket-proxyd"
 NETNS_PREFIX = "scalebox-"
 GUEST_IF = "eth0"
 SSH_BANNER = b"SSH-"
+# Where the cgroup v2 hierarchy is: /sys/fs/cgroup when it is the only one
+# (unified, as on Debian 12), /sys/fs/cgroup/unified beside the v1 ones (hybrid).
+CGROUP_V2_ROOTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
+FREEZE_TIMEOUT = 30.0
 MAX_HOSTNAME_LEN = 63
 
 
@@ -146,6 +156,100 @@ def hosts_file(hostname: str) -> str:
     return f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost\n"
 
 
+# What makes a VM itself rather than its template: made anew for each VM
+# (host keys at its first boot by the template's ssh drop-in, the rest by
+# prepare_disk or systemd), so a snapshot template must not carry them.
+IDENTITY_FILES = (
+    "etc/ssh/ssh_host_*",
+    "home/user/.ssh/authorized_keys",
+    "var/lib/systemd/random-seed",
+    "var/lib/systemd/credential.secret",
+    "var/lib/dbus/machine-id",
+)
+
+
+def through_symlink(rootfs: Path, rel: str) -> bool:
+    """Whether a directory on the way from ``rootfs`` to ``rel`` is a symlink (or not a dir).
+
+    A guest owns its tree: a symlink it plants at ``etc`` or ``home/user``
+    points, for the host that copies or edits the tree, into the host's own
+    files. Nothing may be written or removed through one.
+    """
+    path = rootfs
+    for part in Path(rel).parent.parts:
+        path = path / part
+        if path.is_symlink() or not path.is_dir():
+            return True
+    return False
+
+
+def forget_identity(rootfs: Path) -> list[str]:
+    """Remove a VM's own identity from a copy of its disk; return what was removed.
+
+    Host keys, authorized keys, random seed and the D-Bus machine id go; the
+    machine id is emptied (systemd makes one at boot, scalebox writes one when
+    a VM is made from the copy). Never follows a symlink the guest planted:
+    what is behind one is not in the tree and is left alone.
+    """
+    removed = []
+    for pattern in IDENTITY_FILES:
+        if through_symlink(rootfs, pattern):
+            continue
+        for path in sorted(rootfs.glob(pattern)):
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+                removed.append(str(path.relative_to(rootfs)))
+    if not through_symlink(rootfs, "etc/machine-id"):
+        _write_new(rootfs / "etc/machine-id", "", 0o444)
+    return removed
+
+
+def parse_props(text: str) -> dict[str, str]:
+    """``systemctl show -p ...`` output as a dict."""
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def cgroup_v2_root(roots: tuple[Path, ...] = CGROUP_V2_ROOTS) -> Path | None:
+    """The mount point of the cgroup v2 hierarchy, unified or hybrid; None without one."""
+    for root in roots:
+        if (root / "cgroup.procs").is_file() and (root / "cgroup.subtree_control").is_file():
+            return root
+    return None
+
+
+def is_frozen(cgroup: Path) -> bool:
+    """Whether every process of ``cgroup`` is frozen (``frozen 1`` in cgroup.events)."""
+    try:
+        return "frozen 1" in (cgroup / "cgroup.events").read_text().splitlines()
+    except OSError:
+        return False
+
+
+def set_frozen(cgroup: Path, frozen: bool, what: str, timeout: float = FREEZE_TIMEOUT) -> None:
+    """Freeze or thaw ``cgroup`` (cgroup v2 freezer) and wait until the kernel has done it.
+
+    The kernel's freezer rather than ``systemctl freeze``: systemd freezes
+    only on a unified hierarchy, the kernel's v2 freezer works on a hybrid
+    one too (as in our test machines). systemd's FreezerState does not see it.
+    """
+    try:
+        (cgroup / "cgroup.freeze").write_text("1" if frozen else "0")
+    except OSError as exc:
+        raise CommandFailed(
+            f"could not {what}: {cgroup}/cgroup.freeze: {exc.strerror}",
+            "the host needs cgroup v2 (the unified hierarchy)",
+        ) from None
+    deadline = time.monotonic() + timeout
+    while is_frozen(cgroup) != frozen:
+        if time.monotonic() > deadline:
+            if frozen:  # never leave it half frozen
+                with contextlib.suppress(OSError):
+                    (cgroup / "cgroup.freeze").write_text("0")
+            raise CommandFailed(f"could not {what}: not done after {timeout:.0f} s",
+                                "see the VM's processes: systemd-cgls " + str(cgroup))  # fmt: skip
+        time.sleep(0.005)
+
+
 # --- the backend ---------------------------------------------------------------------
 
 
@@ -208,6 +312,12 @@ class NspawnBackend:
 
     def prepare_disk(self, vm: VM, disk: Path) -> None:
         """Write what makes the copied template this VM: keys, hostname, machine id."""
+        for rel in ("etc/hostname", "home/user"):
+            if through_symlink(disk, rel):
+                raise CommandFailed(
+                    f"the template's {Path(rel).parent} is a symlink or not a directory",
+                    "make VMs from another template; delete this one if a snapshot made it",
+                )
         uid, gid = _user_ids(disk, "user")
         home = disk / "home/user"
         _safe_dir(home, uid, gid, 0o755)
@@ -261,12 +371,54 @@ class NspawnBackend:
         return self._units.recent_output(vm_id)
 
     def adopt(self, vm: VM) -> None:
-        """A VM that runs since before scaleboxd started: make sure its forwarder does too."""
+        """A VM that runs since before scaleboxd started: make sure its forwarder does too.
+
+        A VM left frozen (scaleboxd killed in the middle of a snapshot) is thawed.
+        """
+        cgroup = self._cgroup(vm.id) if cgroup_v2_root() is not None else None
+        if cgroup is not None and is_frozen(cgroup):
+            set_frozen(cgroup, False, f"thaw VM {vm.id} left frozen by a snapshot")
         name = forwarder_unit(vm.id)
         state = run(["systemctl", "show", "-p", "ActiveState", "--value", f"{name}.socket"],
                     f"read the state of {name}.socket").strip()  # fmt: skip
         if state != "active":
             self._forwarder_up(vm)
+
+    def copy_for_snapshot(self, vm: VM, disk: Path, target: Path) -> None:
+        """Copy ``disk`` with the VM frozen, thaw it whatever happened, then forget its identity.
+
+        Frozen (the cgroup freezer of its unit), no process of the container
+        runs, so the copy is one moment of its files: what programs have
+        written, not what they still hold in memory; as consistent as a power
+        cut. A VM that does not run is copied as it is.
+        """
+        cgroup = self._cgroup(vm.id)
+        if cgroup is None:
+            disks.copy_tree(disk, target)
+        else:
+            set_frozen(cgroup, True, f"freeze VM {vm.id} for its snapshot")
+            try:
+                disks.copy_tree(disk, target)
+            finally:
+                set_frozen(cgroup, False, f"thaw VM {vm.id} after its snapshot")
+        forget_identity(target)
+
+    def _cgroup(self, vm_id: str) -> Path | None:
+        """The cgroup directory of the VM's unit while it runs, else None."""
+        unit = unit_name(vm_id)
+        argv = ["systemctl", "show", "-p", "ActiveState,ControlGroup", unit]
+        props = parse_props(run(argv, f"read the state of {unit}"))
+        group = props.get("ControlGroup", "")
+        if props.get("ActiveState") != "active" or not group:
+            return None
+        root = cgroup_v2_root()
+        if root is None:
+            raise CommandFailed(
+                f"cannot freeze VM {vm_id}: no cgroup v2 hierarchy "
+                "(neither /sys/fs/cgroup nor /sys/fs/cgroup/unified)",
+                "snapshot it stopped, or boot the host with the unified cgroup hierarchy",
+            )
+        return root / group.lstrip("/")
 
     def strays(self, known: set[str]) -> dict[str, str]:
         """Network namespaces and forwarders of VM ids not in ``known`` (a crash mid-delete)."""

@@ -280,7 +280,11 @@ class VMService:
             self._log.info("deleted VM %s (%s); port %d is free", vm.id, vm.name, vm.ssh_port)
 
     def snapshot_vm(self, id_or_name: str, template_name: str) -> tuple[Template, VM]:
-        """Copy the VM's disk into a new template; VMs made from it start with that disk."""
+        """Copy the VM's disk into a new template; VMs made from it start with that disk.
+
+        The backend makes the copy (an nspawn VM is frozen for it and keeps
+        running); a copy that fails leaves nothing behind.
+        """
         template_name = naming.check_template_name(template_name, "template_name")
         with self._lock:
             vm = self._find(id_or_name)
@@ -292,7 +296,8 @@ class VMService:
             building = self._templates_dir / f"{TMP_PREFIX}{template_name}-{secrets.token_hex(4)}"
             try:
                 building.mkdir()
-                disks.copy_tree(self._vms_dir / vm.id / "disk", building / "disk")
+                self._backend.copy_for_snapshot(vm, self._vms_dir / vm.id / "disk",
+                                                building / "disk")  # fmt: skip
                 self._write_template_meta(building, template_name, source_vm=vm.id)
                 building.rename(target)
             except BaseException:
