@@ -360,7 +360,9 @@ def _http_attempt(  # noqa: PLR0917 - one caller, _retrying_download
         with _private_file(part, "ab" if got else "wb") as out:
             try:
                 # Unsized: chunks as they arrive, so a cut keeps every byte received.
-                for chunk in resp.iter_bytes():
+                # Raw: a Content-Encoding sent anyway is not undone; a gzip answer would
+                # inflate a thousandfold in memory, and Range counts the bytes sent.
+                for chunk in resp.iter_raw():
                     if (slow := pace.received(len(chunk))) is not None:
                         _flush(out)
                         raise _too_slow(url, slow, pace)
