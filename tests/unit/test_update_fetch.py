@@ -514,6 +514,35 @@ def test_the_total_time_limit_covers_every_attempt(
     assert time.monotonic() - started < 6
 
 
+def drip_headers(req: BaseHTTPRequestHandler, stop: threading.Event, every: float = 0.2) -> None:
+    """A status line, then one byte of an endless header every ``every`` seconds: no read
+    ever times out and no body byte ever arrives (h11 accepts 100 KB of header: days)."""
+    req.wfile.write(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+    while not stop.wait(every):
+        try:
+            req.wfile.write(b"a")
+            req.wfile.flush()
+        except OSError:
+            return
+
+
+def test_the_total_time_limit_covers_a_server_that_drips_its_headers(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    server.routes["/a.tar.gz"] = lambda req: drip_headers(req, server.stopping)
+    started = time.monotonic()
+    with pytest.raises(FetchError, match=r"took more than 2 s \(SCALEBOX_DOWNLOAD_TIMEOUT\)"):
+        fetch(
+            server.url("/a.tar.gz"),
+            tmp_path / "dl" / "a.tar.gz",
+            client,
+            progress=False,
+            limits=Limits(total=2, min_rate=10, window=1),
+        )
+    assert time.monotonic() - started < 6
+    assert not (tmp_path / "dl" / "a.tar.gz").exists()
+
+
 def test_limits_from_the_environment() -> None:
     assert Limits.from_env({}) == Limits()
     env = {"SCALEBOX_DOWNLOAD_TIMEOUT": "90", "SCALEBOX_DOWNLOAD_MIN_RATE": "0"}

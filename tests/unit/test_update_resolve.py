@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler
@@ -466,3 +467,26 @@ def test_an_absurd_rate_limit_reset_is_left_out(api: Server) -> None:
     err = error(source(api))
     assert "rate limit reached" in err.what
     assert "resets" not in err.what
+
+
+def test_an_api_that_drips_its_headers_is_cut_off_at_its_time_limit(
+    api: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One header byte every 0.2 s: no read times out, and before, no body byte ever came
+    to be counted against the 60 s limit (h11 takes 100 KB of header: 5 hours here)."""
+    monkeypatch.setattr("scalebox.update.resolve.API_TOTAL", 2.0)
+
+    def drip_headers(req: BaseHTTPRequestHandler) -> None:
+        req.wfile.write(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+        while not api.stopping.wait(0.2):
+            try:
+                req.wfile.write(b"a")
+                req.wfile.flush()
+            except OSError:
+                return
+
+    api.routes[f"/repos/{REPO}/releases/latest"] = drip_headers
+    started = time.monotonic()
+    err = error(source(api))
+    assert time.monotonic() - started < 6
+    assert "answered too slowly: it took more than 2 s" in err.what

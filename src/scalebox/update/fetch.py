@@ -40,7 +40,7 @@ import scalebox
 from scalebox.errors import ScaleboxError
 from scalebox.fsutil import fsync_dir
 from scalebox.update import local
-from scalebox.update.limits import Limits, Pace
+from scalebox.update.limits import DeadlinePassed, Limits, Pace, deadline
 from scalebox.update.paths import private_dir
 
 MiB = 1024 * 1024
@@ -520,16 +520,20 @@ def fetch(
         private_dir(dest.parent)
         if source is not None:
             return _copy_local(source, dest, max_bytes)
-        return _retrying_download(
-            candidate_url,
-            dest,
-            client,
-            max_bytes=max_bytes,
-            retries=retries,
-            show=show,
-            sleep=sleep,
-            pace=pace,
-        )
+        # Pace checks the total between chunks; this also ends a read blocked on a drip.
+        with deadline(pace.limits.total):
+            return _retrying_download(
+                candidate_url,
+                dest,
+                client,
+                max_bytes=max_bytes,
+                retries=retries,
+                show=show,
+                sleep=sleep,
+                pace=pace,
+            )
+    except DeadlinePassed:
+        raise _too_slow(candidate_url, pace.overdue(), pace) from None
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise FetchError(
             f"could not download {candidate_url}: {exc}",

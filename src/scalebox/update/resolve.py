@@ -37,7 +37,7 @@ from scalebox.update.fetch import (
     certificate_problem,
     make_client,
 )
-from scalebox.update.limits import API_TOTAL, Limits, Pace
+from scalebox.update.limits import API_TOTAL, DeadlinePassed, Limits, Pace, deadline
 
 DEFAULT_REPO = "The-Agentic-Journey/Scalebox"
 _REPO_NAME = re.compile(r"[A-Za-z0-9._-]+/[A-Za-z0-9._-]+")
@@ -376,7 +376,8 @@ class _GitHub:
         # identity: a compressed answer could inflate a thousandfold past any check.
         headers = {**headers, "Accept-Encoding": "identity"}
         try:
-            with self.client.stream("GET", url, headers=headers) as resp:
+            # pace counts body chunks; deadline also ends a read blocked on dripped headers.
+            with deadline(API_TOTAL), self.client.stream("GET", url, headers=headers) as resp:
                 encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
                 body = bytearray()
                 for chunk in _decoded(encoding, resp.iter_raw(_API_CHUNK)):
@@ -395,6 +396,11 @@ class _GitHub:
                             f"check the network and SCALEBOX_GITHUB_API, {_OTHER_SOURCE_HINT}",
                         )
                 return resp, bytes(body)
+        except DeadlinePassed:
+            raise ResolveError(
+                f"the releases API at {url} answered too slowly: it took more than {API_TOTAL:g} s",
+                f"check the network and SCALEBOX_GITHUB_API, {_OTHER_SOURCE_HINT}",
+            ) from None
         except TRANSIENT_ERRORS as exc:
             if (problem := certificate_problem(exc, url)) is not None:
                 raise ResolveError(problem.what, problem.hint) from exc
