@@ -155,3 +155,20 @@ def test_a_version_that_is_a_safe_name_but_not_pep_440_is_refused() -> None:
     data = good()
     data["version"] = "1.0-x_y"
     refused(data, "is not a version")
+
+
+@pytest.mark.parametrize(
+    ("where", "words"),
+    [("top", "the key 'units' twice"), ("files", "the key 'scripts/install.sh' twice")],
+)
+def test_a_key_given_twice_is_refused(where: str, words: str) -> None:
+    """json.loads keeps the last of two equal keys, other readers (and a reviewer's eye)
+    the first: the signed bytes would mean two things."""
+    text = json.dumps(good())
+    if where == "top":
+        text = text.replace('"units": [', '"units": ["evil.service"], "units": [', 1)
+    else:
+        text = text.replace(
+            '"scripts/install.sh": ', f'"scripts/install.sh": "{SHA}", "scripts/install.sh": ', 1
+        )
+    refused(text.encode(), words)
