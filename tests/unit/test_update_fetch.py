@@ -139,6 +139,27 @@ def test_a_resume_of_the_same_file_sends_its_validator(
     assert server.seen[-1].headers.get("range") == f"bytes={HALF}-"
 
 
+@pytest.mark.parametrize("etag", ['"v\xe9"', '"' + "v" * 2000 + '"'], ids=["latin-1", "2000-chars"])
+def test_an_etag_that_cannot_be_sent_back_is_not_kept(
+    server: Server, client: httpx.Client, tmp_path: Path, etag: str
+) -> None:
+    """An ETag with a non-ASCII byte, kept for If-Range, made every later run end in a
+    UnicodeEncodeError traceback, for as long as the partial download was kept. The
+    resume then goes without If-Range (the signature still checks every byte)."""
+    calls: list[int] = []
+
+    def cut_once(req: BaseHTTPRequestHandler) -> None:
+        calls.append(1)
+        send_range(req, BODY, cut_after=HALF if len(calls) == 1 else None, etag=etag)
+
+    server.routes["/a.tar.gz"] = cut_once
+    dest = tmp_path / "a.tar.gz"
+    fetch(server.url("/a.tar.gz"), dest, client, progress=False)
+    assert dest.read_bytes() == BODY
+    assert server.seen[-1].headers.get("range") == f"bytes={HALF}-"
+    assert "if-range" not in server.seen[-1].headers
+
+
 def test_a_server_that_ignores_range_restarts_from_zero(
     server: Server, client: httpx.Client, tmp_path: Path
 ) -> None:

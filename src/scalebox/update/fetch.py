@@ -199,17 +199,31 @@ def _validator_path(part: Path) -> Path:
     return part.with_name(part.name + ".validator")
 
 
+# What an If-Range header can carry back: printable ASCII, of a sane length.
+_VALIDATOR = re.compile(r"[\x20-\x7e]{1,1024}")
+
+
 def _remember_validator(resp: httpx.Response, part: Path) -> None:
     # If-Range takes a strong ETag or a Last-Modified date; a weak ETag ("W/...")
-    # cannot promise byte-identical content, so it is not kept.
+    # cannot promise byte-identical content, so it is not kept. Nor is one that
+    # could not be sent back (httpx would fail to encode it on every resume).
     etag = resp.headers.get("ETag", "")
     validator = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
     sidecar = _validator_path(part)
-    if validator:
+    if validator and _VALIDATOR.fullmatch(validator):
         with _private_file(sidecar, "wb") as f:
-            f.write(validator.encode(errors="replace")[:1024])
+            f.write(validator.encode())
     else:
         sidecar.unlink(missing_ok=True)
+
+
+def _kept_validator(part: Path) -> str | None:
+    """The validator kept beside ``part``, if there is one that can be sent."""
+    try:
+        text = _validator_path(part).read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if _VALIDATOR.fullmatch(text) else None
 
 
 def _private_file(path: Path, mode: str) -> IO[bytes]:
@@ -344,10 +358,10 @@ def _http_attempt(  # noqa: PLR0917 - one caller, _retrying_download
     headers = {"Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
-        validator = _validator_path(part)
-        if validator.exists():
+        validator = _kept_validator(part)
+        if validator is not None:
             # The server sends the whole file instead if it changed since the part began.
-            headers["If-Range"] = validator.read_text().strip()
+            headers["If-Range"] = validator
     with client.stream("GET", url, headers=headers) as resp:
         plan = _where_body_goes(resp, url, part, have, max_bytes)
         if plan is None:
