@@ -490,3 +490,39 @@ def test_an_api_that_drips_its_headers_is_cut_off_at_its_time_limit(
     err = error(source(api))
     assert time.monotonic() - started < 6
     assert "answered too slowly: it took more than 2 s" in err.what
+
+
+@pytest.mark.parametrize(
+    ("assets", "arch", "shown"),
+    [
+        # A terminal escape in an asset name: the listing of what there is.
+        (
+            [{"name": "\x1b]0;owned\x07\x1b[2J", "browser_download_url": "https://x/a"}],
+            ARCH,
+            "\\x1b",
+        ),
+        # ... and in the download URL of our own asset.
+        (
+            [{"name": f"scalebox-0.2.0-{ARCH}.tar.gz", "browser_download_url": "\x1b[2Jhttps://x"}],
+            ARCH,
+            "not a plain URL",
+        ),
+        (
+            [{"name": f"scalebox-0.2.0-{ARCH}.tar.gz", "browser_download_url": "https://x/\u202e"}],
+            ARCH,
+            "not a plain URL",
+        ),
+    ],
+    ids=["name", "url-escape", "url-bidi"],
+)
+def test_control_characters_from_the_api_never_reach_the_terminal(
+    api: Server, assets: list[dict[str, str]], arch: str, shown: str
+) -> None:
+    """Names and URLs from the API answer are printed in messages: an escape sequence in
+    one would retitle, clear or rewrite the operator's terminal."""
+    api.routes[f"/repos/{REPO}/releases/latest"] = lambda req: send_json(
+        req, {"tag_name": "v0.2.0", "assets": assets}
+    )
+    err = error(source(api, arch=arch))
+    assert shown in err.what
+    assert str(err.what).isprintable(), err.what

@@ -140,6 +140,17 @@ def resolve(
     return api.latest()
 
 
+# A URL as the API gives it: printable ASCII, no spaces (RFC 3986), of a sane length.
+_PLAIN_URL = re.compile(r"[\x21-\x7e]{1,2048}")
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """A name or URL from outside, fit for a message: cut short, control characters
+    (terminal escapes, bidi overrides, newlines) shown escaped, never sent to the terminal."""
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return text if text.isprintable() else repr(text)
+
+
 def _file_name(url_path: str) -> str:
     name = urllib.parse.unquote(url_path.rstrip("/").rpartition("/")[2])
     # The name becomes a path under downloads/: nothing that could climb out.
@@ -313,7 +324,11 @@ class _GitHub:
                 raise self._garbage("an asset without name and browser_download_url")
             names.append(name)
             if self._is_ours(name, version):
-                _check_scheme(url, f"download URL of {name}", self.source.allow_http)
+                if not _PLAIN_URL.fullmatch(url):
+                    raise self._garbage(
+                        f"the download URL of {_shown(name)} is not a plain URL: {_shown(url)}"
+                    )
+                _check_scheme(url, f"download URL of {_shown(name)}", self.source.allow_http)
                 return Candidate(
                     version=version,
                     url=url,
@@ -322,7 +337,7 @@ class _GitHub:
                 )
         expected = f"scalebox-{version}-{self.source.arch}.tar.gz"
         # Names from outside: a few of them, each cut short, in the message.
-        names = [n if len(n) <= 80 else n[:80] + "..." for n in names[:10]]
+        names = [_shown(n) for n in names[:10]]
         raise ResolveError(
             f"release {tag} of {self.repo} has no build for {self.source.arch}: "
             f"expected {expected}, found {', '.join(names) or 'no assets'}",
