@@ -127,6 +127,16 @@ def test_a_file_path_must_be_plain_names(path: str) -> None:
     refused(data, "unsafe path")
 
 
+def test_a_path_more_than_16_levels_deep_is_refused() -> None:
+    """1 MiB of 1000-character paths 500 levels deep made extract hold every parent of
+    every path: 320 MB. 16 levels is far more than a release needs (wheels/x.whl)."""
+    data = good()
+    data["files"]["/".join(["a"] * 16)] = SHA
+    manifest.parse(json.dumps(data).encode())
+    data["files"]["/".join(["b"] * 17)] = SHA
+    refused(data, "more than 16 levels deep")
+
+
 def test_a_file_under_a_file_is_refused() -> None:
     data = good()
     data["files"]["keys/release.pub/x"] = SHA

@@ -43,6 +43,8 @@ _UNIT = re.compile(
     r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,200}\.(" + "|".join(s[1:] for s in UNIT_SUFFIXES) + ")$"
 )
 MAX_FILES = 10_000
+# Levels of a path: extract holds every parent of every listed path in memory.
+MAX_DEPTH = 16
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,11 @@ def check_relpath(path: str) -> str:
         raise ReleaseError(
             f"{MANIFEST} lists an unsafe path {_short(path)}",
             "a path is plain names (letters, digits, . _ + @ -) joined by '/'; "
+            "the release is malformed; rebuild it with ./do tarball",
+        )
+    if len(parts) > MAX_DEPTH:
+        raise ReleaseError(
+            f"{MANIFEST} lists a path more than {MAX_DEPTH} levels deep: {_short(path)}",
             "the release is malformed; rebuild it with ./do tarball",
         )
     return path
