@@ -628,6 +628,19 @@ def test_cli_refuses_an_empty_trusted_keys_directory(
     assert not (tmp_path / "dest").exists()
 
 
+def test_a_trusted_key_file_that_is_huge_is_refused_without_reading_it_whole(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    """A PEM ed25519 key is 113 bytes; a key path that leads to a huge file (a mistake,
+    a symlink to a disk image) was read whole into memory."""
+    tarball = pack(tmp_path, key_pair[0])
+    huge = key_pair[1].parent / "huge.pub"
+    with huge.open("wb") as f:
+        f.truncate(8 << 30)  # sparse: 8 GiB that cost no disk
+    err = refused(tarball, tmp_path / "dest", [key_pair[1], huge], "larger than 16384 bytes")
+    assert str(huge) in err.what
+
+
 # --- key rotation ---------------------------------------------------------------------
 
 
