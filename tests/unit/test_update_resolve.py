@@ -413,6 +413,13 @@ def test_a_socket_as_local_source_says_socket(api: Server, tmp_path: Path) -> No
     assert "is a socket, not a release file" in err.what
 
 
+def test_a_file_url_with_a_nul_byte_is_refused_not_a_traceback(api: Server) -> None:
+    """%00 in a file:// URL decodes to a NUL, which os.stat refuses with a ValueError."""
+    err = error(source(api, release_url="file:///tmp/a%00b.tar.gz"))
+    assert "holds a NUL byte" in err.what
+    assert "nothing was changed" in err.what
+
+
 def endless(req: BaseHTTPRequestHandler) -> None:
     """200 without a length, then bytes until the client goes away."""
     req.send_response(200)

@@ -185,7 +185,9 @@ def _from_release_url(url: str, allow_http: bool) -> Candidate:
             path = Path(urllib.parse.unquote(parsed.path))
         else:
             path = Path(url).expanduser()
-        reason = local.describe(path)
+        # A file:// URL's %00 decodes to a NUL, which os.stat refuses with a ValueError.
+        nul = "\0" in str(path)
+        reason = "holds a NUL byte, which no file name can" if nul else local.describe(path)
         if reason is not None:
             raise ResolveError(
                 f"SCALEBOX_RELEASE_URL={url} {reason}; nothing was changed",
