@@ -141,6 +141,17 @@ def tarball_cases(tmp: Path, key: Ed25519PrivateKey) -> dict[str, Path]:
     cases["20 000 members, each behind a 60 KB pax header"] = _gzip_of(
         tmp / "many-pax.tar.gz", iter([entry] * 20000)
     )
+    overlapping = b"2 " * 30_000 + b"=\n"  # tarfile < 3.11.10 kept ~1 GB of keywords
+    cases["pax header of 30 000 overlapping records"] = _gzip_of(
+        tmp / "overlapping-pax.tar.gz",
+        iter(
+            [
+                _header("pax", tarfile.XHDTYPE, len(overlapping)),
+                overlapping.ljust(60416, b"\0"),
+                _header(f"{TOP}/f", tarfile.REGTYPE, 0),
+            ]
+        ),
+    )
     # Signed head, then a listed file of 400 MiB of zeros whose hash is wrong.
     big = tarfile.TarInfo(f"{TOP}/wheels/scalebox-{VERSION}-py3-none-any.whl")
     big.size, big.mode = 400 * MiB, 0o644
@@ -208,6 +219,7 @@ ROUTES: dict[str, Callable[[BaseHTTPRequestHandler], None]] = {
         r, BOMB, {"Content-Encoding": "gzip"}
     ),
     "/drip/a.tar.gz": _drip,
+    "/bomb/a.tar.gz": lambda r: _send(r, BOMB, {"Content-Encoding": "gzip"}),
 }
 
 
@@ -257,13 +269,15 @@ def child(kind: str, arg: str, scratch: str) -> int:
                 resolve.resolve(source, client, retries=0)
         else:
             with fetch.make_client(allow_http=True) as client:
-                fetch.fetch(
+                got = fetch.fetch(
                     arg,
                     Path(scratch, "downloads", "a.tar.gz"),
                     client,
                     progress=False,
                     limits=Limits(total=60, min_rate=1024, window=5),
                 )
+            # The verifier refuses it next; what matters here is what it cost to store.
+            print(f"stored {got.stat().st_size} bytes as sent")
     except ScaleboxError as exc:
         print(f"refused: {exc.what}", file=sys.stderr)
         return 1  # refused or failed; this tool has no other outcomes
@@ -307,6 +321,7 @@ def run_all() -> list[Figure]:
                 ("releases API: JSON nested 500 000 deep", "api", f"{base}/nested"),
                 ("releases API: gzip bomb (512 MiB in 0.5 MB)", "api", f"{base}/bomb"),
                 ("download dripping a byte every 0.2 s", "fetch", f"{base}/drip/a.tar.gz"),
+                ("download gzip-encoded (512 MiB in 0.5 MB)", "fetch", f"{base}/bomb/a.tar.gz"),
             ):
                 figures.append(measure(case, kind, url, 0, tmp))
                 print(f"==> {case}: {figures[-1].peak_rss_mb:.1f} MB", file=sys.stderr)

@@ -11,6 +11,10 @@ rest of the path (what the updater appends) is ignored:
     /absurd-tag/...   a GitHub release whose tag is v followed by 5000 nines
     /drip/<name>      the file <name> from --root with its full Content-Length,
                       one byte every two seconds
+    /drip-headers/... a status line, then one byte of a header every two seconds
+    /bad-etag/...     200 with an ETag holding a non-ASCII byte, cut halfway; a
+                      Range request gets the rest (206); the bytes are no release
+    /escape/...       a GitHub release whose one asset's name is a terminal escape
 """
 
 from __future__ import annotations
@@ -67,8 +71,37 @@ class Handler(BaseHTTPRequestHandler):
                     self.wfile.write(data[i : i + 1])
                     self.wfile.flush()
                     time.sleep(2)
+        elif mode == "drip-headers":
+            with contextlib.suppress(OSError):
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+                for _ in range(100_000):
+                    self.wfile.flush()
+                    time.sleep(2)
+                    self.wfile.write(b"a")
+        elif mode == "bad-etag":
+            self._bad_etag(b"not a release\n" * 10_000)
+        elif mode == "escape":
+            asset = {"name": "\x1b]0;owned\x07\x1b[2J", "browser_download_url": "https://x/a"}
+            self._send(json.dumps({"tag_name": "v9.0.0", "assets": [asset]}).encode())
         else:
             self._send(b'{"message": "Not Found"}')
+
+    def _bad_etag(self, data: bytes) -> None:
+        sent = self.headers.get("Range", "bytes=0-")
+        start = int(sent.removeprefix("bytes=").removesuffix("-"))
+        if start:
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Length", str(len(data) - start))
+            self.end_headers()
+            self.wfile.write(data[start:])
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("ETag", '"v\xe9"')  # latin-1 on the wire
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+        self.close_connection = True
 
 
 def main() -> None:

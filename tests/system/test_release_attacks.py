@@ -118,6 +118,18 @@ def attacks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _huge(out / "pax-1gib.tar.gz", tarfile.XHDTYPE)
     _huge(out / "gnu-longname-1gib.tar.gz", tarfile.GNUTYPE_LONGNAME)
 
+    # Point 3 again: a 60 KB pax header of overlapping records ("2 2 2 ...="), which
+    # Python 3.11.7's tarfile turned into about 1 GB of keywords.
+    overlapping = b"2 " * 30_000 + b"=\n"
+    (out / "pax-overlapping.tar.gz").write_bytes(
+        gzip.compress(
+            _header("pax", tarfile.XHDTYPE, len(overlapping))
+            + overlapping.ljust(60416, b"\0")
+            + _header("scalebox/RELEASE.json", tarfile.REGTYPE, 0)
+            + bytes(1024)
+        )
+    )
+
     # Point 5: deeply nested JSON, signed by the trusted key.
     tree = Tree.read(good)
     nested = b"[" * 100_000 + b"]" * 100_000
@@ -210,6 +222,17 @@ ATTACKS = {
         ("sent more than 1048576 bytes",),
         ("SCALEBOX_GITHUB_API",),
     ),
+    "3-pax-overlapping-records": Attack(
+        _url(f"{MNT}/pax-overlapping.tar.gz"),
+        ("pax extended header is malformed", "refusing to extract"),
+        ("get the release again",),
+    ),
+    "3-download-gzip-encoded": Attack(
+        # Names of their own: a partial download another attack left is not resumed.
+        "SCALEBOX_ALLOW_HTTP=1 " + _url(f"{HOSTILE}/bomb/scalebox-9.9.8-x86_64.tar.gz"),
+        ("refusing to extract it",),
+        ("get the release again",),
+    ),
     # 4: a server that drips a byte every two seconds
     "4-dripping-download": Attack(
         "SCALEBOX_ALLOW_HTTP=1 SCALEBOX_DOWNLOAD_TIMEOUT=6 "
@@ -217,7 +240,23 @@ ATTACKS = {
         ("took more than 6 s (SCALEBOX_DOWNLOAD_TIMEOUT)", "nothing was changed"),
         ("SCALEBOX_DOWNLOAD_MIN_RATE",),
     ),
+    "4-dripping-headers": Attack(
+        "SCALEBOX_ALLOW_HTTP=1 SCALEBOX_DOWNLOAD_TIMEOUT=6 "
+        + _url(f"{HOSTILE}/drip-headers/{tarball_name(B)}"),
+        ("took more than 6 s (SCALEBOX_DOWNLOAD_TIMEOUT)", "nothing was changed"),
+        ("SCALEBOX_DOWNLOAD_MIN_RATE",),
+    ),
     # 5: parse failures of outside input
+    "5-etag-that-cannot-be-sent-back": Attack(
+        "SCALEBOX_ALLOW_HTTP=1 " + _url(f"{HOSTILE}/bad-etag/scalebox-9.9.9-x86_64.tar.gz"),
+        ("not a gzip-compressed tar archive",),
+        ("get the release again",),
+    ),
+    "5-api-terminal-escape": Attack(
+        f"{HTTP_OK} SCALEBOX_GITHUB_API={HOSTILE}/escape",
+        ("has no build for", "\\x1b]0;owned"),
+        ("--to VERSION",),
+    ),
     "5-signed-nested-manifest": Attack(
         _url(f"{MNT}/nested-manifest.tar.gz"),
         ("RELEASE.json is malformed: its JSON is nested too deeply",),
@@ -305,6 +344,9 @@ def test_attack_is_refused_and_changes_nothing(shared: Server, attack: Attack) -
     for words in attack.hint:
         assert words in str(result["hint"])
     assert "Traceback" not in err
+    # Nothing from outside reaches the terminal raw: no escapes, no second line.
+    assert str(result["message"]).isprintable(), result["message"]
+    assert str(result["hint"]).isprintable(), result["hint"]
     shared.assert_intact(A, unchanged=before)
     assert _outside_writes(shared) == ""
     modes = shared.sh(

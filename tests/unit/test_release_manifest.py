@@ -127,6 +127,16 @@ def test_a_file_path_must_be_plain_names(path: str) -> None:
     refused(data, "unsafe path")
 
 
+def test_a_path_more_than_16_levels_deep_is_refused() -> None:
+    """1 MiB of 1000-character paths 500 levels deep made extract hold every parent of
+    every path: 320 MB. 16 levels is far more than a release needs (wheels/x.whl)."""
+    data = good()
+    data["files"]["/".join(["a"] * 16)] = SHA
+    manifest.parse(json.dumps(data).encode())
+    data["files"]["/".join(["b"] * 17)] = SHA
+    refused(data, "more than 16 levels deep")
+
+
 def test_a_file_under_a_file_is_refused() -> None:
     data = good()
     data["files"]["keys/release.pub/x"] = SHA
@@ -155,3 +165,20 @@ def test_a_version_that_is_a_safe_name_but_not_pep_440_is_refused() -> None:
     data = good()
     data["version"] = "1.0-x_y"
     refused(data, "is not a version")
+
+
+@pytest.mark.parametrize(
+    ("where", "words"),
+    [("top", "the key 'units' twice"), ("files", "the key 'scripts/install.sh' twice")],
+)
+def test_a_key_given_twice_is_refused(where: str, words: str) -> None:
+    """json.loads keeps the last of two equal keys, other readers (and a reviewer's eye)
+    the first: the signed bytes would mean two things."""
+    text = json.dumps(good())
+    if where == "top":
+        text = text.replace('"units": [', '"units": ["evil.service"], "units": [', 1)
+    else:
+        text = text.replace(
+            '"scripts/install.sh": ', f'"scripts/install.sh": "{SHA}", "scripts/install.sh": ', 1
+        )
+    refused(text.encode(), words)

@@ -628,6 +628,19 @@ def test_cli_refuses_an_empty_trusted_keys_directory(
     assert not (tmp_path / "dest").exists()
 
 
+def test_a_trusted_key_file_that_is_huge_is_refused_without_reading_it_whole(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    """A PEM ed25519 key is 113 bytes; a key path that leads to a huge file (a mistake,
+    a symlink to a disk image) was read whole into memory."""
+    tarball = pack(tmp_path, key_pair[0])
+    huge = key_pair[1].parent / "huge.pub"
+    with huge.open("wb") as f:
+        f.truncate(8 << 30)  # sparse: 8 GiB that cost no disk
+    err = refused(tarball, tmp_path / "dest", [key_pair[1], huge], "larger than 16384 bytes")
+    assert str(huge) in err.what
+
+
 # --- key rotation ---------------------------------------------------------------------
 
 
@@ -652,3 +665,49 @@ def test_after_rotation_the_retired_key_is_refused_by_name_and_the_new_one_trust
     result = run_cli(by_new, tmp_path / "dest-new", "--trusted-keys", keys)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{VERSION}\n"
+
+
+def pax_record(text: str) -> bytes:
+    """One pax record "<length> <text>", its length counting itself."""
+    n = len(text) + 2
+    while len(f"{n} {text}") != n:
+        n += 1
+    return f"{n} {text}".encode()
+
+
+WHOLE = pax_record("comment=a\n")
+
+
+@pytest.mark.parametrize(
+    ("data", "size", "message"),
+    [
+        # tarfile < 3.11.10 keeps a keyword from each record up to the last '=': ~1 GB.
+        (b"2 " * 30_000 + b"=\n", None, "pax extended header is malformed at byte 0"),
+        # ... and its r"\d+ hdrcharset=" search is quadratic in a run of digits: minutes.
+        (pax_record("comment=" + "1" * 60_000 + "\n"), None, "run of more than 64 digits"),
+        (WHOLE + b"9 a=b\n" * 5, len(WHOLE), "data past its declared size"),
+        (WHOLE + b"99 x=y\n", None, "malformed at byte 13"),
+    ],
+    ids=["overlapping-keywords", "digit-run", "records-in-padding", "record-past-the-end"],
+)
+def test_a_pax_header_that_is_not_whole_records_is_refused(
+    tmp_path: Path,
+    key_pair: tuple[Ed25519PrivateKey, Path],
+    data: bytes,
+    size: int | None,
+    message: str,
+) -> None:
+    block = data.ljust(-(-len(data) // 512) * 512, b"\0")
+    pax = header("pax", tarfile.XHDTYPE, len(data) if size is None else size) + block
+    tarball = raw_tarball(tmp_path / "pax.tar.gz", pax + header(f"{TOP}/a", tarfile.REGTYPE, 0))
+    refused(tarball, tmp_path / "dest", [key_pair[1]], message)
+
+
+def test_a_pax_header_of_whole_records_still_names_its_member(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    """The check lets good records through: the path= record is what names the member."""
+    records = pax_record("path=" + "x" * 200 + "\n") + pax_record("mtime=1700000000.5\n")
+    pax = header("pax", tarfile.XHDTYPE, len(records)) + records.ljust(512, b"\0")
+    tarball = raw_tarball(tmp_path / "pax.tar.gz", pax + header("a", tarfile.REGTYPE, 0))
+    refused(tarball, tmp_path / "dest", [key_pair[1]], "'" + "x" * 100)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -133,6 +135,27 @@ def test_a_resume_of_the_same_file_sends_its_validator(
     assert dest.read_bytes() == BODY
     assert server.seen[-1].headers.get("if-range") == '"v1"'
     assert server.seen[-1].headers.get("range") == f"bytes={HALF}-"
+
+
+@pytest.mark.parametrize("etag", ['"v\xe9"', '"' + "v" * 2000 + '"'], ids=["latin-1", "2000-chars"])
+def test_an_etag_that_cannot_be_sent_back_is_not_kept(
+    server: Server, client: httpx.Client, tmp_path: Path, etag: str
+) -> None:
+    """An ETag with a non-ASCII byte, kept for If-Range, made every later run end in a
+    UnicodeEncodeError traceback, for as long as the partial download was kept. The
+    resume then goes without If-Range (the signature still checks every byte)."""
+    calls: list[int] = []
+
+    def cut_once(req: BaseHTTPRequestHandler) -> None:
+        calls.append(1)
+        send_range(req, BODY, cut_after=HALF if len(calls) == 1 else None, etag=etag)
+
+    server.routes["/a.tar.gz"] = cut_once
+    dest = tmp_path / "a.tar.gz"
+    fetch(server.url("/a.tar.gz"), dest, client, progress=False)
+    assert dest.read_bytes() == BODY
+    assert server.seen[-1].headers.get("range") == f"bytes={HALF}-"
+    assert "if-range" not in server.seen[-1].headers
 
 
 def test_a_server_that_ignores_range_restarts_from_zero(
@@ -291,6 +314,23 @@ def test_a_body_without_length_is_cut_off_at_the_cap(
     assert "larger than" in info.value.what
     assert len(server.seen) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_content_encoding_is_not_undone_the_bytes_sent_are_stored(
+    server: Server, client: httpx.Client, tmp_path: Path, encoding: str
+) -> None:
+    """A server that encodes the tarball although identity was asked: a 1 MB answer of
+    gzip(512 MiB) decoded by httpx cost 250 MB of memory (./do bench-hostile). What is
+    stored is what was sent, counted against the cap, as Content-Length and Range count it."""
+    zeros = bytes(64 * 1024 * 1024)
+    inflating = gzip.compress(zeros, 9) if encoding == "gzip" else zlib.compress(zeros, 9)
+    server.routes["/a.tar.gz"] = lambda req: send_body(
+        req, inflating, headers={"Content-Encoding": encoding}
+    )
+    dest = tmp_path / "dl" / "a.tar.gz"
+    fetch(server.url("/a.tar.gz"), dest, client, progress=False, max_bytes=HALF * 10)
+    assert dest.read_bytes() == inflating
 
 
 def test_a_stalled_server_times_out_and_is_retried(server: Server, tmp_path: Path) -> None:
@@ -480,6 +520,35 @@ def test_the_total_time_limit_covers_every_attempt(
             limits=Limits(total=2, min_rate=10, window=1),
         )
     assert time.monotonic() - started < 6
+
+
+def drip_headers(req: BaseHTTPRequestHandler, stop: threading.Event, every: float = 0.2) -> None:
+    """A status line, then one byte of an endless header every ``every`` seconds: no read
+    ever times out and no body byte ever arrives (h11 accepts 100 KB of header: days)."""
+    req.wfile.write(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+    while not stop.wait(every):
+        try:
+            req.wfile.write(b"a")
+            req.wfile.flush()
+        except OSError:
+            return
+
+
+def test_the_total_time_limit_covers_a_server_that_drips_its_headers(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    server.routes["/a.tar.gz"] = lambda req: drip_headers(req, server.stopping)
+    started = time.monotonic()
+    with pytest.raises(FetchError, match=r"took more than 2 s \(SCALEBOX_DOWNLOAD_TIMEOUT\)"):
+        fetch(
+            server.url("/a.tar.gz"),
+            tmp_path / "dl" / "a.tar.gz",
+            client,
+            progress=False,
+            limits=Limits(total=2, min_rate=10, window=1),
+        )
+    assert time.monotonic() - started < 6
+    assert not (tmp_path / "dl" / "a.tar.gz").exists()
 
 
 def test_limits_from_the_environment() -> None:

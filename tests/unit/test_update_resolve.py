@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler
@@ -412,6 +413,13 @@ def test_a_socket_as_local_source_says_socket(api: Server, tmp_path: Path) -> No
     assert "is a socket, not a release file" in err.what
 
 
+def test_a_file_url_with_a_nul_byte_is_refused_not_a_traceback(api: Server) -> None:
+    """%00 in a file:// URL decodes to a NUL, which os.stat refuses with a ValueError."""
+    err = error(source(api, release_url="file:///tmp/a%00b.tar.gz"))
+    assert "holds a NUL byte" in err.what
+    assert "nothing was changed" in err.what
+
+
 def endless(req: BaseHTTPRequestHandler) -> None:
     """200 without a length, then bytes until the client goes away."""
     req.send_response(200)
@@ -466,3 +474,62 @@ def test_an_absurd_rate_limit_reset_is_left_out(api: Server) -> None:
     err = error(source(api))
     assert "rate limit reached" in err.what
     assert "resets" not in err.what
+
+
+def test_an_api_that_drips_its_headers_is_cut_off_at_its_time_limit(
+    api: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One header byte every 0.2 s: no read times out, and before, no body byte ever came
+    to be counted against the 60 s limit (h11 takes 100 KB of header: 5 hours here)."""
+    monkeypatch.setattr("scalebox.update.resolve.API_TOTAL", 2.0)
+
+    def drip_headers(req: BaseHTTPRequestHandler) -> None:
+        req.wfile.write(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+        while not api.stopping.wait(0.2):
+            try:
+                req.wfile.write(b"a")
+                req.wfile.flush()
+            except OSError:
+                return
+
+    api.routes[f"/repos/{REPO}/releases/latest"] = drip_headers
+    started = time.monotonic()
+    err = error(source(api))
+    assert time.monotonic() - started < 6
+    assert "answered too slowly: it took more than 2 s" in err.what
+
+
+@pytest.mark.parametrize(
+    ("assets", "arch", "shown"),
+    [
+        # A terminal escape in an asset name: the listing of what there is.
+        (
+            [{"name": "\x1b]0;owned\x07\x1b[2J", "browser_download_url": "https://x/a"}],
+            ARCH,
+            "\\x1b",
+        ),
+        # ... and in the download URL of our own asset.
+        (
+            [{"name": f"scalebox-0.2.0-{ARCH}.tar.gz", "browser_download_url": "\x1b[2Jhttps://x"}],
+            ARCH,
+            "not a plain URL",
+        ),
+        (
+            [{"name": f"scalebox-0.2.0-{ARCH}.tar.gz", "browser_download_url": "https://x/\u202e"}],
+            ARCH,
+            "not a plain URL",
+        ),
+    ],
+    ids=["name", "url-escape", "url-bidi"],
+)
+def test_control_characters_from_the_api_never_reach_the_terminal(
+    api: Server, assets: list[dict[str, str]], arch: str, shown: str
+) -> None:
+    """Names and URLs from the API answer are printed in messages: an escape sequence in
+    one would retitle, clear or rewrite the operator's terminal."""
+    api.routes[f"/repos/{REPO}/releases/latest"] = lambda req: send_json(
+        req, {"tag_name": "v0.2.0", "assets": assets}
+    )
+    err = error(source(api, arch=arch))
+    assert shown in err.what
+    assert str(err.what).isprintable(), err.what

@@ -31,6 +31,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import tarfile
 import zlib
@@ -56,6 +57,10 @@ _CHUNK = 256 * KiB
 # tar pads to 10 KiB records; anything far beyond that is not padding.
 _MAX_PADDING = 1 * MiB
 _GZIP_MAGIC = b"\x1f\x8b"
+# A pax record: "<length> <keyword>=<value>\n", its length counting all of it.
+_PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
+# tarfile searches a pax header with r"\d+ hdrcharset=": quadratic in a run of digits.
+_PAX_DIGIT_RUN = re.compile(rb"[0-9]{65}")
 # The header types a release may hold. Symlinks, hard links, devices and fifos
 # are let through tarfile (their headers carry no data) so that member_parts can
 # name them in its refusal; the rest are refused before tarfile reads anything.
@@ -110,22 +115,39 @@ class _BoundedReads:
 
     def __init__(self, stream: gzip.GzipFile) -> None:
         self._stream = stream
+        self._peeked = b""  # read ahead by peek(), handed out first
         self.name = None
         self.mode = "rb"
 
     def read(self, size: int = -1) -> bytes:
         if size < 0 or size > MAX_READ:
             raise _Refused(f"a tar header asks to read {size} bytes at once (limit {MAX_READ})")
+        if self._peeked:
+            data, self._peeked = self._peeked[:size], self._peeked[size:]
+            return data + self._stream.read(size - len(data))
         return self._stream.read(size)
 
+    def peek(self, size: int) -> bytes:
+        """The next ``size`` bytes (fewer at the end), which the next read returns again."""
+        self._peeked += self.read(size - len(self._peeked))
+        return self._peeked[:size]
+
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if whence == os.SEEK_SET and offset < self._stream.tell():
+        if whence == os.SEEK_SET and offset < self.tell():
             # Going back would decompress the stream again from its start.
             raise _Refused("the archive asks to go back in the stream")
+        if self._peeked:
+            if whence != os.SEEK_SET:  # pragma: no cover - tarfile seeks from the start only
+                raise _Refused("the archive asks for a relative seek")
+            ahead = offset - self.tell()
+            if ahead <= len(self._peeked):
+                self._peeked = self._peeked[ahead:]
+                return offset
+            self._peeked = b""  # the stream is already past what was peeked
         return self._stream.seek(offset, whence)
 
     def tell(self) -> int:
-        return self._stream.tell()
+        return self._stream.tell() - len(self._peeked)
 
     def close(self) -> None:
         self._stream.close()
@@ -154,6 +176,7 @@ class _StrictTarInfo(tarfile.TarInfo):
         tarfile_.extended_header_bytes += self.size
         if tarfile_.extended_header_bytes > MAX_HEADERS_TOTAL:
             raise _Refused(f"more than {MAX_HEADERS_TOTAL} bytes of pax extended headers")
+        check_pax_records(tarfile_.fileobj.peek(self._block(self.size)), self.size)  # type: ignore[attr-defined]
         tarfile_.in_extended_header = True
         try:
             return super()._proc_member(tarfile_)  # type: ignore[misc]
@@ -166,6 +189,34 @@ class _StrictTarInfo(tarfile.TarInfo):
 
     _proc_gnusparse_01 = _proc_gnusparse_00
     _proc_gnusparse_10 = _proc_gnusparse_00
+
+
+def check_pax_records(block: bytes, size: int) -> None:
+    """A pax header's data (``size`` bytes, then zero padding) must be whole records (pure).
+
+    tarfile (before Python 3.11.10) matches each record's keyword up to the
+    next '=' anywhere in the header and keeps it: a 60 KB header of "2 2 2 ...="
+    costs about 1 GB of memory, and a run of 60 K digits minutes of CPU. So
+    each record must end where its length says, with a '=' and a newline
+    inside it, and no run of digits may be longer than a length or a time needs.
+    """
+    data, pos = block[:size], 0
+    if len(data) < size or block[size:].count(0) != len(block) - size:
+        raise _Refused("a pax extended header has data past its declared size")
+    while pos < size:
+        prefix = _PAX_LENGTH.match(data, pos)
+        end = pos + int(prefix[1]) if prefix else pos
+        if (
+            prefix is None
+            or end > size
+            or end <= prefix.end()
+            or data[end - 1] != ord("\n")
+            or data.find(b"=", prefix.end(), end - 1) < 0
+        ):
+            raise _Refused(f"a pax extended header is malformed at byte {pos}")
+        pos = end
+    if _PAX_DIGIT_RUN.search(data):
+        raise _Refused("a pax extended header holds a run of more than 64 digits")
 
 
 # --- names ----------------------------------------------------------------------------

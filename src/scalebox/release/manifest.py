@@ -43,6 +43,8 @@ _UNIT = re.compile(
     r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,200}\.(" + "|".join(s[1:] for s in UNIT_SUFFIXES) + ")$"
 )
 MAX_FILES = 10_000
+# Levels of a path: extract holds every parent of every listed path in memory.
+MAX_DEPTH = 16
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,11 @@ def check_relpath(path: str) -> str:
             "a path is plain names (letters, digits, . _ + @ -) joined by '/'; "
             "the release is malformed; rebuild it with ./do tarball",
         )
+    if len(parts) > MAX_DEPTH:
+        raise ReleaseError(
+            f"{MANIFEST} lists a path more than {MAX_DEPTH} levels deep: {_short(path)}",
+            "the release is malformed; rebuild it with ./do tarball",
+        )
     return path
 
 
@@ -171,10 +178,27 @@ def _str_list(data: Mapping[str, Any], key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: json.loads would keep the last of two,
+    other readers the first, so signed bytes with a repeated key mean two things."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
 def parse(raw_bytes: bytes) -> Manifest:
     """Parse and check RELEASE.json's bytes; every problem is a ReleaseError."""
     try:
-        data = json.loads(raw_bytes)
+        data = json.loads(raw_bytes, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise _bad(f"it gives the key {_short(exc.args[0])} twice") from None
     except RecursionError:
         raise _bad("its JSON is nested too deeply") from None
     except ValueError as exc:  # also UnicodeDecodeError and an int of too many digits

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from scalebox.release.errors import ReleaseError
 
 SIGNATURE_SIZE = 64
+MAX_KEY_BYTES = 16 * 1024  # a PEM ed25519 public key is 113 bytes
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,19 @@ def load_private_key(pem: bytes, source: str) -> Ed25519PrivateKey:
 
 def load_public_key(path: Path) -> PublicKey:
     try:
-        pem = path.read_bytes()
+        with path.open("rb") as f:
+            pem = f.read(MAX_KEY_BYTES + 1)
     except OSError as exc:
         raise ReleaseError(
             f"cannot read public key {path}: {exc.strerror}",
             "check the path; trusted keys live in /etc/scalebox/keys/*.pub",
         ) from None
+    if len(pem) > MAX_KEY_BYTES:
+        raise ReleaseError(
+            f"public key {path} is larger than {MAX_KEY_BYTES} bytes, so it is not a key",
+            "replace it with the release-signing key (keys/release.pub from ./do keygen, "
+            "113 bytes)",
+        )
     return load_public_key_bytes(pem, str(path))
 
 

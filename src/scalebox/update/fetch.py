@@ -40,7 +40,7 @@ from scalebox.errors import ScaleboxError
 from scalebox.fsutil import fsync_dir
 from scalebox.retry import backoff_delays
 from scalebox.update import local
-from scalebox.update.limits import Limits, Pace
+from scalebox.update.limits import DeadlinePassed, Limits, Pace, deadline
 from scalebox.update.paths import private_dir
 
 MiB = 1024 * 1024
@@ -179,17 +179,31 @@ def _validator_path(part: Path) -> Path:
     return part.with_name(part.name + ".validator")
 
 
+# What an If-Range header can carry back: printable ASCII, of a sane length.
+_VALIDATOR = re.compile(r"[\x20-\x7e]{1,1024}")
+
+
 def _remember_validator(resp: httpx.Response, part: Path) -> None:
     # If-Range takes a strong ETag or a Last-Modified date; a weak ETag ("W/...")
-    # cannot promise byte-identical content, so it is not kept.
+    # cannot promise byte-identical content, so it is not kept. Nor is one that
+    # could not be sent back (httpx would fail to encode it on every resume).
     etag = resp.headers.get("ETag", "")
     validator = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
     sidecar = _validator_path(part)
-    if validator:
+    if validator and _VALIDATOR.fullmatch(validator):
         with _private_file(sidecar, "wb") as f:
-            f.write(validator.encode(errors="replace")[:1024])
+            f.write(validator.encode())
     else:
         sidecar.unlink(missing_ok=True)
+
+
+def _kept_validator(part: Path) -> str | None:
+    """The validator kept beside ``part``, if there is one that can be sent."""
+    try:
+        text = _validator_path(part).read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if _VALIDATOR.fullmatch(text) else None
 
 
 def _private_file(path: Path, mode: str) -> IO[bytes]:
@@ -324,10 +338,10 @@ def _http_attempt(  # noqa: PLR0917 - one caller, _retrying_download
     headers = {"Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
-        validator = _validator_path(part)
-        if validator.exists():
+        validator = _kept_validator(part)
+        if validator is not None:
             # The server sends the whole file instead if it changed since the part began.
-            headers["If-Range"] = validator.read_text().strip()
+            headers["If-Range"] = validator
     with client.stream("GET", url, headers=headers) as resp:
         plan = _where_body_goes(resp, url, part, have, max_bytes)
         if plan is None:
@@ -340,7 +354,9 @@ def _http_attempt(  # noqa: PLR0917 - one caller, _retrying_download
         with _private_file(part, "ab" if got else "wb") as out:
             try:
                 # Unsized: chunks as they arrive, so a cut keeps every byte received.
-                for chunk in resp.iter_bytes():
+                # Raw: a Content-Encoding sent anyway is not undone; a gzip answer would
+                # inflate a thousandfold in memory, and Range counts the bytes sent.
+                for chunk in resp.iter_raw():
                     if (slow := pace.received(len(chunk))) is not None:
                         _flush(out)
                         raise _too_slow(url, slow, pace)
@@ -498,16 +514,20 @@ def fetch(
         private_dir(dest.parent)
         if source is not None:
             return _copy_local(source, dest, max_bytes)
-        return _retrying_download(
-            candidate_url,
-            dest,
-            client,
-            max_bytes=max_bytes,
-            retries=retries,
-            show=show,
-            sleep=sleep,
-            pace=pace,
-        )
+        # Pace checks the total between chunks; this also ends a read blocked on a drip.
+        with deadline(pace.limits.total):
+            return _retrying_download(
+                candidate_url,
+                dest,
+                client,
+                max_bytes=max_bytes,
+                retries=retries,
+                show=show,
+                sleep=sleep,
+                pace=pace,
+            )
+    except DeadlinePassed:
+        raise _too_slow(candidate_url, pace.overdue(), pace) from None
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise FetchError(
             f"could not download {candidate_url}: {exc}",

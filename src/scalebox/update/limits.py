@@ -7,15 +7,21 @@ over a window. Both come from the environment (docs/operations.md):
     SCALEBOX_DOWNLOAD_TIMEOUT   seconds for the whole download, retries included (1800)
     SCALEBOX_DOWNLOAD_MIN_RATE  bytes/s, averaged over each 60 s of transfer (4096)
 
-0 turns a limit off.
+0 turns a limit off. The total limit is also enforced while a read is
+blocked (``deadline``): a read timeout starts again with every byte, so a
+server dripping its headers would otherwise hold the update for days.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import FrameType
 
 from scalebox.errors import UsageError
 
@@ -83,11 +89,14 @@ class Pace:
         self._window_start = self.clock()
         self._window_bytes = 0
 
+    def overdue(self) -> str:
+        return f"it took more than {self.limits.total:g} s (SCALEBOX_DOWNLOAD_TIMEOUT)"
+
     def over_time(self) -> str | None:
         """Why the download must stop now for its total limit, or None."""
         total = self.limits.total
         if total and self.clock() - self.started > total:
-            return f"it took more than {total:g} s (SCALEBOX_DOWNLOAD_TIMEOUT)"
+            return self.overdue()
         return None
 
     def received(self, n: int) -> str | None:
@@ -106,3 +115,34 @@ class Pace:
                 )
             self._window_start, self._window_bytes = now, 0
         return None
+
+
+class DeadlinePassed(Exception):
+    """``deadline``'s time ran out while the code under it was running."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Raise DeadlinePassed once ``seconds`` have passed, even inside a blocked read.
+
+    SIGALRM interrupts the blocked system call and its handler's exception ends
+    it (PEP 475). Only the main thread receives signals: elsewhere, for 0 (no
+    limit), or when another alarm is already set, this does nothing.
+    """
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getitimer(signal.ITIMER_REAL)[0] > 0:  # someone else's alarm: leave it be
+        yield
+        return
+
+    def on_alarm(_signum: int, _frame: FrameType | None) -> None:
+        raise DeadlinePassed
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -37,7 +37,7 @@ from scalebox.update.fetch import (
     certificate_problem,
     make_client,
 )
-from scalebox.update.limits import API_TOTAL, Limits, Pace
+from scalebox.update.limits import API_TOTAL, DeadlinePassed, Limits, Pace, deadline
 
 DEFAULT_REPO = "The-Agentic-Journey/Scalebox"
 _REPO_NAME = re.compile(r"[A-Za-z0-9._-]+/[A-Za-z0-9._-]+")
@@ -138,6 +138,17 @@ def resolve(
     return api.latest()
 
 
+# A URL as the API gives it: printable ASCII, no spaces (RFC 3986), of a sane length.
+_PLAIN_URL = re.compile(r"[\x21-\x7e]{1,2048}")
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """A name or URL from outside, fit for a message: cut short, control characters
+    (terminal escapes, bidi overrides, newlines) shown escaped, never sent to the terminal."""
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return text if text.isprintable() else repr(text)
+
+
 def _file_name(url_path: str) -> str:
     name = urllib.parse.unquote(url_path.rstrip("/").rpartition("/")[2])
     # The name becomes a path under downloads/: nothing that could climb out.
@@ -172,7 +183,9 @@ def _from_release_url(url: str, allow_http: bool) -> Candidate:
             path = Path(urllib.parse.unquote(parsed.path))
         else:
             path = Path(url).expanduser()
-        reason = local.describe(path)
+        # A file:// URL's %00 decodes to a NUL, which os.stat refuses with a ValueError.
+        nul = "\0" in str(path)
+        reason = "holds a NUL byte, which no file name can" if nul else local.describe(path)
         if reason is not None:
             raise ResolveError(
                 f"SCALEBOX_RELEASE_URL={url} {reason}; nothing was changed",
@@ -311,7 +324,11 @@ class _GitHub:
                 raise self._garbage("an asset without name and browser_download_url")
             names.append(name)
             if self._is_ours(name, version):
-                _check_scheme(url, f"download URL of {name}", self.source.allow_http)
+                if not _PLAIN_URL.fullmatch(url):
+                    raise self._garbage(
+                        f"the download URL of {_shown(name)} is not a plain URL: {_shown(url)}"
+                    )
+                _check_scheme(url, f"download URL of {_shown(name)}", self.source.allow_http)
                 return Candidate(
                     version=version,
                     url=url,
@@ -320,7 +337,7 @@ class _GitHub:
                 )
         expected = f"scalebox-{version}-{self.source.arch}.tar.gz"
         # Names from outside: a few of them, each cut short, in the message.
-        names = [n if len(n) <= 80 else n[:80] + "..." for n in names[:10]]
+        names = [_shown(n) for n in names[:10]]
         raise ResolveError(
             f"release {tag} of {self.repo} has no build for {self.source.arch}: "
             f"expected {expected}, found {', '.join(names) or 'no assets'}",
@@ -374,7 +391,8 @@ class _GitHub:
         # identity: a compressed answer could inflate a thousandfold past any check.
         headers = {**headers, "Accept-Encoding": "identity"}
         try:
-            with self.client.stream("GET", url, headers=headers) as resp:
+            # pace counts body chunks; deadline also ends a read blocked on dripped headers.
+            with deadline(API_TOTAL), self.client.stream("GET", url, headers=headers) as resp:
                 encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
                 body = bytearray()
                 for chunk in _decoded(encoding, resp.iter_raw(_API_CHUNK)):
@@ -393,6 +411,11 @@ class _GitHub:
                             f"check the network and SCALEBOX_GITHUB_API, {_OTHER_SOURCE_HINT}",
                         )
                 return resp, bytes(body)
+        except DeadlinePassed:
+            raise ResolveError(
+                f"the releases API at {url} answered too slowly: it took more than {API_TOTAL:g} s",
+                f"check the network and SCALEBOX_GITHUB_API, {_OTHER_SOURCE_HINT}",
+            ) from None
         except TRANSIENT_ERRORS as exc:
             if (problem := certificate_problem(exc, url)) is not None:
                 raise ResolveError(problem.what, problem.hint) from exc
