@@ -8,11 +8,15 @@ given, so a child never reads the operator's terminal.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 OUTPUT_TAIL = 2000  # characters of a failed program's output kept for the message
+# What a terminal or a service manager sends to a whole process group.
+GROUP_SIGNALS = frozenset({signal.SIGINT, signal.SIGHUP, signal.SIGTERM})
 
 
 @dataclass(frozen=True)
@@ -61,26 +65,51 @@ def run_program(
 
     ``new_session`` starts it in a session of its own, so a signal sent to the
     caller's process group (a terminal's Ctrl-C or hang-up) does not reach it.
+    Such a child also starts with those signals blocked: between fork and
+    setsid() it is still in the caller's group, and a Ctrl-C landing in that
+    window would otherwise kill it (seen: a `systemctl show` the rollback
+    waited on died of SIGINT under repeated Ctrl-C). The caller's own signals
+    are blocked only while the child is created, then delivered as usual.
     """
     args = [str(a) for a in argv]
     try:
-        done = subprocess.run(
-            args,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=dict(env) if env is not None else None,
-            input=input_text,
-            stdin=subprocess.DEVNULL if input_text is None else None,
-            start_new_session=new_session,
-            check=False,
-        )
+        with _group_signals_blocked(new_session):
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL if input_text is None else subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=dict(env) if env is not None else None,
+                start_new_session=new_session,
+            )
     except FileNotFoundError:
         raise ProgramError("not found", args, f"program {args[0]} not found") from None
-    except subprocess.TimeoutExpired:
-        raise ProgramError(
-            "timeout", args, f"{' '.join(args)} did not finish within {timeout:g} s"
-        ) from None
     except OSError as exc:
         raise ProgramError("oserror", args, f"cannot run {args[0]}: {exc}") from None
-    return Finished(tuple(args), done.returncode, done.stdout, done.stderr)
+    with proc:
+        try:
+            stdout, stderr = proc.communicate(input=input_text, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise ProgramError(
+                "timeout", args, f"{' '.join(args)} did not finish within {timeout:g} s"
+            ) from None
+        except BaseException:
+            proc.kill()  # an exception here (a signal the caller acts on) ends the child too
+            proc.wait()
+            raise
+    return Finished(tuple(args), proc.returncode, stdout, stderr)
+
+
+@contextlib.contextmanager
+def _group_signals_blocked(active: bool) -> Iterator[None]:
+    if not active:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -6,6 +6,7 @@ the retry schedule (scalebox.retry), the `systemctl show` parser
 from __future__ import annotations
 
 import random
+import signal
 import sys
 
 import pytest
@@ -102,3 +103,20 @@ def test_a_missing_program_and_an_overrun_are_program_errors() -> None:
         run_program([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5)
     assert slow.value.kind == "timeout"
     assert slow.value.detail.endswith(" did not finish within 0.5 s")
+
+
+def _blocked_in_child(new_session: bool) -> set[int]:
+    status = run_program(["cat", "/proc/self/status"], timeout=10, new_session=new_session)
+    line = next(x for x in status.stdout.splitlines() if x.startswith("SigBlk:"))
+    mask = int(line.split()[1], 16)
+    return {sig for sig in range(1, 65) if mask & (1 << (sig - 1))}
+
+
+def test_a_child_in_its_own_session_starts_with_the_group_signals_blocked() -> None:
+    """Between fork and setsid() the child is still in our process group: a Ctrl-C there
+    must not kill it, so it starts with SIGINT, SIGHUP and SIGTERM blocked."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    wanted = {int(signal.SIGINT), int(signal.SIGHUP), int(signal.SIGTERM)}
+    assert wanted <= _blocked_in_child(new_session=True)
+    assert not wanted & _blocked_in_child(new_session=False)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before  # ours restored
