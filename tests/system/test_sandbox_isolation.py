@@ -1,0 +1,82 @@
+"""What a hostile guest (root in an nspawn VM) can reach, probed over real ssh.
+
+Each assertion is a line of docs/guest-threat-model.md; when the behaviour
+changes (user namespaces, the planned nftables rules), this test fails and
+the doc must change with it. One server, two VMs.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterator
+
+import pytest
+from tools.sandbox import Sandbox, sandbox_server
+
+from .conftest import _skip_unless_able
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    _skip_unless_able()
+    with sandbox_server(tmp_path_factory.mktemp("isolation")) as s:
+        yield s
+
+
+def _reach(s: Sandbox, port: int, address: str, to_port: int) -> bool:
+    probe = f"timeout 5 bash -c 'exec 3<>/dev/tcp/{address}/{to_port}' && echo OPEN || echo SHUT"
+    done = s.ssh(port, "/root/one", probe)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip() == "OPEN"
+
+
+def test_what_a_guest_can_and_cannot_reach(sandbox: Sandbox) -> None:
+    s = sandbox
+    key = s.public_key()
+    vms = []
+    for _ in range(2):
+        created = s.api("POST", "/vms", json={"template": "debian-base", "ssh_public_key": key})
+        assert created.status_code in (200, 201), created.text
+        vms.append(created.json())
+    try:
+        port = vms[0]["ssh_port"]
+        addr = s.ssh(port, "/root/one", "ip -4 -o addr show eth0 | awk '{print $4}'")
+        guest_ip = addr.stdout.strip().split("/")[0]
+        other = s.ssh(vms[1]["ssh_port"], "/root/one", "ip -4 -o addr show eth0 | awk '{print $4}'")
+        other_ip = other.stdout.strip().split("/")[0]
+        a, b, c, d = (int(x) for x in guest_ip.split("."))
+        gateway = f"{a}.{b}.{c}.{d - 1}"
+
+        # No user namespace: root in the guest is UID 0 (uid_map is the identity).
+        uid_map = s.ssh(port, "/root/one", "cat /proc/self/uid_map").stdout.split()
+        assert uid_map == ["0", "0", "4294967295"]
+
+        # Known gap: the API port answers a guest, on its gateway and on HOST_IP.
+        assert _reach(s, port, gateway, 8080)
+        assert _reach(s, port, s.host_ip, 8080)
+        # Without the token only the public paths answer.
+        request = (
+            f"exec 3<>/dev/tcp/{gateway}/8080; "
+            f"printf 'GET /vms HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n' >&3; head -n1 <&3"
+        )
+        anon = s.ssh(port, "/root/one", f"timeout 5 bash -c {shlex.quote(request)}")
+        assert " 401 " in anon.stdout, anon.stdout
+
+        # Another VM's address: not routed (the host does not forward).
+        assert not _reach(s, port, other_ip, 22)
+
+        # Its own PID namespace: PID 1 is the guest's systemd, no host process shows.
+        procs = s.ssh(port, "/root/one", "cat /proc/1/comm; ps -e -o comm=").stdout
+        assert procs.splitlines()[0] == "systemd"
+        assert "scaleboxd" not in procs and "systemd-socket-p" not in procs
+
+        # No host path is mounted in: the host's config is not in the tree.
+        seen = s.ssh(
+            port, "/root/one", "sudo -n test -e /etc/scaleboxd/config && echo YES || echo NO"
+        )
+        assert seen.stdout.strip() == "NO"
+    finally:
+        for vm in vms:
+            s.api("DELETE", f"/vms/{vm['id']}")
