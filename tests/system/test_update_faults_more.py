@@ -11,6 +11,7 @@ from __future__ import annotations
 from tools.releases import A, B
 
 from .test_update_faults import (
+    RUN,
     STATE,
     assert_no_traceback,
     finish,
@@ -79,4 +80,40 @@ def test_a_disk_full_to_the_last_byte_during_commit(server: Server) -> None:
     assert recovered["message"] == f"recovered: finished committing the verified update to {B}"
     assert history(server)[-1]["result"] == "updated"
     assert history(server)[-1]["to"] == B
+    server.assert_intact(B)
+
+
+def test_sigterm_before_the_switch_refuses_and_after_it_rolls_back(server: Server) -> None:
+    """SIGTERM to the group at stage: exit 1, nothing changed; at verify: exit 3."""
+    before = server.snapshot()
+    pid = start_stopped(server, "stage", B)
+    server.sh(f"kill -TERM -{pid}; kill -CONT -{pid}")
+    code, result, err = finish(server)
+    assert_no_traceback(err)
+    assert code == 1, err
+    assert result["exit_code"] == 1, result
+    assert history(server)[-1]["result"] == "refused"
+    server.assert_intact(A, before)
+
+    pid = start_stopped(server, "verify", B)
+    server.sh(f"kill -INT -{pid}; kill -INT -{pid}; kill -CONT -{pid}")
+    code, result, err = finish(server)
+    assert_no_traceback(err)
+    assert (code, result["result"], result["exit_code"]) == (3, "rolled back", 3), err
+    assert history(server)[-1]["result"] == "rolled back"
+    server.assert_intact(A)
+
+
+def test_stdout_a_closed_pipe_changes_nothing_of_the_outcome(server: Server) -> None:
+    """`scalebox-update --json | head -c1`: the update finishes, exit 0, no traceback."""
+    done = server.sh(
+        f"set -o pipefail; SCALEBOX_RELEASE_URL={tarball(B)} "
+        f"scalebox-update --json 2>{RUN}-err | head -c1 >/dev/null; "
+        "echo rc=${PIPESTATUS[0]}",
+        check=False,
+    )
+    err = server.sh(f"cat {RUN}-err", check=False).stdout
+    assert_no_traceback(err)
+    assert "rc=0" in done.stdout, done.stdout + err
+    assert history(server)[-1]["result"] == "updated"
     server.assert_intact(B)

@@ -76,15 +76,7 @@ def install(
         step="stage",
         built_release=False,
     )
-    try:
-        reusing = stage.is_complete(new_dir) and (
-            target.root is None
-            or (new_dir / stage.MANIFEST).read_bytes()
-            == (target.root / stage.MANIFEST).read_bytes()
-        )
-        j = journal.begin(p.journal, replace(first, built_release=not reusing))
-    except OSError as exc:
-        raise _refuse(ctx, first, exc, "stage") from None
+    j = _begin(ctx, first, target, new_dir)
 
     # stage and backup: nothing live changes; a failure here refuses the update.
     try:
@@ -149,6 +141,25 @@ def install(
         applied,
         unfinished=left,
     )
+
+
+def _begin(ctx: Context, first: Journal, target: Target, new_dir: Path) -> Journal:
+    """Write the transaction's first journal entry; a failure refuses, nothing changed."""
+    try:
+        reusing = stage.is_complete(new_dir) and (
+            target.root is None
+            or (new_dir / stage.MANIFEST).read_bytes()
+            == (target.root / stage.MANIFEST).read_bytes()
+        )
+        return journal.begin(ctx.paths.journal, replace(first, built_release=not reusing))
+    except OSError as exc:
+        raise _refuse(ctx, first, exc, "stage") from None
+    except UpdateError as exc:
+        # SIGTERM/SIGINT (Interrupted) right after the entry was written: nothing
+        # was built yet; end the transaction it began and record it, as later steps do.
+        _discard(ctx, first)
+        _record(ctx, first, history.REFUSED, exc.what)
+        raise
 
 
 def _reason(exc: BaseException) -> str:
