@@ -117,3 +117,41 @@ def test_stdout_a_closed_pipe_changes_nothing_of_the_outcome(server: Server) -> 
     assert "rc=0" in done.stdout, done.stdout + err
     assert history(server)[-1]["result"] == "updated"
     server.assert_intact(B)
+
+
+def test_a_read_only_opt_at_the_switch_rolls_back_with_nothing_moved(server: Server) -> None:
+    """`current` cannot move: the old release still runs, so the result is exit 3, not 4."""
+    pid = start_stopped(server, "switch", B)
+    server.sh("mount --bind /opt/scalebox /opt/scalebox && mount -o remount,bind,ro /opt/scalebox")
+    server.sh(f"kill -CONT {pid}")
+    code, result, err = finish(server)
+    server.sh("umount -l /opt/scalebox")  # the restarted daemon runs from the bind mount
+    assert_no_traceback(err)
+    assert (code, result["result"], result["exit_code"]) == (3, "rolled back", 3), err
+    assert "Read-only file system" in str(result["message"])
+    assert history(server)[-1]["result"] == "rolled back"
+    server.assert_intact(A)
+
+
+def test_the_config_deleted_at_the_switch_is_restored_by_the_rollback(server: Server) -> None:
+    """Another admin removes the config mid-update: B cannot start; A comes back, config too."""
+    pid = start_stopped(server, "switch", B)
+    server.sh(f"rm /etc/scaleboxd/config; kill -CONT {pid}")
+    code, result, err = finish(server)
+    assert_no_traceback(err)
+    assert (code, result["result"], result["exit_code"]) == (3, "rolled back", 3), err
+    assert history(server)[-1]["result"] == "rolled back"
+    server.assert_intact(A)
+
+
+def test_another_admin_stopping_scaleboxd_during_verify(server: Server) -> None:
+    """The outcome may be either, but the exit code, history and server must agree."""
+    pid = start_stopped(server, "verify", B)
+    server.sh(f"systemctl stop scaleboxd; kill -CONT {pid}")
+    code, result, err = finish(server)
+    assert_no_traceback(err)
+    assert code in {0, 3}, err
+    assert result["exit_code"] == code
+    expected = {0: ("updated", B), 3: ("rolled back", A)}[code]
+    assert (history(server)[-1]["result"], result["result"]) == (expected[0], expected[0])
+    server.assert_intact(expected[1])
