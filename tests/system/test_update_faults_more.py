@@ -155,3 +155,18 @@ def test_another_admin_stopping_scaleboxd_during_verify(server: Server) -> None:
     expected = {0: ("updated", B), 3: ("rolled back", A)}[code]
     assert (history(server)[-1]["result"], result["result"]) == (expected[0], expected[0])
     server.assert_intact(expected[1])
+
+
+def test_ctrl_c_held_down_before_the_switch_still_cleans_up(server: Server) -> None:
+    """SIGINT after SIGINT to the group once the build is done: none stops the cleanup."""
+    before = server.snapshot()
+    pid = start_stopped(server, "backup", B)
+    server.sh(
+        f"( while [ ! -s {RUN}/rc ]; do kill -INT -{pid} 2>/dev/null; sleep 0.01; done ) "
+        f"</dev/null >/dev/null 2>&1 & sleep 0.3; kill -CONT {pid}"
+    )
+    code, result, err = finish(server)
+    assert_no_traceback(err)
+    assert (code, result["exit_code"]) == (1, 1), err
+    assert history(server)[-1]["result"] == "refused"
+    server.assert_intact(A, before)

@@ -574,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # One signal scope for the whole run: once a transaction's outcome is
         # settled, no later signal can change the exit code (interrupt.py).
-        with interrupt.catching():
+        with interrupt.catching(last=True):
             # standalone_mode=False: click returns the code of ctx.exit() instead of exiting.
             code = cli.main(args=args, prog_name="scalebox-update", standalone_mode=False)
     except click.exceptions.Exit as exc:

@@ -95,9 +95,11 @@ def install(
     except OSError as exc:
         raise _refuse(ctx, j, exc, j.step) from None
     except BaseException as exc:
-        _discard(ctx, j)
-        if isinstance(exc, UpdateError):
-            _record(ctx, j, history.REFUSED, exc.what)
+        # Shielded: a second Ctrl-C must not stop the cleanup half way.
+        with interrupt.shielded():
+            _discard(ctx, j)
+            if isinstance(exc, UpdateError):
+                _record(ctx, j, history.REFUSED, exc.what)
         raise
 
     try:
@@ -157,8 +159,9 @@ def _begin(ctx: Context, first: Journal, target: Target, new_dir: Path) -> Journ
     except UpdateError as exc:
         # SIGTERM/SIGINT (Interrupted) right after the entry was written: nothing
         # was built yet; end the transaction it began and record it, as later steps do.
-        _discard(ctx, first)
-        _record(ctx, first, history.REFUSED, exc.what)
+        with interrupt.shielded():
+            _discard(ctx, first)
+            _record(ctx, first, history.REFUSED, exc.what)
         raise
 
 
@@ -187,14 +190,15 @@ def os_hint(exc: OSError) -> str:
 
 def _refuse(ctx: Context, j: Journal, exc: OSError, step: str) -> UpdateError:
     """An OSError before anything live changed: undo, record and say so in one line."""
-    try:
-        _discard(ctx, j)
-    except OSError as again:
-        ctx.report(f"could not clean up ({os_error(again)}); the next run does")
     what = (
         f"the update to {j.to_version} failed during {step}: {os_error(exc)}; nothing was changed"
     )
-    _record(ctx, j, history.REFUSED, what)
+    with interrupt.shielded():
+        try:
+            _discard(ctx, j)
+        except OSError as again:
+            ctx.report(f"could not clean up ({os_error(again)}); the next run does")
+        _record(ctx, j, history.REFUSED, what)
     return UpdateError(what, os_hint(exc))
 
 
