@@ -6,7 +6,9 @@ A later step may rely on a file only once it is here with its data fsynced
 must never point at an empty or torn file. So every write the updater
 relies on goes through this module: ``atomic_write`` (replace a file),
 ``durable_copy`` (a backup copy), ``fsync_tree`` (a tree built by other
-programs, e.g. pip, before its marker) and ``append_line`` (the history).
+programs, e.g. pip, before its marker), ``append_line`` (the history),
+``fsync_file`` and ``flush_durable`` (a download before it is renamed or
+resumed).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import IO
 
 
 def fsync_dir(path: Path) -> None:
@@ -24,6 +27,21 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Make the data of a file written earlier (e.g. by another handle) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def flush_durable(f: IO[bytes]) -> None:
+    """Flush an open file's buffer and fsync its data."""
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
@@ -83,11 +101,7 @@ def fsync_tree(root: Path) -> None:
             path = here / name
             if path.is_symlink() or not path.is_file():
                 continue
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(path)
         fsync_dir(here)
 
 

@@ -52,3 +52,17 @@ def test_after_a_settled_run_signals_are_ignored_until_exit() -> None:
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+def test_after_the_programs_last_scope_a_signal_cannot_change_the_exit_code() -> None:
+    """Refused, not settled: a Ctrl-C while the outcome is printed must not make it 130."""
+    before = {s: signal.getsignal(s) for s in interrupt.HANDLED}
+    try:
+        with pytest.raises(interrupt.Interrupted), interrupt.catching(last=True):
+            os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # would raise KeyboardInterrupt otherwise
+        os.kill(os.getpid(), signal.SIGTERM)  # would end pytest otherwise
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in interrupt.HANDLED)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

@@ -37,7 +37,7 @@ from rich.progress import (
 
 import scalebox
 from scalebox.errors import ScaleboxError
-from scalebox.fsutil import fsync_dir
+from scalebox.fsutil import flush_durable, fsync_dir, fsync_file
 from scalebox.retry import backoff_delays
 from scalebox.update import local
 from scalebox.update.limits import DeadlinePassed, Limits, Pace, deadline
@@ -216,8 +216,7 @@ def _private_file(path: Path, mode: str) -> IO[bytes]:
 
 
 def _finish(part: Path, dest: Path) -> Path:
-    with part.open("rb+") as f:
-        os.fsync(f.fileno())
+    fsync_file(part)
     part.replace(dest)
     _validator_path(part).unlink(missing_ok=True)
     fsync_dir(dest.parent)
@@ -376,8 +375,7 @@ def _http_attempt(  # noqa: PLR0917 - one caller, _retrying_download
 
 def _flush(out: IO[bytes]) -> None:
     # Keep what did arrive: the next attempt resumes after it.
-    out.flush()
-    os.fsync(out.fileno())
+    flush_durable(out)
 
 
 def _client_error(url: str, status: int, reason: str) -> FetchError:

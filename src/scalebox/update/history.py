@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scalebox.fsutil import append_line
-from scalebox.update.journal import now, stamp
+from scalebox.update.journal import new_id, now, stamp
 
 UPDATED = "updated"
 ROLLED_BACK = "rolled back"
@@ -74,6 +74,29 @@ def record(
     )
     append(path, entry)
     return entry
+
+
+def record_refusal(
+    path: Path, *, action: str, from_version: str, to_version: str, reason: str
+) -> str | None:
+    """Record a refusal before any transaction began (no journal, so a fresh id).
+
+    Returns None, or what went wrong if the history itself cannot be written
+    (for the caller to say on stderr: a refusal must never become a traceback).
+    """
+    try:
+        record(
+            path,
+            transaction_id=new_id(),
+            action=action,
+            from_version=from_version,
+            to_version=to_version,
+            result=REFUSED,
+            reason=reason,
+        )
+    except OSError as exc:
+        return f"could not record the refusal in {path} ({exc.strerror or exc})"
+    return None
 
 
 def read(path: Path) -> list[Entry]:

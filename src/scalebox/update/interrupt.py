@@ -71,8 +71,14 @@ def _on_signal(signum: int, _frame: types.FrameType | None) -> None:
 
 
 @contextmanager
-def catching() -> Iterator[None]:
-    """Turn SIGTERM/SIGINT into Interrupted for the ``with`` block; ride out SIGHUP."""
+def catching(*, last: bool = False) -> Iterator[None]:
+    """Turn SIGTERM/SIGINT into Interrupted for the ``with`` block; ride out SIGHUP.
+
+    ``last``: the program's own outermost scope (main.py). After it the
+    program only prints the outcome it reached and exits with its code, so
+    every later signal is ignored outright, settled or not: a Ctrl-C then
+    must not turn a printed exit_code 1 into a process exit of 130.
+    """
     global _catching_depth, _settled  # noqa: PLW0603 - process-wide, read by the signal handler
     previous = {s: signal.signal(s, _on_signal) for s in HANDLED}
     _catching_depth += 1
@@ -82,7 +88,7 @@ def catching() -> Iterator[None]:
         _catching_depth -= 1
         if _catching_depth == 0:
             _noted.clear()
-        if _catching_depth == 0 and _settled:
+        if _catching_depth == 0 and (_settled or last):
             # The outermost scope of a settled run: all that is left is to exit
             # with the settled code, so a signal now must not replace it (a
             # default SIGINT handler would make it 130).

@@ -168,6 +168,37 @@ def _transaction_guard(ctx: Context) -> Iterator[str | None]:
             shutil.rmtree(ctx.paths.work, ignore_errors=True)  # the extracted release
 
 
+@contextmanager
+def _refusals_recorded(
+    ctx: Context, action: str, to_version: str | None, *, record: bool
+) -> Iterator[None]:
+    """An OSError before the transaction began (no journal yet): one line and a history entry.
+
+    The transaction records its own refusals; this covers the steps before
+    it (downloads, the trusted keys, the extracted release).
+    """
+    try:
+        yield
+    except OSError as exc:
+        what = f"the {action} failed before it began: {transaction.os_error(exc)}; "
+        what += "nothing was changed"
+        if record:
+            try:
+                from_version = preflight.installed(ctx.paths).version
+            except (UpdateError, OSError):
+                from_version = "unknown"
+            problem = history.record_refusal(
+                ctx.paths.history,
+                action=action,
+                from_version=from_version,
+                to_version=to_version or "unknown",
+                reason=what,
+            )
+            if problem:
+                _report(f"{problem}; the history lacks this refusal")
+        raise UpdateError(what, transaction.os_hint(exc)) from exc
+
+
 def _emit(result: Result, as_json: bool) -> int:
     code = int(result.get("exit_code", 0))
     if as_json:
@@ -251,7 +282,13 @@ def cli(  # noqa: PLR0917 - click passes every option as an argument
     if stage_only and (check or rollback):
         raise UsageError("--stage cannot be combined with --check or --rollback", "choose one")
     preflight.require_root()
-    with _context(stability_window) as ctx, _transaction_guard(ctx) as recovered:
+    with (
+        _context(stability_window) as ctx,
+        _transaction_guard(ctx) as recovered,
+        _refusals_recorded(
+            ctx, "rollback" if rollback else "update", to_version, record=not (check or dry_run)
+        ),
+    ):
         if rollback:
             result = _rollback(ctx)
         else:
@@ -587,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # One signal scope for the whole run: once a transaction's outcome is
         # settled, no later signal can change the exit code (interrupt.py).
-        with interrupt.catching():
+        with interrupt.catching(last=True):
             # standalone_mode=False: click returns the code of ctx.exit() instead of exiting.
             code = cli.main(args=args, prog_name="scalebox-update", standalone_mode=False)
     except click.exceptions.Exit as exc:

@@ -8,7 +8,7 @@ run again by the next ``scalebox-update`` or the boot-time recover unit.
 
 from __future__ import annotations
 
-from scalebox.update import health, switch
+from scalebox.update import health, stage, switch
 from scalebox.update.context import Context
 from scalebox.update.errors import RollbackFailed, UpdateError
 from scalebox.update.journal import Journal
@@ -33,7 +33,10 @@ def roll_back(ctx: Context, journal: Journal) -> None:
     p = ctx.paths
     ctx.report(f"rolling back to {journal.from_version}: {journal.reason or 'interrupted'}")
     try:
-        switch.swap_current(p, journal.from_release)
+        # Only when it moved: a `current` that never left (the switch itself
+        # failed, e.g. a read-only /opt/scalebox) needs no write to come back.
+        if stage.current_name(p) != journal.from_release:
+            switch.swap_current(p, journal.from_release)
         backup = p.backup_dir(journal.id)
         touched: list[str] = []
         if (backup / switch.BACKUP_INDEX).is_file():

@@ -76,15 +76,7 @@ def install(
         step="stage",
         built_release=False,
     )
-    try:
-        reusing = stage.is_complete(new_dir) and (
-            target.root is None
-            or (new_dir / stage.MANIFEST).read_bytes()
-            == (target.root / stage.MANIFEST).read_bytes()
-        )
-        j = journal.begin(p.journal, replace(first, built_release=not reusing))
-    except OSError as exc:
-        raise _refuse(ctx, first, exc, "stage") from None
+    j = _begin(ctx, first, target, new_dir)
 
     # stage and backup: nothing live changes; a failure here refuses the update.
     try:
@@ -103,9 +95,11 @@ def install(
     except OSError as exc:
         raise _refuse(ctx, j, exc, j.step) from None
     except BaseException as exc:
-        _discard(ctx, j)
-        if isinstance(exc, UpdateError):
-            _record(ctx, j, history.REFUSED, exc.what)
+        # Shielded: a second Ctrl-C must not stop the cleanup half way.
+        with interrupt.shielded():
+            _discard(ctx, j)
+            if isinstance(exc, UpdateError):
+                _record(ctx, j, history.REFUSED, exc.what)
         raise
 
     try:
@@ -151,6 +145,26 @@ def install(
     )
 
 
+def _begin(ctx: Context, first: Journal, target: Target, new_dir: Path) -> Journal:
+    """Write the transaction's first journal entry; a failure refuses, nothing changed."""
+    try:
+        reusing = stage.is_complete(new_dir) and (
+            target.root is None
+            or (new_dir / stage.MANIFEST).read_bytes()
+            == (target.root / stage.MANIFEST).read_bytes()
+        )
+        return journal.begin(ctx.paths.journal, replace(first, built_release=not reusing))
+    except OSError as exc:
+        raise _refuse(ctx, first, exc, "stage") from None
+    except UpdateError as exc:
+        # SIGTERM/SIGINT (Interrupted) right after the entry was written: nothing
+        # was built yet; end the transaction it began and record it, as later steps do.
+        with interrupt.shielded():
+            _discard(ctx, first)
+            _record(ctx, first, history.REFUSED, exc.what)
+        raise
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, UpdateError):
         return exc.what
@@ -176,14 +190,15 @@ def os_hint(exc: OSError) -> str:
 
 def _refuse(ctx: Context, j: Journal, exc: OSError, step: str) -> UpdateError:
     """An OSError before anything live changed: undo, record and say so in one line."""
-    try:
-        _discard(ctx, j)
-    except OSError as again:
-        ctx.report(f"could not clean up ({os_error(again)}); the next run does")
     what = (
         f"the update to {j.to_version} failed during {step}: {os_error(exc)}; nothing was changed"
     )
-    _record(ctx, j, history.REFUSED, what)
+    with interrupt.shielded():
+        try:
+            _discard(ctx, j)
+        except OSError as again:
+            ctx.report(f"could not clean up ({os_error(again)}); the next run does")
+        _record(ctx, j, history.REFUSED, what)
     return UpdateError(what, os_hint(exc))
 
 

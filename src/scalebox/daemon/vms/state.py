@@ -9,13 +9,12 @@ rebuilt from these copies instead of losing the VMs.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from scalebox.daemon.vms.models import VM, RecordError
-from scalebox.fsutil import atomic_write
+from scalebox.fsutil import atomic_write, durable_copy
 
 STATE_FORMAT = 1
 VM_RECORD_NAME = "vm.json"
@@ -73,7 +72,7 @@ def load(path: Path) -> Loaded:
             problem = str(exc)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     kept = path.with_name(f"{path.name}.corrupt-{stamp}")
-    shutil.copy2(path, kept)
+    durable_copy(path, kept)
     return Loaded([], problem=problem, kept_as=kept)
 
 
