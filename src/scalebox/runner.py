@@ -60,20 +60,24 @@ def run_program(
     env: Mapping[str, str] | None = None,
     input_text: str | None = None,
     new_session: bool = False,
+    shield: bool = False,
 ) -> Finished:
     """Run ``argv`` and wait for it; raise ProgramError when it cannot run or overruns.
 
     ``new_session`` starts it in a session of its own, so a signal sent to the
     caller's process group (a terminal's Ctrl-C or hang-up) does not reach it.
-    Such a child also starts with those signals blocked: between fork and
-    setsid() it is still in the caller's group, and a Ctrl-C landing in that
-    window would otherwise kill it (seen: a `systemctl show` the rollback
-    waited on died of SIGINT under repeated Ctrl-C). The caller's own signals
-    are blocked only while the child is created, then delivered as usual.
+    ``shield`` (with ``new_session``) also starts it with those signals
+    blocked: between fork and setsid() it is still in the caller's group, and
+    a Ctrl-C landing in that window would otherwise kill it (seen: a
+    `systemctl show` the rollback waited on died of SIGINT under repeated
+    Ctrl-C). Only for short programs that must finish (systemctl): the block
+    stays for the child's life and is inherited by its own children. The
+    caller's signals are blocked only while the child is created, then
+    delivered as usual.
     """
     args = [str(a) for a in argv]
     try:
-        with _group_signals_blocked(new_session):
+        with _group_signals_blocked(new_session and shield):
             proc = subprocess.Popen(
                 args,
                 stdin=subprocess.DEVNULL if input_text is None else subprocess.PIPE,

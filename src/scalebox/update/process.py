@@ -15,6 +15,7 @@ def run(
     timeout: float = 300.0,
     env: Mapping[str, str] | None = None,
     hint: str | None = None,
+    shield: bool = False,
 ) -> str:
     """Run ``argv`` (never through a shell) and return its stdout.
 
@@ -24,10 +25,11 @@ def run(
     The program runs in a session of its own, away from the terminal: a
     Ctrl-C or hang-up reaches the updater only, which decides whether the
     program is stopped (an exception here kills it) or finishes (a shielded
-    rollback must not lose its `systemctl restart`).
+    rollback must not lose its `systemctl restart`). ``shield`` closes the
+    short window before the child leaves our session (runner.run_program).
     """
     try:
-        done = run_program(argv, timeout=timeout, env=env, new_session=True)
+        done = run_program(argv, timeout=timeout, env=env, new_session=True, shield=shield)
     except ProgramError as exc:
         if exc.kind == "not found":
             raise CommandError(

@@ -51,7 +51,7 @@ class ServiceManager(Protocol):
 
 def run(argv: Sequence[str], description: str, *, timeout: float = 120.0) -> str:
     """Run one systemctl command; a failure raises a CommandError carrying its stderr."""
-    return process.run(argv, description, timeout=timeout, hint=HINT)
+    return process.run(argv, description, timeout=timeout, hint=HINT, shield=True)
 
 
 def start_outcome(before: str, state: UnitState) -> str:
