@@ -131,7 +131,20 @@ do_test() {
   log "./do check-update: the last release, updated to this build"
   venv_python -m tools.check_update
   log "system tests: updates on real systemd servers"
-  "$VENV/bin/pytest" -m system tests/system
+  run_system_tests
+}
+
+# The system tests mostly wait (for systemd, stability windows, timeouts), so
+# they run on SCALEBOX_TEST_WORKERS machines at once (default 2; 1 = one at a
+# time). Whole files go to one worker: a file's module fixtures stay shared.
+run_system_tests() {
+  local workers=${SCALEBOX_TEST_WORKERS:-2}
+  [[ $workers =~ ^[1-9][0-9]*$ ]] ||
+    die "SCALEBOX_TEST_WORKERS must be a whole number >= 1, got '$workers'"
+  local parallel=() where=(tests/system) arg
+  ((workers > 1)) && parallel=(-n "$workers" --dist loadfile)
+  for arg in "$@"; do [[ $arg == tests/* ]] && where=(); done # files named: only those
+  "$VENV/bin/pytest" -m system "${where[@]}" --durations=15 "${parallel[@]}" "$@"
 }
 
 do_build() {
@@ -157,7 +170,7 @@ Usage: ./do COMMAND [ARGS]
   tarball       build builds/scalebox-<version>-<arch>.tar.gz, signed
   machine       boot or inspect a local systemd test server (nspawn); see ./do machine --help
   check         tarball, boot a server, install.sh, API tests against it, tear down [--keep-vm]
-  system-tests  the update system tests on nspawn machines (root)
+  system-tests  the system tests on nspawn machines (root; SCALEBOX_TEST_WORKERS at once, default 2)
   bench         the update benchmarks; prints the figures
   bench-hostile the updater's peak memory (RSS) on hostile inputs it builds; prints the figures
   check-update  install the last release on a server, update it to this build, verify [--keep-vm]
@@ -179,7 +192,7 @@ case "$cmd" in
   machine) need_root machine; ensure_host_packages; venv_python -m tools.machine "$@" ;;
   check) need_root check; ensure_host_packages; venv_python -m tools.check "$@" ;;
   system-tests) need_root system-tests; ensure_host_packages; do_setup
-    "$VENV/bin/pytest" -m system tests/system "$@" ;;
+    run_system_tests "$@" ;;
   check-update) need_root check-update; ensure_host_packages; venv_python -m tools.check_update "$@" ;;
   release) venv_python -m tools.release "$@" ;;
   bench) need_root bench; ensure_host_packages; venv_python -m tools.bench "$@" ;;
