@@ -98,6 +98,30 @@ def assert_no_traceback(err: str) -> None:
     assert err.count("scalebox-update: error:") <= 1, err
 
 
+def assert_updated_then_recover(
+    s: Server, outcome: tuple[int, dict[str, object], str], *, cause: str, clear_fault: str
+) -> None:
+    """B serves, verified, and the truth is "updated" with what is left; recover finishes it.
+
+    ``cause`` is the OSError text the commit met; ``clear_fault`` a shell line
+    that removes the fault before ``scalebox-update recover`` runs.
+    """
+    code, result, err = outcome
+    assert_no_traceback(err)
+    assert (code, result["result"]) == (0, "updated"), err
+    assert cause in str(result["unfinished"]), result
+    assert "scalebox-update recover" in str(result["unfinished"])
+    assert s.health() == B
+    assert not any(e["to"] == B and e["result"] == "updated" for e in history(s))
+    s.sh(clear_fault)
+    code, recovered, err = s.update("recover")
+    assert code == 0, err
+    assert recovered["message"] == f"recovered: finished committing the verified update to {B}"
+    assert history(s)[-1]["result"] == "updated"
+    assert history(s)[-1]["to"] == B
+    s.assert_intact(B)
+
+
 # --- defect 1: a full disk after the switch ---------------------------------------
 
 
@@ -143,21 +167,9 @@ def test_read_only_state_during_commit_says_updated_and_recover_finishes(
     pid = start_stopped(server, "commit", B)
     server.sh(f"mount --bind {STATE} {STATE} && mount -o remount,bind,ro {STATE}")
     server.sh(f"kill -CONT {pid}")
-    code, result, err = finish(server)
-    assert_no_traceback(err)
-    # B serves, verified: the truth is "updated", with what is left to do.
-    assert (code, result["result"]) == (0, "updated"), err
-    assert "Read-only file system" in str(result["unfinished"])
-    assert "scalebox-update recover" in str(result["unfinished"])
-    assert server.health() == B
-    assert not any(e["to"] == B and e["result"] == "updated" for e in history(server))
-    server.sh(f"umount {STATE}")
-    code, recovered, err = server.update("recover")
-    assert code == 0, err
-    assert recovered["message"] == f"recovered: finished committing the verified update to {B}"
-    assert history(server)[-1]["result"] == "updated"
-    assert history(server)[-1]["to"] == B
-    server.assert_intact(B)
+    assert_updated_then_recover(
+        server, finish(server), cause="Read-only file system", clear_fault=f"umount {STATE}"
+    )
 
 
 # --- defect 3: Ctrl-C during a rollback ----------------------------------------------

@@ -14,6 +14,7 @@ from .test_update_faults import (
     RUN,
     STATE,
     assert_no_traceback,
+    assert_updated_then_recover,
     finish,
     history,
     start_stopped,
@@ -67,20 +68,12 @@ def test_a_disk_full_to_the_last_byte_during_commit(server: Server) -> None:
     )
     assert server.sh(f"printf '\\n' >>{STATE}/history.jsonl", check=False).returncode != 0
     server.sh(f"kill -CONT {pid}")
-    code, result, err = finish(server)
-    assert_no_traceback(err)
-    assert (code, result["result"]) == (0, "updated"), err
-    assert "No space left on device" in str(result["unfinished"]), result
-    assert "scalebox-update recover" in str(result["unfinished"])
-    assert server.health() == B
-    assert not any(e["to"] == B and e["result"] == "updated" for e in history(server))
-    server.sh(f"rm -f {STATE}/filler {STATE}/filler2")
-    code, recovered, err = server.update("recover")
-    assert code == 0, err
-    assert recovered["message"] == f"recovered: finished committing the verified update to {B}"
-    assert history(server)[-1]["result"] == "updated"
-    assert history(server)[-1]["to"] == B
-    server.assert_intact(B)
+    assert_updated_then_recover(
+        server,
+        finish(server),
+        cause="No space left on device",
+        clear_fault=f"rm -f {STATE}/filler {STATE}/filler2",
+    )
 
 
 def test_sigterm_before_the_switch_refuses_and_after_it_rolls_back(server: Server) -> None:
