@@ -29,3 +29,18 @@ class RollbackFailed(UpdateError):
 
 class LockHeld(UpdateError):
     """Another scalebox-update holds the lock."""
+
+
+def os_error(exc: OSError) -> str:
+    """An OSError in words: what failed on which file ("No space left on device: /var/...")."""
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
+def reason_of(exc: BaseException) -> str:
+    """What went wrong, in words for a person: an error's ``what``, an OSError's text."""
+    if isinstance(exc, UpdateError):
+        return exc.what
+    if isinstance(exc, OSError):
+        return os_error(exc)  # "Read-only file system: /opt/...", never "[Errno 30] ..."
+    return f"{type(exc).__name__}: {exc}"

@@ -52,7 +52,7 @@ from scalebox.update import (
     versions,
 )
 from scalebox.update.context import DEFAULT_STABILITY_WINDOW, Context
-from scalebox.update.errors import LockHeld, RollbackFailed, RolledBack, UpdateError
+from scalebox.update.errors import LockHeld, RollbackFailed, RolledBack, UpdateError, os_error
 from scalebox.update.paths import Paths, private_dir
 from scalebox.update.systemd import SERVICE, Systemctl
 
@@ -180,7 +180,7 @@ def _refusals_recorded(
     try:
         yield
     except OSError as exc:
-        what = f"the {action} failed before it began: {transaction.os_error(exc)}; "
+        what = f"the {action} failed before it began: {os_error(exc)}; "
         what += "nothing was changed"
         if record:
             try:
@@ -640,9 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         # A file system refused a write or a read outside any transaction step
         # (those record it themselves): one line, no traceback.
-        return _fail(
-            as_json, transaction.os_error(exc), transaction.os_hint(exc), EXIT_REFUSED, exc
-        )
+        return _fail(as_json, os_error(exc), transaction.os_hint(exc), EXIT_REFUSED, exc)
     return code if isinstance(code, int) else 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from scalebox.update import health, stage, switch
 from scalebox.update.context import Context
-from scalebox.update.errors import RollbackFailed, UpdateError
+from scalebox.update.errors import RollbackFailed, UpdateError, reason_of
 from scalebox.update.journal import Journal
 from scalebox.update.systemd import SERVICE, SOCKET
 
@@ -58,7 +58,7 @@ def roll_back(ctx: Context, journal: Journal) -> None:
             ctx.report,
         )
     except (UpdateError, OSError, ValueError, KeyError) as exc:
-        what = exc.what if isinstance(exc, UpdateError) else str(exc)
+        what = reason_of(exc)
         raise RollbackFailed(
             f"rollback to {journal.from_version} failed: {what} "
             f"(the update failed first: {journal.reason})",

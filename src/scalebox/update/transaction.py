@@ -28,7 +28,7 @@ from scalebox.update import (
     switch,
 )
 from scalebox.update.context import Context
-from scalebox.update.errors import RollbackFailed, RolledBack, UpdateError
+from scalebox.update.errors import RollbackFailed, RolledBack, UpdateError, os_error, reason_of
 from scalebox.update.journal import Journal
 
 
@@ -127,7 +127,7 @@ def install(
         interrupt.settle()
         j = journal.advance(p.journal, j, "commit")
     except Exception as exc:  # noqa: BLE001 - every failure from migrate on rolls back
-        _roll_back(ctx, j, _reason(exc))  # raises
+        _roll_back(ctx, j, reason_of(exc))  # raises
 
     pruned, left = _commit(ctx, j)
     message = f"updated {from_version} -> {target.version}; scaleboxd {target.version} is healthy"
@@ -163,20 +163,6 @@ def _begin(ctx: Context, first: Journal, target: Target, new_dir: Path) -> Journ
             _discard(ctx, first)
             _record(ctx, first, history.REFUSED, exc.what)
         raise
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, UpdateError):
-        return exc.what
-    if isinstance(exc, OSError):
-        return os_error(exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
-def os_error(exc: OSError) -> str:
-    """An OSError in words: what failed on which file ("No space left on device: /var/...")."""
-    where = f": {exc.filename}" if exc.filename else ""
-    return f"{exc.strerror or exc}{where}"
 
 
 def os_hint(exc: OSError) -> str:
