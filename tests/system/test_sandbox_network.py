@@ -73,10 +73,10 @@ def _opens(net: Net, address: str, to_port: int) -> bool:
     return done.stdout.strip() == "OPEN"
 
 
-def _seen_as(net: Net) -> str:
-    """The source address the outside listener saw VM one's connection come from."""
+def _seen_as(net: Net, port: int | None = None) -> str:
+    """The source address the outside listener saw a VM's connection come from (VM one's)."""
     fetch = f"exec 3<>/dev/tcp/{net.outside}/{OUTSIDE_PORT}; head -n1 <&3"
-    done = net.s.ssh(net.port, KEY, f"timeout 5 bash -c {shlex.quote(fetch)}")
+    done = net.s.ssh(port or net.port, KEY, f"timeout 5 bash -c {shlex.quote(fetch)}")
     assert done.returncode == 0, f"no connection out: {done.stdout}{done.stderr}"
     return done.stdout.strip()
 
@@ -131,3 +131,20 @@ def test_the_rules_stay_while_scaleboxd_is_stopped(net: Net) -> None:
     assert s.sh("nft list tables").stdout.count("table inet scalebox") == 1
     assert _seen_as(net) == OUTSIDE_GATEWAY
     assert not _opens(net, s.host_ip, API_PORT)
+
+
+def test_a_new_vm_network_applies_when_scaleboxd_restarts(net: Net) -> None:
+    """Last in the module: VMs one and two keep addresses of the old network."""
+    s = net.s
+    s.sh("echo VM_NETWORK=10.188.0.0/16 >> /etc/scaleboxd/config && systemctl restart scaleboxd")
+    listing = s.sh("nft list table inet scalebox").stdout
+    assert "ip saddr 10.188.0.0/16" in listing
+    assert "10.187.0.0/16" not in listing
+    made = s.api("POST", "/vms", json={"template": "debian-base", "ssh_public_key": s.public_key()})
+    assert made.status_code in (200, 201), made.text
+    vm = made.json()
+    try:
+        assert _guest_ip(s, vm["ssh_port"]).startswith("10.188.")
+        assert _seen_as(net, vm["ssh_port"]) == OUTSIDE_GATEWAY
+    finally:
+        s.api("DELETE", f"/vms/{vm['id']}")
