@@ -14,7 +14,7 @@ template unpacked with `python -m scalebox.daemon.vms.templates install`
 machine against HOST_IP (the machine's own address), as a user elsewhere would.
 ``Sandbox.outside()`` adds "the outside" for the VM network tests: a network
 namespace inside the machine (TEST-NET-1) with a listener that answers each
-connection with the address it came from.
+connection with the address it came from (and logs UDP datagrams).
 """
 
 from __future__ import annotations
@@ -47,9 +47,19 @@ OUTSIDE_GATEWAY = "192.0.2.1"  # the test server's end: what a masqueraded VM sh
 OUTSIDE_ADDR = "192.0.2.2"  # the listener
 OUTSIDE_PORT = 9000
 OUTSIDE_UNIT = "sb-outside-listener"
-# Answers each connection with the source address it came from, then closes it.
+OUTSIDE_UDP_LOG = "/run/sb-outside-udp.log"
+# Answers each TCP connection with the source address it came from, then closes
+# it; writes each UDP datagram to the same port as "<source> <payload>" to the log.
 PEER_ECHO = (
-    "import socket\n"
+    "import socket, threading\n"
+    "def udp():\n"
+    "    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    f"    u.bind(('{OUTSIDE_ADDR}', {OUTSIDE_PORT}))\n"
+    "    while True:\n"
+    "        data, peer = u.recvfrom(512)\n"
+    f"        with open('{OUTSIDE_UDP_LOG}', 'a') as log:\n"
+    "            log.write(peer[0] + ' ' + data.decode(errors='replace') + '\\n')\n"
+    "threading.Thread(target=udp, daemon=True).start()\n"
     f"srv = socket.create_server(('{OUTSIDE_ADDR}', {OUTSIDE_PORT}))\n"
     "while True:\n"
     "    conn, peer = srv.accept()\n"
@@ -122,7 +132,8 @@ class Sandbox:
             yield OUTSIDE_ADDR
         finally:
             self.sh(
-                f"systemctl stop {OUTSIDE_UNIT} 2>/dev/null; ip netns del {ns} 2>/dev/null; "
+                f"systemctl stop {OUTSIDE_UNIT} 2>/dev/null; rm -f {OUTSIDE_UDP_LOG}; "
+                f"ip netns del {ns} 2>/dev/null; "
                 f"ip link del {link} 2>/dev/null; true"
             )
 

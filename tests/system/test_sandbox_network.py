@@ -15,7 +15,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from tools.sandbox import OUTSIDE_GATEWAY, OUTSIDE_PORT, Sandbox, sandbox_server
+from tools.sandbox import (
+    OUTSIDE_GATEWAY,
+    OUTSIDE_PORT,
+    OUTSIDE_UDP_LOG,
+    Sandbox,
+    sandbox_server,
+)
 
 from .conftest import _skip_unless_able
 
@@ -23,6 +29,17 @@ pytestmark = pytest.mark.system
 
 KEY = "/root/one"
 API_PORT = 8080
+# Sends one UDP datagram with any source address (root's CAP_NET_RAW in a
+# guest): argv = source, destination, port, payload. The kernel fills in the
+# IP checksum and id; a UDP checksum of 0 means none.
+RAW_UDP = """
+import socket, struct, sys
+src, dst, port, payload = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].encode()
+udp = struct.pack("!HHHH", 40000, port, 8 + len(payload), 0) + payload
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                 socket.inet_aton(src), socket.inet_aton(dst))
+socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).sendto(ip + udp, (dst, 0))
+"""
 
 
 @dataclass(frozen=True)
@@ -110,6 +127,18 @@ def test_outbound_traffic_is_masqueraded_behind_the_servers_address(net: Net) ->
     seen = _seen_as(net)
     assert seen == OUTSIDE_GATEWAY, f"the outside saw {seen!r}, not the server's address"
     assert seen != net.guest_ip
+
+
+def test_a_guest_cannot_send_with_another_vms_address(net: Net) -> None:
+    """Raw packets with a spoofed source are dropped; the same with its own source arrive."""
+    for source, payload in ((net.guest_ip, "own"), (net.other_ip, "spoofed-vm"),
+                            (net.s.host_ip, "spoofed-host")):  # fmt: skip
+        args = shlex.join([source, net.outside, str(OUTSIDE_PORT), payload])
+        sent = net.s.ssh(net.port, KEY, f"sudo -n python3 -c {shlex.quote(RAW_UDP)} {args}")
+        assert sent.returncode == 0, sent.stderr
+    seen = net.s.sh(f"sleep 1; cat {OUTSIDE_UDP_LOG} 2>/dev/null || true").stdout
+    assert f"{OUTSIDE_GATEWAY} own" in seen.splitlines()  # the probe works (and is NATed)
+    assert "spoofed" not in seen, seen
 
 
 def test_the_hosts_own_ssh_to_a_vm_still_works(net: Net) -> None:
