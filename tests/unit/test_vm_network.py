@@ -126,3 +126,17 @@ def test_without_nft_the_error_says_which_package_to_install(
         network.apply("10.187.0.0/16")
     assert caught.value.hint is not None and "apt-get install nftables" in caught.value.hint
     assert network.IP_FORWARD.read_text() == sysctl_before  # nothing changed
+
+
+def test_forwarding_that_cannot_be_turned_on_is_logged_not_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Isolation is what apply must not do without; outbound NAT is not (a read-only /proc/sys)."""
+    fake_nft = tmp_path / "nft"
+    # A stand-in that accepts any script: the real nft would load into this host's ruleset.
+    fake_nft.write_text("#!/bin/sh\ncat >/dev/null\n")
+    fake_nft.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    monkeypatch.setattr(network, "IP_FORWARD", tmp_path / "missing" / "ip_forward")
+    network.apply("10.187.0.0/16")
+    assert "VMs have no outbound traffic: cannot turn on IPv4 forwarding" in caplog.text

@@ -32,6 +32,7 @@ else (``systemctl restart nftables``) comes back.
 from __future__ import annotations
 
 import ipaddress
+import logging
 from pathlib import Path
 
 from scalebox.daemon.vms.command import CommandFailed, run
@@ -45,6 +46,8 @@ VM_LINK_GROUP = 0x5CB
 # Where cloud providers serve instance metadata (and the host's credentials).
 LINK_LOCAL = "169.254.0.0/16"
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+
+log = logging.getLogger("scaleboxd")
 
 
 def ruleset(vm_network: str) -> str:
@@ -93,7 +96,9 @@ def apply(vm_network: str) -> None:
     """Load the rules for ``vm_network`` (replacing ours, atomically) and turn on IPv4 forwarding.
 
     Idempotent. Raises CommandFailed when nft is missing or refuses the rules:
-    VMs are not started without their isolation.
+    VMs are not started without their isolation. Forwarding that cannot be
+    turned on (a read-only /proc/sys, as in a container) is logged, not
+    raised: the VMs are isolated all the same, they only have no way out.
     """
     try:
         run(["nft", "-f", "-"], f"load the VM network rules (nft table {TABLE})",
@@ -106,11 +111,15 @@ def apply(vm_network: str) -> None:
                 "then systemctl restart scaleboxd",
             ) from None
         raise
-    enable_forwarding()
+    try:
+        enable_forwarding()
+    except CommandFailed as exc:
+        log.warning("VMs have no outbound traffic: %s", exc)
 
 
-def enable_forwarding(path: Path = IP_FORWARD) -> bool:
-    """Set net.ipv4.ip_forward to 1; return whether it was off before."""
+def enable_forwarding(path: Path | None = None) -> bool:
+    """Set net.ipv4.ip_forward (``path``, default IP_FORWARD) to 1; return whether it was off."""
+    path = IP_FORWARD if path is None else path
     try:
         if path.read_text().strip() == "1":
             return False
