@@ -27,6 +27,8 @@ ensure_host_packages() {
   command -v debootstrap >/dev/null || missing+=(debootstrap)
   command -v ip >/dev/null || missing+=(iproute2)
   command -v nsenter >/dev/null || missing+=(util-linux)
+  # The VM network's rules, loaded in a namespace of the test's own (tests/unit/test_vm_network.py).
+  command -v nft >/dev/null || missing+=(nftables)
   # Ubuntu (GitHub's runners) lacks it, and debootstrap of Debian needs it (tools/image.py).
   [[ -f /usr/share/keyrings/debian-archive-keyring.gpg ]] || missing+=(debian-archive-keyring)
   if ((${#missing[@]})); then

@@ -12,6 +12,9 @@ template unpacked with `python -m scalebox.daemon.vms.templates install`
 (what install.sh will do; see docs/operations.md). Two ed25519 keys,
 /root/one and /root/two, are made with ssh-keygen; ssh runs inside the
 machine against HOST_IP (the machine's own address), as a user elsewhere would.
+``Sandbox.outside()`` adds "the outside" for the VM network tests: a network
+namespace inside the machine (TEST-NET-1) with a listener that answers each
+connection with the address it came from (and logs UDP datagrams).
 """
 
 from __future__ import annotations
@@ -35,6 +38,34 @@ SSH_OPTS = (
     "-o LogLevel=ERROR -o ConnectTimeout=10"
 )
 KEYS = ("/root/one", "/root/two")
+# "The outside" of the VM network tests: a network namespace inside the test
+# machine, at the end of a veth, with TEST-NET-1 (RFC 5737) addresses. Traffic
+# a VM sends "out" ends there; nothing leaves our machines.
+OUTSIDE_NS = "sb-outside"
+OUTSIDE_LINK = "sbout"
+OUTSIDE_GATEWAY = "192.0.2.1"  # the test server's end: what a masqueraded VM shows as
+OUTSIDE_ADDR = "192.0.2.2"  # the listener
+OUTSIDE_PORT = 9000
+OUTSIDE_UNIT = "sb-outside-listener"
+OUTSIDE_UDP_LOG = "/run/sb-outside-udp.log"
+# Answers each TCP connection with the source address it came from, then closes
+# it; writes each UDP datagram to the same port as "<source> <payload>" to the log.
+PEER_ECHO = (
+    "import socket, threading\n"
+    "def udp():\n"
+    "    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    f"    u.bind(('{OUTSIDE_ADDR}', {OUTSIDE_PORT}))\n"
+    "    while True:\n"
+    "        data, peer = u.recvfrom(512)\n"
+    f"        with open('{OUTSIDE_UDP_LOG}', 'a') as log:\n"
+    "            log.write(peer[0] + ' ' + data.decode(errors='replace') + '\\n')\n"
+    "threading.Thread(target=udp, daemon=True).start()\n"
+    f"srv = socket.create_server(('{OUTSIDE_ADDR}', {OUTSIDE_PORT}))\n"
+    "while True:\n"
+    "    conn, peer = srv.accept()\n"
+    "    conn.sendall(peer[0].encode() + b'\\n')\n"
+    "    conn.close()\n"
+)
 
 
 class Sandbox:
@@ -69,6 +100,42 @@ class Sandbox:
 
     def ssh(self, port: int, key: str, command: str) -> subprocess.CompletedProcess[str]:
         return self.m.run(self.ssh_argv(port, key, command), check=False, timeout=60)
+
+    @contextlib.contextmanager
+    def outside(self) -> Iterator[str]:
+        """Yield the address of a listener "outside" the server; it answers with the peer.
+
+        A namespace of the harness's own inside the test machine (OUTSIDE_NS),
+        with a default route back through the machine, so that without NAT it
+        would see (and answer) a VM's own address. Removed afterwards.
+        """
+        ns, link = OUTSIDE_NS, OUTSIDE_LINK
+        setup = (
+            f"ip netns add {ns}; "
+            f"ip link add {link} type veth peer name eth0 netns {ns}; "
+            f"ip addr add {OUTSIDE_GATEWAY}/24 dev {link}; ip link set {link} up; "
+            f"ip -n {ns} addr add {OUTSIDE_ADDR}/24 dev eth0; ip -n {ns} link set eth0 up; "
+            f"ip -n {ns} link set lo up; ip -n {ns} route add default via {OUTSIDE_GATEWAY}"
+        )
+        try:
+            self.sh(f"set -e; {setup}")
+            # The guard: the address must be ours, at the end of our veth.
+            route = self.sh(f"ip -o route get {OUTSIDE_ADDR}").stdout
+            if f" dev {link} " not in route:
+                raise AssertionError(f"refusing to send to {OUTSIDE_ADDR}: routed as {route!r}")
+            self.m.run(["systemd-run", "--quiet", f"--unit={OUTSIDE_UNIT}", "--collect",
+                        "ip", "netns", "exec", ns, "python3", "-c", PEER_ECHO])  # fmt: skip
+            self.sh(
+                f"for _ in $(seq 100); do ip netns exec {ns} ss -ltnH "
+                f"'sport = :{OUTSIDE_PORT}' | grep -q . && exit 0; sleep 0.1; done; exit 1"
+            )
+            yield OUTSIDE_ADDR
+        finally:
+            self.sh(
+                f"systemctl stop {OUTSIDE_UNIT} 2>/dev/null; rm -f {OUTSIDE_UDP_LOG}; "
+                f"ip netns del {ns} 2>/dev/null; "
+                f"ip link del {link} 2>/dev/null; true"
+            )
 
     def leftovers(self, vm_id: str, port: int) -> list[str]:
         """What is still around of VM ``vm_id`` on the server (empty when nothing)."""
@@ -115,6 +182,11 @@ def sandbox_server(
     with Machine.boot(
         release, keep=keep, all_capabilities=True, binds_ro=[(template, "/mnt/template")]
     ) as m:
+        # nspawn mounts the machine's /proc/sys read-only; a real server's root can
+        # write it (scaleboxd turns on ip_forward). Only net/: it is the machine's own
+        # network namespace's, while the rest of /proc/sys is the shared host kernel's.
+        m.run(["bash", "-c", "mount --bind /proc/sys/net /proc/sys/net && "
+               "mount -o remount,bind,rw /proc/sys/net"])  # fmt: skip
         m.run(["bash", "/mnt/release/install.sh", f"/mnt/release/{tarball_name(A)}"], timeout=600)
         m.run(["bash", "-c", "echo VM_BACKEND=nspawn >> /etc/scaleboxd/config"])
         m.run(["/opt/scalebox/current/venv/bin/python", "-m", "scalebox.daemon.vms.templates",

@@ -18,16 +18,20 @@ class CommandFailed(ApiError):
     status = 500
 
 
-def run(argv: list[str], description: str, *, timeout: float = 60.0) -> str:
+def run(
+    argv: list[str], description: str, *, timeout: float = 60.0, stdin: str | None = None
+) -> str:
     """Run ``argv`` (no shell) and return its stdout; raise CommandFailed on failure.
 
     ``description`` says what the command was for, in words a person reading
-    the error understands ("start the unit of VM vm-...").
+    the error understands ("start the unit of VM vm-..."); ``stdin``, if
+    given, is written to the program's standard input.
     """
     try:
         done = run_program(
             argv,
             timeout=timeout,
+            input_text=stdin,
             env={key: value for key, value in os.environ.items() if key not in PRIVATE_ENV},
             # Its own session: a signal meant for the daemon (a terminal's Ctrl-C
             # in development) does not kill the systemctl a request waits on.

@@ -5,8 +5,9 @@ Per VM ``vm-<hex>``, all named after its id so nothing is ever guessed:
 - its root filesystem ``DATA_DIR/vms/<id>/disk``, a copy of its template's
   (``cp --reflink=auto``: shared blocks on btrfs/XFS, a full copy elsewhere);
 - a network namespace ``scalebox-<id>`` joined to the host by the veth pair
-  ``vm<hex>`` (host, ``.1`` of the VM's /30 of VM_NETWORK) and ``eth0``
-  (VM, ``.2``), configured before the container boots;
+  ``vm<hex>`` (host, ``.1`` of the VM's /30 of VM_NETWORK, in the interface
+  group the firewall rules of network.py match) and ``eth0`` (VM, ``.2``),
+  configured before the container boots;
 - ``scalebox-vm@<id>.service``: its ExecStart (``scaleboxd --run-guest``)
   execs ``systemd-nspawn --boot`` (see ``nspawn_argv``); the container's
   processes live in that unit's cgroup, with MemoryMax, CPUQuota and
@@ -39,7 +40,7 @@ from pathlib import Path
 
 from scalebox.config import ServerConfig
 from scalebox.daemon.errors import ApiError
-from scalebox.daemon.vms import disks
+from scalebox.daemon.vms import disks, network
 from scalebox.daemon.vms.backend import GuestStatus, SystemdBackend, unit_name
 from scalebox.daemon.vms.command import CommandFailed, run
 from scalebox.daemon.vms.models import VM
@@ -330,6 +331,8 @@ class NspawnBackend:
 
     def start(self, vm_id: str) -> int | None:
         vm = self._record(vm_id)
+        # Again before each VM: rules flushed by someone else come back.
+        network.apply(self._config.vm_network)
         self._network_up(vm)
         unit = unit_name(vm_id)
         props = limit_properties(vm, self._config.vm_pids_max)
@@ -454,8 +457,9 @@ class NspawnBackend:
         what = f"set up the network of VM {vm.id}"
         run(["ip", "netns", "add", ns], what)
         try:
-            run(["ip", "link", "add", hif, "type", "veth", "peer", "name", GUEST_IF,
-                 "netns", ns], what)  # fmt: skip
+            # The group is what the VM network's rules match (network.py).
+            run(["ip", "link", "add", hif, "group", str(network.VM_LINK_GROUP), "type", "veth",
+                 "peer", "name", GUEST_IF, "netns", ns], what)  # fmt: skip
             run(["ip", "addr", "add", f"{host_ip}/{prefix}", "dev", hif], what)
             run(["ip", "link", "set", hif, "up"], what)
             run(["ip", "-n", ns, "addr", "add", f"{vm.guest_ip}/{prefix}", "dev", GUEST_IF], what)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from scalebox.config import ServerConfig
 from scalebox.daemon.errors import ApiError, Conflict, InsufficientStorage, NotFound, Protected
-from scalebox.daemon.vms import disks, hostinfo, naming, nspawn, state, templates
+from scalebox.daemon.vms import disks, hostinfo, naming, network, nspawn, state, templates
 from scalebox.daemon.vms.backend import (
     Backend,
     GuestStatus,
@@ -112,6 +112,8 @@ class VMService:
                     self._state_path, loaded.problem, loaded.kept_as, len(vms), self._vms_dir,
                 )  # fmt: skip
             self._vms = {vm.id: vm for vm in vms}
+            if self._nspawn:  # before any VM starts; reapplied on every start (network.py)
+                network.apply(self._config.vm_network)
             # With a corrupt state file, what could not be recovered is kept,
             # not cleaned up: nothing is deleted because a file was unreadable.
             self._reconcile(clean_orphans=loaded.problem is None)
