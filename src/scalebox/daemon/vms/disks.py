@@ -89,6 +89,11 @@ def is_mounted(path: Path) -> bool:
     return os.path.ismount(path)
 
 
+def is_full_copy(vm_dir: Path) -> bool:
+    """A VM made before disks were layered: disk/ is a whole root, there is no image."""
+    return not (vm_dir / IMAGE).exists() and (vm_dir / ROOT_DIR / "etc").is_dir()
+
+
 def mount_layers(vm_dir: Path, lower: Path) -> None:
     """Mount the VM's image at fs/ and its root overlay at disk/; what is mounted stays."""
     fs, root = vm_dir / FS_DIR, vm_dir / ROOT_DIR

@@ -478,6 +478,8 @@ class NspawnBackend:
     def _mount(self, vm: VM) -> None:
         """Mount the VM's root (its template's disk under its own layer); kept if mounted."""
         vm_dir = self._vms_dir / vm.id
+        if disks.is_full_copy(vm_dir):
+            return  # made before disks were layered: its disk/ is a whole root
         try:
             layer = (vm_dir / disks.LAYER_FILE).read_text().strip()
         except OSError as exc:
@@ -557,7 +559,7 @@ def exec_guest(config: ServerConfig, vm_id: str) -> int:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"scalebox guest {vm_id}: cannot read {vm_dir / 'vm.json'}: {exc}", flush=True)
         return 1
-    if not disks.is_mounted(vm_dir / disks.ROOT_DIR):
+    if not disks.is_mounted(vm_dir / disks.ROOT_DIR) and not disks.is_full_copy(vm_dir):
         # Never boot the empty mount point: scaleboxd mounts the root before it starts us.
         print(f"scalebox guest {vm_id}: {vm_dir / disks.ROOT_DIR} is not mounted; "
               "start the VM through scaleboxd", flush=True)  # fmt: skip
