@@ -6,9 +6,10 @@ Boots one test server with VM_BACKEND=nspawn (tools/sandbox.py), then:
 
 1. ``--runs`` times: POST /vms, then `ssh -p PORT user@HOST_IP true` with the
    real OpenSSH client inside the machine; the time from sending the POST to
-   ssh's exit, and the daemon's own split (copying the disk vs booting to an
-   SSH banner, from its "created VM" log line). Each VM is deleted after.
-   The first run is reported apart: its copy reads the template from disk.
+   ssh's exit, and the daemon's own split (making the disk image vs booting
+   to an SSH banner, from its "created VM" log line). Each VM is deleted
+   after. The first run is reported apart: its boot reads the template from
+   disk into the page cache.
 2. ``--burst`` VMs created back to back (throughput), then, after 10 s idle,
    the memory of each: the proportional set size (Pss) of every process in
    its unit's cgroup plus its SSH forwarder; then all deleted, and what is

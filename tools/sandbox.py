@@ -9,7 +9,8 @@ which containers inside it need) and the cached debian-base template
 (tools/image.py) bound read-only at /mnt/template. The release is installed
 with install.sh as on a server; then VM_BACKEND=nspawn is set and the
 template unpacked with `python -m scalebox.daemon.vms.templates install`
-(what install.sh will do; see docs/operations.md). Two ed25519 keys,
+(what install.sh will do; see docs/operations.md); /dev/loop* nodes are
+made (no udev in a machine) for the VMs' disk images. Two ed25519 keys,
 /root/one and /root/two, are made with ssh-keygen; ssh runs inside the
 machine against HOST_IP (the machine's own address), as a user elsewhere would.
 ``Sandbox.outside()`` adds "the outside" for the VM network tests: a network
@@ -65,6 +66,10 @@ PEER_ECHO = (
     "    conn, peer = srv.accept()\n"
     "    conn.sendall(peer[0].encode() + b'\\n')\n"
     "    conn.close()\n"
+)
+LOOP_NODES = (
+    "[ -e /dev/loop-control ] || mknod -m 600 /dev/loop-control c 10 237; "
+    "for i in $(seq 0 255); do [ -e /dev/loop$i ] || mknod -m 660 /dev/loop$i b 7 $i; done"
 )
 
 
@@ -147,6 +152,8 @@ class Sandbox:
             "netns": f"ip netns list | grep -F {vm_id}",
             "veth": f"ip -br link | grep -F vm{hexid}",
             "disk": f"ls -d /var/lib/scalebox/vms/{vm_id} 2>/dev/null",
+            "mount": f"grep -F /vms/{vm_id}/ /proc/self/mountinfo",
+            "loop device": f"losetup -a | grep -F /vms/{vm_id}/",
             "port": f"ss -ltnH 'sport = :{port}'",
         }
         left = []
@@ -187,6 +194,10 @@ def sandbox_server(
         # network namespace's, while the rest of /proc/sys is the shared host kernel's.
         m.run(["bash", "-c", "mount --bind /proc/sys/net /proc/sys/net && "
                "mount -o remount,bind,rw /proc/sys/net"])  # fmt: skip
+        # A real server's udev makes /dev/loopN when the kernel adds one; a test
+        # machine's /dev is a tmpfs without udev, so the nodes are made here
+        # (the loop devices themselves are the host kernel's, shared by all machines).
+        m.run(["bash", "-c", LOOP_NODES])
         m.run(["bash", "/mnt/release/install.sh", f"/mnt/release/{tarball_name(A)}"], timeout=600)
         m.run(["bash", "-c", "echo VM_BACKEND=nspawn >> /etc/scaleboxd/config"])
         m.run(["/opt/scalebox/current/venv/bin/python", "-m", "scalebox.daemon.vms.templates",

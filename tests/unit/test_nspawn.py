@@ -134,33 +134,57 @@ def fake_rootfs(root: Path) -> Path:
     return root
 
 
+def debugfs(image: Path, request: str) -> str:
+    """Read the ext4 image with debugfs (e2fsprogs): no mount, no root needed."""
+    import subprocess  # noqa: PLC0415
+
+    done = subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    return done.stdout
+
+
+def make_disk(template: Path, vm_dir: Path, **changes: object) -> None:
+    vm_dir.mkdir()
+    backend = nspawn.NspawnBackend.__new__(nspawn.NspawnBackend)  # make_disk uses no state
+    backend.make_disk(make_vm(**changes), template, vm_dir)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="chowns files to the guest's user (needs root)")
-def test_prepare_disk_writes_keys_hostname_and_a_machine_id(tmp_path: Path) -> None:
-    disk = fake_rootfs(tmp_path / "disk")
+def test_make_disk_writes_keys_hostname_and_a_machine_id_into_a_sparse_image_of_its_size(
+    tmp_path: Path,
+) -> None:
+    template = fake_rootfs(tmp_path / "template")
     one, two = real_key("a"), real_key("b")
-    nspawn.NspawnBackend.prepare_disk(
-        None,  # type: ignore[arg-type]  # prepare_disk uses no backend state
-        make_vm(ssh_public_key=f"{one}\n{two}"),
-        disk,
-    )
-    keys = disk / "home/user/.ssh/authorized_keys"
-    assert keys.read_text() == f"{one}\n{two}\n"
-    assert (keys.stat().st_uid, keys.stat().st_mode & 0o777) == (1000, 0o600)
-    assert (keys.parent.stat().st_mode & 0o777) == 0o700
-    assert (disk / "etc/hostname").read_text() == "my-box\n"
-    assert "127.0.1.1\tmy-box" in (disk / "etc/hosts").read_text()
-    assert len((disk / "etc/machine-id").read_text().strip()) == 32
+    vm_dir = tmp_path / "vm"
+    make_disk(template, vm_dir, ssh_public_key=f"{one}\n{two}", disk_size_gib=3)
+    image = vm_dir / "disk.img"
+    assert image.stat().st_size == 3 * 1024**3
+    assert image.stat().st_blocks * 512 < 64 * 1024**2  # sparse: only what was written
+    assert debugfs(image, "cat upper/home/user/.ssh/authorized_keys") == f"{one}\n{two}\n"
+    keys = debugfs(image, "stat upper/home/user/.ssh/authorized_keys")
+    assert "User:  1000" in keys and "Mode:  0600" in keys
+    assert "Mode:  0700" in debugfs(image, "stat upper/home/user/.ssh")
+    assert debugfs(image, "cat upper/etc/hostname") == "my-box\n"
+    assert "127.0.1.1\tmy-box" in debugfs(image, "cat upper/etc/hosts")
+    assert len(debugfs(image, "cat upper/etc/machine-id").strip()) == 32
+    assert "work" in debugfs(image, "ls -l")
+    # Nothing is written into the template: it is the VM's read-only lower layer.
+    assert (template / "etc/hostname").read_text() == "debian-base\n"
+    assert not (template / "home/user/.ssh").exists()
+    assert (vm_dir / "layer").read_text().strip() == str(template.stat().st_ino)
+    assert sorted(p.name for p in vm_dir.iterdir()) == ["disk", "disk.img", "fs", "layer"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chowns files to the guest's user (needs root)")
-def test_prepare_disk_replaces_a_symlink_instead_of_writing_through_it(tmp_path: Path) -> None:
-    disk = fake_rootfs(tmp_path / "disk")
+def test_make_disk_never_writes_through_a_symlink_in_the_template(tmp_path: Path) -> None:
+    template = fake_rootfs(tmp_path / "template")
     outside = tmp_path / "outside"
     outside.write_text("untouched\n")
-    (disk / "etc/hosts").symlink_to(outside)
-    nspawn.NspawnBackend.prepare_disk(None, make_vm(), disk)  # type: ignore[arg-type]
+    (template / "etc/hosts").symlink_to(outside)
+    make_disk(template, tmp_path / "vm")
     assert outside.read_text() == "untouched\n"
-    assert not (disk / "etc/hosts").is_symlink()
+    assert (template / "etc/hosts").is_symlink()
+    assert "my-box" in debugfs(tmp_path / "vm/disk.img", "cat upper/etc/hosts")
 
 
 def test_a_template_without_systemd_or_version_is_not_bootable(tmp_path: Path) -> None:
@@ -330,14 +354,14 @@ def test_forget_identity_removes_nothing_through_a_planted_directory_symlink(
     assert (host / "machine-id").read_text() == "host id\n"
 
 
-def test_prepare_disk_refuses_a_template_whose_etc_is_a_symlink(tmp_path: Path) -> None:
+def test_make_disk_refuses_a_template_whose_etc_is_a_symlink(tmp_path: Path) -> None:
     host_etc = tmp_path / "host-etc"
     host_etc.mkdir()
     (host_etc / "hostname").write_text("host\n")
     disk = tmp_path / "disk"
     (disk / "home/user").mkdir(parents=True)
     (disk / "etc").symlink_to(host_etc)
-    backend = nspawn.NspawnBackend.__new__(nspawn.NspawnBackend)  # prepare_disk uses no state
     with pytest.raises(nspawn.CommandFailed, match="template's etc is a symlink"):
-        backend.prepare_disk(make_vm(ssh_public_key=real_key()), disk)
+        make_disk(disk, tmp_path / "vm", ssh_public_key=real_key())
     assert (host_etc / "hostname").read_text() == "host\n"
+    assert list((tmp_path / "vm").iterdir()) == []

@@ -11,20 +11,15 @@ Exit codes: 0 ok, 1 failure (see the log), 2 invalid config or usage.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
 import threading
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-
-import uvicorn
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import scalebox
 from scalebox import config as config_module
@@ -38,8 +33,6 @@ log = logging.getLogger("scaleboxd")
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2  # invalid config or usage (argparse exits 2 too)
 GRACEFUL_SHUTDOWN_SECONDS = 20
-# How long a connection accepted just before SIGTERM has to send its request.
-ACCEPT_GRACE_SECONDS = 0.3
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -103,71 +96,6 @@ def load_config(path: Path) -> ServerConfig:
     return config
 
 
-class CloseWhenDraining:
-    """ASGI wrapper: once ``draining`` is set, every response carries Connection: close."""
-
-    def __init__(self, app: ASGIApp, draining: threading.Event) -> None:
-        self.app = app
-        self.draining = draining
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def send_closing(message: Message) -> None:
-            if message["type"] == "http.response.start" and self.draining.is_set():
-                headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
-                message = {**message, "headers": [*headers, (b"connection", b"close")]}
-            await send(message)
-
-        await self.app(scope, receive, send_closing)
-
-
-class Server(uvicorn.Server):
-    """uvicorn's server, telling systemd when it is ready and when it stops."""
-
-    def __init__(
-        self, config: uvicorn.Config, early_signals: list[int], draining: threading.Event
-    ) -> None:
-        super().__init__(config)
-        self.early_signals = early_signals
-        self.draining = draining
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.early_signals:  # arrived between VM reconciliation and uvicorn's handlers
-            self.should_exit = True
-        if self.started and not self.should_exit:
-            systemd.notify(f"READY=1\nSTATUS=serving, version {scalebox.__version__}")
-            log.info("scaleboxd %s ready", scalebox.__version__)
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        systemd.notify("STOPPING=1")
-        log.info("stopping: finishing in-flight requests")
-        # Stop accepting first: connections still in the kernel's queue then wait
-        # for the next process on systemd's socket. uvicorn closes every accepted
-        # connection whose request has not been read yet, so give the ones just
-        # accepted a moment to deliver their request before it looks. Meanwhile
-        # every answer says "Connection: close", so keep-alive clients that send
-        # in this moment reconnect (into the queue) instead of having an idle
-        # connection closed under a request they are about to write.
-        self.draining.set()
-        for server in self.servers:
-            server.close()
-        await asyncio.sleep(ACCEPT_GRACE_SECONDS)
-        await super().shutdown(sockets)
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        # uvicorn re-raises the signal after a graceful stop, which would kill
-        # the process before the VM state is saved; only record it here.
-        originals = {
-            sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
-        try:
-            yield
-        finally:
-            for sig, handler in originals.items():
-                signal.signal(sig, handler)
-
-
 def listening_socket(bind: str, port: int) -> socket.socket:
     sock = systemd.take_activation_socket(os.environ, os.getpid())
     if sock is not None:
@@ -200,7 +128,12 @@ def _address(sock: socket.socket) -> str:
 
 
 def serve(config: ServerConfig, bind: str) -> int:
+    # Imported here, not at the top: `scaleboxd --run-guest` (each VM's unit) must
+    # exec systemd-nspawn without paying for uvicorn, starlette and fastapi.
+    import uvicorn  # noqa: PLC0415
+
     from scalebox.daemon.app import create_app  # noqa: PLC0415  (fastapi import is slow)
+    from scalebox.daemon.httpserver import CloseWhenDraining, Server  # noqa: PLC0415
     from scalebox.daemon.vms.service import VMService  # noqa: PLC0415
 
     # A signal before uvicorn takes over (while VMs are reconciled) must still

@@ -49,8 +49,11 @@ class GuestStatus:
 class Backend(Protocol):
     ready_timeout: float
 
-    def prepare_disk(self, vm: VM, disk: Path) -> None:
-        """Make the fresh copy ``disk`` of the template this VM's (before it is in place)."""
+    def make_disk(self, vm: VM, template_disk: Path, vm_dir: Path) -> None:
+        """Make the disk of ``vm`` from ``template_disk`` in its new directory ``vm_dir``.
+
+        Called before ``vm_dir`` is renamed into place; nothing in it may be mounted then.
+        """
 
     def answers(self, vm: VM) -> bool:
         """Whether the started guest of ``vm`` serves on its ssh_port yet."""
@@ -159,8 +162,8 @@ class _ProcessGuest:
 
     ready_timeout = 10.0
 
-    def prepare_disk(self, vm: VM, disk: Path) -> None:
-        pass
+    def make_disk(self, vm: VM, template_disk: Path, vm_dir: Path) -> None:
+        disks.copy_tree(template_disk, vm_dir / "disk")
 
     def answers(self, vm: VM) -> bool:
         return answers_as(vm.ssh_port, vm.id)

@@ -34,6 +34,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,6 +57,7 @@ SSH_BANNER = b"SSH-"
 CGROUP_V2_ROOTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
 FREEZE_TIMEOUT = 30.0
 MAX_HOSTNAME_LEN = 63
+GIB = 1024**3
 
 
 class NoFreeAddress(ApiError):
@@ -265,16 +267,6 @@ def _user_ids(rootfs: Path, user: str) -> tuple[int, int]:
     )
 
 
-def _safe_dir(path: Path, uid: int, gid: int, mode: int) -> None:
-    """mkdir that refuses a symlink in the VM's tree (the guest owns that tree)."""
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=mode)
-    if path.is_symlink() or not path.is_dir():
-        raise CommandFailed(f"{path} is not a directory", "recreate the VM from a clean template")
-    os.chown(path, uid, gid)
-    path.chmod(mode)
-
-
 def _write_new(
     path: Path, text: str, mode: int = 0o644, owner: tuple[int, int] | None = None
 ) -> None:
@@ -287,6 +279,15 @@ def _write_new(
         if owner is not None:
             os.fchown(f.fileno(), *owner)
         os.fchmod(f.fileno(), mode)
+
+
+def _mirror_dir(lower: Path | None, upper: Path, owner: tuple[int, int], mode: int) -> None:
+    """Make ``upper`` with the owner and mode of the template's ``lower`` (or the defaults)."""
+    upper.mkdir(parents=True)
+    real = lower is not None and lower.is_dir() and not lower.is_symlink()
+    st = lower.lstat() if lower is not None and real else None
+    os.chown(upper, *((st.st_uid, st.st_gid) if st else owner))
+    upper.chmod(stat.S_IMODE(st.st_mode) if st else mode)
 
 
 def ssh_banner(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -311,28 +312,49 @@ class NspawnBackend:
 
     # -- the Backend interface
 
-    def prepare_disk(self, vm: VM, disk: Path) -> None:
-        """Write what makes the copied template this VM: keys, hostname, machine id."""
+    def make_disk(self, vm: VM, template_disk: Path, vm_dir: Path) -> None:
+        """An ext4 image of disk_size_gib holding what makes the template this VM.
+
+        The image holds the overlay's upper/ (its own keys, hostname, hosts,
+        machine id; the directories on their way with the template's owners
+        and modes, as an upper directory's attributes win) and work/. Nothing
+        is copied from the template: it becomes the read-only lower layer when
+        the VM starts (``_mount``).
+        """
         for rel in ("etc/hostname", "home/user"):
-            if through_symlink(disk, rel):
+            if through_symlink(template_disk, rel):
                 raise CommandFailed(
                     f"the template's {Path(rel).parent} is a symlink or not a directory",
                     "make VMs from another template; delete this one if a snapshot made it",
                 )
-        uid, gid = _user_ids(disk, "user")
-        home = disk / "home/user"
-        _safe_dir(home, uid, gid, 0o755)
-        _safe_dir(home / ".ssh", uid, gid, 0o700)
-        _write_new(home / ".ssh/authorized_keys", vm.ssh_public_key + "\n", 0o600, (uid, gid))
+        uid, gid = _user_ids(template_disk, "user")
+        staging = vm_dir / "staging"
+        upper = staging / "upper"
+        for rel, owner, mode in (
+            ("etc", (0, 0), 0o755),
+            ("home", (0, 0), 0o755),
+            ("home/user", (uid, gid), 0o755),
+        ):
+            _mirror_dir(template_disk / rel, upper / rel, owner, mode)
+        _mirror_dir(None, upper / "home/user/.ssh", (uid, gid), 0o700)  # always ours, for sshd
+        _write_new(upper / "home/user/.ssh/authorized_keys", vm.ssh_public_key + "\n", 0o600,
+                   (uid, gid))  # fmt: skip
         hostname = hostname_for(vm.name)
-        _write_new(disk / "etc/hostname", hostname + "\n")
-        _write_new(disk / "etc/hosts", hosts_file(hostname))
-        _write_new(disk / "etc/machine-id", secrets.token_hex(16) + "\n", 0o444)
+        _write_new(upper / "etc/hostname", hostname + "\n")
+        _write_new(upper / "etc/hosts", hosts_file(hostname))
+        _write_new(upper / "etc/machine-id", secrets.token_hex(16) + "\n", 0o444)
+        (staging / "work").mkdir()
+        (vm_dir / disks.LAYER_FILE).write_text(disks.layer_of(template_disk) + "\n")
+        disks.make_image(vm_dir / disks.IMAGE, vm.disk_size_gib * GIB, staging)
+        disks.remove_tree(staging)
+        (vm_dir / disks.FS_DIR).mkdir()
+        (vm_dir / disks.ROOT_DIR).mkdir()
 
     def start(self, vm_id: str) -> int | None:
         vm = self._record(vm_id)
         # Again before each VM: rules flushed by someone else come back.
         network.apply(self._config.vm_network)
+        self._mount(vm)
         self._network_up(vm)
         unit = unit_name(vm_id)
         props = limit_properties(vm, self._config.vm_pids_max)
@@ -360,6 +382,7 @@ class NspawnBackend:
         self._network_down(vm_id)
         with contextlib.suppress(CommandFailed):
             run(["systemctl", "revert", unit_name(vm_id)], f"remove the limits of VM {vm_id}")
+        disks.unmount_layers(self._vms_dir / vm_id)
 
     def status(self, vm_id: str, pid: int | None) -> GuestStatus:
         return self._units.status(vm_id, pid)
@@ -397,7 +420,13 @@ class NspawnBackend:
         """
         cgroup = self._cgroup(vm.id)
         if cgroup is None:
-            disks.copy_tree(disk, target)
+            mounted_here = not disks.is_mounted(disk)
+            self._mount(vm)  # a stopped VM's root is its template plus its own layer
+            try:
+                disks.copy_tree(disk, target)
+            finally:
+                if mounted_here:
+                    disks.unmount_layers(disk.parent)
         else:
             set_frozen(cgroup, True, f"freeze VM {vm.id} for its snapshot")
             try:
@@ -448,6 +477,24 @@ class NspawnBackend:
         except (OSError, ValueError) as exc:
             raise CommandFailed(f"cannot read the record of VM {vm_id}: {exc}",
                                 "delete the VM and create it again") from None  # fmt: skip
+
+    def _mount(self, vm: VM) -> None:
+        """Mount the VM's root (its template's disk under its own layer); kept if mounted."""
+        vm_dir = self._vms_dir / vm.id
+        if disks.is_full_copy(vm_dir):
+            return  # made before disks were layered: its disk/ is a whole root
+        try:
+            layer = (vm_dir / disks.LAYER_FILE).read_text().strip()
+        except OSError as exc:
+            raise CommandFailed(f"VM {vm.id} has no layer record: {exc}",
+                                "delete the VM and create it again") from None  # fmt: skip
+        lower = disks.find_layer(self._config.data_dir, vm.template, layer)
+        if lower is None:
+            raise CommandFailed(
+                f"the template disk VM {vm.id} was made from ({vm.template}) is gone",
+                "delete the VM and create it again",
+            )
+        disks.mount_layers(vm_dir, lower)
 
     def _network_up(self, vm: VM) -> None:
         """A fresh namespace and veth for ``vm`` (what a previous run left is removed first)."""
@@ -516,7 +563,12 @@ def exec_guest(config: ServerConfig, vm_id: str) -> int:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"scalebox guest {vm_id}: cannot read {vm_dir / 'vm.json'}: {exc}", flush=True)
         return 1
-    argv = nspawn_argv(vm_dir / "disk", vm_id, hostname_for(name))
+    if not disks.is_mounted(vm_dir / disks.ROOT_DIR) and not disks.is_full_copy(vm_dir):
+        # Never boot the empty mount point: scaleboxd mounts the root before it starts us.
+        print(f"scalebox guest {vm_id}: {vm_dir / disks.ROOT_DIR} is not mounted; "
+              "start the VM through scaleboxd", flush=True)  # fmt: skip
+        return 1
+    argv = nspawn_argv(vm_dir / disks.ROOT_DIR, vm_id, hostname_for(name))
     try:
         os.execvp(argv[0], argv)  # noqa: S606 - argv is ours, no shell involved
     except OSError as exc:

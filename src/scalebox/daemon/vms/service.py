@@ -119,6 +119,8 @@ class VMService:
             self._reconcile(clean_orphans=loaded.problem is None)
             if loaded.problem is None:
                 self._clean_strays()
+                for layer in disks.collect_layers(self._data_dir):
+                    self._log.warning("removed %s, a template layer no VM uses", layer)
             self._save()
 
     def close(self) -> None:
@@ -151,9 +153,9 @@ class VMService:
                 )
             # Rename first: readers never see half a template, and a crash
             # leaves a .tmp- directory that the next start removes.
-            doomed = self._templates_dir / f"{TMP_PREFIX}delete-{name}-{secrets.token_hex(4)}"
-            path.rename(doomed)
-            disks.remove_tree(doomed)
+            # A template that VMs still use as their lower layer goes to layers/
+            # until the last of them is deleted (disks.retire_tree).
+            disks.retire_tree(path, self._data_dir)
 
     # -- VMs ---------------------------------------------------------------------
 
@@ -262,7 +264,7 @@ class VMService:
                 self._vms.pop(vm.id, None)
                 self._backend.stop(vm.id, vm.pid)
                 self._backend.release(vm.id)
-                disks.remove_tree(self._vms_dir / vm.id)
+                disks.remove_vm_dir(self._vms_dir / vm.id)
                 raise
             self._log.info(
                 "created VM %s (%s) from %s on port %d in %.2f s (disk %.2f s, boot to ssh %.2f s)",
@@ -278,7 +280,8 @@ class VMService:
             self._backend.release(vm.id)
             del self._vms[vm.id]
             self._save()
-            disks.remove_tree(self._vms_dir / vm.id)
+            disks.remove_vm_dir(self._vms_dir / vm.id)
+            disks.collect_layers(self._data_dir)
             self._log.info("deleted VM %s (%s); port %d is free", vm.id, vm.name, vm.ssh_port)
 
     def snapshot_vm(self, id_or_name: str, template_name: str) -> tuple[Template, VM]:
@@ -384,12 +387,11 @@ class VMService:
         building = self._vms_dir / f"{TMP_PREFIX}{vm.id}"
         try:
             building.mkdir()
-            disks.copy_tree(template_disk, building / "disk")
-            self._backend.prepare_disk(vm, building / "disk")
+            self._backend.make_disk(vm, template_disk, building)
             state.write_vm_record(building, vm)
             building.rename(self._vms_dir / vm.id)
         except BaseException:
-            disks.remove_tree(building)
+            disks.remove_vm_dir(building)
             raise
 
     def _start_guest(self, vm: VM) -> VM:
@@ -427,9 +429,14 @@ class VMService:
         """Remove .tmp- directories left by a create, snapshot or delete that was cut off."""
         for parent in (self._templates_dir, self._vms_dir):
             for entry in parent.iterdir():
-                if entry.name.startswith(TMP_PREFIX):
-                    disks.remove_tree(entry)
-                    self._log.warning("removed %s, left over by an interrupted operation", entry)
+                if not entry.name.startswith(TMP_PREFIX):
+                    continue
+                if parent == self._templates_dir:
+                    # Maybe a replaced template that VMs still use as their lower layer.
+                    disks.retire_tree(entry, self._data_dir)
+                else:
+                    disks.remove_vm_dir(entry)
+                self._log.warning("removed %s, left over by an interrupted operation", entry)
 
     def _reconcile(self, *, clean_orphans: bool) -> None:
         """Make what runs match the state: adopt, restart, and clean up orphans (logged)."""
@@ -468,7 +475,7 @@ class VMService:
             if entry.name not in self._vms and not clean_orphans:
                 self._log.warning("kept %s, which no VM in the state uses", entry)
             elif entry.name not in self._vms:
-                disks.remove_tree(entry)
+                disks.remove_vm_dir(entry)
                 self._log.warning(
                     "cleaned up orphan disk %s: no VM in the state file uses it", entry
                 )

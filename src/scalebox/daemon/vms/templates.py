@@ -9,8 +9,10 @@ test machines take a prebuilt one, and unpacked into place by ``install``.
     python -m scalebox.daemon.vms.templates build OUT.tar.gz [--mirror URL]
     python -m scalebox.daemon.vms.templates install FILE [--config PATH]
 
-Installing replaces the template atomically (rename in, then remove the old
-one): VMs own their copies of the disk, so running VMs never notice.
+Installing replaces the template atomically (rename in, then retire the old
+one): VMs made from the old one keep it as their read-only lower layer
+(``DATA_DIR/layers/``, removed when the last of them is deleted), so running
+VMs never notice.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from scalebox.config import DEFAULT_PATH as DEFAULT_CONFIG_PATH
 from scalebox.config import load as load_config
+from scalebox.daemon.vms import disks
 from scalebox.daemon.vms.models import now_iso
 from scalebox.errors import ScaleboxError
 from scalebox.fsutil import atomic_write
@@ -226,7 +229,10 @@ def install(tarball: Path, data_dir: Path, name: str = BASE_TEMPLATE) -> int:
         if old.exists() and not (templates / name).exists():
             old.rename(templates / name)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        # Running VMs use the old disk as their lower layer: it goes to
+        # DATA_DIR/layers/ and is removed when the last of them is deleted.
+        disks.retire_tree(old, data_dir)
     return version
 
 

@@ -1,0 +1,91 @@
+"""The HTTP server of scaleboxd: uvicorn, telling systemd when it is ready and stops.
+
+Apart from main.py so that ``scaleboxd --run-guest`` (each VM's unit) imports
+none of it: uvicorn and starlette cost a VM a quarter of a second of its boot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Generator
+
+import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import scalebox
+from scalebox.daemon import systemd
+
+log = logging.getLogger("scaleboxd")
+
+# How long a connection accepted just before SIGTERM has to send its request.
+ACCEPT_GRACE_SECONDS = 0.3
+
+
+class CloseWhenDraining:
+    """ASGI wrapper: once ``draining`` is set, every response carries Connection: close."""
+
+    def __init__(self, app: ASGIApp, draining: threading.Event) -> None:
+        self.app = app
+        self.draining = draining
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and self.draining.is_set():
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, send_closing)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, telling systemd when it is ready and when it stops."""
+
+    def __init__(
+        self, config: uvicorn.Config, early_signals: list[int], draining: threading.Event
+    ) -> None:
+        super().__init__(config)
+        self.early_signals = early_signals
+        self.draining = draining
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.early_signals:  # arrived between VM reconciliation and uvicorn's handlers
+            self.should_exit = True
+        if self.started and not self.should_exit:
+            systemd.notify(f"READY=1\nSTATUS=serving, version {scalebox.__version__}")
+            log.info("scaleboxd %s ready", scalebox.__version__)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        systemd.notify("STOPPING=1")
+        log.info("stopping: finishing in-flight requests")
+        # Stop accepting first: connections still in the kernel's queue then wait
+        # for the next process on systemd's socket. uvicorn closes every accepted
+        # connection whose request has not been read yet, so give the ones just
+        # accepted a moment to deliver their request before it looks. Meanwhile
+        # every answer says "Connection: close", so keep-alive clients that send
+        # in this moment reconnect (into the queue) instead of having an idle
+        # connection closed under a request they are about to write.
+        self.draining.set()
+        for server in self.servers:
+            server.close()
+        await asyncio.sleep(ACCEPT_GRACE_SECONDS)
+        await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # uvicorn re-raises the signal after a graceful stop, which would kill
+        # the process before the VM state is saved; only record it here.
+        originals = {
+            sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
