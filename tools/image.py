@@ -46,6 +46,8 @@ PACKAGES = (
     # The nspawn VM backend: containers inside the machine, and the real ssh client to reach them.
     "systemd-container",
     "openssh-client",
+    # The VMs' firewall and outbound NAT (scalebox.daemon.vms.network); install.sh installs it.
+    "nftables",
 )
 # Bump when _configure() changes what goes into the image: it is part of the key.
 REVISION = 1

@@ -206,11 +206,9 @@ def state(m: Machine) -> str:
 
 
 def install(m: Machine, *args: str, umask: str = "022") -> tuple[int, str, str]:
-    done = m.run(
-        ["bash", "-c", f'umask {umask}; exec bash {MNT}/install.sh "$@"', "install", *args],
-        check=False,
-        timeout=600,
-    )
+    """install.sh with ARGS, on the process backend (these tests are about the release)."""
+    script = f'umask {umask}; exec bash {MNT}/install.sh --backend process "$@"'
+    done = m.run(["bash", "-c", script, "install", *args], check=False, timeout=600)
     return done.returncode, done.stdout, done.stderr
 
 
@@ -406,7 +404,8 @@ def test_umask_000_leaves_nothing_writable_by_others(
         [
             "bash",
             "-c",
-            "printf 'API_TOKEN=sb-%048d\\nHOST_IP=127.0.0.1\\nAPI_PORT=8282\\n' 0 > /root/config",
+            "printf 'API_TOKEN=sb-%048d\\nHOST_IP=127.0.0.1\\nAPI_PORT=8282\\n"
+            "VM_BACKEND=process\\n' 0 > /root/config",
         ]
     )
     m.run(["install", "-D", "-m", "0600", "/root/config", "/etc/scaleboxd/config"])
@@ -440,7 +439,7 @@ def test_api_port_8181_is_served_by_install_and_kept_by_an_update(
             "bash",
             "-c",
             f"install -d -m 0755 /etc/scaleboxd && printf 'API_TOKEN={token}\\n"
-            "HOST_IP=127.0.0.1\\nAPI_PORT=8181\\n' > /etc/scaleboxd/config && "
+            "HOST_IP=127.0.0.1\\nAPI_PORT=8181\\nVM_BACKEND=process\\n' > /etc/scaleboxd/config && "
             "chmod 0600 /etc/scaleboxd/config",
         ]
     )
