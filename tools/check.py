@@ -11,8 +11,10 @@ inside (VM_BACKEND=nspawn, the default), then from the host the API suite
 units verify clean, scalebox-update is on PATH, a VM (a container) keeps
 running and answers ssh across `systemctl restart scaleboxd`, requests sent
 during that restart are all answered (socket activation); then, with ONE
-ssh session open to a VM and a loop opening a new ssh connection every
-0.2 s, `scalebox-update` to the next version and `scalebox-update
+ssh session open to a VM: debian-base is installed anew (what `templates
+rebuild` does after building) and the VM and the session keep working;
+with a loop opening a new ssh connection every 0.2 s, `scalebox-update` to
+the next version and `scalebox-update
 --rollback` back: after each, the same session runs a command, the config
 is as the migrations declare, DATA_DIR's templates are byte-identical and
 the VM runs with the same unit main PID; the new connections that failed
@@ -78,6 +80,7 @@ PLANNED = [
     "a VM survives systemctl restart scaleboxd",
     "requests during systemctl restart are answered",
     "open an ssh session to a VM",
+    "reinstall debian-base under the running VM",
     "scalebox-update to the next build",
     "scalebox-update --rollback",
 ]
@@ -406,6 +409,22 @@ def update_with_session(
 # --- driver ----------------------------------------------------------------------
 
 
+def reinstall_template(s: Sandbox, vm: SandboxVM, session: SshSession) -> str:
+    """What `templates rebuild` does once it has built: install debian-base anew. The VM stays."""
+    done = s.m.run(
+        ["/opt/scalebox/current/venv/bin/python", "-m", "scalebox.daemon.vms.templates",
+         "install", TEMPLATE], check=False, timeout=300,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise CheckFailed(
+            f"templates install {TEMPLATE} exited with {done.returncode}: {done.stderr.strip()}",
+            "see docs/operations.md, 'Real sandboxes'",
+        )
+    if session.ask("echo still") != "still":
+        raise CheckFailed("the ssh session stopped answering when debian-base was reinstalled")
+    return f"{done.stdout.strip()}; the session still answers; " + vm_still_running(s, vm)
+
+
 def sandbox_of(m: Machine) -> Sandbox:
     """The installed server as tools/sandbox.py drives it, with the ssh key /root/one made."""
     m.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", KEYS[0]])
@@ -434,6 +453,32 @@ def stage_template(stage: Path) -> Path:
     except OSError:  # another filesystem: a copy
         shutil.copy2(cached, folder / "debian-base.tar.gz")
     return folder
+
+
+def update_phases(
+    report: Report,
+    s: Sandbox,
+    stack: contextlib.ExitStack,
+    following: str,
+    versions: tuple[str, str],
+) -> None:
+    """A session and a connection loop into one VM, across an update and its rollback."""
+    with report.phase("open an ssh session to a VM", required=True) as p:
+        vm, session = open_session(s, stack)
+        p.detail = f"VM {vm.id} on port {vm.port}: the session ran `echo before`"
+    with report.phase("reinstall debian-base under the running VM") as p:
+        p.detail = reinstall_template(s, vm, session)
+    with report.phase("scalebox-update to the next build", required=True) as p:
+        before = snapshot(s.m, skip_guest_disks=True)
+        p.detail = update_with_session(
+            s, vm=vm, session=session, before=before, args=[],
+            env={"SCALEBOX_RELEASE_URL": f"/mnt/release/{following}"}, versions=versions,
+        )  # fmt: skip
+    with report.phase("scalebox-update --rollback") as p:
+        p.detail = update_with_session(
+            s, vm=vm, session=session, before=before, args=["--rollback"], env={},
+            versions=(versions[1], versions[0]),
+        )  # fmt: skip
 
 
 def check(keep_vm: bool, tarball: Path | None) -> Report:
@@ -476,21 +521,7 @@ def check(keep_vm: bool, tarball: Path | None) -> Report:
                 p.detail = vm_survives_restart(s)
             with report.phase("requests during systemctl restart are answered") as p:
                 p.detail = requests_during_restart(m)
-            with report.phase("open an ssh session to a VM", required=True) as p:
-                vm, session = open_session(s, stack)
-                before = snapshot(m, skip_guest_disks=True)
-                p.detail = f"VM {vm.id} on port {vm.port}: the session ran `echo before`"
-            with report.phase("scalebox-update to the next build", required=True) as p:
-                url = {"SCALEBOX_RELEASE_URL": f"/mnt/release/{following.name}"}
-                p.detail = update_with_session(
-                    s, vm=vm, session=session, before=before, args=[], env=url,
-                    versions=(this, upcoming),
-                )  # fmt: skip
-            with report.phase("scalebox-update --rollback") as p:
-                p.detail = update_with_session(
-                    s, vm=vm, session=session, before=before, args=["--rollback"], env={},
-                    versions=(upcoming, this),
-                )  # fmt: skip
+            update_phases(report, s, stack, following.name, (this, upcoming))
     except Stop:
         pass  # recorded in its phase; the machine is already torn down
     finally:
