@@ -587,7 +587,7 @@ else
     log "installing the packages the nspawn backend needs: ${missing[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" ||
       die "apt-get could not install ${missing[*]} (reason above); nothing was switched yet" \
-        "run apt-get update, or install those packages from .deb files with dpkg -i, then run install.sh again; for API tests only: --backend process"
+        "run apt-get update, or install those packages from .deb files with dpkg -i, then run install.sh again; without a mirror, a prebuilt template (--template FILE) spares debootstrap"
     CHANGED=1
   fi
   if ((template_current)); then
