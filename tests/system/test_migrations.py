@@ -66,8 +66,9 @@ def _changed_copy(tmp: Path, version: str, changes: dict[str, tuple[str, str]]) 
 
 
 def _append_steps(version: str, code: str) -> dict[str, tuple[str, str]]:
-    marker = '__all__ = ["ConfigFile", "migration"]'
-    return {STEPS: (marker, marker + code.format(since=version))}
+    """After this build's own migrations, as a later release appends its own."""
+    text = (ROOT / STEPS).read_text()
+    return {STEPS: (text, text + code.format(since=version))}
 
 
 @pytest.fixture(scope="module")
