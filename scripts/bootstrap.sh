@@ -2,13 +2,15 @@
 # bootstrap.sh: download a scalebox release and install it with its own install.sh.
 #
 #   curl -fsSL <raw URL of scripts/bootstrap.sh> -o bootstrap.sh && sudo bash bootstrap.sh [--key KEY.pub]
+#       [--template FILE | --backend process]
 #
 # --key KEY.pub (or SCALEBOX_KEY=KEY.pub) pins the release-signing key: the
 # release must be signed by it, and the install.sh inside the tarball runs only
 # after openssl found RELEASE.json signed by that key (or by a key already in
 # /etc/scalebox/keys, without --key) and install.sh's sha256 listed there.
 # Without any key the first install trusts the key shipped in the tarball
-# (trust on first use; docs/release-format.md).
+# (trust on first use; docs/release-format.md). --template and --backend go
+# to install.sh as they are (docs/operations.md, "Install").
 #
 # Environment (the same names scalebox-update reads):
 #   SCALEBOX_RELEASE_URL  the release tarball: https:// or file:// URL, or a path;
@@ -35,16 +37,26 @@ die() {
   exit 1
 }
 
+USAGE="usage: sudo bash bootstrap.sh [--key KEY.pub] [--template FILE | --backend process]"
 KEY_FILE=${SCALEBOX_KEY:-}
-case "${1:-}" in
-  --key)
-    [[ $# -eq 2 && -n $2 ]] || die "--key needs the path of a public key (PEM)" "usage: sudo bash bootstrap.sh [--key KEY.pub]"
-    KEY_FILE=$2
-    ;;
-  --key=?*) KEY_FILE=${1#--key=} ;;
-  "") ;;
-  *) die "unknown argument $1" "usage: sudo bash bootstrap.sh [--key KEY.pub]" ;;
-esac
+PASS=() # options for install.sh
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --key)
+      [[ $# -ge 2 && -n $2 ]] || die "--key needs the path of a public key (PEM)" "$USAGE"
+      KEY_FILE=$2
+      shift 2
+      ;;
+    --key=?*) KEY_FILE=${1#--key=}; shift ;;
+    --template | --backend)
+      [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value" "$USAGE"
+      PASS+=("$1" "$2")
+      shift 2
+      ;;
+    --template=?* | --backend=?*) PASS+=("$1"); shift ;;
+    *) die "unknown argument $1" "$USAGE" ;;
+  esac
+done
 
 [[ $EUID -eq 0 ]] || die "Must run as root. Try: sudo bash bootstrap.sh"
 if [[ -n $KEY_FILE ]]; then
@@ -177,7 +189,7 @@ if [[ ${#TRUST[@]} -gt 0 ]]; then
 fi
 
 if [[ -n $KEY_FILE ]]; then
-  bash "$WORK/install.sh" --key "$KEY_FILE" "$TARBALL"
+  bash "$WORK/install.sh" --key "$KEY_FILE" "${PASS[@]}" "$TARBALL"
 else
-  bash "$WORK/install.sh" "$TARBALL"
+  bash "$WORK/install.sh" "${PASS[@]}" "$TARBALL"
 fi

@@ -1,13 +1,26 @@
 #!/usr/bin/env bash
 # install.sh: the first install of a scalebox release on a Debian server (12 or 13).
 #
-#   sudo bash install.sh [--key KEY.pub] [TARBALL]
+#   sudo bash install.sh [--key KEY.pub] [--template FILE | --backend process] [TARBALL]
 #
 # TARBALL defaults to the one scalebox-*-<arch>.tar.gz beside this script.
 # --key KEY.pub pins the release-signing key: the tarball must be signed by
 # it, and it becomes the key /etc/scalebox/keys trusts for every later update.
 # Without --key and without a key already in /etc/scalebox/keys, the first
 # install trusts the key shipped inside the tarball (trust on first use).
+#
+# VMs are systemd-nspawn containers (VM_BACKEND=nspawn, the default): the
+# Debian packages systemd-container, openssh-client and nftables are
+# installed with apt-get when missing, and the template debian-base is put
+# in place: --template FILE installs a prebuilt one (offline installs, CI,
+# test machines; made with `python -m scalebox.daemon.vms.templates build
+# FILE`), without it debian-base is built here with debootstrap from
+# deb.debian.org (a minute or two; debootstrap is installed too). Both are
+# skipped when the installed template is current.
+# --backend process: stand-in VMs that answer one JSON line and cannot be
+# logged into, only for fast API tests; no packages, no template.
+# The backend goes into a new config as VM_BACKEND; an existing config keeps
+# its own, and --backend must agree with it.
 #
 # Everything is checked before anything on the server changes: root, python3
 # and its venv module, then the tarball (signature, every file's sha256, safe
@@ -42,7 +55,7 @@ KEYS=$R/etc/scalebox/keys
 BIN=$R/usr/local/bin
 UNIT_DIR=$R/etc/systemd/system
 HEALTH_TIMEOUT=${SCALEBOX_HEALTH_TIMEOUT:-30}
-USAGE="usage: sudo bash install.sh [--key KEY.pub] [TARBALL]"
+USAGE="usage: sudo bash install.sh [--key KEY.pub] [--template FILE | --backend process] [TARBALL]"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
 log() { printf '==> %s\n' "$*"; }
@@ -58,6 +71,8 @@ usage() {
 
 ORIG_ARGS="$*"
 KEY_FILE=""
+TEMPLATE_FILE=""
+BACKEND=""
 ARGS=()
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -68,12 +83,31 @@ while [[ $# -gt 0 ]]; do
       shift 2
       ;;
     --key=?*) KEY_FILE=${1#--key=}; shift ;;
+    --template)
+      [[ $# -ge 2 && -n $2 ]] || die "--template needs the path of a template tarball" "$USAGE"
+      TEMPLATE_FILE=$2
+      shift 2
+      ;;
+    --template=?*) TEMPLATE_FILE=${1#--template=}; shift ;;
+    --backend)
+      [[ $# -ge 2 && -n $2 ]] || die "--backend needs nspawn or process" "$USAGE"
+      BACKEND=$2
+      shift 2
+      ;;
+    --backend=?*) BACKEND=${1#--backend=}; shift ;;
     --) shift; ARGS+=("$@"); break ;;
     -*) die "unknown option $1" "$USAGE" ;;
     *) ARGS+=("$1"); shift ;;
   esac
 done
 [[ ${#ARGS[@]} -le 1 ]] || die "too many arguments" "$USAGE"
+case $BACKEND in
+  "" | nspawn) ;;
+  process)
+    [[ -z $TEMPLATE_FILE ]] || die "--template is for the nspawn backend; --backend process has no templates to install" "$USAGE"
+    ;;
+  *) die "unknown backend '$BACKEND': expected nspawn (containers you ssh into) or process (stand-ins for API tests)" "$USAGE" ;;
+esac
 set -- "${ARGS[@]}"
 
 # --- checks: nothing on the server changes before all of them pass -----------
@@ -97,6 +131,12 @@ fi
 [[ -f $TARBALL && -r $TARBALL ]] || die "release tarball $TARBALL does not exist or is not readable" \
   "check the path; releases are named scalebox-VERSION-$ARCH.tar.gz"
 TARBALL=$(cd "$(dirname "$TARBALL")" && pwd)/$(basename "$TARBALL")
+
+if [[ -n $TEMPLATE_FILE ]]; then
+  [[ -f $TEMPLATE_FILE && -r $TEMPLATE_FILE ]] || die "the template $TEMPLATE_FILE does not exist or is not a readable file; nothing was changed" \
+    "give a template tarball made by: python -m scalebox.daemon.vms.templates build FILE (docs/operations.md)"
+  TEMPLATE_FILE=$(cd "$(dirname "$TEMPLATE_FILE")" && pwd)/$(basename "$TEMPLATE_FILE")
+fi
 
 command -v python3 >/dev/null || die "python3 is not installed" \
   "install the Debian package python3 (apt-get install python3), then run install.sh again"
@@ -504,10 +544,13 @@ PY
 #   API_DOMAIN=                    empty: no HTTPS name for the API
 #   VM_DOMAIN=                     empty: VMs get no https://<name>.<domain> URL
 #   ACME_STAGING=false
-#   VM_BACKEND=process
+#   VM_NETWORK=10.187.0.0/16       nspawn: each VM gets a /30 of it
+#   VM_PIDS_MAX=4096               nspawn: most processes in one VM
 #   HOST_IP=<detected>             the address shown in VMs' ssh commands
 API_TOKEN=$token
 HOST_IP=$host_ip
+# nspawn: each VM a container you ssh into. process: stand-ins for API tests only.
+VM_BACKEND=${BACKEND:-nspawn}
 EOF
   chmod 0600 "$tmp_config"
   mv -f "$tmp_config" "$CONFIG"
@@ -517,6 +560,55 @@ fi
   die "scaleboxd $VERSION refuses the config $CONFIG (reason above)" \
     "fix $CONFIG and run install.sh again; nothing was switched yet"
 BUILDING=""
+
+# --- the VM backend: its packages and the template debian-base ----------------
+
+# What scaleboxd will run, read by its own code (the key, else the default).
+USED=$("$RELEASE_DIR/venv/bin/python" -I -c 'import sys; from pathlib import Path; from scalebox.config import load; print(load(Path(sys.argv[1]), {}).vm_backend)' "$CONFIG") ||
+  die "cannot read VM_BACKEND from $CONFIG (reason above)" "fix $CONFIG and run install.sh again"
+if [[ -n $BACKEND && $BACKEND != "$USED" ]]; then
+  die "$CONFIG runs VMs on the $USED backend (its VM_BACKEND, or the default), not $BACKEND as --backend asks; nothing was switched yet" \
+    "set VM_BACKEND=$BACKEND in $CONFIG, or leave --backend out, then run install.sh again"
+fi
+if [[ $USED == process ]]; then
+  log "VM_BACKEND=process: stand-in VMs for API tests; no container packages or template needed"
+elif [[ -n $R ]]; then
+  log "SCALEBOX_INSTALL_ROOT=$R: skipping the nspawn backend's packages and template"
+else
+  wanted=(systemd-container openssh-client nftables)
+  status_cmd=("$RELEASE_DIR/venv/bin/python" -I -m scalebox.daemon.vms.templates status --config "$CONFIG")
+  template_state=$("${status_cmd[@]}" 2>&1) && template_current=1 || template_current=0
+  if ((!template_current)) && [[ -z $TEMPLATE_FILE ]]; then wanted+=(debootstrap); fi
+  missing=()
+  for pkg in "${wanted[@]}"; do
+    if [[ $(dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null || true) != ii* ]]; then missing+=("$pkg"); fi
+  done
+  if ((${#missing[@]})); then
+    log "installing the packages the nspawn backend needs: ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" ||
+      die "apt-get could not install ${missing[*]} (reason above); nothing was switched yet" \
+        "run apt-get update, or install those packages from .deb files with dpkg -i, then run install.sh again; without a mirror, a prebuilt template (--template FILE) spares debootstrap"
+    CHANGED=1
+  fi
+  if ((template_current)); then
+    log "$template_state"
+  else
+    templates=("$RELEASE_DIR/venv/bin/python" -I -m scalebox.daemon.vms.templates)
+    if [[ -n $TEMPLATE_FILE ]]; then
+      log "installing the template debian-base from $TEMPLATE_FILE"
+      "${templates[@]}" install "$TEMPLATE_FILE" --config "$CONFIG" ||
+        die "could not install the template $TEMPLATE_FILE (reason above); nothing was switched yet" \
+          "give a template made by this release: python -m scalebox.daemon.vms.templates build FILE"
+    else
+      # Built under DATA_DIR, not /tmp: debootstrap refuses a nodev /tmp.
+      log "building the template debian-base with debootstrap (Debian 12, a minute or two)"
+      "${templates[@]}" rebuild --config "$CONFIG" ||
+        die "could not build the template debian-base with debootstrap (reason above); nothing was switched yet" \
+          "without a reachable Debian mirror, build it where there is one (python -m scalebox.daemon.vms.templates build debian-base.tar.gz), copy it here and run: sudo bash install.sh --template debian-base.tar.gz"
+    fi
+    CHANGED=1
+  fi
+fi
 
 if [[ $(readlink "$OPT/current" 2>/dev/null || true) != "releases/$VERSION" ]]; then
   log "pointing $OPT/current at releases/$VERSION"

@@ -227,6 +227,8 @@ def write_config(directory: Path, **overrides: str) -> tuple[Path, dict[str, str
         "PORT_MAX": str(port_max),
         "HOST_IP": "127.0.0.1",
         "VM_DOMAIN": "vms.test",
+        # The fast rootless API tests run stand-in guests (the default is nspawn).
+        "VM_BACKEND": "process",
         **overrides,
     }
     path = directory / "config"

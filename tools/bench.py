@@ -364,7 +364,7 @@ def one_run(index: int, release_dir: Path, workers: int, interval: float) -> Run
     with Machine.boot(release_dir) as m:
         figures = RunFigures(index, m.name)
         say(f"run {index}: installing {A} on {m.name}")
-        install(m, releases.tarball_name(A))
+        install(m, releases.tarball_name(A), "--backend", "process")
         token = read_token(m)
         vm = create_vm(m, token)
         _wait_version(m, A)

@@ -3,16 +3,24 @@
     ./do check [--keep-vm] [--tarball PATH]
 
 Phases: build the tarball (./do tarball) and a second one of the same
-sources as the next version, boot a machine (tools/machine.py) with both
-bound at /mnt/release, run install.sh inside, then from the host the API
-suite (tests/api with SCALEBOX_URL/SCALEBOX_TOKEN), then inside: the
-installed units verify clean, scalebox-update is on PATH, a VM survives
-`systemctl restart scaleboxd`, requests sent during that restart are all
-answered (socket activation); then `scalebox-update` to the next version and
-`scalebox-update --rollback` back, each leaving the config byte-identical,
-DATA_DIR unchanged and the VM running with the same unit main PID. Prints
-each phase's wall time; exits non-zero when any phase failed. The machine
-is always torn down unless --keep-vm.
+sources as the next version, boot a machine (tools/machine.py) with a real
+server's capabilities and both bound at /mnt/release, the cached debian-base
+template (tools/image.py) at /mnt/template, run `install.sh --template`
+inside (VM_BACKEND=nspawn, the default), then from the host the API suite
+(tests/api with SCALEBOX_URL/SCALEBOX_TOKEN), then inside: the installed
+units verify clean, scalebox-update is on PATH, a VM (a container) keeps
+running and answers ssh across `systemctl restart scaleboxd`, requests sent
+during that restart are all answered (socket activation); then, with ONE
+ssh session open to a VM: debian-base is installed anew (what `templates
+rebuild` does after building) and the VM and the session keep working;
+with a loop opening a new ssh connection every 0.2 s, `scalebox-update` to
+the next version and `scalebox-update
+--rollback` back: after each, the same session runs a command, the config
+is as the migrations declare, DATA_DIR's templates are byte-identical and
+the VM runs with the same unit main PID; the new connections that failed
+during each are counted (target 0). Prints each phase's wall time; exits
+non-zero when any phase failed. The machine is always torn down unless
+--keep-vm.
 """
 
 from __future__ import annotations
@@ -31,21 +39,19 @@ from pathlib import Path
 import httpx
 
 from scalebox.errors import ScaleboxError
+from tools import image
 from tools.checks import (
     API_PORT,
     CACHE,
     CHECK_TEMPLATE,
     CheckFailed,
     Report,
-    RunningVM,
     Snapshot,
     Stop,
     api_suite,
     build_tarball,
     compare_config,
     compare_data,
-    create_vm,
-    guest_answer,
     indent,
     install,
     main_pid,
@@ -54,11 +60,14 @@ from tools.checks import (
     say,
     serving_version,
     snapshot,
-    ssh_public_key,
     stage_release,
-    vm_still_running,
 )
 from tools.machine import Machine, sigterm_raises
+from tools.sandbox import KEYS, Sandbox, SshSession
+
+TEMPLATE = "/mnt/template/debian-base.tar.gz"
+SSH_LOOP = "check-ssh-loop"  # the unit in the machine that opens new ssh connections
+SSH_LOOP_LOG = "/run/check-ssh-loop.log"
 
 PLANNED = [
     "build the tarball",
@@ -70,6 +79,8 @@ PLANNED = [
     "scalebox-update on PATH",
     "a VM survives systemctl restart scaleboxd",
     "requests during systemctl restart are answered",
+    "open an ssh session to a VM",
+    "reinstall debian-base under the running VM",
     "scalebox-update to the next build",
     "scalebox-update --rollback",
 ]
@@ -120,50 +131,76 @@ def updater_on_path(m: Machine) -> str:
     return f"{where.stdout.strip()}: {version.stdout.strip()}"
 
 
-def vm_survives_restart(m: Machine, token: str) -> str:
-    headers = {"Authorization": f"Bearer {token}"}
-    response = httpx.post(
-        m.url(API_PORT, "/vms"),
-        headers=headers,
-        json={"template": CHECK_TEMPLATE, "ssh_public_key": ssh_public_key()},
-        timeout=30,
+@dataclass(frozen=True)
+class SandboxVM:
+    id: str
+    port: int
+    unit: str
+    main_pid: int
+
+
+def create_sandbox_vm(s: Sandbox) -> SandboxVM:
+    """POST /vms with the machine's key /root/one; wait until ``ssh ... true`` works."""
+    response = s.api(
+        "POST", "/vms", json={"template": CHECK_TEMPLATE, "ssh_public_key": s.public_key()}
     )
     if response.status_code != 201:
         raise CheckFailed(
             f"POST /vms answered {response.status_code}: {response.text[:300]}",
             f"a fresh install must be able to create a VM from {CHECK_TEMPLATE}",
         )
-    vm = response.json()
-    vm_id, port = vm["id"], int(vm["ssh_port"])
+    vm_id, port = response.json()["id"], int(response.json()["ssh_port"])
+    ssh_works(s, port, f"the new VM {vm_id}")
     unit = f"scalebox-vm@{vm_id}.service"
-    first = guest_answer(m, port)
-    if first.get("vm") != vm_id:
-        raise CheckFailed(f"the guest on port {port} says it is {first!r}, not VM {vm_id}")
-    before = main_pid(m, unit)
-    if before == 0:
+    pid = main_pid(s.m, unit)
+    if pid == 0:
         raise CheckFailed(f"{unit} has no main process", "VMs must run in their own unit")
-    daemon_before = main_pid(m, "scaleboxd.service")
-    m.run(["systemctl", "restart", "scaleboxd.service"], timeout=120)
-    daemon_after = main_pid(m, "scaleboxd.service")
-    after = main_pid(m, unit)
+    return SandboxVM(vm_id, port, unit, pid)
+
+
+def ssh_works(s: Sandbox, port: int, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        done = s.ssh(port, KEYS[0], "true")
+        if done.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise CheckFailed(
+                f"ssh -p {port} user@{s.host_ip} true into {what} exited with "
+                f"{done.returncode}: {done.stderr.strip()[-300:]}",
+                "see `journalctl -u 'scalebox-vm@*'` in the machine (--keep-vm)",
+            )
+        time.sleep(0.5)
+
+
+def vm_still_running(s: Sandbox, vm: SandboxVM) -> str:
+    pid = main_pid(s.m, vm.unit)
+    if pid != vm.main_pid:
+        raise CheckFailed(
+            f"{vm.unit} main PID {vm.main_pid} -> {pid}: the VM was restarted or stopped",
+            "daemon restarts and updates must leave running VMs alone (docs/compatibility.md)",
+        )
+    ssh_works(s, vm.port, f"VM {vm.id}", timeout=10)
+    got = s.api("GET", f"/vms/{vm.id}")
+    if got.status_code != 200 or got.json().get("status") != "running":
+        raise CheckFailed(
+            f"GET /vms/{vm.id} answered {got.status_code}: {got.text[:300]}",
+            "scaleboxd must adopt the VMs it (or the release before it) started",
+        )
+    return f"VM {vm.id}: main PID {pid} unchanged, ssh works, API says running"
+
+
+def vm_survives_restart(s: Sandbox) -> str:
+    vm = create_sandbox_vm(s)
+    daemon_before = main_pid(s.m, "scaleboxd.service")
+    s.m.run(["systemctl", "restart", "scaleboxd.service"], timeout=120)
+    daemon_after = main_pid(s.m, "scaleboxd.service")
     if daemon_after in (0, daemon_before):
         raise CheckFailed(f"scaleboxd's main PID {daemon_before} -> {daemon_after}: no restart")
-    if after != before:
-        raise CheckFailed(
-            f"{unit} main PID changed across the restart of scaleboxd: {before} -> {after}",
-            "restarting the daemon must not touch VM units",
-        )
-    again = guest_answer(m, port)
-    if again.get("vm") != vm_id:
-        raise CheckFailed(f"after the restart the guest on port {port} says {again!r}")
-    listed = httpx.get(m.url(API_PORT, f"/vms/{vm_id}"), headers=headers, timeout=30)
-    if listed.status_code != 200:
-        raise CheckFailed(
-            f"after the restart GET /vms/{vm_id} answered {listed.status_code}: "
-            + listed.text[:300],
-            "scaleboxd must reconcile its saved VMs on start",
-        )
-    return f"VM {vm_id}: {unit} main PID {before} unchanged, guest on port {port} answers"
+    kept = vm_still_running(s, vm)
+    if s.api("DELETE", f"/vms/{vm.id}").status_code != 204:
+        raise CheckFailed(f"DELETE /vms/{vm.id} failed after the restart")
+    return kept
 
 
 SEND_INTERVAL = 0.02  # a new request every 20 ms, whether or not earlier ones were answered
@@ -301,36 +338,147 @@ def next_version(version: str) -> str:
     return f"{version}.next" if "+" in version else f"{version}+next"
 
 
-def update_and_verify(
-    m: Machine,
-    token: str,
+def start_ssh_loop(s: Sandbox, port: int) -> None:
+    """A unit in the machine opening a new ``ssh ... true`` every 0.2 s; one line each."""
+    loop = " ".join(s.ssh_argv(port, KEYS[0], "true"))
+    s.sh(
+        f"rm -f {SSH_LOOP_LOG}; systemd-run --quiet --unit={SSH_LOOP} --collect bash -c "
+        f"'while :; do if {loop}; then echo ok; else echo failed; fi >> {SSH_LOOP_LOG}; "
+        "sleep 0.2; done'"
+    )
+
+
+def ssh_loop_results(s: Sandbox) -> list[str]:
+    return s.sh(f"cat {SSH_LOOP_LOG} 2>/dev/null || true").stdout.split()
+
+
+def stop_ssh_loop(s: Sandbox) -> None:
+    s.sh(f"systemctl stop {SSH_LOOP} 2>/dev/null || true")
+
+
+def update_with_session(
+    s: Sandbox,
     *,
-    vm: RunningVM,
+    vm: SandboxVM,
+    session: SshSession,
     before: Snapshot,
     args: list[str],
     env: dict[str, str],
     versions: tuple[str, str],
 ) -> str:
-    """Run scalebox-update from versions[0] to versions[1]; prove config, data and VM kept."""
-    code, outcome = run_updater(m, *args, env=env)
+    """scalebox-update from versions[0] to versions[1] with a session open and ssh in a loop."""
+    started = len(ssh_loop_results(s))
+    code, outcome = run_updater(s.m, *args, env=env)
     if code != 0:
         raise CheckFailed(
             f"scalebox-update {' '.join(args)} exited with code {code}: {outcome.get('message')}",
             "its progress is above; rerun with --keep-vm and see `scalebox-update history`",
         )
-    serving = serving_version(m)
+    serving = serving_version(s.m)
     if serving != versions[1]:
         raise CheckFailed(f"after scalebox-update the server runs {serving}, not {versions[1]}")
-    after = snapshot(m)
+    tag = f"session-after-{versions[1]}"
+    answer = session.ask(f"echo {tag}")
+    if answer != tag:
+        raise CheckFailed(
+            f"the ssh session opened before the update did not answer after it ({answer!r})",
+            "a VM's port forwarder must live outside scaleboxd (its own unit)",
+        )
+    during = ssh_loop_results(s)[started:]
+    failed = during.count("failed")
+    after = snapshot(s.m, skip_guest_disks=True)
     kept = [
         compare_config(before, after, *versions),
         compare_data(before, after, new_files_allowed=False),
-        vm_still_running(m, token, vm),
+        vm_still_running(s, vm),
     ]
-    return f"{outcome.get('message')}; " + "; ".join(kept)
+    figures = (
+        f"the session opened before it ran a command after it; {len(during)} new ssh "
+        f"connections during it, {failed} failed"
+    )
+    if failed or not during:
+        raise CheckFailed(
+            figures,
+            "new ssh connections must be accepted all through an update (target 0 failed)"
+            if failed
+            else "no ssh connection was tried during the update: the loop did not run",
+        )
+    return f"{outcome.get('message')}; {figures}; " + "; ".join(kept)
 
 
 # --- driver ----------------------------------------------------------------------
+
+
+def reinstall_template(s: Sandbox, vm: SandboxVM, session: SshSession) -> str:
+    """What `templates rebuild` does once it has built: install debian-base anew. The VM stays."""
+    done = s.m.run(
+        ["/opt/scalebox/current/venv/bin/python", "-m", "scalebox.daemon.vms.templates",
+         "install", TEMPLATE], check=False, timeout=300,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise CheckFailed(
+            f"templates install {TEMPLATE} exited with {done.returncode}: {done.stderr.strip()}",
+            "see docs/operations.md, 'Real sandboxes'",
+        )
+    if session.ask("echo still") != "still":
+        raise CheckFailed("the ssh session stopped answering when debian-base was reinstalled")
+    return f"{done.stdout.strip()}; the session still answers; " + vm_still_running(s, vm)
+
+
+def sandbox_of(m: Machine) -> Sandbox:
+    """The installed server as tools/sandbox.py drives it, with the ssh key /root/one made."""
+    m.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", KEYS[0]])
+    return Sandbox(m)
+
+
+def open_session(s: Sandbox, stack: contextlib.ExitStack) -> tuple[SandboxVM, SshSession]:
+    """A new VM, ONE ssh session into it kept open, and the new-connection loop started."""
+    vm = create_sandbox_vm(s)
+    session = SshSession(s.m, s.ssh_argv(vm.port, KEYS[0], "bash"))
+    stack.callback(session.close)
+    if session.ask("echo before") != "before":
+        raise CheckFailed(f"an ssh session to VM {vm.id} did not run `echo before`")
+    start_ssh_loop(s, vm.port)
+    stack.callback(stop_ssh_loop, s)
+    return vm, session
+
+
+def stage_template(stage: Path) -> Path:
+    """The folder bound at /mnt/template: the cached debian-base (built once per host)."""
+    folder = stage / "template"
+    folder.mkdir(parents=True, exist_ok=True)
+    cached = image.ensure_template()
+    try:
+        os.link(cached, folder / "debian-base.tar.gz")
+    except OSError:  # another filesystem: a copy
+        shutil.copy2(cached, folder / "debian-base.tar.gz")
+    return folder
+
+
+def update_phases(
+    report: Report,
+    s: Sandbox,
+    stack: contextlib.ExitStack,
+    following: str,
+    versions: tuple[str, str],
+) -> None:
+    """A session and a connection loop into one VM, across an update and its rollback."""
+    with report.phase("open an ssh session to a VM", required=True) as p:
+        vm, session = open_session(s, stack)
+        p.detail = f"VM {vm.id} on port {vm.port}: the session ran `echo before`"
+    with report.phase("reinstall debian-base under the running VM") as p:
+        p.detail = reinstall_template(s, vm, session)
+    with report.phase("scalebox-update to the next build", required=True) as p:
+        before = snapshot(s.m, skip_guest_disks=True)
+        p.detail = update_with_session(
+            s, vm=vm, session=session, before=before, args=[],
+            env={"SCALEBOX_RELEASE_URL": f"/mnt/release/{following}"}, versions=versions,
+        )  # fmt: skip
+    with report.phase("scalebox-update --rollback") as p:
+        p.detail = update_with_session(
+            s, vm=vm, session=session, before=before, args=["--rollback"], env={},
+            versions=(versions[1], versions[0]),
+        )  # fmt: skip
 
 
 def check(keep_vm: bool, tarball: Path | None) -> Report:
@@ -343,17 +491,26 @@ def check(keep_vm: bool, tarball: Path | None) -> Report:
             this = version_in_name(tarball)
             upcoming = next_version(this)
             following = build_tarball(stage, upcoming)
+            template = stage_template(stage.with_name(stage.name + "-template"))
             p.detail = f"{tarball.name}, and {following.name} to update to"
         with contextlib.ExitStack() as stack:
             with report.phase("boot a machine", required=True) as p:
-                m = stack.enter_context(Machine.boot(stage, keep=keep_vm))
+                m = stack.enter_context(
+                    Machine.boot(
+                        stage,
+                        keep=keep_vm,
+                        all_capabilities=True,
+                        binds_ro=[(template, "/mnt/template")],
+                    )
+                )
                 p.detail = f"{m.name} at {m.ip}, running after {m.boot_seconds or 0:.1f} s"
             with report.phase("install.sh", required=True) as p:
-                out = install(m, tarball.name)
+                out = install(m, tarball.name, "--template", TEMPLATE)
                 said = [line for line in out.splitlines() if line.startswith("==> ")]
                 p.detail = said[-1].removeprefix("==> ") if said else ""
             with report.phase("read the API token", required=True):
                 token = read_token(m)
+                s = sandbox_of(m)
             with report.phase("API suite from the host") as p:
                 p.detail = api_suite(m, token)
             with report.phase("installed units verify clean") as p:
@@ -361,26 +518,10 @@ def check(keep_vm: bool, tarball: Path | None) -> Report:
             with report.phase("scalebox-update on PATH") as p:
                 p.detail = updater_on_path(m)
             with report.phase("a VM survives systemctl restart scaleboxd") as p:
-                p.detail = vm_survives_restart(m, token)
+                p.detail = vm_survives_restart(s)
             with report.phase("requests during systemctl restart are answered") as p:
                 p.detail = requests_during_restart(m)
-            with report.phase("scalebox-update to the next build", required=True) as p:
-                vm = create_vm(m, token)
-                before = snapshot(m)
-                url = {"SCALEBOX_RELEASE_URL": f"/mnt/release/{following.name}"}
-                p.detail = update_and_verify(
-                    m, token, vm=vm, before=before, args=[], env=url, versions=(this, upcoming)
-                )
-            with report.phase("scalebox-update --rollback") as p:
-                p.detail = update_and_verify(
-                    m,
-                    token,
-                    vm=vm,
-                    before=before,
-                    args=["--rollback"],
-                    env={},
-                    versions=(upcoming, this),
-                )
+            update_phases(report, s, stack, following.name, (this, upcoming))
     except Stop:
         pass  # recorded in its phase; the machine is already torn down
     finally:
@@ -388,6 +529,7 @@ def check(keep_vm: bool, tarball: Path | None) -> Report:
             say(f"the release folder bound at /mnt/release stays at {stage}")
         else:
             shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(stage.with_name(stage.name + "-template"), ignore_errors=True)
     return report
 
 

@@ -61,6 +61,7 @@ from tools.checks import (
     CheckFailed,
     Phase,
     Report,
+    Snapshot,
     Stop,
     api_suite,
     build_tarball,
@@ -316,6 +317,17 @@ def run_update(m: Machine, previous: Previous, current: Path, current_version: s
     return f"{link} ({said}): {previous.version} -> {current_version}"
 
 
+def added_keys(before: Snapshot, after: Snapshot) -> str:
+    """The keys the update's migrations added to the config, for the phase's detail."""
+    old = set(before.config_text.splitlines())
+    new = [
+        line
+        for line in after.config_text.splitlines()
+        if line not in old and line.strip() and not line.lstrip().startswith("#")
+    ]
+    return f" (migrations added {', '.join(new)})" if new else ""
+
+
 # --- driver ---------------------------------------------------------------------------
 
 
@@ -389,6 +401,7 @@ def check_update(report: Report, previous: Previous, stage: Path, keep_vm: bool)
             after = snapshot(m)
             p.detail = (
                 compare_config(before, after, previous.version, version)
+                + added_keys(before, after)
                 + "; "
                 + compare_data(before, after, new_files_allowed=False)
             )

@@ -172,8 +172,11 @@ def stage_release(tarball: Path, stage: Path) -> None:
     shutil.copy2(ROOT / "scripts/install.sh", stage / "install.sh")
 
 
-def install(m: Machine, tarball_name: str) -> str:
-    result = m.run(["bash", "/mnt/release/install.sh", f"/mnt/release/{tarball_name}"], timeout=600)
+def install(m: Machine, tarball_name: str, *options: str) -> str:
+    """install.sh OPTIONS TARBALL in the machine; its output."""
+    result = m.run(
+        ["bash", "/mnt/release/install.sh", *options, f"/mnt/release/{tarball_name}"], timeout=600
+    )
     print(indent(result.stdout + result.stderr), file=sys.stderr, flush=True)
     return result.stdout
 
@@ -297,30 +300,47 @@ class Snapshot:
 
 
 _LIST_DATA = """
-import hashlib, json, os, sys
+import hashlib, json, os, stat, sys
 root = sys.argv[1]
+skip_guest_disks = sys.argv[2:] == ["--skip-guest-disks"]
 out = {}
 for base, dirs, files in os.walk(root):
+    rel = os.path.relpath(base, root).split(os.sep)
+    if skip_guest_disks and len(rel) == 2 and rel[0] == "vms":
+        # disk (the overlay), disk.img and fs (its image, mounted): the guest's own.
+        dirs[:] = [d for d in dirs if not d.startswith("disk") and d != "fs"]
+        files = [f for f in files if not f.startswith("disk")]
     for name in files:
         path = os.path.join(base, name)
-        if os.path.islink(path):
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
             out[os.path.relpath(path, root)] = "link " + os.readlink(path)
+            continue
+        mode = oct(st.st_mode & 0o7777)
+        if not stat.S_ISREG(st.st_mode):  # a device or fifo: reading it could block
+            out[os.path.relpath(path, root)] = mode + " special " + oct(stat.S_IFMT(st.st_mode))
             continue
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-        mode = oct(os.stat(path).st_mode & 0o7777)
         out[os.path.relpath(path, root)] = mode + " " + digest.hexdigest()
 print(json.dumps(out))
 """
 
 
-def snapshot(m: Machine) -> Snapshot:
+def snapshot(m: Machine, *, skip_guest_disks: bool = False) -> Snapshot:
+    """The config and every file under DATA_DIR; ``skip_guest_disks``: not the VMs' disks.
+
+    A real container writes to its own disk as it runs (its journal), so on
+    the nspawn backend the VMs' disks (vms/<id>/disk*, vms/<id>/fs) are left out; the VM's
+    life is proved by its unit's main PID and ssh instead.
+    """
     config_text = m.run(["cat", CONFIG]).stdout
     values = parse_lines(config_text, f"{CONFIG} (in the machine)")
     data_dir = values.get("DATA_DIR", ("/var/lib/scalebox", ""))[0]
-    listing = m.run(["python3", "-c", _LIST_DATA, data_dir], timeout=300).stdout
+    skip = ["--skip-guest-disks"] if skip_guest_disks else []
+    listing = m.run(["python3", "-c", _LIST_DATA, data_dir, *skip], timeout=300).stdout
     return Snapshot(
         config_text=config_text,
         config_meta=m.run(["stat", "-c", "%a %u %g", CONFIG]).stdout.strip(),

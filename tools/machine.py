@@ -253,6 +253,14 @@ def sweep_stale(state_dir: Path = netns.STATE_DIR) -> list[str]:
     return removed
 
 
+# Run once a machine with all capabilities is up: see Machine._as_root_server.
+ROOT_SERVER_SETUP = (
+    "mount --bind /proc/sys/net /proc/sys/net && mount -o remount,bind,rw /proc/sys/net && "
+    "{ [ -e /dev/loop-control ] || mknod -m 600 /dev/loop-control c 10 237; } && "
+    "for i in $(seq 0 255); do [ -e /dev/loop$i ] || mknod -m 660 /dev/loop$i b 7 $i; done"
+)
+
+
 # --- the machine ------------------------------------------------------------------
 
 
@@ -305,7 +313,8 @@ class Machine:
 
         ``all_capabilities`` gives the machine every capability a real root
         server has (nspawn's --capability=all), which containers inside it
-        need (veth, mounts); ``binds_ro`` binds host paths read-only (host, inside).
+        need (veth, mounts), plus a writable /proc/sys/net and /dev/loop* nodes
+        (see _as_root_server); ``binds_ro`` binds host paths read-only (host, inside).
         ``persistent``: its root is a copy of the image that survives
         ``power_cut()``/``power_on()``; teardown deletes it.
         """
@@ -449,6 +458,20 @@ class Machine:
             failed = self.run(["systemctl", "--failed", "--no-legend", "--plain"], check=False)
             _say(f"{self.name} is degraded; failed units:\n{failed.stdout.rstrip()}")
         _say(f"{self.name} is {state} after {self.boot_seconds:.1f} s")
+        if self.all_capabilities:
+            self._as_root_server()
+
+    def _as_root_server(self) -> None:
+        """What a real root server has that a machine lacks even with every capability.
+
+        nspawn mounts the machine's /proc/sys read-only; a server's root writes it
+        (scaleboxd turns on ip_forward). Only net/ is made writable: it is the
+        machine's own network namespace's, the rest is the shared host kernel's.
+        A server's udev makes /dev/loopN when the kernel adds one; a machine's
+        /dev is a tmpfs without udev, so the nodes (for VM disk images) are made
+        here; the loop devices themselves are the host kernel's.
+        """
+        self.run(["bash", "-c", ROOT_SERVER_SETUP])
 
     @property
     def nspawn_pid(self) -> int:

@@ -7,10 +7,8 @@
 The machine is booted with a root server's capabilities (--capability=all,
 which containers inside it need) and the cached debian-base template
 (tools/image.py) bound read-only at /mnt/template. The release is installed
-with install.sh as on a server; then VM_BACKEND=nspawn is set and the
-template unpacked with `python -m scalebox.daemon.vms.templates install`
-(what install.sh will do; see docs/operations.md); /dev/loop* nodes are
-made (no udev in a machine) for the VMs' disk images. Two ed25519 keys,
+with install.sh --template as on an offline server (VM_BACKEND=nspawn, the
+default; see docs/operations.md). Two ed25519 keys,
 /root/one and /root/two, are made with ssh-keygen; ssh runs inside the
 machine against HOST_IP (the machine's own address), as a user elsewhere would.
 ``Sandbox.outside()`` adds "the outside" for the VM network tests: a network
@@ -22,15 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shlex
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
 from tools import image, keygen
-from tools.machine import Machine
+from tools.machine import MACHINE_ENV, Machine
 from tools.releases import ROOT, A, build_tarball, tarball_name
 
 TEMPLATE = "/mnt/template/debian-base.tar.gz"
@@ -66,10 +66,6 @@ PEER_ECHO = (
     "    conn, peer = srv.accept()\n"
     "    conn.sendall(peer[0].encode() + b'\\n')\n"
     "    conn.close()\n"
-)
-LOOP_NODES = (
-    "[ -e /dev/loop-control ] || mknod -m 600 /dev/loop-control c 10 237; "
-    "for i in $(seq 0 255); do [ -e /dev/loop$i ] || mknod -m 660 /dev/loop$i b 7 $i; done"
 )
 
 
@@ -168,7 +164,7 @@ class Sandbox:
 def sandbox_server(
     scratch: Path, *, keep: bool = False, also: tuple[str, ...] = ()
 ) -> Iterator[Sandbox]:
-    """Boot a machine with release A installed and VM_BACKEND=nspawn; torn down after.
+    """Boot a machine with release A installed (VM_BACKEND=nspawn); torn down after.
 
     ``also``: more release versions built with the same key into /mnt/release
     (e.g. B, to update to).
@@ -189,20 +185,53 @@ def sandbox_server(
     with Machine.boot(
         release, keep=keep, all_capabilities=True, binds_ro=[(template, "/mnt/template")]
     ) as m:
-        # nspawn mounts the machine's /proc/sys read-only; a real server's root can
-        # write it (scaleboxd turns on ip_forward). Only net/: it is the machine's own
-        # network namespace's, while the rest of /proc/sys is the shared host kernel's.
-        m.run(["bash", "-c", "mount --bind /proc/sys/net /proc/sys/net && "
-               "mount -o remount,bind,rw /proc/sys/net"])  # fmt: skip
-        # A real server's udev makes /dev/loopN when the kernel adds one; a test
-        # machine's /dev is a tmpfs without udev, so the nodes are made here
-        # (the loop devices themselves are the host kernel's, shared by all machines).
-        m.run(["bash", "-c", LOOP_NODES])
-        m.run(["bash", "/mnt/release/install.sh", f"/mnt/release/{tarball_name(A)}"], timeout=600)
-        m.run(["bash", "-c", "echo VM_BACKEND=nspawn >> /etc/scaleboxd/config"])
-        m.run(["/opt/scalebox/current/venv/bin/python", "-m", "scalebox.daemon.vms.templates",
-               "install", TEMPLATE], timeout=300)  # fmt: skip
-        m.run(["systemctl", "restart", "scaleboxd"])
+        m.run(["bash", "/mnt/release/install.sh", "--template", TEMPLATE,
+               f"/mnt/release/{tarball_name(A)}"], timeout=600)  # fmt: skip
         for key_path in KEYS:
             m.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key_path])
         yield Sandbox(m)
+
+
+class SshSession:
+    """One long-lived SSH session into a VM: a remote bash reading commands from stdin.
+
+    ssh runs inside the machine (nsenter), as a user on the server would run it.
+    Lines are read by a thread: select() on the pipe would miss a second line
+    that readline() had already pulled into its buffer.
+    """
+
+    def __init__(self, m: Machine, argv: list[str]) -> None:
+        assert m.init_pid is not None, "the machine is not running"
+        self.proc = subprocess.Popen(
+            ["nsenter", "-t", str(m.init_pid), "-a", "--", *argv],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            env=MACHINE_ENV,
+        )  # fmt: skip
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def ask(self, command: str, timeout: float = 30) -> str:
+        """Run ``command`` in the session; its first output line (None: the session is gone)."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+            return self.lines.get(timeout=timeout).strip()
+        except (BrokenPipeError, queue.Empty):
+            return ""
+
+    def close(self) -> None:
+        # EOF ends the remote bash and so ssh; killing nsenter would orphan its ssh child.
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)

@@ -37,7 +37,7 @@ class ServerConfig:
     vm_domain: str = ""
     acme_staging: bool = False
     host_ip: str = "127.0.0.1"
-    vm_backend: str = "process"
+    vm_backend: str = "nspawn"
     vm_network: str = "10.187.0.0/16"
     vm_pids_max: int = 4096
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -103,7 +103,8 @@ BACKENDS = ("process", "nspawn")
 def _backend(raw: str) -> object:
     if raw not in BACKENDS:
         raise ValueError(
-            "expected 'nspawn' (containers you ssh into) or 'process' (stand-ins for API tests)"
+            "expected 'nspawn' (containers you ssh into) or 'process' (stand-ins for fast "
+            "API tests only)"
         )
     return raw
 
@@ -133,7 +134,9 @@ KEYS: dict[str, _Key] = {
     "VM_DOMAIN": _Key("vm_domain", _domain, ""),
     "ACME_STAGING": _Key("acme_staging", _bool, "false"),
     "HOST_IP": _Key("host_ip", _ip, None),  # default detected, see _detect_host_ip
-    "VM_BACKEND": _Key("vm_backend", _backend, "process"),
+    # nspawn: real containers. process: stand-in guests that only answer one JSON
+    # line, for fast rootless API tests (and 0.1.0 installs, pinned by migration 0001).
+    "VM_BACKEND": _Key("vm_backend", _backend, "nspawn"),
     # nspawn: each VM gets a /30 of this network (host side .1, VM .2).
     "VM_NETWORK": _Key("vm_network", _vm_network, "10.187.0.0/16"),
     "VM_PIDS_MAX": _Key("vm_pids_max", _int_in(16, 4194304), "4096"),

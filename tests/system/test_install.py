@@ -206,11 +206,9 @@ def state(m: Machine) -> str:
 
 
 def install(m: Machine, *args: str, umask: str = "022") -> tuple[int, str, str]:
-    done = m.run(
-        ["bash", "-c", f'umask {umask}; exec bash {MNT}/install.sh "$@"', "install", *args],
-        check=False,
-        timeout=600,
-    )
+    """install.sh with ARGS, on the process backend (these tests are about the release)."""
+    script = f'umask {umask}; exec bash {MNT}/install.sh --backend process "$@"'
+    done = m.run(["bash", "-c", script, "install", *args], check=False, timeout=600)
     return done.returncode, done.stdout, done.stderr
 
 
@@ -332,7 +330,8 @@ def test_bootstrap_with_a_pinned_key_never_runs_the_tarballs_installer(
         [
             "bash",
             "-c",
-            f"SCALEBOX_RELEASE_URL={tarball(A)} bash {MNT}/bootstrap.sh --key {MNT}/publisher.pub",
+            f"SCALEBOX_RELEASE_URL={tarball(A)} bash {MNT}/bootstrap.sh --key {MNT}/publisher.pub "
+            "--backend process",
         ],
         check=False,
         timeout=600,
@@ -406,7 +405,8 @@ def test_umask_000_leaves_nothing_writable_by_others(
         [
             "bash",
             "-c",
-            "printf 'API_TOKEN=sb-%048d\\nHOST_IP=127.0.0.1\\nAPI_PORT=8282\\n' 0 > /root/config",
+            "printf 'API_TOKEN=sb-%048d\\nHOST_IP=127.0.0.1\\nAPI_PORT=8282\\n"
+            "VM_BACKEND=process\\n' 0 > /root/config",
         ]
     )
     m.run(["install", "-D", "-m", "0600", "/root/config", "/etc/scaleboxd/config"])
@@ -440,7 +440,7 @@ def test_api_port_8181_is_served_by_install_and_kept_by_an_update(
             "bash",
             "-c",
             f"install -d -m 0755 /etc/scaleboxd && printf 'API_TOKEN={token}\\n"
-            "HOST_IP=127.0.0.1\\nAPI_PORT=8181\\n' > /etc/scaleboxd/config && "
+            "HOST_IP=127.0.0.1\\nAPI_PORT=8181\\nVM_BACKEND=process\\n' > /etc/scaleboxd/config && "
             "chmod 0600 /etc/scaleboxd/config",
         ]
     )
@@ -473,6 +473,26 @@ def test_api_port_8181_is_served_by_install_and_kept_by_an_update(
     )
     m.run(["systemctl", "restart", "scaleboxd.socket", "scaleboxd.service"])
     assert httpx.get(m.url(8181, "/health"), timeout=10).json()["version"] == B
+
+
+# --- the nspawn backend on a server that reaches no mirror -------------------------------
+
+
+def test_nspawn_without_a_template_or_a_mirror_stops_before_the_switch_naming_template(
+    boot_machine: BootMachine, install_releases: Path
+) -> None:
+    """The default backend needs debootstrap and a mirror to build debian-base; the test
+    machine reaches no mirror, so install.sh must stop, say why and point at --template."""
+    m = boot_machine(install_releases)
+    done = m.run(["bash", f"{MNT}/install.sh", tarball(A)], check=False, timeout=600)
+    assert done.returncode == 1, done.stderr
+    err = done.stderr
+    assert "install.sh: error: apt-get could not install debootstrap" in err, err
+    assert "nothing was switched yet" in err and "--template FILE" in err, err
+    assert "Traceback" not in err
+    assert m.run(["test", "-e", "/opt/scalebox/current"], check=False).returncode == 1
+    assert m.run(["systemctl", "is-active", "scaleboxd"], check=False).stdout.strip() != "active"
+    assert "VM_BACKEND=nspawn" in m.run(["cat", "/etc/scaleboxd/config"]).stdout
 
 
 # --- an offline server without ensurepip -----------------------------------------------

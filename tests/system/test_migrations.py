@@ -3,7 +3,7 @@
 Release A (1.0.0) is installed by install.sh, with one VM running. The other
 releases are built by `./do tarball` from copies of the sources with one change:
 
-- MIGRATES: a migration adds VM_BACKEND=process (a real key, with its default);
+- MIGRATES: a migration adds VM_PIDS_MAX=4096 (a real key, with its default);
 - FAILS: a first migration adds a key, a second one raises;
 - NEEDS_PACKAGE: pyproject.toml declares the Debian package `hello`, which the
   machine lacks and cannot fetch (it reaches no package mirror).
@@ -32,9 +32,9 @@ STEPS = "src/scalebox/migrations/steps.py"
 
 ADD_KEY = """
 
-@migration("0001-add-vm-backend", since="{since}", description="write VM_BACKEND=process")
-def add_vm_backend(config: ConfigFile) -> None:
-    config.add("VM_BACKEND", "process", comment="How VMs run (default: process).")
+@migration("0001-add-pids-max", since="{since}", description="write VM_PIDS_MAX=4096")
+def add_pids_max(config: ConfigFile) -> None:
+    config.add("VM_PIDS_MAX", "4096", comment="Most processes in one VM (default: 4096).")
 """
 FAILING = (
     ADD_KEY
@@ -46,7 +46,7 @@ def edit_caddyfile(config: ConfigFile) -> None:
         f.read()
 """
 )
-ADDED = b"\n# How VMs run (default: process).\nVM_BACKEND=process\n"
+ADDED = b"\n# Most processes in one VM (default: 4096).\nVM_PIDS_MAX=4096\n"
 DEBIAN_PACKAGES = 'debian-packages = ["python3", "python3-venv", "systemd"]'
 
 
@@ -66,8 +66,9 @@ def _changed_copy(tmp: Path, version: str, changes: dict[str, tuple[str, str]]) 
 
 
 def _append_steps(version: str, code: str) -> dict[str, tuple[str, str]]:
-    marker = '__all__ = ["ConfigFile", "migration"]'
-    return {STEPS: (marker, marker + code.format(since=version))}
+    """After this build's own migrations, as a later release appends its own."""
+    text = (ROOT / STEPS).read_text()
+    return {STEPS: (text, text + code.format(since=version))}
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +140,7 @@ class Server:
 @pytest.fixture
 def server(boot_machine: BootMachine, releases: Path) -> Iterator[Server]:
     m = boot_machine(releases)
-    m.run(["bash", "/mnt/release/install.sh", tarball(A)], timeout=600)
+    m.run(["bash", "/mnt/release/install.sh", "--backend", "process", tarball(A)], timeout=600)
     token = m.run(["sed", "-n", "s/^API_TOKEN=//p", "/etc/scaleboxd/config"]).stdout.strip()
     vm = httpx.post(
         m.url(8080, "/vms"),
@@ -160,18 +161,18 @@ DPKG = "dpkg-query -W -f '${Package} ${Version} ${db:Status-Abbrev}\\n'"
 
 def test_migration_adds_a_key_and_rollback_restores_the_config(server: Server) -> None:
     config, stat = server.config(), server.config_stat()
-    assert not any(line.startswith(b"VM_BACKEND=") for line in config.splitlines())
+    assert not any(line.startswith(b"VM_PIDS_MAX=") for line in config.splitlines())
     packages_before = server.sh(DPKG).stdout
     apt_log_before = server.sh(APT_LOG).stdout
 
     code, result, err = server.update(env=f"SCALEBOX_RELEASE_URL={tarball(MIGRATES)}")
     assert code == 0, err
-    assert result["migrations"] == ["0001-add-vm-backend"]
+    assert result["migrations"] == ["0001-add-pids-max"]
     # every byte of the old config, then exactly the migration's key
     assert server.config() == config + ADDED
     assert server.config_stat() == stat
     server.assert_runs(MIGRATES)
-    assert server.last_history()["migrations"] == ["0001-add-vm-backend"]
+    assert server.last_history()["migrations"] == ["0001-add-pids-max"]
     # the no-op packages path: all declared packages present, nothing installed
     assert "needs Debian packages python3, python3-venv, systemd: all installed" in err
     assert "installing" not in err
@@ -196,10 +197,10 @@ def test_dry_run_names_the_pending_migrations_and_the_missing_packages(server: S
     assert code == 0, err
     assert result["result"] == "dry run"
     assert result["pending_migrations"] == [
-        {"id": "0001-add-vm-backend", "since": MIGRATES, "description": "write VM_BACKEND=process"}
+        {"id": "0001-add-pids-max", "since": MIGRATES, "description": "write VM_PIDS_MAX=4096"}
     ]
     assert result["missing_packages"] == []
-    assert "  migrations to run: 0001-add-vm-backend (write VM_BACKEND=process)" in str(
+    assert "  migrations to run: 0001-add-pids-max (write VM_PIDS_MAX=4096)" in str(
         result["message"]
     )
 
@@ -239,7 +240,7 @@ def test_failing_migration_rolls_everything_back(server: Server) -> None:
     assert "FileNotFoundError" in message
     assert "/etc/caddy/Caddyfile" in message
     assert f"Rolled back to {A}, which is healthy" in message
-    assert "applied 0001-add-vm-backend" in err  # the first one ran, and was undone
+    assert "applied 0001-add-pids-max" in err  # the first one ran, and was undone
     assert server.config() == config
     assert server.config_stat() == stat
     assert server.current() == f"releases/{A}"
@@ -292,6 +293,6 @@ def test_updater_killed_at_migrate_is_rolled_back_by_the_boot_unit(server: Serve
     # and the update itself works afterwards, migration included
     code, result, err = server.update(env=f"SCALEBOX_RELEASE_URL={tarball(MIGRATES)}")
     assert code == 0, err
-    assert result["migrations"] == ["0001-add-vm-backend"]
+    assert result["migrations"] == ["0001-add-pids-max"]
     assert server.config() == config + ADDED
     server.assert_runs(MIGRATES)

@@ -170,7 +170,7 @@ def test_truncated_download_is_refused_and_kept_to_resume(shared: Server) -> Non
 
 def test_install_sh_again_changes_nothing_and_keeps_recovery_enabled(shared: Server) -> None:
     before = shared.snapshot()
-    done = shared.sh(f"bash {MNT}/install.sh {tarball(A)}")
+    done = shared.sh(f"bash {MNT}/install.sh --backend process {tarball(A)}")
     assert f"scalebox {A} is already installed and running; nothing changed" in done.stdout
     enabled = shared.sh("systemctl is-enabled scalebox-update-recover.service")
     assert enabled.stdout.strip() == "enabled"

@@ -291,7 +291,7 @@ def _data_digest(s: Server) -> str:
 
 def install_a(m: Machine) -> Server:
     """Install A with install.sh on ``m`` and start one VM."""
-    m.run(["bash", f"{MNT}/install.sh", tarball(A)], timeout=600)
+    m.run(["bash", f"{MNT}/install.sh", "--backend", "process", tarball(A)], timeout=600)
     token = m.run(["sed", "-n", "s/^API_TOKEN=//p", "/etc/scaleboxd/config"]).stdout.strip()
     vm = httpx.post(
         m.url(8080, "/vms"),

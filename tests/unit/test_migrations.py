@@ -23,6 +23,7 @@ import httpx
 import pytest
 from tools import tarball
 
+from scalebox import config as config_module
 from scalebox.migrations import configfile, registry, runner
 from scalebox.migrations.configfile import ConfigFile
 from scalebox.migrations.errors import MigrationError, MigrationFailed
@@ -166,6 +167,50 @@ def test_this_release_registers_valid_migrations() -> None:
     assert len({m.id for m in seen}) == len(seen), "migration ids must be unique"
 
 
+# What 0.1.0's install.sh wrote: VM_BACKEND only in a comment (its default was process).
+CONFIG_0_1_0 = CONFIG + b"#   VM_BACKEND=process\n"
+
+
+def _this_release(config: Path, from_version: str, to_version: str = "0.2.0") -> runner.Outcome:
+    from scalebox.migrations import steps  # noqa: F401, PLC0415 - registers them
+
+    return runner.run(
+        registry.MIGRATIONS,
+        config_path=config,
+        from_version=from_version,
+        to_version=to_version,
+        state_path=config.with_name("state.json"),
+    )
+
+
+def test_an_update_from_0_1_0_pins_the_process_backend_its_vms_run_on(tmp_path: Path) -> None:
+    """0.1.0's VMs are stand-in processes: the update keeps them, not the new nspawn default."""
+    path = _config(tmp_path, CONFIG_0_1_0)
+    assert config_module.parse(CONFIG_0_1_0.decode(), "c", {}).vm_backend == "nspawn"
+    outcome = _this_release(path, "0.1.0")
+    assert outcome.applied == ("0001-keep-process-backend",)
+    text = path.read_bytes()
+    assert text.startswith(CONFIG_0_1_0) and text.endswith(b"\nVM_BACKEND=process\n")
+    assert config_module.parse(text.decode(), "c", {}).vm_backend == "process"
+    # Idempotent (a crash between saving and recording runs it again): the key once.
+    from scalebox.migrations.steps import keep_process_backend  # noqa: PLC0415
+
+    again = ConfigFile.load(path)
+    keep_process_backend(again)
+    assert not again.changed
+
+
+def test_a_config_that_names_its_backend_and_a_new_install_are_left_alone(tmp_path: Path) -> None:
+    chosen = CONFIG + b"VM_BACKEND=nspawn\n"
+    path = _config(tmp_path, chosen)
+    assert _this_release(path, "0.1.0").applied == ("0001-keep-process-backend",)
+    assert path.read_bytes() == chosen  # the admin's value wins
+    fresh = _config(tmp_path, CONFIG)
+    fresh.with_name("state.json").unlink()
+    assert _this_release(fresh, "0.2.0", "0.2.1").applied == ()  # not pending after 0.2.0
+    assert fresh.read_bytes() == CONFIG
+
+
 # --- the runner -------------------------------------------------------------------------
 
 
@@ -304,6 +349,7 @@ def test_cli_list_and_run_of_a_release_with_a_failing_migration(tmp_path: Path) 
     listed = _runner(src, "list", "--json")
     assert listed.returncode == 0, listed.stderr
     assert [m["id"] for m in json.loads(listed.stdout)] == [
+        "0001-keep-process-backend",  # this build's own, then the two appended here
         "0001-add-metrics-port",
         "0002-needs-caddy",
     ]
@@ -376,9 +422,11 @@ def test_builder_reads_the_declared_packages_and_the_sources_own_migrations(
     copy = tmp_path / "project"
     copy.mkdir()
     shutil.copytree(_sources(tmp_path, "b", ADD_STEP, "2.0.0"), copy / "src")
-    assert tarball.release_migrations(copy) == [
-        manifest.MigrationInfo("0001-add-metrics-port", "2.0.0", "add METRICS_PORT=9100")
-    ]
+    found = tarball.release_migrations(copy)
+    assert [m.id for m in found[:-1]] == ["0001-keep-process-backend"]  # this build's own
+    assert found[-1] == manifest.MigrationInfo(
+        "0001-add-metrics-port", "2.0.0", "add METRICS_PORT=9100"
+    )
 
 
 # --- packages ---------------------------------------------------------------------------

@@ -204,7 +204,7 @@ def test_vm_backend_nspawn_and_its_network_are_read_from_the_config() -> None:
     cfg = config_module.parse(TOKEN + "VM_BACKEND=nspawn\nVM_NETWORK=10.50.0.0/20\n", "c", {})
     assert (cfg.vm_backend, cfg.vm_network, cfg.vm_pids_max) == ("nspawn", "10.50.0.0/20", 4096)
     default = config_module.parse(TOKEN, "c", {})
-    assert (default.vm_backend, default.vm_network) == ("process", "10.187.0.0/16")
+    assert (default.vm_backend, default.vm_network) == ("nspawn", "10.187.0.0/16")
 
 
 @pytest.mark.parametrize(

@@ -286,7 +286,10 @@ def test_data_changes_ignore_only_the_daemons_records() -> None:
 
 def test_without_migrations_the_expected_config_is_the_old_one_byte_for_byte() -> None:
     text = "API_TOKEN=x\n# a comment\nAPI_PORT=8080\n"
-    assert checks.expected_config(text, "0.1.0", "0.2.0") == text
+    assert checks.expected_config(text, "0.2.0", "0.2.1") == text  # none pending in between
+    # 0.1.0 -> 0.2.0 has this build's 0001-keep-process-backend: the old text, then its key.
+    migrated = checks.expected_config(text, "0.1.0", "0.2.0")
+    assert migrated.startswith(text) and migrated.endswith("\nVM_BACKEND=process\n")
 
 
 def test_the_expected_config_is_the_old_one_plus_exactly_the_pending_migrations() -> None:

@@ -96,6 +96,7 @@ def config(tmp_path: Path) -> ServerConfig:
         host_ip="127.0.0.1",
         vm_domain="vms.example.test",
         max_disk_size_gib=100,
+        vm_backend="process",  # the stand-ins: these tests are about VMService's decisions
     )
 
 

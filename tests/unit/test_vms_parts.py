@@ -171,7 +171,7 @@ def test_copy_tree_copies_everything_and_tree_size_counts_files(tmp_path: Path) 
 def test_guest_refuses_a_bad_id_or_a_missing_record(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = ServerConfig(api_token="t" * 32, data_dir=tmp_path)
+    config = ServerConfig(api_token="t" * 32, data_dir=tmp_path, vm_backend="process")
     assert guest.run(config, "../etc") == 2
     assert guest.run(config, "vm-0123456789ab") == 1
     assert "cannot read its port" in capsys.readouterr().err

@@ -20,4 +20,21 @@ from scalebox.migrations.registry import migration
 
 __all__ = ["ConfigFile", "migration"]  # what a migration below uses
 
-# No migrations yet: every key so far has a default, so no config needs changing.
+
+@migration(
+    "0001-keep-process-backend",
+    since="0.2.0",
+    description="write VM_BACKEND=process when the config sets no VM_BACKEND, so the VMs "
+    "of a 0.1.0 server keep running on the backend they were made with (the default "
+    "is now nspawn; docs/operations.md says how to move)",
+)
+def keep_process_backend(config: ConfigFile) -> None:
+    # 0.1.0 had only stand-in guests and set no VM_BACKEND: without this line
+    # the new default would start scaleboxd on nspawn, which cannot adopt them,
+    # and whose packages and template 0.1.0's install.sh never set up.
+    config.add(
+        "VM_BACKEND",
+        "process",
+        comment="Kept by the 0.2.0 update: VMs made before it are stand-in processes. "
+        "To move to real containers see docs/operations.md, 'Moving to the nspawn backend'.",
+    )

@@ -48,6 +48,7 @@ from scalebox.update import (
     preflight,
     resolve,
     stage,
+    template_notice,
     transaction,
     versions,
 )
@@ -364,6 +365,12 @@ def _update(
         migrations=outcome.migrations,
     )
     result["unfinished"] = outcome.unfinished
+    if outcome.result == "updated":
+        # Last, so it is what the operator reads at the end.
+        template = template_notice.notice(ctx.paths)
+        if template is not None:
+            result["template"] = template
+            result["message"] = f"{result['message']}\n{template}"
     return result
 
 

@@ -8,6 +8,12 @@ test machines take a prebuilt one, and unpacked into place by ``install``.
 
     python -m scalebox.daemon.vms.templates build OUT.tar.gz [--mirror URL]
     python -m scalebox.daemon.vms.templates install FILE [--config PATH]
+    python -m scalebox.daemon.vms.templates rebuild [--mirror URL] [--config PATH]
+    python -m scalebox.daemon.vms.templates status [--config PATH]
+
+``status`` exits 0 when the installed debian-base has this release's
+TEMPLATE_VERSION, 3 when it is missing or older (install.sh and
+scalebox-update ask it); ``rebuild`` is build + install in one step.
 
 Installing replaces the template atomically (rename in, then retire the old
 one): VMs made from the old one keep it as their read-only lower layer
@@ -236,6 +242,40 @@ def install(tarball: Path, data_dir: Path, name: str = BASE_TEMPLATE) -> int:
     return version
 
 
+STATUS_OUTDATED = 3  # `status`: the template is missing or older than this release's
+
+
+def installed_version(data_dir: Path, name: str = BASE_TEMPLATE) -> int | None:
+    """The template version of the installed template ``name``, None when there is none."""
+    try:
+        data = json.loads((data_dir / "templates" / name / META_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    version = data.get("template_version") if isinstance(data, dict) else None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
+def status_line(installed: int | None, wanted: int = TEMPLATE_VERSION) -> tuple[bool, str]:
+    """Whether the installed debian-base is current, and one line that says so."""
+    rebuild = "sudo /opt/scalebox/current/venv/bin/python -m scalebox.daemon.vms.templates rebuild"
+    if installed is None:
+        return False, f"template {BASE_TEMPLATE} is not installed; make it with: {rebuild}"
+    if installed < wanted:
+        return False, (
+            f"template {BASE_TEMPLATE} is version {installed}, this release builds version "
+            f"{wanted}; new VMs keep using version {installed} until you rebuild it (running "
+            f"VMs and snapshots are not touched): {rebuild}"
+        )
+    return True, f"template {BASE_TEMPLATE} version {installed} is current"
+
+
+def _build(out: Path, mirror: str) -> None:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f"{TMP_PREFIX}build-") as scratch:
+        root = Path(scratch) / "rootfs"
+        build_rootfs(root, mirror=mirror, log=Path(scratch) / "debootstrap.log")
+        pack(root, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m scalebox.daemon.vms.templates",
@@ -249,14 +289,37 @@ def main(argv: list[str] | None = None) -> int:
     inst.add_argument("tarball", type=Path)
     inst.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
     inst.add_argument("--name", default=BASE_TEMPLATE)
+    again = sub.add_parser("rebuild", help="build debian-base and install it (running VMs stay)")
+    again.add_argument("--mirror", default=DEFAULT_MIRROR)
+    again.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    stat = sub.add_parser(
+        "status", help=f"exit 0 if debian-base is current, {STATUS_OUTDATED} if not"
+    )
+    stat.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
     args = parser.parse_args(argv)
     try:
         if args.cmd == "build":
-            with tempfile.TemporaryDirectory(dir=args.out.parent) as scratch:
-                root = Path(scratch) / "rootfs"
-                build_rootfs(root, mirror=args.mirror, log=Path(scratch) / "debootstrap.log")
-                pack(root, args.out)
+            _build(args.out, args.mirror)
             print(f"built {BASE_TEMPLATE} version {TEMPLATE_VERSION}: {args.out}")
+        elif args.cmd == "status":
+            config = load_config(args.config, os.environ)
+            if config.vm_backend != "nspawn":
+                print(f"VM_BACKEND={config.vm_backend}: VMs are stand-ins; no template is used")
+                return 0
+            current, line = status_line(installed_version(config.data_dir))
+            print(line)
+            return 0 if current else STATUS_OUTDATED
+        elif args.cmd == "rebuild":
+            config = load_config(args.config, os.environ)
+            # Beside templates/, not in it: nothing half-built is ever listed as a template.
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+            out = config.data_dir / f"{TMP_PREFIX}{BASE_TEMPLATE}.tar.gz"
+            try:
+                _build(out, args.mirror)
+                version = install(out, config.data_dir)
+            finally:
+                out.unlink(missing_ok=True)
+            print(f"rebuilt template {BASE_TEMPLATE} version {version} in {config.data_dir}")
         else:
             config = load_config(args.config, os.environ)
             version = install(args.tarball, config.data_dir, args.name)
