@@ -1,6 +1,7 @@
 """scaleboxd: the API daemon's entry point.
 
     scaleboxd [--config PATH] [--bind HOST]   run the API
+    scaleboxd --handover [--config PATH]      serve beside the main daemon during an update
     scaleboxd --check-config [PATH]           validate the config and exit
     scaleboxd --version                       print the version /health reports
     scaleboxd --config PATH --run-guest ID    the guest program of one VM
@@ -67,6 +68,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="HOST",
         help="address to listen on when not socket-activated (default 0.0.0.0)",
     )
+    parser.add_argument(
+        "--handover",
+        action="store_true",
+        help="serve on systemd's socket beside the main daemon while it restarts during an "
+        "update (scaleboxd-handover.service): never changes VMs, answers changes with 503",
+    )
     parser.add_argument("--run-guest", metavar="VM_ID", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -124,19 +131,26 @@ class Server(uvicorn.Server):
     """uvicorn's server, telling systemd when it is ready and when it stops."""
 
     def __init__(
-        self, config: uvicorn.Config, early_signals: list[int], draining: threading.Event
+        self,
+        config: uvicorn.Config,
+        early_signals: list[int],
+        draining: threading.Event,
+        *,
+        handover: bool = False,
     ) -> None:
         super().__init__(config)
         self.early_signals = early_signals
         self.draining = draining
+        self.handover = handover
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.early_signals:  # arrived between VM reconciliation and uvicorn's handlers
             self.should_exit = True
         if self.started and not self.should_exit:
-            systemd.notify(f"READY=1\nSTATUS=serving, version {scalebox.__version__}")
-            log.info("scaleboxd %s ready", scalebox.__version__)
+            role = " (handover instance, read-only)" if self.handover else ""
+            systemd.notify(f"READY=1\nSTATUS=serving, version {scalebox.__version__}{role}")
+            log.info("scaleboxd %s ready%s", scalebox.__version__, role)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         systemd.notify("STOPPING=1")
@@ -199,7 +213,7 @@ def _address(sock: socket.socket) -> str:
     return f"{name[0]}:{name[1]}"
 
 
-def serve(config: ServerConfig, bind: str) -> int:
+def serve(config: ServerConfig, bind: str, *, handover: bool = False) -> int:
     from scalebox.daemon.app import create_app  # noqa: PLC0415  (fastapi import is slow)
     from scalebox.daemon.vms.service import VMService  # noqa: PLC0415
 
@@ -217,7 +231,8 @@ def serve(config: ServerConfig, bind: str) -> int:
     # kernel, and without it clients get queued instead of refused while VMs
     # are reconciled.
     sock = listening_socket(bind, config.api_port)
-    service = VMService(config, log.getChild("vms"))
+    # The handover instance shares DATA_DIR with the main daemon: it only reads.
+    service = VMService(config, log.getChild("vms"), read_only=handover)
     # No close() when start() fails: the state may not be loaded yet, and
     # saving it would overwrite the real one with an empty list of VMs.
     service.start()
@@ -237,7 +252,7 @@ def serve(config: ServerConfig, bind: str) -> int:
             server_header=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         )
-        Server(uv_config, stop_requested, draining).run(sockets=[sock])
+        Server(uv_config, stop_requested, draining, handover=handover).run(sockets=[sock])
     finally:
         service.close()
         log.info("state saved; scaleboxd %s exits", scalebox.__version__)
@@ -263,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.run_guest is not None:
             return run_guest(args.config, args.run_guest)
         log.info("scaleboxd %s starting with config %s", scalebox.__version__, args.config)
-        return serve(load_config(args.config), args.bind)
+        return serve(load_config(args.config), args.bind, handover=args.handover)
     except ScaleboxError as exc:
         log.error("%s", exc)  # noqa: TRY400  (a ScaleboxError is for people; no traceback)
         return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE
