@@ -53,6 +53,11 @@ class ServiceManager(Protocol):
     def state(self, unit: str) -> UnitState: ...
 
 
+def _hint(unit: str) -> str:
+    name = unit.removesuffix(".service")
+    return f"see `systemctl status {name}` and `journalctl -u {name} -n 50`"
+
+
 def run(argv: Sequence[str], description: str, *, timeout: float = 120.0) -> str:
     """Run one systemctl command; a failure raises a CommandError carrying its stderr."""
     return process.run(argv, description, timeout=timeout, hint=HINT, shield=True)
@@ -120,13 +125,13 @@ class Systemctl:
                 return
             if outcome == "failed":
                 raise CommandError(
-                    f"{verb} {unit} failed: the unit is {state.active}/{state.sub}", HINT
+                    f"{verb} {unit} failed: the unit is {state.active}/{state.sub}", _hint(unit)
                 )
             if self._clock() >= deadline:
                 raise CommandError(
                     f"{verb} {unit} did not become ready within {budget:g} s "
                     f"(the unit is {state.active}/{state.sub}, main PID {state.main_pid})",
-                    HINT,
+                    _hint(unit),
                 )
             self._sleep(POLL)
 
