@@ -45,8 +45,8 @@ def test_update_a_to_b_from_a_tarball_then_rollback_to_a(server: Server) -> None
 @pytest.mark.parametrize(
     ("version", "why"),
     [
-        (CRASH, "restart scaleboxd.service failed"),
-        (HANG, "restart scaleboxd.service"),
+        (CRASH, "start scaleboxd-handover.service failed"),
+        (HANG, "start scaleboxd-handover.service did not become ready"),
         (WRONG, "/health reports version '0.0.0+impostor'"),
         (DIES, "did not stay healthy"),
     ],

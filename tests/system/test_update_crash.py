@@ -41,6 +41,7 @@ EXPECTED = {
     "backup": DISCARDED,
     "migrate": ROLLED_BACK,
     "switch": ROLLED_BACK,
+    "handover": ROLLED_BACK,  # two daemons serve: the new release's handover instance goes
     "verify": ROLLED_BACK,
     "commit": COMMITTED,
     "rollback": ROLLED_BACK,
@@ -82,7 +83,7 @@ def _kill_at(server: Server, step: str, command: str) -> dict[str, object]:
     journal: dict[str, object] = json.loads(server.sh(f"cat {JOURNAL}").stdout)
     assert journal["step"] == step
     # The kill hit the boundary itself: `current` is swapped only once the switch is done.
-    switched = step in ("verify", "commit", "rollback")
+    switched = step in ("handover", "verify", "commit", "rollback")
     live = journal["to_release" if switched else "from_release"]
     assert server.sh("readlink /opt/scalebox/current").stdout.strip() == f"releases/{live}"
     return journal

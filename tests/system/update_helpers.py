@@ -265,6 +265,9 @@ class Server:
         assert self.health() == version
         assert self.sh("cat /etc/scaleboxd/version").stdout.strip() == version
         assert self.sh("systemctl is-active scaleboxd").stdout.strip() == "active"
+        # One daemon: no handover instance left beside it (scalebox.update.switch).
+        handover = self.sh("systemctl is-active scaleboxd-handover", check=False).stdout.strip()
+        assert handover in ("inactive", "failed"), handover
         assert self.sh("readlink /opt/scalebox/current").stdout.strip() == f"releases/{version}"
         assert _digest(self, "/etc/scaleboxd/config") == self.config
         data = _data_digest(self)

@@ -50,6 +50,7 @@ RECOVERY_BY_HAND = {
     "backup": Recovery.DISCARD,
     "migrate": Recovery.ROLL_BACK,
     "switch": Recovery.ROLL_BACK,
+    "handover": Recovery.ROLL_BACK,
     "verify": Recovery.ROLL_BACK,
     "commit": Recovery.COMMIT,
     "rollback": Recovery.ROLL_BACK,

@@ -25,7 +25,7 @@ import httpx
 
 from scalebox.update.errors import CommandError
 from scalebox.update.paths import Paths
-from scalebox.update.systemd import SERVICE, UnitState
+from scalebox.update.systemd import HANDOVER, SERVICE, UnitState
 
 FAKE_SCALEBOXD = """\
 #!{python}
@@ -130,7 +130,16 @@ class ProcessService:
     def reset_failed(self, unit: str) -> None:
         self.calls.append(f"reset-failed {unit}")
 
-    def stop(self) -> None:
+    def start(self, unit: str, timeout: float) -> None:
+        # The releases made here ship no handover unit, so only scaleboxd is started.
+        self.restart(unit, timeout)
+
+    def stop(self, unit: str = SERVICE, timeout: float = 10.0) -> None:
+        self.calls.append(f"stop {unit}")
+        if unit == SERVICE:
+            self._kill()
+
+    def _kill(self) -> None:
         pid = self._pid()
         if pid and _alive(pid):
             with contextlib.suppress(ProcessLookupError):
@@ -146,7 +155,7 @@ class ProcessService:
         self.calls.append(f"restart {unit}")
         if unit != SERVICE:
             return
-        self.stop()
+        self._kill()
         exe = self.paths.current / "venv" / "bin" / "scaleboxd"
         proc = subprocess.Popen(
             [str(exe), "--config", str(self.paths.config)],
@@ -179,6 +188,8 @@ class ProcessService:
         return 8080
 
     def state(self, unit: str) -> UnitState:
+        if unit == HANDOVER:
+            return UnitState("inactive", "dead", 0, 0)  # never started: no release ships it here
         pid = self._pid()
         if pid and _alive(pid):
             return UnitState("active", "running", pid, 0)

@@ -9,6 +9,8 @@ an httpx transport; the CLI uses the real network.
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -46,6 +48,16 @@ def _one_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+# How long, in all, the client waits on answers that ask it to retry (503 + Retry-After).
+RETRY_BUDGET = 10
+
+
+def _retry_after(response: httpx.Response) -> int:
+    """Seconds a 503 asks to wait before the same request again (0: do not retry)."""
+    raw = response.headers.get("Retry-After", "") if response.status_code == 503 else ""
+    return int(raw) if raw.isdigit() and 0 < int(raw) <= RETRY_BUDGET else 0
+
+
 class Client:
     """scaleboxd's REST API at ``url``, authenticated with ``token``."""
 
@@ -57,8 +69,10 @@ class Client:
         token_source: str = "",
         transport: httpx.BaseTransport | None = None,
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.url = url
+        self._sleep = sleep
         self._token_source = token_source
         headers = {"Accept": "application/json"}
         if token is not None:
@@ -148,6 +162,13 @@ class Client:
     ) -> httpx.Response:
         try:
             response = self._http.request(method, path, json=body)
+            waited = 0
+            # 503 with Retry-After: the daemon made no change and asks to try again
+            # (it is stopping, or an update's handover instance answered).
+            while (pause := _retry_after(response)) and waited + pause <= RETRY_BUDGET:
+                self._sleep(pause)
+                waited += pause
+                response = self._http.request(method, path, json=body)
         except httpx.TimeoutException as exc:
             raise Unreachable(
                 f"the Scalebox server at {self.url} did not answer in time ({_reason(exc)})",

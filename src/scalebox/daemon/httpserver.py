@@ -47,19 +47,26 @@ class Server(uvicorn.Server):
     """uvicorn's server, telling systemd when it is ready and when it stops."""
 
     def __init__(
-        self, config: uvicorn.Config, early_signals: list[int], draining: threading.Event
+        self,
+        config: uvicorn.Config,
+        early_signals: list[int],
+        draining: threading.Event,
+        *,
+        handover: bool = False,
     ) -> None:
         super().__init__(config)
         self.early_signals = early_signals
         self.draining = draining
+        self.handover = handover
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.early_signals:  # arrived between VM reconciliation and uvicorn's handlers
             self.should_exit = True
         if self.started and not self.should_exit:
-            systemd.notify(f"READY=1\nSTATUS=serving, version {scalebox.__version__}")
-            log.info("scaleboxd %s ready", scalebox.__version__)
+            role = " (handover instance, read-only)" if self.handover else ""
+            systemd.notify(f"READY=1\nSTATUS=serving, version {scalebox.__version__}{role}")
+            log.info("scaleboxd %s ready%s", scalebox.__version__, role)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         systemd.notify("STOPPING=1")

@@ -1,6 +1,7 @@
 """scaleboxd: the API daemon's entry point.
 
     scaleboxd [--config PATH] [--bind HOST]   run the API
+    scaleboxd --handover [--config PATH]      serve beside the main daemon during an update
     scaleboxd --check-config [PATH]           validate the config and exit
     scaleboxd --version                       print the version /health reports
     scaleboxd --config PATH --run-guest ID    the guest program of one VM
@@ -59,6 +60,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="0.0.0.0",
         metavar="HOST",
         help="address to listen on when not socket-activated (default 0.0.0.0)",
+    )
+    parser.add_argument(
+        "--handover",
+        action="store_true",
+        help="serve on systemd's socket beside the main daemon while it restarts during an "
+        "update (scaleboxd-handover.service): never changes VMs, answers changes with 503",
     )
     parser.add_argument("--run-guest", metavar="VM_ID", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -127,7 +134,7 @@ def _address(sock: socket.socket) -> str:
     return f"{name[0]}:{name[1]}"
 
 
-def serve(config: ServerConfig, bind: str) -> int:
+def serve(config: ServerConfig, bind: str, *, handover: bool = False) -> int:
     # Imported here, not at the top: `scaleboxd --run-guest` (each VM's unit) must
     # exec systemd-nspawn without paying for uvicorn, starlette and fastapi.
     import uvicorn  # noqa: PLC0415
@@ -150,7 +157,8 @@ def serve(config: ServerConfig, bind: str) -> int:
     # kernel, and without it clients get queued instead of refused while VMs
     # are reconciled.
     sock = listening_socket(bind, config.api_port)
-    service = VMService(config, log.getChild("vms"))
+    # The handover instance shares DATA_DIR with the main daemon: it only reads.
+    service = VMService(config, log.getChild("vms"), read_only=handover)
     # No close() when start() fails: the state may not be loaded yet, and
     # saving it would overwrite the real one with an empty list of VMs.
     service.start()
@@ -170,7 +178,7 @@ def serve(config: ServerConfig, bind: str) -> int:
             server_header=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         )
-        Server(uv_config, stop_requested, draining).run(sockets=[sock])
+        Server(uv_config, stop_requested, draining, handover=handover).run(sockets=[sock])
     finally:
         service.close()
         log.info("state saved; scaleboxd %s exits", scalebox.__version__)
@@ -196,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.run_guest is not None:
             return run_guest(args.config, args.run_guest)
         log.info("scaleboxd %s starting with config %s", scalebox.__version__, args.config)
-        return serve(load_config(args.config), args.bind)
+        return serve(load_config(args.config), args.bind, handover=args.handover)
     except ScaleboxError as exc:
         log.error("%s", exc)  # noqa: TRY400  (a ScaleboxError is for people; no traceback)
         return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE

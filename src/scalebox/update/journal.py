@@ -18,7 +18,10 @@ Format (one JSON object, ``format`` 1)::
       "from_version": "0.1.0",  "from_release": "0.1.0",   running before (dir under releases/)
       "to_version": "0.2.0",    "to_release": "0.2.0",     the target
       "built_release": true,               this transaction created releases/<to_release>
-      "step": "stage" | "backup" | "migrate" | "switch" | "verify" | "commit" | "rollback",
+      "step": "stage" | "backup" | "migrate" | "switch" | "handover" | "verify" | "commit"
+              | "rollback",
+                                           handover: the new release's handover instance is
+                                           ready and scaleboxd.service is being restarted onto it
       "reason": null | "why the rollback started",
       "step_times": {"stage": 1795786514.123, ...},  when each step began (Unix time)
       "migrations": ["0001-add-x", ...]    ids the migrate step applied (for the history)
@@ -47,7 +50,7 @@ from scalebox.update.errors import UpdateError
 
 FORMAT = 1
 STOP_AT_ENV = "SCALEBOX_UPDATE_STOP_AT"
-STEPS = ("stage", "backup", "migrate", "switch", "verify", "commit", "rollback")
+STEPS = ("stage", "backup", "migrate", "switch", "handover", "verify", "commit", "rollback")
 
 
 def now() -> str:

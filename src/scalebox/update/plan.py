@@ -55,14 +55,15 @@ def recovery_action(step: str) -> Recovery:
     - stage, backup: the running release, units and config were not touched yet.
     - migrate: the config may be half migrated: roll back (restores it from the
       backup, byte for byte).
-    - switch, verify: the switch may be half done, or the new release was not
-      yet seen stable: roll back. (An interrupted verify proves nothing.)
+    - switch, handover, verify: the switch may be half done (a handover instance
+      of the new release may still run beside scaleboxd), or the new release was
+      not yet seen stable: roll back. (An interrupted verify proves nothing.)
     - commit: the new release passed verification; only bookkeeping is left.
     - rollback: run the rollback again; each of its steps is idempotent.
     """
     if step in ("stage", "backup"):
         return Recovery.DISCARD
-    if step in ("migrate", "switch", "verify", "rollback"):
+    if step in ("migrate", "switch", "handover", "verify", "rollback"):
         return Recovery.ROLL_BACK
     if step == "commit":
         return Recovery.COMMIT

@@ -1,9 +1,13 @@
 """Rollback: the old release back, exactly, and verified healthy.
 
-Swaps ``current`` back, restores units and config byte for byte from the
-transaction's backup, daemon-reloads, restarts and verifies the old version.
-Every step is idempotent, so a rollback interrupted by a crash is simply
-run again by the next ``scalebox-update`` or the boot-time recover unit.
+Stops a handover instance the update left, swaps ``current`` back, restores
+units and config byte for byte from the transaction's backup, daemon-reloads,
+brings the old version back (with the same handover as the update when the
+old release ships it) and verifies it. When scaleboxd.service never left the
+old version (the new release failed in its handover instance) it is not
+restarted at all: it served all along. Every step is idempotent, so a
+rollback interrupted by a crash is simply run again by the next
+``scalebox-update`` or the boot-time recover unit.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from scalebox.update import health, stage, switch
 from scalebox.update.context import Context
 from scalebox.update.errors import RollbackFailed, UpdateError, reason_of
 from scalebox.update.journal import Journal
-from scalebox.update.systemd import SERVICE, SOCKET
+from scalebox.update.systemd import HANDOVER, SERVICE, SOCKET
 
 
 def manual_steps(ctx: Context, journal: Journal) -> str:
@@ -35,6 +39,10 @@ def roll_back(ctx: Context, journal: Journal) -> None:
     try:
         # Only when it moved: a `current` that never left (the switch itself
         # failed, e.g. a read-only /opt/scalebox) needs no write to come back.
+        if ctx.service.state(HANDOVER).active not in ("inactive", "failed"):
+            # The new release's handover instance (a run killed mid-handover): the
+            # main daemon serves alone again before anything else moves.
+            ctx.service.stop(HANDOVER, ctx.restart_timeout)
         if stage.current_name(p) != journal.from_release:
             switch.swap_current(p, journal.from_release)
         backup = p.backup_dir(journal.id)
@@ -43,9 +51,15 @@ def roll_back(ctx: Context, journal: Journal) -> None:
             touched = switch.restore(p, backup)
         ctx.service.daemon_reload()
         ctx.service.reset_failed(SERVICE)
-        if SOCKET in touched:
-            ctx.service.restart(SOCKET, ctx.restart_timeout)
-        ctx.service.restart(SERVICE, ctx.restart_timeout)
+        if SOCKET not in touched and _old_still_serves(ctx, journal):
+            ctx.report(f"scaleboxd {journal.from_version} kept serving; it is not restarted")
+        elif switch.can_hand_over(p.release_dir(journal.from_release), touched):
+            switch.start_handover(ctx.service, ctx.restart_timeout)
+            switch.finish_handover(ctx.service, ctx.restart_timeout)
+        else:
+            if SOCKET in touched:
+                ctx.service.restart(SOCKET, ctx.restart_timeout)
+            ctx.service.restart(SERVICE, ctx.restart_timeout)
         health.verify(
             ctx.service,
             ctx.http,
@@ -64,3 +78,19 @@ def roll_back(ctx: Context, journal: Journal) -> None:
             f"(the update failed first: {journal.reason})",
             manual_steps(ctx, journal),
         ) from exc
+
+
+def _old_still_serves(ctx: Context, journal: Journal) -> bool:
+    """Whether scaleboxd.service still runs the old version (the handover never got past it).
+
+    Only the main daemon can answer now (no handover instance runs), and a
+    process started after ``current`` moved would report the new version.
+    """
+    state = ctx.service.state(SERVICE)
+    answer = health.probe(ctx.http, ctx.health_url()) if state.running else None
+    if answer != journal.from_version:
+        ctx.report(
+            f"scaleboxd is {state.active}/{state.sub} and /health answers {answer!r}: "
+            f"bringing {journal.from_version} back"
+        )
+    return answer == journal.from_version

@@ -1,5 +1,11 @@
 """Switch: back up units and config, swap ``current``, install changed units, restart.
 
+The restart is a handover when the release ships scaleboxd-handover.service
+(``hand_over``): that second instance starts on the new release, on the
+listening socket systemd holds, and only once it is ready is
+scaleboxd.service restarted, while it serves; then it stops. Otherwise
+(an older release, or a changed socket) it is a plain restart.
+
 The backup lives in /var/lib/scalebox-update/backups/<transaction id>/:
 ``units/<name>`` copies (and ``units/scaleboxd.socket.d/port.conf``, the
 socket's port drop-in, see socket_port), ``config`` (bytes, mode and owner
@@ -22,7 +28,7 @@ from scalebox.release.errors import ReleaseError
 from scalebox.update import socket_port
 from scalebox.update.errors import UpdateError
 from scalebox.update.paths import Paths
-from scalebox.update.systemd import SERVICE, SOCKET, ServiceManager
+from scalebox.update.systemd import HANDOVER, SERVICE, SOCKET, ServiceManager
 
 BACKUP_INDEX = "backup.json"
 
@@ -93,6 +99,15 @@ def install_units(paths: Paths, release_dir: Path) -> list[str]:
     return changed
 
 
+def can_hand_over(release_dir: Path, changed_units: Iterable[str]) -> bool:
+    """Whether the restart onto ``release_dir`` can be a handover (see ``hand_over``).
+
+    Only a release that lists the handover unit knows `scaleboxd --handover`;
+    a changed socket is a new listening socket, which only a restart can pass on.
+    """
+    return SOCKET not in set(changed_units) and HANDOVER in listed_units(release_dir)
+
+
 def restart(service: ServiceManager, changed_units: Iterable[str], timeout: float) -> None:
     """daemon-reload, then restart scaleboxd (and its socket first if the socket changed)."""
     service.daemon_reload()
@@ -100,6 +115,38 @@ def restart(service: ServiceManager, changed_units: Iterable[str], timeout: floa
         # Restarting the socket stops the service too (Requires=); it is started below.
         service.restart(SOCKET, timeout)
     service.restart(SERVICE, timeout)
+
+
+def start_handover(service: ServiceManager, timeout: float) -> None:
+    """daemon-reload, then start the handover instance on ``current`` and wait for READY=1.
+
+    Until this returns scaleboxd.service is untouched: a release that crashes
+    or hangs here fails the update while the old daemon goes on serving.
+    """
+    service.daemon_reload()
+    left = service.state(HANDOVER).active
+    if left not in ("inactive", "failed"):
+        service.stop(HANDOVER, timeout)  # one left by a run that was killed
+    if left == "failed":
+        service.reset_failed(HANDOVER)  # its start limit must not refuse this start
+    try:
+        service.start(HANDOVER, timeout)
+    except BaseException:
+        service.stop(HANDOVER, timeout)  # a hanging one must not keep the socket's accepts
+        raise
+
+
+def finish_handover(service: ServiceManager, timeout: float) -> None:
+    """Restart scaleboxd.service while the handover instance serves, then stop that instance.
+
+    The old daemon stops accepting at once and drains what it accepted; new
+    connections go to the handover instance, then also to the new daemon
+    once it is ready; stopping the handover instance drains it the same way.
+    """
+    try:
+        service.restart(SERVICE, timeout)
+    finally:
+        service.stop(HANDOVER, timeout)
 
 
 def restore(paths: Paths, backup_dir: Path) -> list[str]:

@@ -18,6 +18,8 @@ from scalebox.update.errors import CommandError
 
 SERVICE = "scaleboxd.service"
 SOCKET = "scaleboxd.socket"
+# The second instance that serves on SOCKET while SERVICE restarts (switch.hand_over).
+HANDOVER = "scaleboxd-handover.service"
 # The updater's own budget for a restarted scaleboxd to send READY=1. A healthy
 # start takes a few seconds; waiting for the unit's TimeoutStartSec=30 made a
 # release that hangs at start cost 30 s of downtime before the rollback began.
@@ -45,8 +47,15 @@ class UnitState:
 class ServiceManager(Protocol):
     def daemon_reload(self) -> None: ...
     def restart(self, unit: str, timeout: float) -> None: ...
+    def start(self, unit: str, timeout: float) -> None: ...
+    def stop(self, unit: str, timeout: float) -> None: ...
     def reset_failed(self, unit: str) -> None: ...
     def state(self, unit: str) -> UnitState: ...
+
+
+def _hint(unit: str) -> str:
+    name = unit.removesuffix(".service")
+    return f"see `systemctl status {name}` and `journalctl -u {name} -n 50`"
 
 
 def run(argv: Sequence[str], description: str, *, timeout: float = 120.0) -> str:
@@ -89,14 +98,24 @@ class Systemctl:
         run(["systemctl", "daemon-reload"], "systemctl daemon-reload")
 
     def restart(self, unit: str, timeout: float) -> None:
-        if unit != SERVICE:
+        if unit not in (SERVICE, HANDOVER):
             run(["systemctl", "restart", unit], f"restart {unit}", timeout=timeout)
             return
-        # Queue the restart and wait here, with our own deadline, instead of in
+        self._until_ready("restart", unit, timeout)
+
+    def start(self, unit: str, timeout: float) -> None:
+        """Start ``unit`` (not running) and return once it is ready, as restart does."""
+        self._until_ready("start", unit, timeout)
+
+    def stop(self, unit: str, timeout: float) -> None:
+        run(["systemctl", "stop", unit], f"stop {unit}", timeout=timeout)
+
+    def _until_ready(self, verb: str, unit: str, timeout: float) -> None:
+        # Queue the job and wait here, with our own deadline, instead of in
         # `systemctl restart` until the unit's TimeoutStartSec: a start that is
         # not ready in time is given up and rolled back sooner.
         before = self.state(unit).invocation
-        run(["systemctl", "restart", "--no-block", unit], f"restart {unit}", timeout=timeout)
+        run(["systemctl", verb, "--no-block", unit], f"{verb} {unit}", timeout=timeout)
         budget = min(timeout, self.ready_timeout)
         deadline = self._clock() + budget
         while True:
@@ -106,13 +125,13 @@ class Systemctl:
                 return
             if outcome == "failed":
                 raise CommandError(
-                    f"restart {unit} failed: the unit is {state.active}/{state.sub}", HINT
+                    f"{verb} {unit} failed: the unit is {state.active}/{state.sub}", _hint(unit)
                 )
             if self._clock() >= deadline:
                 raise CommandError(
-                    f"restart {unit} did not become ready within {budget:g} s "
+                    f"{verb} {unit} did not become ready within {budget:g} s "
                     f"(the unit is {state.active}/{state.sub}, main PID {state.main_pid})",
-                    HINT,
+                    _hint(unit),
                 )
             self._sleep(POLL)
 

@@ -1,4 +1,5 @@
-"""The update transaction: stage -> backup -> migrate -> switch -> verify -> commit, or rollback.
+"""The update transaction: stage -> backup -> migrate -> switch -> [handover] -> verify -> commit,
+or rollback.
 
 Each step is entered only after the journal names it (written and fsynced),
 so ``recover`` can finish any transaction a crash interrupted. Preflight,
@@ -105,13 +106,7 @@ def install(
     try:
         applied = migrate.step(p, j, ctx.report)
         j = replace(j, migrations=applied)
-        j = journal.advance(p.journal, j, "switch")
-        ctx.report(f"switching current to releases/{name} and restarting scaleboxd")
-        switch.swap_current(p, name)
-        changed = switch.install_units(p, new_dir)
-        if changed:
-            ctx.report(f"installed changed units: {', '.join(changed)}")
-        switch.restart(ctx.service, changed, ctx.restart_timeout)
+        j = _switch(ctx, journal.advance(p.journal, j, "switch"), new_dir)
         j = journal.advance(p.journal, j, "verify")
         health.verify(
             ctx.service,
@@ -143,6 +138,26 @@ def install(
         applied,
         unfinished=left,
     )
+
+
+def _switch(ctx: Context, j: Journal, new_dir: Path) -> Journal:
+    """Point ``current`` at the new release, install its units, and hand over or restart."""
+    p = ctx.paths
+    ctx.report(f"switching current to releases/{j.to_release} and restarting scaleboxd")
+    switch.swap_current(p, j.to_release)
+    changed = switch.install_units(p, new_dir)
+    if changed:
+        ctx.report(f"installed changed units: {', '.join(changed)}")
+    if not switch.can_hand_over(new_dir, changed):
+        switch.restart(ctx.service, changed, ctx.restart_timeout)
+        return j
+    ctx.report(f"starting {j.to_version} beside the running scaleboxd (handover)")
+    switch.start_handover(ctx.service, ctx.restart_timeout)
+    # Two daemons serve now; the journal says so before the old one is stopped.
+    j = journal.advance(p.journal, j, "handover")
+    ctx.report(f"{j.to_version} serves; restarting scaleboxd onto it")
+    switch.finish_handover(ctx.service, ctx.restart_timeout)
+    return j
 
 
 def _begin(ctx: Context, first: Journal, target: Target, new_dir: Path) -> Journal:

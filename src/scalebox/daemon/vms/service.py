@@ -20,7 +20,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from scalebox.config import ServerConfig
-from scalebox.daemon.errors import ApiError, Conflict, InsufficientStorage, NotFound, Protected
+from scalebox.daemon.errors import (
+    ApiError,
+    Conflict,
+    InsufficientStorage,
+    NotFound,
+    Protected,
+    Unavailable,
+)
 from scalebox.daemon.vms import disks, hostinfo, naming, network, nspawn, state, templates
 from scalebox.daemon.vms.backend import (
     Backend,
@@ -66,9 +73,30 @@ def port_is_free(port: int) -> bool:
         return False
 
 
+class HandingOver(Unavailable):
+    """A change asked of the handover instance, which never changes VMs (see VMService)."""
+
+    retry_after = 1
+
+
 class VMService:
+    """The VM domain. With ``read_only`` (the handover instance of an update) it only reads.
+
+    During an update a second scaleboxd serves on the same socket while the
+    main one restarts (scaleboxd-handover.service). Two writers of
+    DATA_DIR would overwrite each other's state file and each would take
+    the other's VMs for orphans, so that instance never reconciles, cleans
+    up or saves: it reads state.json (again whenever it changes) and
+    answers every change with 503 and ``Retry-After: 1``.
+    """
+
     def __init__(
-        self, config: ServerConfig, log: logging.Logger, *, use_systemd: bool | None = None
+        self,
+        config: ServerConfig,
+        log: logging.Logger,
+        *,
+        use_systemd: bool | None = None,
+        read_only: bool = False,
     ) -> None:
         self._config = config
         self._log = log
@@ -92,11 +120,16 @@ class VMService:
         self._vms: dict[str, VM] = {}
         self._lock = threading.RLock()
         self._cpu = hostinfo.CpuMeter()
+        self._read_only = read_only
+        self._state_seen: tuple[int, int] | None = None  # (mtime_ns, inode) last read
 
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
         """Create the storage, the base template, load state and reconcile it with what runs."""
+        if self._read_only:
+            self._refresh()
+            return
         with self._lock:
             for directory in (self._data_dir, self._templates_dir, self._vms_dir):
                 directory.mkdir(parents=True, exist_ok=True)
@@ -125,8 +158,38 @@ class VMService:
 
     def close(self) -> None:
         """Save the state. VMs keep running: they outlive the daemon on purpose."""
+        if self._read_only:
+            return
         with self._lock:
             self._save()
+
+    def _refresh(self) -> None:
+        """Read-only: take the VM list from state.json when the main daemon has rewritten it.
+
+        An unreadable file keeps the list last read: the main daemon, the only
+        writer, deals with it.
+        """
+        try:
+            st = self._state_path.stat()
+            seen = (st.st_mtime_ns, st.st_ino)
+            if seen == self._state_seen:
+                return
+            vms = state.parse(self._state_path.read_text())
+        except FileNotFoundError:
+            vms, seen = [], (0, 0)
+        except (OSError, ValueError) as exc:
+            self._log.warning("handover: cannot read %s (%s)", self._state_path, exc)
+            return
+        with self._lock:
+            self._vms = {vm.id: vm for vm in vms}
+            self._state_seen = seen
+
+    def _writable(self, what: str) -> None:
+        if self._read_only:
+            raise HandingOver(
+                f"scaleboxd is handing over to another version; the {what} was not made",
+                "retry in a second (Retry-After); the update's handover lasts about that long",
+            )
 
     # -- templates -------------------------------------------------------------
 
@@ -140,6 +203,7 @@ class VMService:
             return [self._template(name) for name in names]
 
     def delete_template(self, name: str) -> None:
+        self._writable("template deletion")
         name = naming.check_template_name(name, "template name")
         if name in PROTECTED_TEMPLATES:
             raise Protected(
@@ -160,6 +224,8 @@ class VMService:
     # -- VMs ---------------------------------------------------------------------
 
     def list_vms(self) -> list[VM]:
+        if self._read_only:
+            self._refresh()
         with self._lock:
             vms = sorted(self._vms.values(), key=lambda vm: (vm.created_at, vm.id))
             # One query for all: under systemd that is one systemctl call, not one per VM.
@@ -167,6 +233,8 @@ class VMService:
             return [self._seen_as(vm, seen[vm.id]) for vm in vms]
 
     def get_vm(self, id_or_name: str) -> VM:
+        if self._read_only:
+            self._refresh()
         with self._lock:
             return self._with_status(self._find(id_or_name))
 
@@ -180,6 +248,7 @@ class VMService:
         mem_size_mib: int | None = None,
         disk_size_gib: int | None = None,
     ) -> VM:
+        self._writable("VM")
         cfg = self._config
         template = naming.check_template_name(template)
         # Into a real authorized_keys only what really is a key.
@@ -274,6 +343,7 @@ class VMService:
             return vm
 
     def delete_vm(self, id_or_name: str) -> None:
+        self._writable("VM deletion")
         with self._lock:
             vm = self._find(id_or_name)
             self._backend.stop(vm.id, vm.pid)
@@ -290,6 +360,7 @@ class VMService:
         The backend makes the copy (an nspawn VM is frozen for it and keeps
         running); a copy that fails leaves nothing behind.
         """
+        self._writable("snapshot")
         template_name = naming.check_template_name(template_name, "template_name")
         with self._lock:
             vm = self._find(id_or_name)
@@ -314,6 +385,8 @@ class VMService:
             return self._template(template_name), self._with_status(vm)
 
     def info(self) -> dict[str, object]:
+        if self._read_only:
+            self._refresh()
         with self._lock:
             vms_count = len(self._vms)
         cfg = self._config
