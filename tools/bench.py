@@ -1,28 +1,37 @@
-"""./do bench: what an update costs the users of a real server, in figures.
+"""./do bench: what an update costs the users of a real server, side by side with a restart.
 
     ./do bench [--runs N] [--json] [--workers N] [--interval S] [--releases DIR]
+               [--no-sandbox] [--sandbox-runs N] [--sandbox-burst N]
 
 Builds signed releases A, B and one that crashes at start (tools/releases.py),
 then for each run boots a fresh nspawn machine, installs A with install.sh,
-starts a VM and measures:
+starts a VM and, under the same load each time (load generators on the host
+sending GET /health through m.url(), which checks the route: paced workers on
+a new connection per request, the same on kept-alive connections, and an open
+loop starting a request every 20 ms whatever happened to the earlier ones),
+measures in one machine, one after the other:
 
-1. requests during an update A -> B: load generators on the host send
-   GET /health to the machine (through m.url(), which checks the route) for
-   the whole update, all at once: paced workers on a new connection per
-   request, the same on kept-alive connections, and an open loop (a new
-   request every 20 ms whether or not earlier ones were answered, like
-   ./do check's RequestStream). Sent, answered, failed by kind, and
-   p50/p99/max latency of each.
-2. a crashing release: from the moment the updater starts its switch (its
-   own step_times) to the moment /health answers with the old version again,
-   polled from the host every 20 ms; also the updater's own view (the time
-   its "is healthy" line arrives) and systemd's journal.
-3. the update's wall time from a local tarball, per step, with the stability
-   window (default 5 s) called out.
+1. no update: the load alone for a few seconds (the latency to compare with);
+2. the baseline: a bare `systemctl restart scaleboxd`;
+3. the update A -> B, staged by the update itself;
+4. back to A (--rollback), B pre-staged (--stage), then A -> B again;
+5. a pre-staged release that crashes at start: from the updater's start (and
+   from its switch) to the moment /health answers with B again, polled from
+   the host every 20 ms, with the updater's and systemd's view.
 
-Prints a table with targets and PASS/MISS; exits 0 even when a target is
-missed (a benchmark, not a test), 1 only when the bench itself could not run.
-Every machine is torn down, every temp folder removed.
+For each update: wall time (and ÷ the bare restart's), the longest request
+(and ÷ the longest with no update, ÷ the bare restart's), failed requests,
+the stage time (the stage's own "built releases/V in N s"), each step from
+the updater's own step_times, and the updater's peak memory (ru_maxrss from
+wait4: the largest process in its tree). Worst of --runs (default 3), with the
+host's loadavg beside each run. Then tools/bench_sandbox.py on its own
+machine (POST /vms -> ssh, memory per idle VM) unless --no-sandbox.
+
+Writes figures.txt, figures.json and timeline.png (every request's latency
+and outcome over time, the updater's steps marked, for the worst run) to
+builds/bench/. Prints a table with targets and PASS/MISS; exits 0 even when a
+target is missed (a benchmark, not a test), 1 only when the bench itself
+could not run. Every machine is torn down, every temp folder removed.
 """
 
 from __future__ import annotations
@@ -31,12 +40,15 @@ import argparse
 import contextlib
 import itertools
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,14 +58,19 @@ import httpx
 from scalebox.errors import ScaleboxError
 from tools import keygen, releases
 from tools.checks import API_PORT, CACHE, create_vm, install, read_token, say, vm_still_running
-from tools.loadgen import Load, Stats
+from tools.loadgen import Load, Sample, Stats
 from tools.machine import MACHINE_ENV, Machine, sigterm_raises
 from tools.releases import CRASH, A, B
 
-CRASH_TARGET = 5.0  # seconds from the switch to the old version healthy
+CRASH_TARGET = 3.5  # seconds from the updater's start to the old version healthy (issue 11)
 FAILED_TARGET = 0
 UPDATE_TIMEOUT = 600.0
 STABILITY_WINDOW = 5.0  # the updater's default; the bench does not change it
+STAGE_TARGET = 2.0  # seconds to build releases/<v> (issue 11)
+LATENCY_RATIO_TARGET = 2.0  # max latency during an update / with no update
+QUIET_S = 6.0  # seconds of load with nothing happening: the latency to compare with
+BUILT = re.compile(r"built releases/\S+ in ([\d.]+) s")
+OUT = Path(__file__).resolve().parents[1] / "builds" / "bench"
 
 
 class BenchError(ScaleboxError):
@@ -70,6 +87,13 @@ class UpdaterRun:
     exit_code: int
     result: dict[str, Any]
     lines: list[tuple[float, str]]  # (arrival time on the host, stderr line)
+    peak_rss_mb: float  # largest resident set in the updater's process tree
+
+    @property
+    def built_s(self) -> float | None:
+        """The stage's own "built releases/V in N s" figure, when it built one."""
+        found = next((BUILT.search(line) for _, line in self.lines if BUILT.search(line)), None)
+        return float(found.group(1)) if found else None
 
     @property
     def step_times(self) -> dict[str, float]:
@@ -81,8 +105,13 @@ class UpdaterRun:
         return next((t for t, line in self.lines if text in line and t >= after), None)
 
 
-def run_updater(m: Machine, release_url: str) -> UpdaterRun:
-    """scalebox-update --json in the machine, its stderr lines timestamped as they arrive."""
+def run_updater(m: Machine, release_url: str | None, *extra: str) -> UpdaterRun:
+    """scalebox-update --json in the machine, its stderr lines timestamped as they arrive.
+
+    Its peak memory is ru_maxrss from wait4 on nsenter, which waits for the
+    updater: the largest resident set of any process in the updater's tree
+    (the updater itself, the wheel installer it runs, systemctl).
+    """
     if m.init_pid is None:
         raise BenchError(f"{m.name} has not booted", "use Machine.boot()")
     argv = [
@@ -92,9 +121,10 @@ def run_updater(m: Machine, release_url: str) -> UpdaterRun:
         "-a",
         "--",
         "env",
-        f"SCALEBOX_RELEASE_URL={release_url}",
+        *([f"SCALEBOX_RELEASE_URL={release_url}"] if release_url else []),
         "scalebox-update",
         "--json",
+        *extra,
     ]
     lines: list[tuple[float, str]] = []
     out: list[str] = []
@@ -115,15 +145,20 @@ def run_updater(m: Machine, release_url: str) -> UpdaterRun:
     ]
     for reader in readers:
         reader.start()
-    try:
-        code = proc.wait(UPDATE_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-        raise BenchError(
-            f"scalebox-update did not finish within {UPDATE_TIMEOUT:.0f} s",
-            "see its progress lines above; the machine is torn down",
-        ) from None
+    deadline = time.monotonic() + UPDATE_TIMEOUT
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            code = proc.returncode = os.waitstatus_to_exitcode(status)
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(10)
+            raise BenchError(
+                f"scalebox-update did not finish within {UPDATE_TIMEOUT:.0f} s",
+                "see its progress lines above; the machine is torn down",
+            )
+        time.sleep(0.02)
     ended = time.time()
     for reader in readers:
         reader.join(10)
@@ -134,7 +169,8 @@ def run_updater(m: Machine, release_url: str) -> UpdaterRun:
         result = {"message": last[0]}
     for t, line in lines:
         say(f"  +{t - started:6.2f} s  {line}")
-    return UpdaterRun(started, ended, code, result if isinstance(result, dict) else {}, lines)
+    result = result if isinstance(result, dict) else {}
+    return UpdaterRun(started, ended, code, result, lines, round(usage.ru_maxrss / 1024, 1))
 
 
 # --- the figures ------------------------------------------------------------------
@@ -176,32 +212,72 @@ class LoadFigures:
 
 
 @dataclass
+class Phase:
+    """What one part of a run looked like: every request, and the marks to draw."""
+
+    name: str
+    started: float
+    ended: float
+    samples: dict[str, list[Sample]]  # per load variant
+    marks: list[tuple[float, str]] = field(default_factory=list)
+
+
+@dataclass
+class UpdateFigures:
+    exit: int | None = None
+    result: str = ""
+    loads: list[LoadFigures] = field(default_factory=list)
+    wall_s: float | None = None
+    steps_s: dict[str, float] = field(default_factory=dict)
+    built_s: float | None = None  # the stage's own "built releases/V in N s"
+    prestage_wall_s: float | None = None  # `scalebox-update --stage` beforehand, when run
+    peak_rss_mb: float | None = None
+
+    @property
+    def failed(self) -> int | None:
+        return sum(ld.failed for ld in self.loads) if self.loads else None
+
+    @property
+    def max_ms(self) -> float | None:
+        return max((ld.max_ms for ld in self.loads), default=None)
+
+
+@dataclass
 class RunFigures:
     run: int
     machine: str
-    # 1. load during A -> B
-    update_exit: int | None = None
-    update_result: str = ""
-    loads: list[LoadFigures] = field(default_factory=list)
-    # 3. update time
-    update_wall_s: float | None = None
-    steps_s: dict[str, float] = field(default_factory=dict)
-    # 2. crashing release
+    loadavg: tuple[float, float, float] = (0.0, 0.0, 0.0)  # the host's, as the run began
+    quiet: list[LoadFigures] = field(default_factory=list)  # the same load, no update
+    restart_wall_s: float | None = None  # a bare `systemctl restart scaleboxd`
+    restart: list[LoadFigures] = field(default_factory=list)
+    update: UpdateFigures = field(default_factory=UpdateFigures)  # A -> B, staged in the run
+    prestaged: UpdateFigures = field(default_factory=UpdateFigures)  # A -> B, staged before
+    # the crashing release (pre-staged)
     crash_exit: int | None = None
     crash_result: str = ""
+    crash_from_start_s: float | None = None  # host poll, from the updater's start
     crash_to_old_healthy_s: float | None = None  # host poll, from the updater's switch
     crash_updater_view_s: float | None = None  # the updater's "is healthy" line
     crash_from_systemd_stop_s: float | None = None  # from systemd's "Stopping" of the old one
+    crash_peak_rss_mb: float | None = None
     crash_timeline: list[str] = field(default_factory=list)
     crash_load: LoadFigures | None = None
     errors: list[str] = field(default_factory=list)
 
     @property
-    def worst_failed(self) -> int:
-        return max((load.failed for load in self.loads), default=0)
+    def quiet_max_ms(self) -> float | None:
+        return max((ld.max_ms for ld in self.quiet), default=None)
+
+    @property
+    def restart_max_ms(self) -> float | None:
+        return max((ld.max_ms for ld in self.restart), default=None)
+
+    @property
+    def restart_failed(self) -> int | None:
+        return sum(ld.failed for ld in self.restart) if self.restart else None
 
 
-STEP_ORDER = ("stage", "backup", "switch", "verify", "commit", "end")
+STEP_ORDER = ("stage", "backup", "migrate", "switch", "handover", "verify", "commit", "end")
 
 
 def step_durations(run: UpdaterRun) -> dict[str, float]:
@@ -266,29 +342,92 @@ def _wait_more_answers(loads: list[Load], more: int = 5, timeout: float = 10) ->
         time.sleep(0.05)
 
 
-def measure_update(m: Machine, figures: RunFigures, workers: int, interval: float) -> None:
-    """1 and 3: A -> B under constant load."""
-    new_conn = Load(lambda: _health_url(m), workers=workers, interval=interval)
-    kept = Load(lambda: _health_url(m), workers=workers, interval=interval, keep_alive=True)
-    open_loop = Load(lambda: _health_url(m), interval=0.02, open_loop=True)
-    with new_conn.running(), kept.running(), open_loop.running():
-        _wait_answered([new_conn, kept, open_loop])
-        run = run_updater(m, f"/mnt/release/{releases.tarball_name(B)}")
-        _wait_more_answers([new_conn, kept, open_loop])  # the new process answers too
-    figures.update_exit = run.exit_code
-    figures.update_result = str(run.result.get("result", run.result.get("message", "")))
-    figures.update_wall_s = round(run.ended - run.started, 3)
-    figures.steps_s = step_durations(run)
-    figures.loads = [
-        LoadFigures.of(f"new connection, {workers} workers", new_conn.stats()),
-        LoadFigures.of(f"keep-alive, {workers} workers", kept.stats()),
-        LoadFigures.of("open loop, new request / 20 ms", open_loop.stats()),
+LOAD_NAMES = ("new connection", "keep-alive", "open loop")
+
+
+@contextlib.contextmanager
+def under_load(
+    m: Machine, name: str, workers: int, interval: float, phases: list[Phase]
+) -> Iterator[tuple[list[Load], Phase]]:
+    """The same three loads for every phase: paced new connections, paced keep-alive, open loop.
+
+    The Phase yielded gets its samples when the block ends (marks may be added inside).
+    """
+    loads = [
+        Load(lambda: _health_url(m), workers=workers, interval=interval),
+        Load(lambda: _health_url(m), workers=workers, interval=interval, keep_alive=True),
+        Load(lambda: _health_url(m), interval=0.02, open_loop=True),
     ]
+    phase = Phase(name, time.time(), 0.0, {})
+    with loads[0].running(), loads[1].running(), loads[2].running():
+        _wait_answered(loads)
+        yield loads, phase
+        _wait_more_answers(loads)  # the (new) process answers too
+    phase.ended = time.time()
+    phase.samples = {n: ld.taken() for n, ld in zip(LOAD_NAMES, loads, strict=True)}
+    phases.append(phase)
+
+
+def _figures(loads: list[Load], workers: int) -> list[LoadFigures]:
+    names = (
+        f"new connection, {workers} workers",
+        f"keep-alive, {workers} workers",
+        "open loop, new request / 20 ms",
+    )
+    return [LoadFigures.of(n, ld.stats()) for n, ld in zip(names, loads, strict=True)]
+
+
+def measure_quiet(
+    m: Machine, figures: RunFigures, load: tuple[int, float], ph: list[Phase]
+) -> None:
+    """The same load with nothing happening: the latency an update is compared with."""
+    with under_load(m, "no update", *load, ph) as (loads, _):
+        time.sleep(QUIET_S)
+    figures.quiet = _figures(loads, load[0])
+
+
+def measure_restart(
+    m: Machine, figures: RunFigures, load: tuple[int, float], ph: list[Phase]
+) -> None:
+    """The baseline: a bare `systemctl restart scaleboxd` under the same load."""
+    with under_load(m, "bare systemctl restart", *load, ph) as (loads, phase):
+        started = time.time()
+        m.run(["systemctl", "restart", "scaleboxd.service"], timeout=120)
+        ended = time.time()
+        phase.marks += [(started, "systemctl restart"), (ended, "restart returned")]
+    figures.restart_wall_s = round(ended - started, 3)
+    figures.restart = _figures(loads, load[0])
+
+
+def measure_update(
+    m: Machine,
+    out: UpdateFigures,
+    load: tuple[int, float],
+    ph: list[Phase],
+    *,
+    name: str,
+    expect: tuple[str, str],
+) -> list[str]:
+    """A -> B under the same load; the updater's step times are the picture's marks."""
+    with under_load(m, name, *load, ph) as (loads, phase):
+        run = run_updater(m, f"/mnt/release/{releases.tarball_name(B)}")
+        phase.marks.append((run.started, "scalebox-update starts"))
+        phase.marks += [(t, step) for step, t in run.step_times.items()]
+        phase.marks.append((run.ended, "updater exits"))
+    out.exit = run.exit_code
+    out.result = str(run.result.get("result", run.result.get("message", "")))
+    out.wall_s = round(run.ended - run.started, 3)
+    out.steps_s = step_durations(run)
+    out.built_s = run.built_s
+    out.peak_rss_mb = run.peak_rss_mb
+    out.loads = _figures(loads, load[0])
+    errors = []
     if run.exit_code != 0:
-        figures.errors.append(f"update A->B exited {run.exit_code}: {run.result.get('message')}")
-    for load in figures.loads:
-        if load.versions and set(load.versions) != {A, B}:
-            figures.errors.append(f"{load.name}: /health versions seen {load.versions}")
+        errors.append(f"{name} exited {run.exit_code}: {run.result.get('message')}")
+    for ld in out.loads:
+        if ld.versions and set(ld.versions) != set(expect):
+            errors.append(f"{name}: {ld.name}: /health versions seen {ld.versions}")
+    return errors
 
 
 def _systemd_timeline(m: Machine, since: float) -> list[tuple[float, str]]:
@@ -312,8 +451,14 @@ def _notable(message: str) -> bool:
     return "scaleboxd.api:" not in message and "Failed to kill control group" not in message
 
 
-def measure_crash(m: Machine, figures: RunFigures, old: str) -> None:
-    """2: update to a release that exits at start; time until ``old`` answers again."""
+def measure_crash(m: Machine, figures: RunFigures, old: str, ph: list[Phase]) -> None:
+    """Update to a pre-staged release that exits at start; time until ``old`` answers again."""
+    staged = run_updater(m, f"/mnt/release/{releases.tarball_name(CRASH)}", "--stage")
+    if staged.exit_code != 0:
+        figures.errors.append(
+            f"pre-staging {CRASH} exited {staged.exit_code}: {staged.result.get('message')}; "
+            "measuring the crash with staging included"
+        )
     poll = Load(lambda: _health_url(m), workers=1, interval=0.02, timeout=30)
     with poll.running():
         deadline = time.monotonic() + 10
@@ -323,8 +468,15 @@ def measure_crash(m: Machine, figures: RunFigures, old: str) -> None:
         _wait_more_answers([poll])  # the old version answers again after the rollback
     figures.crash_exit = run.exit_code
     figures.crash_result = str(run.result.get("result", ""))
+    figures.crash_peak_rss_mb = max(run.peak_rss_mb, staged.peak_rss_mb)
     figures.crash_load = LoadFigures.of("poll during crash+rollback", poll.stats())
     times = run.step_times
+    marks = [(run.started, "scalebox-update starts")]
+    marks += [(t, step) for step, t in times.items()]
+    ph.append(
+        Phase(f"crashing release {CRASH}", run.started - 1, time.time(), {"poll": poll.taken()},
+              marks)
+    )  # fmt: skip
     switch, rollback = times.get("switch"), times.get("rollback")
     if run.exit_code != 3 or switch is None or rollback is None:
         figures.errors.append(
@@ -341,6 +493,7 @@ def measure_crash(m: Machine, figures: RunFigures, old: str) -> None:
     )
     if answers:
         figures.crash_to_old_healthy_s = round(answers[0] - switch, 3)
+        figures.crash_from_start_s = round(answers[0] - run.started, 3)
     healthy_line = run.line_time(f"scaleboxd {old} is healthy", after=rollback)
     if healthy_line is not None:
         figures.crash_updater_view_s = round(healthy_line - switch, 3)
@@ -348,35 +501,66 @@ def measure_crash(m: Machine, figures: RunFigures, old: str) -> None:
     stopping = next((t for t, msg in journal if msg.startswith("Stopping")), None)
     if stopping is not None and answers:
         figures.crash_from_systemd_stop_s = round(answers[0] - stopping, 3)
-    marks = [(switch, "updater: switch step begins"), (rollback, "updater: rollback step begins")]
-    marks += [(t, f"journal: {msg}") for t, msg in journal if _notable(msg)]
+    notes = [(switch, "updater: switch step begins"), (rollback, "updater: rollback step begins")]
+    notes += [(t, f"journal: {msg}") for t, msg in journal if _notable(msg)]
     if healthy_line is not None:
-        marks.append((healthy_line, f"updater: scaleboxd {old} is healthy"))
+        notes.append((healthy_line, f"updater: scaleboxd {old} is healthy"))
     if answers:
-        marks.append((answers[0], f"host: /health answers {old}"))
+        notes.append((answers[0], f"host: /health answers {old}"))
     last = (answers[0] if answers else run.ended) + 0.05
     figures.crash_timeline = [
-        f"+{t - switch:6.3f} s  {what}" for t, what in sorted(marks) if switch - 0.5 <= t <= last
+        f"+{t - switch:6.3f} s  {what}" for t, what in sorted(notes) if switch - 0.5 <= t <= last
     ]
 
 
-def one_run(index: int, release_dir: Path, workers: int, interval: float) -> RunFigures:
+def one_run(
+    index: int, release_dir: Path, workers: int, interval: float
+) -> tuple[RunFigures, list[Phase]]:
+    load = (workers, interval)
+    phases: list[Phase] = []
     with Machine.boot(release_dir) as m:
-        figures = RunFigures(index, m.name)
-        say(f"run {index}: installing {A} on {m.name}")
+        figures = RunFigures(index, m.name, os.getloadavg())
+        say(f"run {index}: installing {A} on {m.name} (host load {figures.loadavg[0]:.2f})")
         install(m, releases.tarball_name(A), "--backend", "process")
         token = read_token(m)
         vm = create_vm(m, token)
         _wait_version(m, A)
-        say(f"run {index}: update {A} -> {B} under load")
-        measure_update(m, figures, workers, interval)
-        if figures.update_exit == 0:
-            _wait_version(m, B)
-            vm_still_running(m, token, vm)
-            say(f"run {index}: update {B} -> {CRASH} (crashes at start)")
-            measure_crash(m, figures, old=B)
-            _wait_version(m, B)
-        return figures
+        say(f"run {index}: {QUIET_S:g} s of load with no update")
+        measure_quiet(m, figures, load, phases)
+        say(f"run {index}: bare systemctl restart scaleboxd under load (the baseline)")
+        measure_restart(m, figures, load, phases)
+        _wait_version(m, A)
+        say(f"run {index}: update {A} -> {B} under load, staged by this update")
+        figures.errors += measure_update(
+            m, figures.update, load, phases, name=f"update {A} -> {B}", expect=(A, B)
+        )
+        if figures.update.exit != 0:
+            return figures, phases
+        _wait_version(m, B)
+        vm_still_running(m, token, vm)
+        say(f"run {index}: back to {A} (--rollback), {B} pre-staged (--stage), then the update")
+        back = run_updater(m, None, "--rollback")
+        staged = run_updater(m, f"/mnt/release/{releases.tarball_name(B)}", "--stage")
+        if back.exit_code != 0 or staged.exit_code != 0:
+            figures.errors.append(
+                f"rollback exited {back.exit_code}, --stage exited {staged.exit_code}: "
+                f"{back.result.get('message')} {staged.result.get('message')}"
+            )
+            return figures, phases
+        _wait_version(m, A)
+        figures.errors += measure_update(
+            m, figures.prestaged, load, phases, name=f"update {A} -> {B}, pre-staged", expect=(A, B)
+        )
+        if figures.prestaged.built_s is not None:
+            figures.errors.append(f"the pre-staged {B} was built again by the update")
+        figures.prestaged.built_s = staged.built_s  # None: --stage reused the kept build
+        figures.prestaged.prestage_wall_s = round(staged.ended - staged.started, 3)
+        _wait_version(m, B)
+        vm_still_running(m, token, vm)
+        say(f"run {index}: update {B} -> {CRASH} (pre-staged; crashes at start)")
+        measure_crash(m, figures, B, phases)
+        _wait_version(m, B)
+        return figures, phases
 
 
 # --- report -----------------------------------------------------------------------
@@ -386,98 +570,196 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def _zero(failed: int | None) -> bool:
-    return failed is not None and failed <= FAILED_TARGET
-
-
-def _under(seconds: float | None) -> bool:
-    return seconds is not None and seconds < CRASH_TARGET
-
-
 def _fmt(value: float | None, unit: str = "s") -> str:
     return "n/a" if value is None else f"{value:.2f} {unit}"
 
 
-def report(runs: list[RunFigures]) -> tuple[str, dict[str, Any]]:
-    lines = []
-    for r in runs:
-        lines.append(f"run {r.run} ({r.machine}): update {A} -> {B}: exit {r.update_exit}")
-        lines += ["  " + load.line() for load in r.loads]
-        lines.append(
-            f"  update wall time {_fmt(r.update_wall_s)}; steps: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in r.steps_s.items())
-        )
-        lines.append(
-            f"  crash {B} -> {CRASH}: exit {r.crash_exit} ({r.crash_result}); switch -> {B} "
-            f"healthy: host {_fmt(r.crash_to_old_healthy_s)}, updater "
-            f"{_fmt(r.crash_updater_view_s)}; systemd stop -> healthy "
-            f"{_fmt(r.crash_from_systemd_stop_s)}"
-        )
-        lines += ["    " + t for t in r.crash_timeline]
-        if r.crash_load is not None:
-            lines.append("  " + r.crash_load.line())
-        lines += [f"  ERROR: {e}" for e in r.errors]
+def _str(value: object) -> str:
+    return "n/a" if value is None else str(value)
 
-    def worst(values: list[float | None]) -> float | None:
-        known = [v for v in values if v is not None]
-        return max(known) if known else None
 
-    failed_new = max((r.loads[0].failed for r in runs if r.loads), default=None)
-    failed_kept = max((r.loads[1].failed for r in runs if len(r.loads) > 1), default=None)
-    failed_open = max((r.loads[2].failed for r in runs if len(r.loads) > 2), default=None)
-    longest = worst([max((ld.max_ms for ld in r.loads), default=None) for r in runs])
-    crash = worst([r.crash_to_old_healthy_s for r in runs])
-    crash_updater = worst([r.crash_updater_view_s for r in runs])
-    wall = worst([r.update_wall_s for r in runs])
-    fastest = min((r.update_wall_s for r in runs if r.update_wall_s is not None), default=None)
-    verify = worst([r.steps_s.get("verify") for r in runs])
-    broken = any(r.errors for r in runs)
-    longest_s = None if longest is None else longest / 1000
-    unwindowed = None if wall is None else wall - STABILITY_WINDOW
-    under = f"< {CRASH_TARGET:g} s"
-    window = f"{STABILITY_WINDOW:g} s"
-    rows: list[tuple[str, str, object, bool | None]] = [
-        ("failed requests during A->B, new connection", "0", failed_new, _zero(failed_new)),
-        ("failed requests during A->B, keep-alive", "0", failed_kept, _zero(failed_kept)),
-        ("failed requests during A->B, open loop", "0", failed_open, _zero(failed_open)),
-        ("longest request latency during A->B", "-", _fmt(longest_s), None),
-        ("crash: switch -> old healthy (host, 20 ms poll)", under, _fmt(crash), _under(crash)),
-        ("crash: switch -> old healthy (updater's view)", under, _fmt(crash_updater),
-         _under(crash_updater)),
-        ("update A->B wall time, local tarball (worst)", "-", _fmt(wall), None),
-        ("update A->B wall time, local tarball (best)", "-", _fmt(fastest), None),
-        (f"  of which verify, incl. the {window} stability window", "-", _fmt(verify), None),
-        (f"  wall time without the {window} window (worst)", "-", _fmt(unwindowed), None),
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else round(a / b, 2)
+
+
+def _worst(values: list[float | None] | list[int | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
+def _update_lines(name: str, u: UpdateFigures) -> list[str]:
+    lines = [f"  {name}: exit {u.exit} ({u.result})"]
+    lines += ["    " + load.line() for load in u.loads]
+    lines.append(
+        f"    wall time {_fmt(u.wall_s)}; built in {_fmt(u.built_s)}; --stage beforehand "
+        f"{_fmt(u.prestage_wall_s)}; updater peak RSS "
+        f"{_fmt(u.peak_rss_mb, 'MB')}; steps: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in u.steps_s.items())
+    )
+    return lines
+
+
+def run_lines(r: RunFigures) -> list[str]:
+    load = " ".join(f"{v:.2f}" for v in r.loadavg)
+    lines = [f"run {r.run} ({r.machine}), host loadavg {load}"]
+    lines.append(f"  no update, {QUIET_S:g} s:")
+    lines += ["    " + ld.line() for ld in r.quiet]
+    lines.append(f"  bare systemctl restart scaleboxd: {_fmt(r.restart_wall_s)}")
+    lines += ["    " + ld.line() for ld in r.restart]
+    lines += _update_lines(f"update {A} -> {B}, staged by the update", r.update)
+    lines += _update_lines(f"update {A} -> {B}, pre-staged", r.prestaged)
+    lines.append(
+        f"  crash {B} -> {CRASH} (pre-staged): exit {r.crash_exit} ({r.crash_result}); "
+        f"{B} healthy again: {_fmt(r.crash_from_start_s)} from the updater's start, "
+        f"{_fmt(r.crash_to_old_healthy_s)} from its switch (updater's view "
+        f"{_fmt(r.crash_updater_view_s)}; systemd stop -> healthy "
+        f"{_fmt(r.crash_from_systemd_stop_s)}); peak RSS {_fmt(r.crash_peak_rss_mb, 'MB')}"
+    )
+    lines += ["    " + t for t in r.crash_timeline]
+    if r.crash_load is not None:
+        lines.append("    " + r.crash_load.line())
+    lines += [f"  ERROR: {e}" for e in r.errors]
+    return lines
+
+
+Row = tuple[str, str, str, bool | None]
+
+
+def _update_rows(label: str, runs: list[RunFigures], pick: str) -> list[Row]:
+    ups = [(r, getattr(r, pick)) for r in runs]
+    wall = _worst([u.wall_s for _, u in ups])
+    per_restart = _worst([_ratio(u.wall_s, r.restart_wall_s) for r, u in ups])
+    longest = _worst([u.max_ms for _, u in ups])
+    per_quiet = _worst([_ratio(u.max_ms, r.quiet_max_ms) for r, u in ups])
+    per_restart_lat = _worst([_ratio(u.max_ms, r.restart_max_ms) for r, u in ups])
+    failed = _worst([u.failed for _, u in ups])
+    built = _worst([u.built_s for _, u in ups])
+    switch = _worst([u.steps_s.get("switch") for _, u in ups])
+    handover = _worst([u.steps_s.get("handover") for _, u in ups])
+    verify = _worst([u.steps_s.get("verify") for _, u in ups])
+    rss = _worst([u.peak_rss_mb for _, u in ups])
+    ratio = f"≤ {LATENCY_RATIO_TARGET:g}"
+    return [
+        (f"{label}: failed requests (all loads)", "0", _str(failed),
+         None if failed is None else failed <= FAILED_TARGET),
+        (f"{label}: wall time", "-", _fmt(wall), None),
+        (f"{label}: wall time ÷ bare restart", "-", _str(per_restart), None),
+        (f"{label}: max latency", "-", _fmt(None if longest is None else longest / 1000), None),
+        (f"{label}: max latency ÷ no update", ratio, _str(per_quiet),
+         None if per_quiet is None else per_quiet <= LATENCY_RATIO_TARGET),
+        (f"{label}: max latency ÷ bare restart's", "-", _str(per_restart_lat), None),
+        (f"{label}: stage time (build releases/{B})", f"< {STAGE_TARGET:g} s", _fmt(built),
+         None if built is None else built < STAGE_TARGET),
+        (f"{label}: switch step", "-", _fmt(switch), None),
+        (f"{label}: handover step (new daemon ready, old one restarted)", "-", _fmt(handover),
+         None),
+        (f"{label}: verify step (incl. {STABILITY_WINDOW:g} s window)", "-", _fmt(verify), None),
+        (f"{label}: updater peak RSS", "-", _fmt(rss, "MB"), None),
     ]  # fmt: skip
-    heading = f"figure (worst of {len(runs)} runs)"
-    table = [f"\n{heading:<52} {'target':>8}  {'value':>10}  verdict"]
+
+
+def report(runs: list[RunFigures]) -> tuple[str, dict[str, Any]]:
+    lines = [line for r in runs for line in run_lines(r)]
+    quiet = _worst([r.quiet_max_ms for r in runs])
+    restart = _worst([r.restart_wall_s for r in runs])
+    restart_lat = _worst([r.restart_max_ms for r in runs])
+    restart_failed = _worst([r.restart_failed for r in runs])
+    crash = _worst([r.crash_from_start_s for r in runs])
+    crash_switch = _worst([r.crash_to_old_healthy_s for r in runs])
+    crash_rss = _worst([r.crash_peak_rss_mb for r in runs])
+    rows: list[Row] = [
+        ("no update: max latency", "-", _fmt(None if quiet is None else quiet / 1000), None),
+        ("bare systemctl restart: wall time", "-", _fmt(restart), None),
+        ("bare systemctl restart: max latency", "-",
+         _fmt(None if restart_lat is None else restart_lat / 1000), None),
+        ("bare systemctl restart: failed requests", "-", _str(restart_failed), None),
+        *_update_rows("A->B", runs, "update"),
+        *_update_rows("A->B pre-staged", runs, "prestaged"),
+        (f"crash: updater start -> {B} healthy (host, 20 ms poll)", f"< {CRASH_TARGET:g} s",
+         _fmt(crash), None if crash is None else crash < CRASH_TARGET),
+        (f"crash: switch -> {B} healthy", "-", _fmt(crash_switch), None),
+        ("crash: updater peak RSS", "-", _fmt(crash_rss, "MB"), None),
+    ]  # fmt: skip
+    loads = ", ".join(f"run {r.run}: {r.loadavg[0]:.2f}" for r in runs)
+    heading = f"figure (worst of {len(runs)} runs; host loadavg {loads})"
+    table = [f"\n{heading}", f"{'':<58} {'target':>9}  {'value':>10}  verdict"]
     for name, target, value, ok in rows:
         verdict = "" if ok is None else _verdict(ok)
-        table.append(f"{name:<52} {target:>8}  {value!s:>10}  {verdict}")
+        table.append(f"{name:<58} {target:>9}  {value:>10}  {verdict}")
     misses = [name for name, _, _, ok in rows if ok is False]
     if misses:
         table.append("MISS: " + "; ".join(misses))
-    if broken:
+    if any(r.errors for r in runs):
         table.append(
             "some runs reported errors (ERROR lines above): their figures may be incomplete"
         )
     summary = {
         "runs": [asdict(r) for r in runs],
-        "worst": {
-            "failed_new_connection": failed_new,
-            "failed_keep_alive": failed_kept,
-            "failed_open_loop": failed_open,
-            "longest_latency_s": None if longest is None else longest / 1000,
-            "crash_to_old_healthy_s": crash,
-            "crash_to_old_healthy_updater_s": crash_updater,
-            "update_wall_s": wall,
-            "update_wall_best_s": fastest,
-            "stability_window_s": STABILITY_WINDOW,
+        "worst": {name: value for name, _, value, _ in rows},
+        "targets": {
+            "failed_requests": FAILED_TARGET,
+            "crash_from_start_s": CRASH_TARGET,
+            "stage_s": STAGE_TARGET,
+            "max_latency_ratio": LATENCY_RATIO_TARGET,
         },
-        "targets": {"failed_requests": FAILED_TARGET, "crash_to_old_healthy_s": CRASH_TARGET},
         "misses": misses,
     }
     return "\n".join(lines + table), summary
+
+
+# --- the picture ------------------------------------------------------------------
+
+COLOURS = {"new connection": "tab:blue", "keep-alive": "tab:green", "open loop": "tab:purple",
+           "poll": "tab:blue"}  # fmt: skip
+
+
+def _merge_marks(marks: list[tuple[float, str]], span: float) -> list[tuple[float, str]]:
+    """Marks closer than ``span`` as one, their labels joined, so none is drawn over another."""
+    merged: list[tuple[float, str]] = []
+    for t, label in sorted(marks):
+        if merged and t - merged[-1][0] < span:
+            merged[-1] = (merged[-1][0], f"{merged[-1][1]}+{label}")
+        else:
+            merged.append((t, label))
+    return merged
+
+
+def draw(phases: list[Phase], title: str, path: Path) -> None:
+    """One panel per phase: every request's latency over time, failures in red, steps marked."""
+    import matplotlib  # noqa: PLC0415 - a dev dependency, loaded only to draw
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(len(phases), 1, figsize=(11, 2.6 * len(phases)), squeeze=False)
+    for ax, phase in zip(axes[:, 0], phases, strict=True):
+        zero = phase.started
+        seen: set[str] = set()
+        for name, samples in phase.samples.items():
+            ok = [s for s in samples if s.kind == "ok"]
+            bad = [s for s in samples if s.kind != "ok"]
+            ax.scatter([s.sent - zero for s in ok], [s.seconds * 1000 for s in ok], s=3,
+                       color=COLOURS.get(name, "tab:gray"), label=name, alpha=0.6)  # fmt: skip
+            if bad:
+                failed_label = "failed" if "failed" not in seen else None
+                seen.add("failed")
+                ax.scatter([s.sent - zero for s in bad], [s.seconds * 1000 for s in bad],
+                           s=14, marker="x", color="tab:red", label=failed_label)  # fmt: skip
+        for t, label in _merge_marks(phase.marks, span=(phase.ended - zero) / 80):
+            ax.axvline(t - zero, color="0.4", linestyle=":", linewidth=0.8)
+            ax.annotate(label, (t - zero, 0.97), xycoords=("data", "axes fraction"), rotation=90,
+                        fontsize=7, va="top", ha="right", color="0.3")  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_title(phase.name, fontsize=9, loc="left")
+        ax.set_ylabel("latency (ms)")
+        ax.set_xlim(0, max(phase.ended - zero, 1))
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), markerscale=3)
+    axes[-1, 0].set_xlabel("seconds since the phase began (requests by the time they were sent)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 # --- driver -----------------------------------------------------------------------
@@ -494,6 +776,48 @@ def build_releases(out: Path) -> None:
     shutil.copy2(releases.ROOT / "scripts" / "install.sh", out / "install.sh")
 
 
+def sandbox_figures(runs: int, burst: int, as_json: bool) -> tuple[str, Any]:
+    """tools/bench_sandbox on its own machine: POST /vms -> ssh, and memory per idle VM."""
+    argv = [sys.executable, "-m", "tools.bench_sandbox", "--runs", str(runs), "--burst", str(burst)]
+    done = subprocess.run(
+        [*argv, *(["--json"] if as_json else [])],
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=1800,
+        check=False,
+        cwd=releases.ROOT,
+    )
+    if done.returncode != 0:
+        return f"sandbox bench could not run (exit {done.returncode}; see above)", None
+    if as_json:
+        try:
+            return "", json.loads(done.stdout)
+        except ValueError:
+            return "", done.stdout
+    return done.stdout.rstrip(), None
+
+
+def write_out(text: str, summary: dict[str, Any], runs: list[RunFigures],
+              traces: list[list[Phase]]) -> Path | None:  # fmt: skip
+    """figures.txt, figures.json and timeline.png in builds/bench/; the picture's path."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "figures.txt").write_text(text + "\n")
+    (OUT / "figures.json").write_text(json.dumps(summary, sort_keys=True, indent=1) + "\n")
+    drawn = [(r, t) for r, t in zip(runs, traces, strict=True) if t]
+    if not drawn:
+        return None
+    # The run whose updates had the longest request: the worst one is the one to see.
+    run, phases = max(drawn, key=lambda rt: max(
+        (u.max_ms or 0.0) for u in (rt[0].update, rt[0].prestaged)))  # fmt: skip
+    load = " ".join(f"{v:.2f}" for v in run.loadavg)
+    title = (
+        f"./do bench run {run.run} of {len(runs)} (the one with the longest request during an "
+        f"update); host loadavg {load}; each dot one GET /health"
+    )
+    draw(phases, title, OUT / "timeline.png")
+    return OUT / "timeline.png"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./do bench", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, choices=range(1, 21), metavar="N",
@@ -507,10 +831,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="reuse a folder of releases kept by --keep-releases")  # fmt: skip
     parser.add_argument("--keep-releases", action="store_true",
                         help="keep the built releases and print their folder")  # fmt: skip
+    parser.add_argument("--no-sandbox", action="store_true",
+                        help="skip the sandbox figures (tools/bench_sandbox.py)")  # fmt: skip
+    parser.add_argument("--sandbox-runs", type=int, default=5, choices=range(1, 51), metavar="N",
+                        help="sandbox: VMs created one at a time (default 5)")  # fmt: skip
+    parser.add_argument("--sandbox-burst", type=int, default=10, choices=range(0, 101),
+                        metavar="N", help="sandbox: VMs created in a row (default 10)")  # fmt: skip
     args = parser.parse_args(argv)
     if not 0.005 <= args.interval <= 5:
         parser.error("--interval must be between 0.005 and 5 seconds")
     runs: list[RunFigures] = []
+    traces: list[list[Phase]] = []
     temp = None
     try:
         with sigterm_raises():
@@ -521,7 +852,9 @@ def main(argv: list[str] | None = None) -> int:
                 temp = release_dir = Path(tempfile.mkdtemp(prefix="releases-", dir=CACHE / "bench"))
                 build_releases(release_dir)
             for index in range(1, args.runs + 1):
-                runs.append(one_run(index, release_dir, args.workers, args.interval))
+                figures, phases = one_run(index, release_dir, args.workers, args.interval)
+                runs.append(figures)
+                traces.append(phases)
     except KeyboardInterrupt:
         say("interrupted; the machine was torn down")
         return 130
@@ -537,6 +870,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 shutil.rmtree(temp, ignore_errors=True)
     text, summary = report(runs)
+    picture = write_out(text, summary, runs, traces)
+    if not args.no_sandbox:
+        say("sandbox: POST /vms -> ssh, and memory per idle VM (tools/bench_sandbox.py)")
+        sandbox_text, summary["sandbox"] = sandbox_figures(
+            args.sandbox_runs, args.sandbox_burst, args.json
+        )
+        text += f"\n\nsandbox (tools/bench_sandbox.py)\n{sandbox_text}"
+    text += f"\n\nfigures and timeline picture in {OUT}" if picture else ""
     print(json.dumps(summary, sort_keys=True) if args.json else text, flush=True)
     return 0
 

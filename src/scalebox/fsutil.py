@@ -6,7 +6,8 @@ A later step may rely on a file only once it is here with its data fsynced
 must never point at an empty or torn file. So every write the updater
 relies on goes through this module: ``atomic_write`` (replace a file),
 ``durable_copy`` (a backup copy), ``fsync_tree`` (a tree built by other
-programs, e.g. pip, before its marker), ``append_line`` (the history),
+programs, e.g. the wheel installer, before its marker: one syncfs),
+``append_line`` (the history),
 ``fsync_file`` and ``flush_durable`` (a download before it is renamed or
 resumed).
 """
@@ -14,8 +15,10 @@ resumed).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -89,20 +92,37 @@ def durable_copy(src: Path, dst: Path) -> None:
     atomic_write(dst, data, mode=src.stat().st_mode & 0o7777)
 
 
-def fsync_tree(root: Path) -> None:
-    """fsync every regular file and directory under ``root`` (symlinks are not followed).
+def _libc_syncfs(fd: int) -> None:
+    if _LIBC.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
-    For a tree that other programs wrote (cp, pip): their data reaches the
-    disk before the caller writes the marker that says the tree is whole.
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+# The single call that makes a whole built tree durable; a module attribute so the
+# unit tests can watch it (the real call still runs), as they watch os.fsync.
+syncfs: Callable[[int], None] = _libc_syncfs
+
+
+def fsync_tree(root: Path) -> None:
+    """Make every file and directory under ``root`` durable with one syncfs(2) of its filesystem.
+
+    For a tree that other programs wrote (cp, the wheel installer): their data
+    reaches the disk before the caller writes the marker that says the tree
+    is whole. syncfs writes back every dirty page and inode of the filesystem
+    holding ``root`` and commits its journal, then flushes the disk's cache:
+    for the files written, as durable as an fsync of each, in one journal
+    commit instead of ~2,600 (1.5 s of a 2.8 s stage on the 2-core server).
+    Since Linux 5.8 it reports a writeback error of any file on that
+    filesystem, so a failed write is not hidden. A staged tree is one fresh
+    directory the updater made, so it spans one filesystem (a mount point
+    inside it would not be synced, and there is none).
     """
-    for dirpath, _dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        for name in filenames:
-            path = here / name
-            if path.is_symlink() or not path.is_file():
-                continue
-            fsync_file(path)
-        fsync_dir(here)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        syncfs(fd)
+    finally:
+        os.close(fd)
 
 
 def append_line(path: Path, line: str, mode: int = 0o644) -> None:

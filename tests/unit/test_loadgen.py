@@ -10,7 +10,14 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from tools.bench import UpdaterRun, step_durations
+from tools.bench import (
+    LoadFigures,
+    RunFigures,
+    UpdaterRun,
+    _merge_marks,
+    report,
+    step_durations,
+)
 from tools.loadgen import Load, Sample, percentile, summarize
 
 
@@ -105,6 +112,7 @@ def test_step_durations_come_from_the_updaters_step_times() -> None:
             }
         },
         lines=[],
+        peak_rss_mb=60.0,
     )
     assert step_durations(run) == {
         "preflight+fetch+verify": 1.0,
@@ -115,3 +123,45 @@ def test_step_durations_come_from_the_updaters_step_times() -> None:
         "commit": 1.0,
         "exit": 0.5,
     }
+
+
+def test_the_stage_time_is_the_updaters_own_built_line() -> None:
+    lines = [(1.0, "scalebox-update: building releases/1.1.0 (offline)"),
+             (2.5, "scalebox-update: built releases/1.1.0 in 1.42 s")]  # fmt: skip
+    assert UpdaterRun(0.0, 3.0, 0, {}, lines, 60.0).built_s == 1.42
+    assert UpdaterRun(0.0, 3.0, 0, {}, lines[:1], 60.0).built_s is None  # reused, not built
+
+
+def test_marks_closer_than_a_span_are_drawn_as_one() -> None:
+    marks = [(10.0, "switch"), (1.0, "stage"), (10.01, "backup"), (12.0, "verify")]
+    assert _merge_marks(marks, span=0.1) == [(1.0, "stage"), (10.0, "switch+backup"),
+                                             (12.0, "verify")]  # fmt: skip
+
+
+def _load(max_ms: float, failed: int = 0) -> LoadFigures:
+    return LoadFigures("x", 100, 100 - failed, failed, {"refused": failed} if failed else {},
+                       1.0, 2.0, max_ms)  # fmt: skip
+
+
+def test_the_report_divides_each_run_by_its_own_baseline_and_keeps_the_worst() -> None:
+    runs = []
+    for index, (quiet, restart, update) in enumerate([(50, 1000, 100), (20, 400, 200)], 1):
+        r = RunFigures(index, f"m{index}", (1.5, 1.0, 0.5))
+        r.quiet = [_load(quiet)]
+        r.restart, r.restart_wall_s = [_load(restart)], 2.0
+        r.update.loads, r.update.wall_s = [_load(update, failed=index - 1)], 8.0
+        r.update.built_s = 1.5 + index
+        runs.append(r)
+    text, summary = report(runs)
+    worst = summary["worst"]
+    assert worst["A->B: max latency ÷ no update"] == "10.0"  # run 2: 200 / 20, not 200 / 50
+    assert worst["A->B: max latency ÷ bare restart's"] == "0.5"
+    assert worst["A->B: wall time ÷ bare restart"] == "4.0"
+    assert worst["A->B: failed requests (all loads)"] == "1"
+    assert worst["A->B: stage time (build releases/1.1.0)"] == "3.50 s"
+    assert summary["misses"] == [
+        "A->B: failed requests (all loads)",
+        "A->B: max latency ÷ no update",
+        "A->B: stage time (build releases/1.1.0)",
+    ]
+    assert "host loadavg run 1: 1.50, run 2: 1.50" in text

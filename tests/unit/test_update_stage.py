@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from tools import keygen
 
+from scalebox import fsutil
 from scalebox.release.verify import Release, open_release
 from scalebox.update import stage
 from scalebox.update.errors import UpdateError
@@ -189,6 +191,30 @@ def test_fast_staging_is_reproducible_and_quick(release: Release, tmp_path: Path
     assert _files(paths.release_dir(VERSION)) == first
     # Generous for a shared test host; `./do bench-stage` prints the figure on an idle one.
     assert took < 60
+
+
+def test_the_built_tree_is_on_disk_before_complete_vouches_for_it(
+    release: Release, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real syncfs and fsync run; each is noted in order (a power loss cannot be
+    # simulated on this host, see test_update_fsutil.py).
+    order: list[tuple[str, Path]] = []
+    for module, name in ((fsutil, "syncfs"), (os, "fsync")):
+        real = getattr(module, name)
+
+        def noting(fd: int, real: Callable[[int], None] = real, name: str = name) -> None:
+            order.append((name, Path(f"/proc/self/fd/{fd}").readlink()))
+            real(fd)
+
+        monkeypatch.setattr(module, name, noting)
+    paths = Paths(tmp_path / "server")
+    lines: list[str] = []
+    assert stage.build(paths, release.root, VERSION, python="python3", report=lines.append)
+    target = paths.release_dir(VERSION)
+    tree = order.index(("syncfs", target))
+    marker = next(i for i, (_, p) in enumerate(order) if ".complete." in p.name)
+    assert tree < marker
+    assert any(line.startswith(f"built releases/{VERSION} in ") for line in lines), lines
 
 
 def test_a_release_without_the_installer_wheel_is_built_with_pip(

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -163,6 +164,7 @@ def build(paths: Paths, release_root: Path, version: str, *, python: str, report
         )
 
     report(f"building releases/{name} (offline, from the release's wheels)")
+    started = time.monotonic()
     target.mkdir(parents=True)
     for entry in sorted(release_root.iterdir()):
         if entry.name == "wheels":
@@ -177,6 +179,7 @@ def build(paths: Paths, release_root: Path, version: str, *, python: str, report
     fsync_tree(target)
     fsync_dir(target.parent)
     atomic_write(target / COMPLETE, f"{version}\n")
+    report(f"built releases/{name} in {time.monotonic() - started:.2f} s")
     return True
 
 

@@ -8,10 +8,13 @@ the release. It does what ``pip install --no-index --find-links WHEELS REQ``
 does: for every requirement, the best-matching wheel by this interpreter's
 tags; dependencies from each wheel's METADATA with their markers evaluated;
 PyPA ``installer`` unpacks them, writes the entry-point scripts and
-RECORD. Bytecode is compiled once for the whole venv afterwards, on every
-core, as unchecked-hash .pyc: they do not embed the files' mtimes, so two
-builds are byte-identical, and the import skips the staleness check (a
-release's files never change after staging).
+RECORD. Bytecode is compiled while the next wheel unpacks, on every core
+(a pool of forked workers gets each wheel's .py files as soon as they are
+written), as unchecked-hash .pyc: they do not embed the files' mtimes, so
+two builds are byte-identical, and the import skips the staleness check (a
+release's files never change after staging). The same files get a .pyc as
+with pip (every .py a wheel puts into site-packages), so the first start
+costs no compiling.
 
 Usage: python wheel_install.py WHEELS_DIR REQUIREMENT
 Prints one line per installed distribution; exits 1 with a one-line reason.
@@ -19,16 +22,20 @@ Prints one line per installed distribution; exits 1 with a one-line reason.
 
 from __future__ import annotations
 
-import compileall
+import os
 import py_compile
 import sys
 import sysconfig
+from concurrent.futures import Future, ProcessPoolExecutor
 from email.parser import Parser
 from pathlib import Path
+from typing import BinaryIO
 
 from installer import install
 from installer.destinations import SchemeDictionaryDestination
+from installer.records import RecordEntry
 from installer.sources import WheelFile
+from installer.utils import Scheme
 from packaging.requirements import Requirement
 from packaging.tags import sys_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
@@ -37,8 +44,43 @@ from packaging.version import Version
 INSTALLER = b"scalebox-update\n"
 
 
+# .py files per task for the compile pool: small enough to spread a big wheel
+# (pygments: 340 files) over every core, large enough to keep the overhead low.
+CHUNK = 24
+
+
 class InstallError(Exception):
     pass
+
+
+class CollectingDestination(SchemeDictionaryDestination):
+    """Installs as usual and notes every .py file written into site-packages."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.python_files: list[str] = []
+
+    def write_file(
+        self, scheme: Scheme, path: str | os.PathLike[str], stream: BinaryIO, is_executable: bool
+    ) -> RecordEntry:
+        entry = super().write_file(scheme, path, stream, is_executable)
+        if scheme in ("purelib", "platlib") and str(path).endswith(".py"):
+            self.python_files.append(str(Path(self.scheme_dict[scheme], path)))
+        return entry
+
+
+def compile_files(files: list[str]) -> None:
+    """Write each file's .pyc; as pip does, one that does not compile (a Python 2
+    leftover, a test fixture) stays without, instead of failing the install."""
+    for file in files:
+        try:
+            py_compile.compile(
+                file,
+                doraise=True,
+                invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+            )
+        except (py_compile.PyCompileError, SyntaxError, UnicodeError):
+            continue
 
 
 def best_wheels(wheels: Path) -> dict[str, tuple[Version, Path]]:
@@ -89,42 +131,40 @@ def resolve(root: Requirement, wheels: dict[str, tuple[Version, Path]]) -> list[
 
 def install_all(wheels: Path, root: Requirement) -> None:
     paths = sysconfig.get_paths()
-    for path in resolve(root, best_wheels(wheels)):
-        name = parse_wheel_filename(path.name)[0]
-        scheme = {
-            "purelib": paths["purelib"],
-            "platlib": paths["platlib"],
-            "scripts": paths["scripts"],
-            "data": paths["data"],
-            # Where pip puts a venv's headers.
-            "headers": str(
-                Path(
-                    sys.prefix,
-                    "include",
-                    "site",
-                    f"python{sys.version_info[0]}.{sys.version_info[1]}",
-                    name,
-                )
-            ),
-        }
-        destination = SchemeDictionaryDestination(
-            scheme,
-            interpreter=sys.executable,
-            script_kind="posix",
-        )
-        with WheelFile.open(path) as source:
-            extra = {"REQUESTED": b""} if name == canonicalize_name(root.name) else {}
-            install(source, destination, {"INSTALLER": INSTALLER, **extra})
-        print(path.name)
-    for lib in sorted({paths["purelib"], paths["platlib"]}):
-        # As pip does: a file that does not compile (a Python 2 leftover, a test
-        # fixture) stays without .pyc instead of failing the install.
-        compileall.compile_dir(
-            lib,
-            quiet=2,
-            workers=0,
-            invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
-        )
+    compiled: list[Future[None]] = []
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for path in resolve(root, best_wheels(wheels)):
+            name = parse_wheel_filename(path.name)[0]
+            scheme = {
+                "purelib": paths["purelib"],
+                "platlib": paths["platlib"],
+                "scripts": paths["scripts"],
+                "data": paths["data"],
+                # Where pip puts a venv's headers.
+                "headers": str(
+                    Path(
+                        sys.prefix,
+                        "include",
+                        "site",
+                        f"python{sys.version_info[0]}.{sys.version_info[1]}",
+                        name,
+                    )
+                ),
+            }
+            destination = CollectingDestination(
+                scheme,
+                interpreter=sys.executable,
+                script_kind="posix",
+            )
+            with WheelFile.open(path) as source:
+                extra = {"REQUESTED": b""} if name == canonicalize_name(root.name) else {}
+                install(source, destination, {"INSTALLER": INSTALLER, **extra})
+            files = destination.python_files
+            for start in range(0, len(files), CHUNK):
+                compiled.append(pool.submit(compile_files, files[start : start + CHUNK]))
+            print(path.name)
+        for done in compiled:
+            done.result()  # an OSError (disk full) in a worker fails the install
 
 
 def main(argv: list[str]) -> int:
