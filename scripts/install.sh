@@ -575,7 +575,7 @@ if [[ $USED == process ]]; then
 elif [[ -n $R ]]; then
   log "SCALEBOX_INSTALL_ROOT=$R: skipping the nspawn backend's packages and template"
 else
-  wanted=(systemd-container openssh-client nftables)
+  wanted=(systemd-container openssh-client nftables e2fsprogs) # e2fsprogs: mkfs.ext4 for VM disks
   status_cmd=("$RELEASE_DIR/venv/bin/python" -I -m scalebox.daemon.vms.templates status --config "$CONFIG")
   template_state=$("${status_cmd[@]}" 2>&1) && template_current=1 || template_current=0
   if ((!template_current)) && [[ -z $TEMPLATE_FILE ]]; then wanted+=(debootstrap); fi
