@@ -42,9 +42,14 @@ def test_each_documented_exit_code_is_what_that_outcome_exits_with(server: Serve
     expect(*server.update(env=url), 0)
     server.assert_intact(B)
 
-    # The rollback itself fails: B's daemon cannot start any more, once CRASH failed.
+    # The rollback itself fails: once CRASH failed, B's daemon is stopped and cannot
+    # start any more. (Left running, it would keep serving through the handover and
+    # the rollback would rightly not restart it.)
     pid = start_stopped(server, "rollback", CRASH)
-    server.sh(f"chmod a-x /opt/scalebox/releases/{B}/venv/bin/scaleboxd && kill -CONT {pid}")
+    server.sh(
+        f"systemctl stop scaleboxd && chmod a-x /opt/scalebox/releases/{B}/venv/bin/scaleboxd"
+        f" && kill -CONT {pid}"
+    )
     code, result, err = finish(server)
     expect(code, result, err, 4)
     assert "scalebox-update recover" in str(result["hint"])
