@@ -122,7 +122,7 @@ def install(
         interrupt.settle()
         j = journal.advance(p.journal, j, "commit")
     except Exception as exc:  # noqa: BLE001 - every failure from migrate on rolls back
-        _roll_back(ctx, j, reason_of(exc))  # raises
+        _roll_back(ctx, _as_written(ctx, j), reason_of(exc))  # raises
 
     pruned, left = _commit(ctx, j)
     message = f"updated {from_version} -> {target.version}; scaleboxd {target.version} is healthy"
@@ -230,6 +230,16 @@ def _advance(ctx: Context, j: Journal, step: str, reason: str | None = None) -> 
             f"(the journal still says {j.step}, which a later run also rolls back)"
         )
         return replace(j, step=step, reason=reason if reason is not None else j.reason)
+
+
+def _as_written(ctx: Context, j: Journal) -> Journal:
+    """The journal as last written: a step that failed may have advanced it (switch,
+    handover) before raising, and the history should say when each step began."""
+    try:
+        written = journal.read(ctx.paths.journal)
+    except (OSError, UpdateError):
+        return j
+    return written if written is not None and written.id == j.id else j
 
 
 def _roll_back(ctx: Context, j: Journal, reason: str) -> NoReturn:
