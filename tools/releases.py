@@ -2,7 +2,8 @@
 
 Shared by the system tests (tests/system/test_update.py) and ./do bench.
 Each broken release is built by `./do tarball --src` from a copy of the
-sources with one text change, so it fails in exactly one way.
+sources with one text change, so it fails in exactly one way; a variant
+(VARIANTS) is built the same way and differs in one way that is not a fault.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import platform
 import shutil
 import subprocess
 from pathlib import Path
+
+from scalebox.daemon.vms.templates import TEMPLATE_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCH = platform.machine()
@@ -82,21 +85,32 @@ BROKEN = {
 }
 
 
+# Releases that differ from this build in one way that is not a fault.
+NEWER_TEMPLATE = "1.7.0"  # builds debian-base at the next template version
+VARIANTS = {
+    NEWER_TEMPLATE: (
+        "src/scalebox/daemon/vms/templates.py",
+        f"TEMPLATE_VERSION = {TEMPLATE_VERSION}\n",
+        f"TEMPLATE_VERSION = {TEMPLATE_VERSION + 1}\n",
+    ),
+}
+
+
 def broken_copy(tmp: Path, version: str) -> Path:
-    """The project's sources with the one change BROKEN[version] makes."""
+    """The project's sources with the one change BROKEN[version] (or VARIANTS[version]) makes."""
     src = tmp / f"src-{version}"
     src.mkdir()
     for name in ("pyproject.toml", "README.md", "uv.lock"):
         shutil.copy2(ROOT / name, src / name)
     for name in ("src", "units", "scripts"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    relpath, old, new = BROKEN[version]
+    relpath, old, new = {**BROKEN, **VARIANTS}[version]
     target = src / relpath
     text = target.read_text()
     if old not in text:
         raise ReleaseBuildFailed(
-            f"{relpath} no longer contains the text BROKEN[{version!r}] replaces: "
-            "update BROKEN in tools/releases.py"
+            f"{relpath} no longer contains the text that release {version} replaces: "
+            "update BROKEN or VARIANTS in tools/releases.py"
         )
     target.write_text(text.replace(old, new, 1))
     return src

@@ -31,7 +31,7 @@ import httpx
 
 from tools import image, keygen
 from tools.machine import MACHINE_ENV, Machine
-from tools.releases import ROOT, A, build_tarball, tarball_name
+from tools.releases import ROOT, VARIANTS, A, broken_copy, build_tarball, tarball_name
 
 TEMPLATE = "/mnt/template/debian-base.tar.gz"
 SSH_OPTS = (
@@ -176,7 +176,8 @@ def sandbox_server(
         keygen.keygen(keys)
     for version in (A, *also):
         if not (release / tarball_name(version)).is_file():
-            build_tarball(release, keys / "release.key", version)
+            src = broken_copy(scratch, version) if version in VARIANTS else ROOT
+            build_tarball(release, keys / "release.key", version, src)
     (release / "install.sh").write_bytes((ROOT / "scripts/install.sh").read_bytes())
     cached = image.ensure_template()
     with contextlib.suppress(FileNotFoundError):

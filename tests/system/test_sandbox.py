@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 from tools.machine import MACHINE_ENV
-from tools.releases import A, B, tarball_name
+from tools.releases import NEWER_TEMPLATE, A, B, tarball_name
 from tools.sandbox import Sandbox, sandbox_server
 
 from .conftest import _skip_unless_able
@@ -26,7 +26,7 @@ from .conftest import _skip_unless_able
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     _skip_unless_able()
-    with sandbox_server(tmp_path_factory.mktemp("sandbox"), also=(B,)) as s:
+    with sandbox_server(tmp_path_factory.mktemp("sandbox"), also=(B, NEWER_TEMPLATE)) as s:
         yield s
 
 
@@ -277,6 +277,38 @@ def test_an_ssh_session_survives_an_update_and_its_rollback_and_no_new_one_is_re
     results = s.sh("cat /run/ssh-loop.log").stdout.split()
     assert len(results) >= 5 and results.count("refused") == 0, results
     print(f"\n{len(results)} new SSH connections during update and rollback, 0 refused")
+    assert s.api("DELETE", f"/vms/{vm_id}").status_code == 204
+    assert s.leftovers(vm_id, port) == []
+
+
+def test_an_update_to_a_release_with_a_newer_template_names_the_rebuild_and_rebuilds_nothing(
+    sandbox: Sandbox,
+) -> None:
+    s = sandbox
+    templates = "/opt/scalebox/current/venv/bin/python -m scalebox.daemon.vms.templates"
+    created = s.api(
+        "POST", "/vms", json={"template": "debian-base", "ssh_public_key": s.public_key()}
+    )
+    assert created.status_code == 201, created.text
+    vm_id, port = created.json()["id"], created.json()["ssh_port"]
+    pid = f"systemctl show -p MainPID --value scalebox-vm@{vm_id}.service"
+    template_json = "cat /var/lib/scalebox/templates/debian-base/template.json"
+    before = (s.sh(pid).stdout, s.sh(template_json).stdout)
+    assert s.sh(f"{templates} status", check=False).returncode == 0
+
+    result = _update(s, env=f"SCALEBOX_RELEASE_URL=/mnt/release/{tarball_name(NEWER_TEMPLATE)}")
+    assert (result["result"], result["target"]) == ("updated", NEWER_TEMPLATE)
+    said = str(result.get("template"))
+    assert "scalebox.daemon.vms.templates rebuild" in said, result
+    assert str(result["message"]).endswith(said)  # the last thing a person reads
+    assert s.sh(f"{templates} status", check=False).returncode == 3
+    # Nothing was rebuilt: the old template and the running VM are as they were.
+    assert (s.sh(pid).stdout, s.sh(template_json).stdout) == before
+    assert s.ssh(port, "/root/one", "echo still").stdout.strip() == "still"
+
+    result = _update(s, "--rollback")
+    assert result["target"] == A and "template" not in result, result
+    assert s.sh(f"{templates} status", check=False).returncode == 0
     assert s.api("DELETE", f"/vms/{vm_id}").status_code == 204
     assert s.leftovers(vm_id, port) == []
 
