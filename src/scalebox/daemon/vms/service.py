@@ -28,7 +28,7 @@ from scalebox.daemon.errors import (
     Protected,
     Unavailable,
 )
-from scalebox.daemon.vms import disks, hostinfo, naming, network, nspawn, state, templates
+from scalebox.daemon.vms import disks, hostinfo, idmap, naming, network, nspawn, state, templates
 from scalebox.daemon.vms.backend import (
     Backend,
     GuestStatus,
@@ -314,6 +314,7 @@ class VMService:
                 # nspawn: where users connect (the forwarder); process guests listen on the host.
                 ip=cfg.host_ip if self._nspawn else GUEST_IP,
                 guest_ip=guest_ip,
+                uid_base=self._pick_uid_base(),
                 ssh_port=port,
                 status="starting",
                 created_at=now_iso(),
@@ -341,6 +342,18 @@ class VMService:
                 time.monotonic() - copied,
             )  # fmt: skip
             return vm
+
+    def _pick_uid_base(self) -> int:
+        """A new VM's own 65536 host UIDs (0: no user namespace); recorded, never picked again."""
+        backend = self._backend
+        if not (isinstance(backend, nspawn.NspawnBackend) and backend.user_namespaces):
+            return 0
+        base = idmap.pick_base({vm.uid_base for vm in self._vms.values()})
+        if base is None:
+            raise nspawn.NoFreeAddress(
+                "no free range of 65536 host UIDs for the VM's user namespace", "delete a VM"
+            )
+        return base
 
     def delete_vm(self, id_or_name: str) -> None:
         self._writable("VM deletion")
