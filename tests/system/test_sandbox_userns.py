@@ -149,3 +149,39 @@ def test_the_daemon_checked_user_namespaces_at_start_and_left_nothing(sandbox: S
     log = sandbox.sh("journalctl -u scaleboxd -o cat").stdout
     assert "no user namespace" not in log, log
     assert ".userns-probe" not in sandbox.sh(f"ls -A {DATA}").stdout
+
+
+def test_where_the_kernel_cannot_idmap_vms_run_as_before_after_one_warning(
+    sandbox: Sandbox,
+) -> None:
+    """DATA_DIR on the machine's overlay root, which the kernel cannot idmap: root is root."""
+    s = sandbox
+    plain = "/srv/scalebox-plain"
+    config = "/etc/scaleboxd/config"
+    s.sh(f"cp {config} /root/config.saved && mkdir -p {plain} && echo DATA_DIR={plain} >> {config}")
+    try:
+        s.sh(f"/opt/scalebox/current/venv/bin/python -I -m scalebox.daemon.vms.templates "
+             f"install /mnt/template/debian-base.tar.gz --config {config}")  # fmt: skip
+        since = s.sh("date +%s").stdout.strip()
+        s.sh("systemctl restart scaleboxd")
+        log = s.sh(f"journalctl -u scaleboxd -o cat --since @{since}").stdout
+        warnings = [line for line in log.splitlines() if "no user namespace" in line]
+        assert len(warnings) == 1, log
+        assert "root in a VM is root on the host" in warnings[0]
+        vm = create(s)
+        vm_id, port = str(vm["id"]), int(str(vm["ssh_port"]))
+        try:
+            record = json.loads(s.sh(f"cat {plain}/vms/{vm_id}/vm.json").stdout)
+            assert record["uid_base"] == 0
+            assert host_uids(s, vm_id).get("systemd") == {0}
+            done = s.ssh(port, KEY, "sudo -n id -u")
+            assert done.stdout.strip() == "0", done.stderr
+            assert (
+                "idmapped" not in s.sh(f"findmnt -rn -o OPTIONS | grep -F {plain} || true").stdout
+            )
+        finally:
+            assert s.api("DELETE", f"/vms/{vm_id}").status_code == 204
+        assert s.sh(f"findmnt -rn -o TARGET | grep -F {plain}/vms/ || true").stdout == ""
+        assert ".userns-probe" not in s.sh(f"ls -A {plain}").stdout
+    finally:
+        s.sh(f"cp /root/config.saved {config} && systemctl restart scaleboxd")
