@@ -34,6 +34,16 @@ def test_ranges_start_in_systemds_container_range_and_never_overlap() -> None:
     assert idmap.id_map(first) == "0 524288 65536\n"
 
 
+def test_a_range_holding_a_host_users_uid_or_gid_is_never_picked(tmp_path: Path) -> None:
+    passwd, group = tmp_path / "passwd", tmp_path / "group"
+    passwd.write_text("root:x:0:0:root:/root:/bin/bash\nodd:x:524300:100::/:/bin/sh\n")
+    group.write_text("root:x:0:\nodd:x:589830:\n")
+    ids = idmap.local_ids((passwd, group, tmp_path / "missing"))
+    assert ids == {0, 100, 524300, 589830}
+    # 524300 is in the first range, 589830 (a GID) in the second: the third it is.
+    assert idmap.pick_base([], ids) == 0x80000 + 2 * 65536
+
+
 def test_the_range_is_kept_in_the_vm_record_and_older_records_have_none() -> None:
     vm = VM(id="vm-0123456789ab", name="a", template="t", ip="1.2.3.4", ssh_port=22001,
             status="running", created_at="x", vcpu_count=1, mem_size_mib=256, disk_size_gib=1,

@@ -1,13 +1,16 @@
 """User namespaces for nspawn VMs: UID ranges and idmapped mounts.
 
 Root in a VM is the host's UID ``base`` (and the VM's UID n the host's
-``base + n``) when the VM boots with ``--private-users=base:65536``. Its
-files stay unshifted on disk (UID 0 in the template is 0 on the host's
-disk): the layers of its root overlay are *idmapped mounts* of the
-template disk and of its own image, whose mapping is a user namespace
-with the VM's range. overlayfs takes idmapped layers (Linux >= 5.19);
-an overlay itself cannot be idmapped, which is why nspawn's
-``--private-users-ownership=map`` does not work on it.
+``base + n``) when the VM boots with ``--private-users=base:65536``. Nothing
+is chowned for it: the lower layer of its root overlay is an *idmapped
+mount* of the template disk, read-only, whose mapping is a user namespace
+with the VM's range (the template's UID n shows as ``base + n``, and stays
+n on disk), and its upper layer, made fresh for each VM, holds its few
+files as ``base + n`` from the start (NspawnBackend.make_disk). overlayfs
+takes idmapped layers (Linux >= 5.19); an overlay itself cannot be
+idmapped, which is why nspawn's ``--private-users-ownership=map`` does not
+work on it, and an idmapped *upper* layer makes the overlay read-only when
+the host's root mounts it (its UID 0 has no mapping there: EOVERFLOW).
 
 An idmapped mount is made with the new mount API: ``open_tree``
 (``OPEN_TREE_CLONE``) makes a detached copy of a mount, ``mount_setattr``
@@ -37,7 +40,7 @@ from scalebox.daemon.vms.command import CommandFailed, run
 
 RANGE = 65536
 # systemd's range for containers' UIDs (0x00080000..0x6FFFFFFF, see
-# systemd's docs/UIDS-GIDS.md): no host user has one of these.
+# systemd's docs/UIDS-GIDS.md); pick_base also skips the host's own ids.
 FIRST_BASE = 0x00080000
 LAST_BASE = 0x6FFF0000
 
@@ -72,13 +75,36 @@ class _MountAttr(ctypes.Structure):
 # --- pure decisions ----------------------------------------------------------------
 
 
-def pick_base(used: Iterable[int]) -> int | None:
-    """The lowest UID base of a free 65536-range in systemd's container range, or None."""
-    taken = set(used)
+def pick_base(used: Iterable[int], host_ids: Iterable[int] = ()) -> int | None:
+    """The lowest UID base of a free 65536-range in systemd's container range, or None.
+
+    Free: no VM has it (``used``) and no UID or GID of the host's own
+    users and groups (``host_ids``, see ``local_ids``) falls in it.
+    """
+    taken = set(used) | {FIRST_BASE + (i - FIRST_BASE) // RANGE * RANGE for i in host_ids}
     for base in range(FIRST_BASE, LAST_BASE + 1, RANGE):
         if base not in taken:
             return base
     return None
+
+
+def parse_ids(text: str) -> set[int]:
+    """The numeric ids (third and fourth fields) of /etc/passwd or /etc/group lines."""
+    ids = set()
+    for line in text.splitlines():
+        for field in line.split(":")[2:4]:
+            if field.isdigit():
+                ids.add(int(field))
+    return ids
+
+
+def local_ids(files: tuple[Path, ...] = (Path("/etc/passwd"), Path("/etc/group"))) -> set[int]:
+    """UIDs and GIDs of the host's local users and groups (not those of LDAP and the like)."""
+    ids: set[int] = set()
+    for path in files:
+        with contextlib.suppress(OSError):
+            ids |= parse_ids(path.read_text(errors="replace"))
+    return ids
 
 
 def valid_base(base: int) -> bool:

@@ -332,8 +332,13 @@ class NspawnBackend:
         self._config = config
         self._vms_dir = config.data_dir / "vms"
         self._units = SystemdBackend()
-        # Whether new VMs get a user namespace (their root an unprivileged UID on the host).
-        why_not = idmap.probe(config.data_dir / PROBE_DIR)
+        # Whether new VMs get a user namespace (their root an unprivileged UID on
+        # the host): not until check_user_namespaces has seen that they can.
+        self.user_namespaces = False
+
+    def check_user_namespaces(self) -> None:
+        """Try what a VM with a user namespace needs (idmap.probe); one warning if it fails."""
+        why_not = idmap.probe(self._config.data_dir / PROBE_DIR)
         self.user_namespaces = why_not is None
         if why_not is not None:
             log.warning("new VMs get no user namespace, root in a VM is root on the host: %s",

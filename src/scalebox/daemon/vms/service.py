@@ -147,6 +147,9 @@ class VMService:
             self._vms = {vm.id: vm for vm in vms}
             if self._nspawn:  # before any VM starts; reapplied on every start (network.py)
                 network.apply(self._config.vm_network)
+            if isinstance(self._backend, nspawn.NspawnBackend):
+                # Here, not in the read-only handover: one prober of DATA_DIR at a time.
+                self._backend.check_user_namespaces()
             # With a corrupt state file, what could not be recovered is kept,
             # not cleaned up: nothing is deleted because a file was unreadable.
             self._reconcile(clean_orphans=loaded.problem is None)
@@ -348,7 +351,7 @@ class VMService:
         backend = self._backend
         if not (isinstance(backend, nspawn.NspawnBackend) and backend.user_namespaces):
             return 0
-        base = idmap.pick_base({vm.uid_base for vm in self._vms.values()})
+        base = idmap.pick_base({vm.uid_base for vm in self._vms.values()}, idmap.local_ids())
         if base is None:
             raise nspawn.NoFreeAddress(
                 "no free range of 65536 host UIDs for the VM's user namespace", "delete a VM"
