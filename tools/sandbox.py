@@ -8,7 +8,10 @@ The machine is booted with a root server's capabilities (--capability=all,
 which containers inside it need) and the cached debian-base template
 (tools/image.py) bound read-only at /mnt/template. The release is installed
 with install.sh --template as on an offline server (VM_BACKEND=nspawn, the
-default; see docs/operations.md). Two ed25519 keys,
+default; see docs/operations.md). DATA_DIR (/var/lib/scalebox) is an ext4
+file system of its own, as on a server's disk: the machine's root is an
+overlay, which the kernel cannot idmap, so VMs there would run without
+user namespaces (see idmap.py). Two ed25519 keys,
 /root/one and /root/two, are made with ssh-keygen; ssh runs inside the
 machine against HOST_IP (the machine's own address), as a user elsewhere would.
 ``Sandbox.outside()`` adds "the outside" for the VM network tests: a network
@@ -42,6 +45,12 @@ KEYS = ("/root/one", "/root/two")
 # "The outside" of the VM network tests: a network namespace inside the test
 # machine, at the end of a veth, with TEST-NET-1 (RFC 5737) addresses. Traffic
 # a VM sends "out" ends there; nothing leaves our machines.
+# A sparse image in the machine's (tmpfs) root: it takes only what is written.
+DATA_DISK = (
+    "truncate -s 64G /var/lib/scalebox.img && "
+    "mkfs.ext4 -q -E lazy_itable_init=1,lazy_journal_init=1 /var/lib/scalebox.img && "
+    "mkdir -p /var/lib/scalebox && mount -o loop /var/lib/scalebox.img /var/lib/scalebox"
+)
 OUTSIDE_NS = "sb-outside"
 OUTSIDE_LINK = "sbout"
 OUTSIDE_GATEWAY = "192.0.2.1"  # the test server's end: what a masqueraded VM shows as
@@ -151,6 +160,8 @@ class Sandbox:
             "mount": f"grep -F /vms/{vm_id}/ /proc/self/mountinfo",
             "loop device": f"losetup -a | grep -F /vms/{vm_id}/",
             "port": f"ss -ltnH 'sport = :{port}'",
+            # The short-lived holders of a VM's user namespace (idmap.userns).
+            "userns child": "pgrep -a -x unshare",
         }
         left = []
         for what, script in checks.items():
@@ -186,6 +197,7 @@ def sandbox_server(
     with Machine.boot(
         release, keep=keep, all_capabilities=True, binds_ro=[(template, "/mnt/template")]
     ) as m:
+        m.run(["bash", "-c", DATA_DISK])
         m.run(["bash", "/mnt/release/install.sh", "--template", TEMPLATE,
                f"/mnt/release/{tarball_name(A)}"], timeout=600)  # fmt: skip
         for key_path in KEYS:

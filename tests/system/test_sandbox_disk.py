@@ -57,11 +57,18 @@ def test_a_vm_root_is_an_overlay_of_its_template_kept_across_restarts_and_unmoun
     seen = mounts(s, vm_id)
     root, fs = f"{DATA}/vms/{vm_id}/disk", f"{DATA}/vms/{vm_id}/fs"
     assert seen[root].startswith("overlay overlay "), seen
-    assert f"lowerdir={DATA}/templates/debian-base/disk" in seen[root]
+    # Its lower layer: the template's disk, idmapped to the VM's UIDs, read-only
+    # (tests/system/test_sandbox_userns.py).
+    lower = f"{DATA}/vms/{vm_id}/lower"
+    assert f"lowerdir={lower}," in seen[root]
+    assert "[/templates/debian-base/disk]" in seen[lower], seen
+    assert seen[lower].split()[-1].split(",")[0] == "ro" and "idmapped" in seen[lower], seen
     assert f"upperdir={fs}/upper" in seen[root]
     assert seen[fs].startswith("ext4 /dev/loop"), seen
-    # Nothing of the template was copied: the VM's directory holds a few MB, not 200+.
-    used_kb = int(s.sh(f"du -sk --one-file-system {DATA}/vms/{vm_id}").stdout.split()[0])
+    # Nothing of the template was copied: the VM's directory holds a few MB, not 200+
+    # (lower/ is the template itself, seen again on the same file system).
+    used_kb = int(s.sh(f"du -sk --one-file-system --exclude=lower {DATA}/vms/{vm_id}")
+                  .stdout.split()[0])  # fmt: skip
     assert used_kb < 40_000, used_kb
     # What the guest writes lands in its own layer, never in the template.
     done = s.ssh(port, "/root/one", "echo mine > /home/user/note; sudo touch /etc/x")

@@ -7,6 +7,7 @@ the doc must change with it. One server, two VMs.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -48,9 +49,15 @@ def test_what_a_guest_can_and_cannot_reach(sandbox: Sandbox) -> None:
         a, b, c, d = (int(x) for x in guest_ip.split("."))
         gateway = f"{a}.{b}.{c}.{d - 1}"
 
-        # No user namespace: root in the guest is UID 0 (uid_map is the identity).
+        # A user namespace: UIDs 0..65535 of the guest are the VM's own 65536 of the
+        # host (tests/system/test_sandbox_userns.py shows its processes from the host).
+        record = json.loads(s.sh(f"cat /var/lib/scalebox/vms/{vms[0]['id']}/vm.json").stdout)
         uid_map = s.ssh(port, "/root/one", "cat /proc/self/uid_map").stdout.split()
-        assert uid_map == ["0", "0", "4294967295"]
+        assert uid_map == ["0", str(record["uid_base"]), "65536"]
+        assert record["uid_base"] >= 0x80000
+        # Root in it has no power over its network namespace, which is the host's.
+        changed = s.ssh(port, "/root/one", "sudo -n ip link set eth0 address 02:00:00:00:00:01")
+        assert changed.returncode != 0 and "not permitted" in changed.stderr
 
         # The API port does not answer a guest, on its gateway nor on HOST_IP
         # (the nftables rules; tests/system/test_sandbox_network.py probes more).

@@ -82,6 +82,18 @@ def test_the_unit_boots_the_vms_own_disk_in_its_own_network_namespace() -> None:
     assert "--hostname=my-box" in argv
 
 
+def test_with_a_uid_base_the_unit_boots_in_a_user_namespace_inside_the_vms_network() -> None:
+    base = 0x80000 + 65536
+    argv = nspawn.nspawn_argv(Path("/d/vms") / VM_ID / "disk", VM_ID, "my-box", base)
+    # nspawn 252 cannot join a network namespace after making the user namespace:
+    # nsenter puts it there first.
+    assert argv[:3] == ["nsenter", f"--net=/run/netns/scalebox-{VM_ID}", "--"]
+    assert argv[3] == "systemd-nspawn"
+    assert f"--private-users={base}:65536" in argv
+    assert "--private-users-ownership=off" in argv  # the mounts map the files: no chown
+    assert not any(a.startswith("--network-namespace-path") for a in argv)
+
+
 def test_limits_come_from_the_vm_and_the_config() -> None:
     props = nspawn.limit_properties(make_vm(vcpu_count=3, mem_size_mib=512), pids_max=100)
     assert props == ["MemoryMax=512M", "CPUQuota=300%", "TasksMax=100"]
@@ -173,6 +185,19 @@ def test_make_disk_writes_keys_hostname_and_a_machine_id_into_a_sparse_image_of_
     assert not (template / "home/user/.ssh").exists()
     assert (vm_dir / "layer").read_text().strip() == str(template.stat().st_ino)
     assert sorted(p.name for p in vm_dir.iterdir()) == ["disk", "disk.img", "fs", "layer"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chowns files to the guest's user (needs root)")
+def test_with_a_uid_base_the_vms_own_files_belong_to_its_uids_on_the_host(tmp_path: Path) -> None:
+    template = fake_rootfs(tmp_path / "template")
+    base = 0x80000
+    make_disk(template, tmp_path / "vm", ssh_public_key=real_key(), uid_base=base)
+    image = tmp_path / "vm" / "disk.img"
+    assert f"User: {base + 1000:6d}" in debugfs(image, "stat upper/home/user/.ssh/authorized_keys")
+    assert f"User: {base:6d}" in debugfs(image, "stat upper/etc/hostname")
+    assert f"User: {base:6d}" in debugfs(image, "stat upper")  # the VM's / is its root's
+    assert "User:     0" in debugfs(image, "stat work")  # overlay's own, the host's
+    assert template.stat().st_uid == 0 and (template / "etc/hostname").stat().st_uid == 0
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chowns files to the guest's user (needs root)")

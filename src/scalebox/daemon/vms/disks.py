@@ -8,6 +8,7 @@ import shutil
 import stat
 from pathlib import Path
 
+from scalebox.daemon.vms import idmap, mounts
 from scalebox.daemon.vms.command import CommandFailed, run
 
 
@@ -52,6 +53,8 @@ def remove_tree(path: Path) -> None:
 #   fs/       where disk.img is mounted (loop) while the VM is up
 #   disk/     the VM's root: an overlay of its template's disk (read-only lower)
 #             and fs/upper; what systemd-nspawn boots
+#   lower/    with a user namespace (uid_base, see idmap.py): an idmapped mount
+#             of the template's disk, the overlay's lower layer instead of it
 #   layer     the inode number of the template disk it was made from
 #
 # A template a VM still uses is never removed: deleting or replacing it moves it
@@ -61,6 +64,7 @@ def remove_tree(path: Path) -> None:
 IMAGE = "disk.img"
 FS_DIR = "fs"
 ROOT_DIR = "disk"
+LOWER_DIR = "lower"
 LAYER_FILE = "layer"
 LAYERS_DIR = "layers"
 MKFS_OPTIONS = (
@@ -86,7 +90,8 @@ def make_image(image: Path, size_bytes: int, content: Path) -> None:
 
 
 def is_mounted(path: Path) -> bool:
-    return os.path.ismount(path)
+    """Whether something is mounted at ``path``: also a bind mount of the same file system."""
+    return mounts.is_mounted(path)
 
 
 def is_full_copy(vm_dir: Path) -> bool:
@@ -94,10 +99,16 @@ def is_full_copy(vm_dir: Path) -> bool:
     return not (vm_dir / IMAGE).exists() and (vm_dir / ROOT_DIR / "etc").is_dir()
 
 
-def mount_layers(vm_dir: Path, lower: Path) -> None:
-    """Mount the VM's image at fs/ and its root overlay at disk/; what is mounted stays."""
-    fs, root = vm_dir / FS_DIR, vm_dir / ROOT_DIR
-    for part in (str(lower), str(fs)):
+def mount_layers(vm_dir: Path, lower: Path, uid_base: int = 0) -> None:
+    """Mount the VM's image at fs/ and its root overlay at disk/; what is mounted stays.
+
+    With ``uid_base`` the overlay's lower layer is lower/, the template's disk
+    idmapped to the VM's UIDs (its upper layer holds them already, see
+    NspawnBackend.make_disk), so the container's root (host UID ``uid_base``)
+    owns its files while nothing on disk is shifted.
+    """
+    fs, root, mapped = vm_dir / FS_DIR, vm_dir / ROOT_DIR, vm_dir / LOWER_DIR
+    for part in (str(lower), str(fs), str(mapped)):
         if any(c in part for c in ",:\\\n"):
             raise CommandFailed(
                 f"cannot mount the disk of {vm_dir.name}: the path {part} holds ',', ':' or '\\'",
@@ -106,25 +117,41 @@ def mount_layers(vm_dir: Path, lower: Path) -> None:
     if not is_mounted(fs):
         run(["mount", "-t", "ext4", "-o", "loop,noatime", str(vm_dir / IMAGE), str(fs)],
             f"mount the disk image of {vm_dir.name} (a loop device)")  # fmt: skip
+    if uid_base and not is_mounted(mapped):
+        mapped.mkdir(exist_ok=True)
+        try:
+            with idmap.userns(uid_base) as userns_fd:
+                idmap.mount_idmapped(lower, mapped, userns_fd)
+        except OSError as exc:
+            raise CommandFailed(
+                f"cannot map the template disk of {vm_dir.name} to its UIDs: {exc}",
+                "see the warning scaleboxd logged at start about user namespaces",
+            ) from None
     if not is_mounted(root):
-        options = f"lowerdir={lower},upperdir={fs}/upper,workdir={fs}/work"
+        lowerdir = mapped if uid_base else lower
+        options = f"lowerdir={lowerdir},upperdir={fs}/upper,workdir={fs}/work"
         run(["mount", "-t", "overlay", "overlay", "-o", options, str(root)],
             f"mount the root overlay of {vm_dir.name}")  # fmt: skip
 
 
 def unmount_layers(vm_dir: Path) -> None:
-    """Unmount disk/ then fs/ (the loop device goes with it); raise if one stays mounted."""
-    for part in (vm_dir / ROOT_DIR, vm_dir / FS_DIR):
+    """Unmount disk/, lower/ then fs/ (the loop device goes with it); raise if one stays mounted."""
+    for part in _mounts(vm_dir):
         if is_mounted(part):
             run(["umount", str(part)], f"unmount {part}")
+
+
+def _mounts(vm_dir: Path) -> tuple[Path, ...]:
+    """What a VM directory may have mounted, the top first."""
+    return (vm_dir / ROOT_DIR, vm_dir / LOWER_DIR, vm_dir / FS_DIR)
 
 
 def remove_vm_dir(vm_dir: Path) -> None:
     """Unmount what a VM directory has mounted, then remove it; never removes through a mount."""
     unmount_layers(vm_dir)
-    for part in (vm_dir / ROOT_DIR, vm_dir / FS_DIR):
-        if is_mounted(part):  # pragma: no cover - umount succeeded but it is still there
-            raise CommandFailed(f"{part} is still mounted", f"unmount it: umount {part}")
+    left = mounts.mounts_under(vm_dir)
+    if left:
+        raise CommandFailed(f"{left[0]} is still mounted", f"unmount it: umount {left[0]}")
     remove_tree(vm_dir)
 
 

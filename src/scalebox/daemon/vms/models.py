@@ -34,6 +34,9 @@ class VM:
     # nspawn backend: the VM's own address on its veth (``ip`` is HOST_IP,
     # where users connect). Empty on the process backend.
     guest_ip: str = ""
+    # nspawn backend: the first host UID of the VM's 65536 (its root's UID on
+    # the host, see idmap.py); 0 when it runs without a user namespace.
+    uid_base: int = 0
 
     def to_api(self, host_ip: str, vm_domain: str) -> dict[str, object]:
         """The VM object of the API contract."""
@@ -64,6 +67,7 @@ class VM:
             "ssh_public_key": self.ssh_public_key,
             "pid": self.pid,
             "guest_ip": self.guest_ip,
+            "uid_base": self.uid_base,
         }
 
     @classmethod
@@ -83,7 +87,7 @@ class VM:
         for field, default in _OPTIONAL_FIELDS.items():
             # Added after format 1 was released: older records lack them.
             value = record.get(field, default)
-            if not isinstance(value, type(default)):
+            if not isinstance(value, type(default)) or isinstance(value, bool):
                 raise RecordError(f"VM record field {field!r} is not a {type(default).__name__}")
             values[field] = value
         return cls(status="unknown", **values)  # type: ignore[arg-type]
@@ -102,7 +106,7 @@ _RECORD_FIELDS: dict[str, type] = {
     "ssh_public_key": str,
     "pid": int,
 }
-_OPTIONAL_FIELDS: dict[str, object] = {"guest_ip": ""}
+_OPTIONAL_FIELDS: dict[str, object] = {"guest_ip": "", "uid_base": 0}
 
 
 @dataclass(frozen=True)

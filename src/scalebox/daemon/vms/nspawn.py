@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import re
 import secrets
@@ -41,7 +42,7 @@ from pathlib import Path
 
 from scalebox.config import ServerConfig
 from scalebox.daemon.errors import ApiError
-from scalebox.daemon.vms import disks, network
+from scalebox.daemon.vms import disks, idmap, network
 from scalebox.daemon.vms.backend import GuestStatus, SystemdBackend, unit_name
 from scalebox.daemon.vms.command import CommandFailed, run
 from scalebox.daemon.vms.models import VM
@@ -58,6 +59,9 @@ CGROUP_V2_ROOTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
 FREEZE_TIMEOUT = 30.0
 MAX_HOSTNAME_LEN = 63
 GIB = 1024**3
+PROBE_DIR = ".userns-probe"
+
+log = logging.getLogger("scaleboxd")
 
 
 class NoFreeAddress(ApiError):
@@ -127,9 +131,26 @@ def hostname_for(name: str) -> str:
     return host or "vm"
 
 
-def nspawn_argv(rootfs: Path, vm_id: str, hostname: str) -> list[str]:
-    """The command scalebox-vm@<id>.service runs (by exec) for an nspawn VM."""
+def nspawn_argv(rootfs: Path, vm_id: str, hostname: str, uid_base: int = 0) -> list[str]:
+    """The command scalebox-vm@<id>.service runs (by exec) for an nspawn VM.
+
+    With ``uid_base`` the container gets a user namespace mapping its UIDs
+    0..65535 to the host's ``uid_base``.. (its files are already seen so,
+    see disks.mount_layers: nothing to chown). It then enters the VM's
+    network namespace through nsenter before nspawn starts, not with
+    ``--network-namespace-path``: systemd 252 joins that one after making
+    the user namespace, where it may not (EPERM). So the network namespace
+    stays the host's, and root in the container has no power over it: it
+    cannot change its address or routes, nor open raw sockets.
+    """
+    if uid_base:
+        network = [f"--private-users={uid_base}:{idmap.RANGE}", "--private-users-ownership=off"]
+        enter = ["nsenter", f"--net=/run/netns/{netns_name(vm_id)}", "--"]
+    else:
+        network = [f"--network-namespace-path=/run/netns/{netns_name(vm_id)}"]
+        enter = []
     return [
+        *enter,
         "systemd-nspawn",
         "--quiet",
         "--boot",
@@ -139,7 +160,7 @@ def nspawn_argv(rootfs: Path, vm_id: str, hostname: str) -> list[str]:
         f"--machine={vm_id}",
         f"--hostname={hostname}",
         f"--directory={rootfs}",
-        f"--network-namespace-path=/run/netns/{netns_name(vm_id)}",
+        *network,
         "--link-journal=no",
         "--console=read-only",  # the container's boot messages go to the unit's journal
     ]
@@ -281,12 +302,14 @@ def _write_new(
         os.fchmod(f.fileno(), mode)
 
 
-def _mirror_dir(lower: Path | None, upper: Path, owner: tuple[int, int], mode: int) -> None:
-    """Make ``upper`` with the owner and mode of the template's ``lower`` (or the defaults)."""
+def _mirror_dir(
+    lower: Path | None, upper: Path, owner: tuple[int, int], mode: int, base: int = 0
+) -> None:
+    """Make ``upper`` with the owner (+ ``base``) and mode of ``lower``, or the defaults."""
     upper.mkdir(parents=True)
     real = lower is not None and lower.is_dir() and not lower.is_symlink()
     st = lower.lstat() if lower is not None and real else None
-    os.chown(upper, *((st.st_uid, st.st_gid) if st else owner))
+    os.chown(upper, *((st.st_uid + base, st.st_gid + base) if st else owner))
     upper.chmod(stat.S_IMODE(st.st_mode) if st else mode)
 
 
@@ -309,6 +332,17 @@ class NspawnBackend:
         self._config = config
         self._vms_dir = config.data_dir / "vms"
         self._units = SystemdBackend()
+        # Whether new VMs get a user namespace (their root an unprivileged UID on
+        # the host): not until check_user_namespaces has seen that they can.
+        self.user_namespaces = False
+
+    def check_user_namespaces(self) -> None:
+        """Try what a VM with a user namespace needs (idmap.probe); one warning if it fails."""
+        why_not = idmap.probe(self._config.data_dir / PROBE_DIR)
+        self.user_namespaces = why_not is None
+        if why_not is not None:
+            log.warning("new VMs get no user namespace, root in a VM is root on the host: %s",
+                        why_not)  # fmt: skip
 
     # -- the Backend interface
 
@@ -327,22 +361,26 @@ class NspawnBackend:
                     f"the template's {Path(rel).parent} is a symlink or not a directory",
                     "make VMs from another template; delete this one if a snapshot made it",
                 )
+        base = vm.uid_base  # its upper layer holds the VM's UIDs as the host sees them
         uid, gid = _user_ids(template_disk, "user")
+        uid, gid, root = uid + base, gid + base, (base, base)
         staging = vm_dir / "staging"
         upper = staging / "upper"
+        upper.mkdir(parents=True)
+        os.chown(upper, *root)  # the root directory of the VM
         for rel, owner, mode in (
-            ("etc", (0, 0), 0o755),
-            ("home", (0, 0), 0o755),
+            ("etc", root, 0o755),
+            ("home", root, 0o755),
             ("home/user", (uid, gid), 0o755),
         ):
-            _mirror_dir(template_disk / rel, upper / rel, owner, mode)
+            _mirror_dir(template_disk / rel, upper / rel, owner, mode, base)
         _mirror_dir(None, upper / "home/user/.ssh", (uid, gid), 0o700)  # always ours, for sshd
         _write_new(upper / "home/user/.ssh/authorized_keys", vm.ssh_public_key + "\n", 0o600,
                    (uid, gid))  # fmt: skip
         hostname = hostname_for(vm.name)
-        _write_new(upper / "etc/hostname", hostname + "\n")
-        _write_new(upper / "etc/hosts", hosts_file(hostname))
-        _write_new(upper / "etc/machine-id", secrets.token_hex(16) + "\n", 0o444)
+        _write_new(upper / "etc/hostname", hostname + "\n", owner=root)
+        _write_new(upper / "etc/hosts", hosts_file(hostname), owner=root)
+        _write_new(upper / "etc/machine-id", secrets.token_hex(16) + "\n", 0o444, root)
         (staging / "work").mkdir()
         (vm_dir / disks.LAYER_FILE).write_text(disks.layer_of(template_disk) + "\n")
         disks.make_image(vm_dir / disks.IMAGE, vm.disk_size_gib * GIB, staging)
@@ -433,6 +471,9 @@ class NspawnBackend:
                 disks.copy_tree(disk, target)
             finally:
                 set_frozen(cgroup, False, f"thaw VM {vm.id} after its snapshot")
+        if vm.uid_base:
+            # Its overlay shows the VM's UIDs as the host sees them; a template holds them as is.
+            idmap.unshift_tree(target, vm.uid_base)
         forget_identity(target)
 
     def _cgroup(self, vm_id: str) -> Path | None:
@@ -494,7 +535,10 @@ class NspawnBackend:
                 f"the template disk VM {vm.id} was made from ({vm.template}) is gone",
                 "delete the VM and create it again",
             )
-        disks.mount_layers(vm_dir, lower)
+        if vm.uid_base and not idmap.valid_base(vm.uid_base):
+            raise CommandFailed(f"VM {vm.id} has a UID base {vm.uid_base} that is not one of ours",
+                                "delete the VM and create it again")  # fmt: skip
+        disks.mount_layers(vm_dir, lower, vm.uid_base)
 
     def _network_up(self, vm: VM) -> None:
         """A fresh namespace and veth for ``vm`` (what a previous run left is removed first)."""
@@ -513,6 +557,13 @@ class NspawnBackend:
             run(["ip", "-n", ns, "link", "set", GUEST_IF, "up"], what)
             run(["ip", "-n", ns, "link", "set", "lo", "up"], what)
             run(["ip", "-n", ns, "route", "add", "default", "via", host_ip], what)
+            if vm.uid_base:
+                # The namespace is the host's: root in the container has no
+                # CAP_NET_BIND_SERVICE nor CAP_NET_RAW in it. Let every UID
+                # bind ports < 1024 (sshd on 22) and send ICMP echo (ping).
+                run(["nsenter", f"--net=/run/netns/{ns}", "sysctl", "-q", "-w",
+                     "net.ipv4.ip_unprivileged_port_start=0",
+                     "net.ipv4.ping_group_range=0 2147483647"], what)  # fmt: skip
         except BaseException:
             self._network_down(vm.id)
             raise
@@ -560,7 +611,8 @@ def exec_guest(config: ServerConfig, vm_id: str) -> int:
     try:
         record = json.loads((vm_dir / "vm.json").read_text())
         name = str(record["name"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        uid_base = int(record.get("uid_base", 0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         print(f"scalebox guest {vm_id}: cannot read {vm_dir / 'vm.json'}: {exc}", flush=True)
         return 1
     if not disks.is_mounted(vm_dir / disks.ROOT_DIR) and not disks.is_full_copy(vm_dir):
@@ -568,7 +620,11 @@ def exec_guest(config: ServerConfig, vm_id: str) -> int:
         print(f"scalebox guest {vm_id}: {vm_dir / disks.ROOT_DIR} is not mounted; "
               "start the VM through scaleboxd", flush=True)  # fmt: skip
         return 1
-    argv = nspawn_argv(vm_dir / disks.ROOT_DIR, vm_id, hostname_for(name))
+    if uid_base and not idmap.valid_base(uid_base):
+        print(f"scalebox guest {vm_id}: UID base {uid_base} in {vm_dir / 'vm.json'} is not "
+              "one of ours; delete the VM and create it again", flush=True)  # fmt: skip
+        return 1
+    argv = nspawn_argv(vm_dir / disks.ROOT_DIR, vm_id, hostname_for(name), uid_base)
     try:
         os.execvp(argv[0], argv)  # noqa: S606 - argv is ours, no shell involved
     except OSError as exc:

@@ -28,7 +28,7 @@ from scalebox.daemon.errors import (
     Protected,
     Unavailable,
 )
-from scalebox.daemon.vms import disks, hostinfo, naming, network, nspawn, state, templates
+from scalebox.daemon.vms import disks, hostinfo, idmap, naming, network, nspawn, state, templates
 from scalebox.daemon.vms.backend import (
     Backend,
     GuestStatus,
@@ -147,6 +147,9 @@ class VMService:
             self._vms = {vm.id: vm for vm in vms}
             if self._nspawn:  # before any VM starts; reapplied on every start (network.py)
                 network.apply(self._config.vm_network)
+            if isinstance(self._backend, nspawn.NspawnBackend):
+                # Here, not in the read-only handover: one prober of DATA_DIR at a time.
+                self._backend.check_user_namespaces()
             # With a corrupt state file, what could not be recovered is kept,
             # not cleaned up: nothing is deleted because a file was unreadable.
             self._reconcile(clean_orphans=loaded.problem is None)
@@ -314,6 +317,7 @@ class VMService:
                 # nspawn: where users connect (the forwarder); process guests listen on the host.
                 ip=cfg.host_ip if self._nspawn else GUEST_IP,
                 guest_ip=guest_ip,
+                uid_base=self._pick_uid_base(),
                 ssh_port=port,
                 status="starting",
                 created_at=now_iso(),
@@ -341,6 +345,18 @@ class VMService:
                 time.monotonic() - copied,
             )  # fmt: skip
             return vm
+
+    def _pick_uid_base(self) -> int:
+        """A new VM's own 65536 host UIDs (0: no user namespace); recorded, never picked again."""
+        backend = self._backend
+        if not (isinstance(backend, nspawn.NspawnBackend) and backend.user_namespaces):
+            return 0
+        base = idmap.pick_base({vm.uid_base for vm in self._vms.values()}, idmap.local_ids())
+        if base is None:
+            raise nspawn.NoFreeAddress(
+                "no free range of 65536 host UIDs for the VM's user namespace", "delete a VM"
+            )
+        return base
 
     def delete_vm(self, id_or_name: str) -> None:
         self._writable("VM deletion")

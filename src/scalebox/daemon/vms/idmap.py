@@ -1,0 +1,309 @@
+"""User namespaces for nspawn VMs: UID ranges and idmapped mounts.
+
+Root in a VM is the host's UID ``base`` (and the VM's UID n the host's
+``base + n``) when the VM boots with ``--private-users=base:65536``. Nothing
+is chowned for it: the lower layer of its root overlay is an *idmapped
+mount* of the template disk, read-only, whose mapping is a user namespace
+with the VM's range (the template's UID n shows as ``base + n``, and stays
+n on disk), and its upper layer, made fresh for each VM, holds its few
+files as ``base + n`` from the start (NspawnBackend.make_disk). overlayfs
+takes idmapped layers (Linux >= 5.19); an overlay itself cannot be
+idmapped, which is why nspawn's ``--private-users-ownership=map`` does not
+work on it, and an idmapped *upper* layer makes the overlay read-only when
+the host's root mounts it (its UID 0 has no mapping there: EOVERFLOW).
+
+An idmapped mount is made with the new mount API: ``open_tree``
+(``OPEN_TREE_CLONE``) makes a detached copy of a mount, ``mount_setattr``
+(``MOUNT_ATTR_IDMAP``) gives it the mapping of a user namespace, and
+``move_mount`` attaches it at a path. Python 3.11 has none of them, so
+they are called through ctypes (the numbers are the same on x86_64 and
+aarch64). The user namespace comes from a short-lived ``unshare --user``
+child whose maps we write; the mount keeps the namespace alive, the child
+is gone before the mount is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from scalebox.daemon.vms import mounts
+from scalebox.daemon.vms.command import CommandFailed, run
+
+RANGE = 65536
+# systemd's range for containers' UIDs (0x00080000..0x6FFFFFFF, see
+# systemd's docs/UIDS-GIDS.md); pick_base also skips the host's own ids.
+FIRST_BASE = 0x00080000
+LAST_BASE = 0x6FFF0000
+
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+SYS_MOUNT_SETATTR = 442
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_RDONLY = 0x00000001
+MOUNT_ATTR_IDMAP = 0x00100000
+USERNS_TIMEOUT = 5.0
+# --private-users-ownership= (before 249: --private-users-chown).
+MIN_SYSTEMD = 249
+
+
+class IdmapError(OSError):
+    """An idmapped mount or its user namespace could not be made."""
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = (
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    )
+
+
+# --- pure decisions ----------------------------------------------------------------
+
+
+def pick_base(used: Iterable[int], host_ids: Iterable[int] = ()) -> int | None:
+    """The lowest UID base of a free 65536-range in systemd's container range, or None.
+
+    Free: no VM has it (``used``) and no UID or GID of the host's own
+    users and groups (``host_ids``, see ``local_ids``) falls in it.
+    """
+    taken = set(used) | {FIRST_BASE + (i - FIRST_BASE) // RANGE * RANGE for i in host_ids}
+    for base in range(FIRST_BASE, LAST_BASE + 1, RANGE):
+        if base not in taken:
+            return base
+    return None
+
+
+def parse_ids(text: str) -> set[int]:
+    """The numeric ids (third and fourth fields) of /etc/passwd or /etc/group lines."""
+    ids = set()
+    for line in text.splitlines():
+        for field in line.split(":")[2:4]:
+            if field.isdigit():
+                ids.add(int(field))
+    return ids
+
+
+def local_ids(files: tuple[Path, ...] = (Path("/etc/passwd"), Path("/etc/group"))) -> set[int]:
+    """UIDs and GIDs of the host's local users and groups (not those of LDAP and the like)."""
+    ids: set[int] = set()
+    for path in files:
+        with contextlib.suppress(OSError):
+            ids |= parse_ids(path.read_text(errors="replace"))
+    return ids
+
+
+def valid_base(base: int) -> bool:
+    """Whether ``base`` starts one of the ranges ``pick_base`` hands out."""
+    return FIRST_BASE <= base <= LAST_BASE and (base - FIRST_BASE) % RANGE == 0
+
+
+def id_map(base: int) -> str:
+    """The uid_map/gid_map line: inside 0..65535 is outside base..base+65535."""
+    return f"0 {base} {RANGE}\n"
+
+
+# --- the system calls ----------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise IdmapError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+@contextlib.contextmanager
+def userns(base: int) -> Iterator[int]:
+    """An fd of a new user namespace mapping 0..65535 to ``base``..; closed on leaving.
+
+    A ``unshare --user`` child makes the namespace; we write its maps (root
+    may write any mapping) and open it, then the child goes: the fd (and
+    later the mounts) keep the namespace.
+    """
+    child = subprocess.Popen(
+        ["unshare", "--user", "--", "sleep", "60"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    fd = -1
+    try:
+        ours = Path("/proc/self/ns/user").readlink()
+        deadline = time.monotonic() + USERNS_TIMEOUT
+        while True:
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{child.pid}/ns/user").readlink() != ours:
+                    break
+            if child.poll() is not None:
+                err = child.stderr.read().decode(errors="replace").strip() if child.stderr else ""
+                raise IdmapError(
+                    errno.EPERM, f"cannot make a user namespace: {err or 'unshare failed'}"
+                )
+            if time.monotonic() > deadline:
+                raise IdmapError(errno.ETIMEDOUT, "cannot make a user namespace: unshare hangs")
+            time.sleep(0.001)
+        for name in ("uid_map", "gid_map"):
+            try:
+                Path(f"/proc/{child.pid}/{name}").write_text(id_map(base))
+            except OSError as exc:
+                what = f"cannot write the {name} of a user namespace: {exc.strerror}"
+                raise IdmapError(exc.errno or errno.EPERM, what) from None
+        fd = os.open(f"/proc/{child.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        child.kill()
+        child.wait()
+        if child.stderr:
+            child.stderr.close()
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _clone(source: Path) -> int:
+    """A detached copy of the mount at ``source`` (an fd; the mount goes with its last fd)."""
+    return _check(
+        _libc.syscall(ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(AT_FDCWD),
+                      ctypes.c_char_p(os.fsencode(source)),
+                      ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)),
+        f"open_tree {source}",
+    )  # fmt: skip
+
+
+def _set_idmap(tree: int, userns_fd: int, source: Path) -> None:
+    attr = _MountAttr(attr_set=MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY, userns_fd=userns_fd)
+    _check(
+        _libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(tree),
+                      ctypes.c_char_p(b""), ctypes.c_uint(AT_EMPTY_PATH),
+                      ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))),
+        f"idmap a mount of {source}",
+    )  # fmt: skip
+
+
+def mount_idmapped(source: Path, target: Path, userns_fd: int) -> None:
+    """Attach at ``target`` a copy of the mount at ``source``, seen through ``userns_fd``.
+
+    Raises IdmapError when the kernel or ``source``'s filesystem cannot idmap.
+    """
+    tree = _clone(source)
+    try:
+        _set_idmap(tree, userns_fd, source)
+        _check(
+            _libc.syscall(ctypes.c_long(SYS_MOVE_MOUNT), ctypes.c_int(tree), ctypes.c_char_p(b""),
+                          ctypes.c_int(AT_FDCWD), ctypes.c_char_p(os.fsencode(target)),
+                          ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)),
+            f"attach the idmapped mount of {source} at {target}",
+        )  # fmt: skip
+    finally:
+        os.close(tree)
+
+
+def check_idmap(source: Path, userns_fd: int) -> None:
+    """Raise IdmapError unless the kernel can idmap a mount of ``source``'s filesystem."""
+    tree = _clone(source)
+    try:
+        _set_idmap(tree, userns_fd, source)
+    finally:
+        os.close(tree)  # a detached mount goes with its last fd
+
+
+def unshift_tree(root: Path, base: int) -> int:
+    """Give every file under ``root`` (and ``root``) owned by base..base+65535 the owner - base.
+
+    For a copy made through a VM's overlay, which shows its files as the
+    host sees the VM's UIDs. Symlinks are not followed; setuid and setgid
+    bits, which the kernel clears on a chown, are put back. Returns how
+    many files changed.
+    """
+    changed = 0
+
+    def unshift(path: str) -> None:
+        nonlocal changed
+        st = os.lstat(path)
+        uid = st.st_uid - base if base <= st.st_uid < base + RANGE else st.st_uid
+        gid = st.st_gid - base if base <= st.st_gid < base + RANGE else st.st_gid
+        if (uid, gid) == (st.st_uid, st.st_gid):
+            return
+        os.lchown(path, uid, gid)
+        if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+            Path(path).chmod(stat.S_IMODE(st.st_mode))
+        changed += 1
+
+    unshift(str(root))
+    for parent, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            unshift(f"{parent}/{name}")
+    return changed
+
+
+def nspawn_version(text: str) -> int:
+    """The version in ``systemd-nspawn --version`` ("systemd 252 (252.36-1~deb12u1)"), or 0."""
+    fields = text.split()
+    return (
+        int(fields[1]) if len(fields) > 1 and fields[0] == "systemd" and fields[1].isdigit() else 0
+    )
+
+
+def probe(scratch: Path) -> str | None:
+    """Why VMs cannot get user namespaces on this host, or None when they can.
+
+    Tries in the new directory ``scratch`` (on DATA_DIR's filesystem, where
+    templates live) what a VM start does: a user namespace, an idmapped
+    mount of a directory, an overlay on it that is writable, and a
+    systemd-nspawn that knows ``--private-users-ownership`` (systemd >= 249).
+    Leaves nothing mounted and removes ``scratch``.
+    """
+    try:
+        version = nspawn_version(run(["systemd-nspawn", "--version"], "read the systemd version"))
+    except CommandFailed as exc:
+        return exc.what
+    if version < MIN_SYSTEMD:
+        found = version or "of an unknown version"
+        return f"systemd-nspawn is systemd {found}, {MIN_SYSTEMD} or later is needed"
+    lower, mapped, upper, work, root = (
+        scratch / n for n in ("lower", "mapped", "upper", "work", "root")
+    )
+    _clear(scratch)  # what a probe cut off left
+    try:
+        for part in (lower, mapped, upper, work, root):
+            part.mkdir(parents=True)
+        with userns(FIRST_BASE) as fd:
+            mount_idmapped(lower, mapped, fd)
+        options = f"lowerdir={mapped},upperdir={upper},workdir={work}"
+        run(["mount", "-t", "overlay", "overlay", "-o", options, str(root)],
+            "mount an overlay on an idmapped layer")  # fmt: skip
+        (root / "written").write_text("")
+        if not (upper / "written").is_file():
+            return "an overlay on an idmapped layer does not write to its upper layer"
+    except (OSError, CommandFailed) as exc:
+        return str(exc)
+    finally:
+        _clear(scratch)
+    return None
+
+
+def _clear(scratch: Path) -> None:
+    """Unmount the probe's mounts and remove its directory; never removes through a mount."""
+    for part in (scratch / "root", scratch / "mapped"):
+        if mounts.is_mounted(part):
+            with contextlib.suppress(CommandFailed):
+                run(["umount", str(part)], f"unmount {part}")
+    if not mounts.mounts_under(scratch):
+        shutil.rmtree(scratch, ignore_errors=True)
