@@ -442,11 +442,7 @@ class NspawnBackend:
         cgroup = self._cgroup(vm.id) if cgroup_v2_root() is not None else None
         if cgroup is not None and is_frozen(cgroup):
             set_frozen(cgroup, False, f"thaw VM {vm.id} left frozen by a snapshot")
-        name = forwarder_unit(vm.id)
-        state = run(["systemctl", "show", "-p", "ActiveState", "--value", f"{name}.socket"],
-                    f"read the state of {name}.socket").strip()  # fmt: skip
-        if state != "active":
-            self._forwarder_up(vm)
+        self._forwarder_up(vm)
 
     def copy_for_snapshot(self, vm: VM, disk: Path, target: Path) -> None:
         """Copy ``disk`` with the VM frozen, thaw it whatever happened, then forget its identity.
@@ -579,7 +575,13 @@ class NspawnBackend:
                 run(["ip", "link", "del", host_if(vm_id)], f"remove the veth of {vm_id}")
 
     def _forwarder_up(self, vm: VM) -> None:
+        """Start the VM's SSH forwarder unless it runs: it outlives the container (a VM
+        stopped behind scaleboxd's back keeps it), and a transient unit cannot be made twice."""
         name = forwarder_unit(vm.id)
+        state = run(["systemctl", "show", "-p", "ActiveState", "--value", f"{name}.socket"],
+                    f"read the state of {name}.socket").strip()  # fmt: skip
+        if state == "active":
+            return
         for unit in (f"{name}.socket", f"{name}.service"):
             with contextlib.suppress(CommandFailed):
                 run(["systemctl", "reset-failed", unit], f"reset {unit}")
