@@ -151,6 +151,7 @@ def test_the_report_divides_each_run_by_its_own_baseline_and_keeps_the_worst() -
         r.restart, r.restart_wall_s = [_load(restart)], 2.0
         r.update.loads, r.update.wall_s = [_load(update, failed=index - 1)], 8.0
         r.update.built_s = 1.5 + index
+        r.idle_built_s = 0.9 * index
         runs.append(r)
     text, summary = report(runs)
     worst = summary["worst"]
@@ -158,10 +159,11 @@ def test_the_report_divides_each_run_by_its_own_baseline_and_keeps_the_worst() -
     assert worst["A->B: max latency ÷ bare restart's"] == "0.5"
     assert worst["A->B: wall time ÷ bare restart"] == "4.0"
     assert worst["A->B: failed requests (all loads)"] == "1"
-    assert worst["A->B: stage time (build releases/1.1.0)"] == "3.50 s"
+    assert worst["A->B: stage time under load (releases/1.1.0)"] == "3.50 s"
+    assert worst["stage time with no load (--stage 1.2.0)"] == "1.80 s"  # met: 1.8 < 2
     assert summary["misses"] == [
         "A->B: failed requests (all loads)",
         "A->B: max latency ÷ no update",
-        "A->B: stage time (build releases/1.1.0)",
+        "A->B: stage time under load (releases/1.1.0)",
     ]
     assert "host loadavg run 1: 1.50, run 2: 1.50" in text
