@@ -42,15 +42,22 @@ SSH_OPTS = (
     "-o LogLevel=ERROR -o ConnectTimeout=10"
 )
 KEYS = ("/root/one", "/root/two")
-# "The outside" of the VM network tests: a network namespace inside the test
-# machine, at the end of a veth, with TEST-NET-1 (RFC 5737) addresses. Traffic
-# a VM sends "out" ends there; nothing leaves our machines.
 # A sparse image in the machine's (tmpfs) root: it takes only what is written.
 DATA_DISK = (
     "truncate -s 64G /var/lib/scalebox.img && "
     "mkfs.ext4 -q -E lazy_itable_init=1,lazy_journal_init=1 /var/lib/scalebox.img && "
     "mkdir -p /var/lib/scalebox && mount -o loop /var/lib/scalebox.img /var/lib/scalebox"
 )
+# The loop devices of this server's VM disks ("NAME BACK-FILE" lines). Loop devices
+# are the host kernel's, so `losetup -a` in one machine also lists every other
+# machine's: only those backed by a file on this machine's DATA_DIR are ours.
+OUR_LOOPS = (
+    "d=$(mountpoint -d /var/lib/scalebox) && losetup -l -n -O NAME,BACK-MAJ:MIN,BACK-FILE"
+    " | awk -v d=\"$d\" '$2 == d {print $1, $3}'"
+)
+# "The outside" of the VM network tests: a network namespace inside the test
+# machine, at the end of a veth, with TEST-NET-1 (RFC 5737) addresses. Traffic
+# a VM sends "out" ends there; nothing leaves our machines.
 OUTSIDE_NS = "sb-outside"
 OUTSIDE_LINK = "sbout"
 OUTSIDE_GATEWAY = "192.0.2.1"  # the test server's end: what a masqueraded VM shows as
@@ -158,7 +165,7 @@ class Sandbox:
             "veth": f"ip -br link | grep -F vm{hexid}",
             "disk": f"ls -d /var/lib/scalebox/vms/{vm_id} 2>/dev/null",
             "mount": f"grep -F /vms/{vm_id}/ /proc/self/mountinfo",
-            "loop device": f"losetup -a | grep -F /vms/{vm_id}/",
+            "loop device": f"{{ {OUR_LOOPS}; }} | grep -F /vms/{vm_id}/",
             "port": f"ss -ltnH 'sport = :{port}'",
             # The short-lived holders of a VM's user namespace (idmap.userns).
             "userns child": "pgrep -a -x unshare",

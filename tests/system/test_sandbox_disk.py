@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from tools.sandbox import TEMPLATE, Sandbox, sandbox_server
+from tools.sandbox import OUR_LOOPS, TEMPLATE, Sandbox, sandbox_server
 
 from .conftest import _skip_unless_able
 
@@ -112,12 +112,12 @@ def test_a_guest_that_fills_its_disk_gets_enospc_and_the_host_disk_is_not_filled
 
 def test_a_disk_size_above_the_limit_is_refused_and_leaves_nothing(sandbox: Sandbox) -> None:
     s = sandbox
-    before = s.sh(f"ls -A {DATA}/vms; losetup -a; findmnt -rn | grep -F {DATA} || true").stdout
+    before = s.sh(f"ls -A {DATA}/vms; {OUR_LOOPS}; findmnt -rn | grep -F {DATA} || true").stdout
     answer = s.api("POST", "/vms", json={"template": "debian-base", "disk_size_gib": 101,
                                          "ssh_public_key": s.public_key()})  # fmt: skip
     assert answer.status_code == 400, answer.text
     assert "disk_size_gib" in answer.json()["error"]
-    assert s.sh(f"ls -A {DATA}/vms; losetup -a; findmnt -rn | grep -F {DATA} || true").stdout == (
+    assert s.sh(f"ls -A {DATA}/vms; {OUR_LOOPS}; findmnt -rn | grep -F {DATA} || true").stdout == (
         before
     )
 
@@ -166,7 +166,7 @@ def test_a_create_that_fails_after_mounting_and_a_vm_missing_from_the_state_leav
         assert answer.status_code == 500, answer.text
     finally:
         s.sh(f"rm -rf {DATA}/templates/noboot")
-    assert s.sh(f"findmnt -rn | grep -F {DATA}/vms/; losetup -a | grep -F {DATA}/vms/; "
+    assert s.sh(f"findmnt -rn | grep -F {DATA}/vms/; {{ {OUR_LOOPS}; }} | grep -F {DATA}/vms/; "
                 f"ls -A {DATA}/vms", check=False).stdout == ""  # fmt: skip
 
     # A VM scaleboxd has no record of (its state lost in a crash): on start,

@@ -168,7 +168,9 @@ def test_the_rules_stay_while_scaleboxd_is_stopped(net: Net) -> None:
         assert not _opens(net, s.host_ip, net.other_port)
         assert _seen_as(net) == OUTSIDE_GATEWAY
     finally:
-        s.sh("systemctl start scaleboxd.socket scaleboxd.service")
+        started = s.sh("systemctl start scaleboxd.socket scaleboxd.service", check=False)
+        log = s.sh("journalctl -u scaleboxd -u scaleboxd.socket -n 40 --no-pager", check=False)
+        assert started.returncode == 0, started.stderr + log.stdout
     # Started again: the table is replaced, not doubled, and still works.
     assert s.sh("nft list tables").stdout.count("table inet scalebox") == 1
     assert _seen_as(net) == OUTSIDE_GATEWAY
