@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import shlex
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
@@ -210,8 +212,29 @@ def is_stale(state: dict[str, Any], state_age: float) -> bool:
     return not state.get("keep") and not is_alive(state.get("owner_pid"), state.get("owner_start"))
 
 
+@contextlib.contextmanager
+def host_lock(state_dir: Path = netns.STATE_DIR) -> Iterator[None]:
+    """Hold the host-wide lock under which machines are judged stale and destroyed.
+
+    Test runs share the host (pytest-xdist workers, two `./do` runs): without
+    it one run's sweep could judge a machine whose owner is tearing it down
+    (its nspawn already gone) stale, and its `ip netns del` could land after
+    the slot was freed and claimed again, deleting the new machine's network.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with (state_dir / "lock").open("a") as lock:  # not sb*.json: never a slot
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def destroy(slot: Slot, state_dir: Path = netns.STATE_DIR, timeout: float = STOP_TIMEOUT) -> None:
     """Stop machine ``slot`` (SIGTERM, then SIGKILL), delete its network, free N."""
+    with host_lock(state_dir):
+        _destroy(slot, state_dir, timeout)
+
+
+def _destroy(slot: Slot, state_dir: Path, timeout: float) -> None:
+    """destroy(), for callers that hold host_lock()."""
     state = read_state(slot, state_dir)
     if state is None:
         raise MachineError(
@@ -239,17 +262,18 @@ def destroy(slot: Slot, state_dir: Path = netns.STATE_DIR, timeout: float = STOP
 def sweep_stale(state_dir: Path = netns.STATE_DIR) -> list[str]:
     """Tear down machines left by killed runs; only ones with our state files."""
     removed = []
-    for slot in _state_slots(state_dir):
-        state = read_state(slot, state_dir)
-        if state is None:
-            continue
-        try:
-            age = time.time() - slot.state_file(state_dir).stat().st_mtime
-        except FileNotFoundError:
-            continue
-        if is_stale(state, age):
-            destroy(slot, state_dir, timeout=10)
-            removed.append(slot.name)
+    with host_lock(state_dir):
+        for slot in _state_slots(state_dir):
+            state = read_state(slot, state_dir)
+            if state is None:
+                continue
+            try:
+                age = time.time() - slot.state_file(state_dir).stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if is_stale(state, age):
+                _destroy(slot, state_dir, timeout=10)
+                removed.append(slot.name)
     return removed
 
 
@@ -323,7 +347,12 @@ class Machine:
         image_dir = image.ensure_image()
         with sigterm_raises():
             owner_pid = os.getpid()
-            owner = {"owner_pid": owner_pid, "owner_start": start_time(owner_pid), "keep": keep}
+            owner = {
+                "owner_pid": owner_pid,
+                "owner_start": start_time(owner_pid),
+                "keep": keep,
+                "token": uuid.uuid4().hex,  # which boot this slot's state belongs to
+            }
             slot = netns.claim_slot(owner, state_dir)
             machine = cls(slot, image_dir, release_dir, state_dir)
             machine.all_capabilities = all_capabilities
@@ -361,13 +390,19 @@ class Machine:
         if self.root_dir is None:
             raise MachineError("power_cut needs a persistent machine", "boot(persistent=True)")
         init, nspawn = self.init_pid, self.nspawn
+        init_start = self._state.get("init_start")
+        # Forget the pids first: a dead nspawn in the state file would make
+        # another run's stale sweep tear the powered-off machine down.
+        for key in ("nspawn_pid", "nspawn_start", "init_pid", "init_start"):
+            self._state.pop(key, None)
+        self._save()
         if init is not None:
-            _kill(init, self._state.get("init_start"), signal.SIGKILL)
+            _kill(init, init_start, signal.SIGKILL)
         if nspawn is not None:
             nspawn.kill()
             nspawn.wait(30)
         if init is not None:
-            _wait_gone(init, self._state.get("init_start"), 10)
+            _wait_gone(init, init_start, 10)
         self.init_pid = None
 
     def power_on(self, timeout: float = BOOT_TIMEOUT) -> None:
@@ -495,8 +530,12 @@ class Machine:
         return "\n".join("    " + line for line in text.splitlines()[-lines:])
 
     def teardown(self) -> None:
-        """Stop the container, delete its network, free its slot. Safe to call twice."""
-        with _signals_ignored():
+        """Stop the container, delete its network, free its slot. Safe to call twice.
+
+        Under host_lock(), and only while the slot's state is still this boot's:
+        if another run's sweep removed it, the slot may be someone else's now.
+        """
+        with _signals_ignored(), host_lock(self.state_dir):
             if self.nspawn is not None and self.nspawn.poll() is None:
                 self.nspawn.terminate()
                 try:
@@ -505,10 +544,9 @@ class Machine:
                     _say(f"{self.name} did not stop within {STOP_TIMEOUT:.0f} s; killing it")
                     self.nspawn.kill()
                     self.nspawn.wait(10)
-            if read_state(self.slot, self.state_dir) is not None:
-                destroy(self.slot, self.state_dir, timeout=5)
-            else:
-                netns.delete_network(self.slot)
+            state = read_state(self.slot, self.state_dir)
+            if state is not None and state.get("token") == self._state.get("token"):
+                _destroy(self.slot, self.state_dir, timeout=5)
 
     def keep_instructions(self) -> str:
         return (

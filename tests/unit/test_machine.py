@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -15,7 +16,7 @@ import pytest
 from tools import image, netns
 from tools.check import RequestStream
 from tools.checks import CheckFailed, Report
-from tools.machine import is_stale, start_time
+from tools.machine import Machine, host_lock, is_stale, read_state, start_time, sweep_stale
 from tools.netns import Slot
 
 
@@ -104,6 +105,44 @@ def test_a_reused_pid_does_not_count_as_alive() -> None:
 def test_an_unreadable_state_file_is_stale_only_when_old() -> None:
     assert not is_stale({}, state_age=1)
     assert is_stale({}, state_age=3600)
+
+
+def _write_slot_state(state_dir: Path, slot: Slot, state: dict[str, object]) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    slot.state_file(state_dir).write_text(json.dumps({"name": slot.name, **state}))
+
+
+@pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2's ip")
+def test_a_sweep_waits_for_the_host_lock_before_judging_a_machine(tmp_path: Path) -> None:
+    """Another run tearing a machine down holds the lock: the sweep must not act meanwhile."""
+    pid, started = _dead_pid()
+    slot = Slot(248)  # no network of that name exists: destroy's `ip ... del` finds nothing
+    _write_slot_state(tmp_path, slot, {"owner_pid": pid, "owner_start": started, "keep": False})
+    swept: list[list[str]] = []
+    with host_lock(tmp_path):
+        sweeper = threading.Thread(target=lambda: swept.append(sweep_stale(tmp_path)))
+        sweeper.start()
+        sweeper.join(0.5)
+        assert sweeper.is_alive(), "the sweep ran while another holder had the host lock"
+        assert read_state(slot, tmp_path) is not None
+    sweeper.join(30)
+    assert swept == [["sb248"]]
+    assert read_state(slot, tmp_path) is None
+
+
+@pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2's ip")
+def test_teardown_leaves_a_slot_that_another_boot_claimed_since(tmp_path: Path) -> None:
+    """A sweep removed this boot's machine and another boot took the slot: not ours to free."""
+    slot = Slot(247)
+    me = {"owner_pid": os.getpid(), "owner_start": start_time(os.getpid()), "keep": False}
+    _write_slot_state(tmp_path, slot, {**me, "token": "the-other-boot"})
+    machine = Machine(slot, tmp_path / "image", None, tmp_path)
+    machine._state = {"name": slot.name, **me, "token": "this-boot"}
+    machine.teardown()
+    assert read_state(slot, tmp_path) == {"name": "sb247", **me, "token": "the-other-boot"}
+    machine._state["token"] = "the-other-boot"
+    machine.teardown()
+    assert read_state(slot, tmp_path) is None
 
 
 @pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2's ip")
