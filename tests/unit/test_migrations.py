@@ -226,6 +226,20 @@ def _boom(config: ConfigFile) -> None:
     raise RuntimeError("cannot reach /etc/caddy")
 
 
+def test_runner_says_when_a_migration_found_nothing_to_change(tmp_path: Path) -> None:
+    path, state = _config(tmp_path), tmp_path / "state.json"
+    before = path.read_bytes()
+    lines: list[str] = []
+    out = runner.run(
+        [_m("0001-a", "1.1.0", lambda _config: None)], config_path=path, from_version="1.0.0",
+        to_version="1.1.0", state_path=state, report=lines.append,
+    )  # fmt: skip
+    assert out.applied == ("0001-a",)
+    assert not out.config_changed
+    assert lines == ["applied 0001-a: does 0001-a (the config already said so: no change)"]
+    assert path.read_bytes() == before
+
+
 def test_runner_applies_in_order_records_state_and_a_rerun_skips(tmp_path: Path) -> None:
     path, state = _config(tmp_path), tmp_path / "state.json"
     ms = [_m("0001-a", "1.1.0", _add("A_KEY", "1")), _m("0002-b", "1.1.0", _add("B_KEY", "2"))]

@@ -79,10 +79,12 @@ def run(
             raise MigrationFailed(m.id, exc.what) from exc
         except Exception as exc:  # any bug in a migration stops the update
             raise MigrationFailed(m.id, f"{type(exc).__name__}: {exc}") from exc
-        changed = changed or config.changed
+        this_changed = config.changed
+        changed = changed or this_changed
         config.save()
         done.append(m.id)
         write_state(state_path, done)
         applied.append(m.id)
-        report(f"applied {m.id}: {m.description}")
+        outcome = "" if this_changed else " (the config already said so: no change)"
+        report(f"applied {m.id}: {m.description}{outcome}")
     return Outcome(tuple(applied), skipped, changed)
