@@ -599,7 +599,9 @@ class Machine:
             raise MachineError(
                 f"`{shlex.join(argv)}` in {self.name} exited with code {result.returncode}:\n"
                 + _indent(result.stdout + result.stderr),
-                "rerun with --keep-vm and look inside: " + self.shell_hint(),
+                f"{self.name} is torn down when its run ends; to look inside, keep a machine "
+                "(`./do check --keep-vm`, or `./do machine up --release DIR` and repeat the "
+                "step) and enter it with `./do machine shell NAME`",
             )
         return result
 
