@@ -6,6 +6,7 @@ signals) and is skipped with that reason when SCALEBOX_URL points elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -452,6 +453,52 @@ def test_socket_activation_and_ready_notification(
             os.killpg(daemon.pid, signal.SIGKILL)
             daemon.wait()
         kill_guests(config, Path(values["DATA_DIR"]))
+
+
+def _nice_values(pid: int) -> set[int]:
+    """The nice value of every thread of ``pid`` (field 19 of /proc/PID/task/TID/stat)."""
+    values = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            values.add(int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]))
+    return values
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")
+def test_a_starting_daemon_runs_nicer_until_it_is_ready(
+    tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    """While it imports and reconciles it gives way to a daemon serving beside it (an
+    update's handover); from READY=1 on every thread is back at the priority it was given."""
+    notify, notify_name = notify_socket
+    notify.settimeout(0.005)
+    config, _ = write_config(tmp_path)
+    given = os.getpriority(os.PRIO_PROCESS, 0)  # the child inherits it, as from Nice=
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "scalebox.daemon.main", "--config", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=daemon_env({"NOTIFY_SOCKET": notify_name}),
+        start_new_session=True,
+    )
+    try:
+        seen: set[int] = set()
+        ready: dict[str, str] = {}
+        deadline = time.monotonic() + 60
+        while not ready and time.monotonic() < deadline and daemon.poll() is None:
+            seen |= _nice_values(daemon.pid)
+            with contextlib.suppress(TimeoutError):
+                ready = read_notification(notify)
+        assert ready.get("READY") == "1", (ready, daemon.poll())
+        assert min(given + 10, 19) in seen, seen
+        assert _nice_values(daemon.pid) == {given}
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+    finally:
+        if daemon.poll() is None:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
 
 
 def test_without_listen_pid_match_it_binds_its_own_port(tmp_path: Path) -> None:

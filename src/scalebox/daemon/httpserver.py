@@ -18,6 +18,7 @@ import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import scalebox
+from scalebox import priority
 from scalebox.daemon import systemd
 
 log = logging.getLogger("scaleboxd")
@@ -53,8 +54,10 @@ class Server(uvicorn.Server):
         draining: threading.Event,
         *,
         handover: bool = False,
+        nice: int | None = None,
     ) -> None:
         super().__init__(config)
+        self.nice = nice  # the unit's CPU priority, restored once ready (scalebox/priority.py)
         self.early_signals = early_signals
         self.draining = draining
         self.handover = handover
@@ -64,6 +67,7 @@ class Server(uvicorn.Server):
         if self.early_signals:  # arrived between VM reconciliation and uvicorn's handlers
             self.should_exit = True
         if self.started and not self.should_exit:
+            priority.restore(self.nice, log.warning)
             role = " (handover instance, read-only)" if self.handover else ""
             systemd.notify(f"READY=1\nSTATUS=serving, version {scalebox.__version__}{role}")
             log.info("scaleboxd %s ready%s", scalebox.__version__, role)

@@ -24,6 +24,7 @@ from types import FrameType
 
 import scalebox
 from scalebox import config as config_module
+from scalebox import priority
 from scalebox.config import ServerConfig
 from scalebox.daemon import systemd
 from scalebox.errors import ConfigError, ScaleboxError
@@ -135,6 +136,8 @@ def _address(sock: socket.socket) -> str:
 
 
 def serve(config: ServerConfig, bind: str, *, handover: bool = False) -> int:
+    # Before the imports below: they are most of a start's CPU time.
+    given_nice = priority.lower(log.warning)
     # Imported here, not at the top: `scaleboxd --run-guest` (each VM's unit) must
     # exec systemd-nspawn without paying for uvicorn, starlette and fastapi.
     import uvicorn  # noqa: PLC0415
@@ -178,7 +181,9 @@ def serve(config: ServerConfig, bind: str, *, handover: bool = False) -> int:
             server_header=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         )
-        Server(uv_config, stop_requested, draining, handover=handover).run(sockets=[sock])
+        Server(uv_config, stop_requested, draining, handover=handover, nice=given_nice).run(
+            sockets=[sock]
+        )
     finally:
         service.close()
         log.info("state saved; scaleboxd %s exits", scalebox.__version__)

@@ -33,6 +33,7 @@ import click
 import httpx
 
 import scalebox
+from scalebox import priority
 from scalebox.errors import ScaleboxError, UsageError
 from scalebox.release.errors import ReleaseError
 from scalebox.release.verify import Release, open_release, retired_keys_in, trusted_keys_in
@@ -320,9 +321,12 @@ def _update(
 ) -> Result:
     installed = preflight.check(ctx)
     source = resolve.source_from_env(os.environ, to_version=to_version, allow_http=allow_http)
-    with fetch.make_client(
-        source.github_token, api_base=source.api_base, allow_http=source.allow_http
-    ) as client:
+    with (
+        priority.background(_report),  # until the switch the service comes first
+        fetch.make_client(
+            source.github_token, api_base=source.api_base, allow_http=source.allow_http
+        ) as client,
+    ):
         candidate = resolve.resolve(source, client)
         _report(f"installed {installed.version}; release from {candidate.origin}: {candidate.url}")
         if candidate.version is not None:
@@ -387,17 +391,19 @@ def _pre_stage(ctx: Context, installed: str, release: Release) -> Result:
         return _result(
             "up to date", installed, release.version, f"{release.version} is the running release"
         )
-    stage.ensure_packages(release.root, release.version, _report)
-    try:
-        built = stage.build(
-            ctx.paths, release.root, release.version, python=ctx.python, report=_report
-        )
-    except BaseException:
-        # Failed or interrupted: the unfinished directory goes now (else the next run removes it).
-        if not stage.is_complete(ctx.paths.release_dir(name)):
-            shutil.rmtree(ctx.paths.release_dir(name), ignore_errors=True)
-        raise
-    stage.check_config(ctx.paths, name)
+    with priority.background(_report):  # the service comes first
+        stage.ensure_packages(release.root, release.version, _report)
+        try:
+            built = stage.build(
+                ctx.paths, release.root, release.version, python=ctx.python, report=_report
+            )
+        except BaseException:
+            # Failed or interrupted: the unfinished directory goes now (else the next run
+            # removes it).
+            if not stage.is_complete(ctx.paths.release_dir(name)):
+                shutil.rmtree(ctx.paths.release_dir(name), ignore_errors=True)
+            raise
+        stage.check_config(ctx.paths, name)
     how = "built" if built else "already built and re-checked"
     return _result(
         "staged",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NoReturn
 
+from scalebox import priority
 from scalebox.update import (
     commit,
     health,
@@ -82,11 +83,12 @@ def install(
     # stage and backup: nothing live changes; a failure here refuses the update.
     try:
         release_root = target.root if target.root is not None else new_dir
-        stage.ensure_packages(release_root, target.version, ctx.report)
-        if target.root is not None:
-            stage.build(p, target.root, target.version, python=ctx.python, report=ctx.report)
-        ctx.report(f"checking the live config with {target.version}'s own scaleboxd")
-        stage.check_config(p, name)
+        with priority.background(ctx.report):  # until the switch the service comes first
+            stage.ensure_packages(release_root, target.version, ctx.report)
+            if target.root is not None:
+                stage.build(p, target.root, target.version, python=ctx.python, report=ctx.report)
+            ctx.report(f"checking the live config with {target.version}'s own scaleboxd")
+            stage.check_config(p, name)
         j = journal.advance(p.journal, j, "backup")
         old_units = switch.release_units(p.release_dir(from_release))
         switch.back_up(p, p.backup_dir(j.id), [*switch.release_units(new_dir), *old_units])
