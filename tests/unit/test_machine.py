@@ -146,6 +146,15 @@ def test_teardown_leaves_a_slot_that_another_boot_claimed_since(tmp_path: Path) 
 
 
 @pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2's ip")
+@pytest.mark.parametrize("address", ["127.0.0.1", "10.251.249.2", "192.0.2.77"])
+def test_the_netlink_route_lookup_names_the_device_ip_route_get_names(address: str) -> None:
+    argv = ["ip", "-j", "route", "get", address]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    expected = json.loads(done.stdout)[0]["dev"] if done.returncode == 0 else None
+    assert netns.route_device(address) == expected
+
+
+@pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2's ip")
 def test_route_guard_refuses_a_slot_whose_veth_does_not_exist() -> None:
     assert netns.route_device("127.0.0.1") == "lo"
     unmade = Slot(249)
