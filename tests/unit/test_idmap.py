@@ -6,6 +6,7 @@ Mounting needs root and a kernel that allows it; those tests skip otherwise
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -149,3 +150,24 @@ def test_the_probe_says_why_not_or_nothing_and_leaves_nothing_behind(scratch: Pa
     assert mounts.mounts_under(scratch) == []
     if why_not is not None:
         pytest.skip(f"this host cannot give VMs user namespaces: {why_not}")
+
+
+@pytest.mark.skipif(not ROOT, reason="mounts (needs root)")
+def test_a_symlinked_source_is_refused_not_followed(scratch: Path) -> None:
+    real, link, target = scratch / "real", scratch / "link", scratch / "target"
+    real.mkdir()
+    target.mkdir()
+    link.symlink_to(real)
+    with idmap.userns(BASE) as fd, pytest.raises(idmap.IdmapError):
+        idmap.mount_idmapped(link, target, fd)
+    assert not mounts.is_mounted(target)
+
+
+def test_an_architecture_with_other_syscall_numbers_is_refused_by_name(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stand-in for uname -m: this host cannot be a mips machine. Nothing reaches the kernel.
+    monkeypatch.setattr(idmap.platform, "machine", lambda: "mips")
+    with pytest.raises(idmap.IdmapError, match="not supported on mips") as caught:
+        idmap.mount_idmapped(scratch, scratch, 0)
+    assert caught.value.errno == errno.ENOSYS

@@ -16,8 +16,10 @@ An idmapped mount is made with the new mount API: ``open_tree``
 (``OPEN_TREE_CLONE``) makes a detached copy of a mount, ``mount_setattr``
 (``MOUNT_ATTR_IDMAP``) gives it the mapping of a user namespace, and
 ``move_mount`` attaches it at a path. Python 3.11 has none of them, so
-they are called through ctypes (the numbers are the same on x86_64 and
-aarch64). The user namespace comes from a short-lived ``unshare --user``
+they are called through ctypes, by number: the same on every architecture
+with the common syscall table (``ARCHES``); elsewhere (alpha, mips, ia64)
+they are refused as unsupported instead of calling whatever has that
+number. The user namespace comes from a short-lived ``unshare --user``
 child whose maps we write; the mount keeps the namespace alive, the child
 is gone before the mount is used.
 """
@@ -28,6 +30,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import platform
 import shutil
 import stat
 import subprocess
@@ -44,10 +47,14 @@ RANGE = 65536
 FIRST_BASE = 0x00080000
 LAST_BASE = 0x6FFF0000
 
+# Syscalls added since Linux 5.1 have one number on every architecture but
+# alpha, mips and ia64; uname -m names of those that share it.
+ARCHES = frozenset({"x86_64", "aarch64", "i686", "armv7l", "riscv64", "ppc64le", "s390x"})
 SYS_OPEN_TREE = 428
 SYS_MOVE_MOUNT = 429
 SYS_MOUNT_SETATTR = 442
 AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
 AT_EMPTY_PATH = 0x1000
 OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
@@ -120,6 +127,15 @@ def id_map(base: int) -> str:
 # --- the system calls ----------------------------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long  # syscall(2) returns a long
+
+
+def _syscall(number: int, *args: object, what: str) -> int:
+    """syscall(number, *args); IdmapError on failure or on an architecture not in ARCHES."""
+    arch = platform.machine()
+    if arch not in ARCHES:
+        raise IdmapError(errno.ENOSYS, f"{what}: idmapped mounts are not supported on {arch}")
+    return _check(_libc.syscall(ctypes.c_long(number), *args), what)
 
 
 def _check(result: int, what: str) -> int:
@@ -137,9 +153,10 @@ def userns(base: int) -> Iterator[int]:
     may write any mapping) and open it, then the child goes: the fd (and
     later the mounts) keep the namespace.
     """
+    # cat waits on our pipe: should we die, it reads EOF and goes too.
     child = subprocess.Popen(
-        ["unshare", "--user", "--", "sleep", "60"],
-        stdin=subprocess.DEVNULL,
+        ["unshare", "--user", "--", "cat"],
+        stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -169,8 +186,9 @@ def userns(base: int) -> Iterator[int]:
     finally:
         child.kill()
         child.wait()
-        if child.stderr:
-            child.stderr.close()
+        for pipe in (child.stdin, child.stderr):
+            if pipe:
+                pipe.close()
     try:
         yield fd
     finally:
@@ -179,22 +197,16 @@ def userns(base: int) -> Iterator[int]:
 
 def _clone(source: Path) -> int:
     """A detached copy of the mount at ``source`` (an fd; the mount goes with its last fd)."""
-    return _check(
-        _libc.syscall(ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(AT_FDCWD),
-                      ctypes.c_char_p(os.fsencode(source)),
-                      ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)),
-        f"open_tree {source}",
-    )  # fmt: skip
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_SYMLINK_NOFOLLOW
+    return _syscall(SYS_OPEN_TREE, ctypes.c_int(AT_FDCWD), ctypes.c_char_p(os.fsencode(source)),
+                    ctypes.c_uint(flags), what=f"open_tree {source}")  # fmt: skip
 
 
 def _set_idmap(tree: int, userns_fd: int, source: Path) -> None:
     attr = _MountAttr(attr_set=MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY, userns_fd=userns_fd)
-    _check(
-        _libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(tree),
-                      ctypes.c_char_p(b""), ctypes.c_uint(AT_EMPTY_PATH),
-                      ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))),
-        f"idmap a mount of {source}",
-    )  # fmt: skip
+    _syscall(SYS_MOUNT_SETATTR, ctypes.c_int(tree), ctypes.c_char_p(b""),
+             ctypes.c_uint(AT_EMPTY_PATH), ctypes.byref(attr),
+             ctypes.c_size_t(ctypes.sizeof(attr)), what=f"idmap a mount of {source}")  # fmt: skip
 
 
 def mount_idmapped(source: Path, target: Path, userns_fd: int) -> None:
@@ -205,23 +217,12 @@ def mount_idmapped(source: Path, target: Path, userns_fd: int) -> None:
     tree = _clone(source)
     try:
         _set_idmap(tree, userns_fd, source)
-        _check(
-            _libc.syscall(ctypes.c_long(SYS_MOVE_MOUNT), ctypes.c_int(tree), ctypes.c_char_p(b""),
-                          ctypes.c_int(AT_FDCWD), ctypes.c_char_p(os.fsencode(target)),
-                          ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)),
-            f"attach the idmapped mount of {source} at {target}",
-        )  # fmt: skip
+        _syscall(SYS_MOVE_MOUNT, ctypes.c_int(tree), ctypes.c_char_p(b""),
+                 ctypes.c_int(AT_FDCWD), ctypes.c_char_p(os.fsencode(target)),
+                 ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+                 what=f"attach the idmapped mount of {source} at {target}")  # fmt: skip
     finally:
         os.close(tree)
-
-
-def check_idmap(source: Path, userns_fd: int) -> None:
-    """Raise IdmapError unless the kernel can idmap a mount of ``source``'s filesystem."""
-    tree = _clone(source)
-    try:
-        _set_idmap(tree, userns_fd, source)
-    finally:
-        os.close(tree)  # a detached mount goes with its last fd
 
 
 def unshift_tree(root: Path, base: int) -> int:
