@@ -12,6 +12,7 @@ Exit codes: 0 ok, 1 failure (see the log), 2 invalid config or usage.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -135,6 +136,21 @@ def _address(sock: socket.socket) -> str:
     return f"{name[0]}:{name[1]}"
 
 
+def freeze_heap() -> int:
+    """Collect once, then exempt every object made so far from later collections.
+
+    What imports and startup made (~56,000 objects: FastAPI, pydantic, uvicorn)
+    lives as long as the process. A full collection walks all of it and stops
+    the event loop for 20-30 ms on a 2-core server, a pause every request in
+    flight then waits out; once frozen (gc.freeze) a collection walks only
+    what came later. Done before serving, so no request waits for this one.
+    Returns how many objects were frozen.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 def serve(config: ServerConfig, bind: str, *, handover: bool = False) -> int:
     # Before the imports below: they are most of a start's CPU time.
     given_nice = priority.lower(log.warning)
@@ -181,6 +197,8 @@ def serve(config: ServerConfig, bind: str, *, handover: bool = False) -> int:
             server_header=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         )
+        uv_config.load()  # uvicorn's own imports, done here so that they are frozen too
+        freeze_heap()
         Server(uv_config, stop_requested, draining, handover=handover, nice=given_nice).run(
             sockets=[sock]
         )
