@@ -27,7 +27,8 @@ wait4: the largest process in its tree). Worst of --runs (default 3), with the
 host's loadavg beside each run. Then tools/bench_sandbox.py on its own
 machine (POST /vms -> ssh, memory per idle VM) unless --no-sandbox.
 
-Writes figures.txt, figures.json and timeline.png (every request's latency
+Writes figures.txt, figures.json, samples.json (every request of every phase)
+and timeline.png (every request's latency
 and outcome over time, the updater's steps marked, for the worst run) to
 builds/bench/. Prints a table with targets and PASS/MISS; exits 0 even when a
 target is missed (a benchmark, not a test), 1 only when the bench itself
@@ -224,6 +225,7 @@ class Phase:
     ended: float
     samples: dict[str, list[Sample]]  # per load variant
     marks: list[tuple[float, str]] = field(default_factory=list)
+    measured_from: float = 0.0  # the figures count requests sent from then on
 
 
 @dataclass
@@ -390,7 +392,12 @@ def under_load(
     ]
     phase = Phase(name, time.time(), 0.0, {})
     with loads[0].running(), loads[1].running(), loads[2].running():
+        # The figures start once every load is warm: a load's first requests wait for
+        # its threads, its client and its first connection (the same in every phase),
+        # which is the instrument starting, not the server. The picture shows them.
         _wait_answered(loads)
+        phase.measured_from = time.time()
+        phase.marks.append((phase.measured_from, "figures from here"))
         yield loads, phase
         _wait_more_answers(loads)  # the (new) process answers too
     phase.ended = time.time()
@@ -398,22 +405,26 @@ def under_load(
     phases.append(phase)
 
 
-def _figures(loads: list[Load], workers: int) -> list[LoadFigures]:
+def _figures(loads: list[Load], workers: int, phase: Phase) -> list[LoadFigures]:
+    """Each load's figures over the requests sent once it was warm (see under_load)."""
     names = (
         f"new connection, {workers} workers",
         f"keep-alive, {workers} workers",
         "open loop, new request / 20 ms",
     )
-    return [LoadFigures.of(n, ld.stats()) for n, ld in zip(names, loads, strict=True)]
+    return [
+        LoadFigures.of(n, ld.stats(since=phase.measured_from))
+        for n, ld in zip(names, loads, strict=True)
+    ]
 
 
 def measure_quiet(
     m: Machine, load: tuple[int, float], ph: list[Phase], name: str = "no update"
 ) -> list[LoadFigures]:
     """The same load with nothing happening: the latency an update is compared with."""
-    with under_load(m, name, *load, ph) as (loads, _):
+    with under_load(m, name, *load, ph) as (loads, phase):
         time.sleep(QUIET_S)
-    return _figures(loads, load[0])
+    return _figures(loads, load[0], phase)
 
 
 def measure_restart(
@@ -426,7 +437,7 @@ def measure_restart(
         ended = time.time()
         phase.marks += [(started, "systemctl restart"), (ended, "restart returned")]
     figures.restart_wall_s = round(ended - started, 3)
-    figures.restart = _figures(loads, load[0])
+    figures.restart = _figures(loads, load[0], phase)
 
 
 def measure_update(
@@ -450,7 +461,7 @@ def measure_update(
     out.steps_s = step_durations(run)
     out.built_s = run.built_s
     out.peak_rss_mb = run.peak_rss_mb
-    out.loads = _figures(loads, load[0])
+    out.loads = _figures(loads, load[0], phase)
     errors = []
     if run.exit_code != 0:
         errors.append(f"{name} exited {run.exit_code}: {run.result.get('message')}")
@@ -844,12 +855,32 @@ def sandbox_figures(runs: int, burst: int, as_json: bool) -> tuple[str, Any]:
     return done.stdout.rstrip(), None
 
 
+def _samples(runs: list[RunFigures], traces: list[list[Phase]]) -> list[dict[str, Any]]:
+    """Every request of every phase, with the phase's marks: for your own analysis."""
+    return [
+        {
+            "run": r.run,
+            "phase": p.name,
+            "started": p.started,
+            "measured_from": p.measured_from,
+            "marks": p.marks,
+            "samples": {
+                load: [[s.sent, round(s.seconds, 6), s.kind] for s in samples]
+                for load, samples in p.samples.items()
+            },
+        }
+        for r, phases in zip(runs, traces, strict=True)
+        for p in phases
+    ]
+
+
 def write_out(text: str, summary: dict[str, Any], runs: list[RunFigures],
               traces: list[list[Phase]]) -> Path | None:  # fmt: skip
     """figures.txt, figures.json and timeline.png in builds/bench/; the picture's path."""
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "figures.txt").write_text(text + "\n")
     (OUT / "figures.json").write_text(json.dumps(summary, sort_keys=True, indent=1) + "\n")
+    (OUT / "samples.json").write_text(json.dumps(_samples(runs, traces)) + "\n")
     drawn = [(r, t) for r, t in zip(runs, traces, strict=True) if t]
     if not drawn:
         return None

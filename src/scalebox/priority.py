@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 NICER = 10
@@ -68,11 +68,17 @@ def restore(given: int | None, warn: Warn) -> None:
         warn(f"cannot restore the CPU priority (nice {given}): {exc.strerror}")
 
 
-@contextlib.contextmanager
-def background(warn: Warn) -> Iterator[None]:
-    """Run the block ``NICER`` (see the module's docstring), then restore the priority."""
-    given = lower(warn)
-    try:
-        yield
-    finally:
-        restore(given, warn)
+# The priority the process had before lower_process(), until restore_process().
+_lowered: dict[str, int | None] = {}
+
+
+def lower_process(warn: Warn) -> None:
+    """lower() until restore_process(), from anywhere in the process; a second call is a no-op."""
+    if "given" not in _lowered:
+        _lowered["given"] = lower(warn)
+
+
+def restore_process(warn: Warn) -> None:
+    """Undo lower_process(), if it ran; else nothing."""
+    if "given" in _lowered:
+        restore(_lowered.pop("given"), warn)

@@ -27,12 +27,17 @@ worker = threading.Thread(target=stop.wait)  # a thread that exists before: it m
 worker.start()
 before = nice_of_threads()
 warnings = []
-with priority.background(warnings.append):
-    inside = nice_of_threads()
+priority.lower_process(warnings.append)
+priority.lower_process(warnings.append)  # a second call changes nothing
+inside = nice_of_threads()
+priority.restore_process(warnings.append)
 after = nice_of_threads()
+priority.restore_process(warnings.append)  # nor does a second restore
+again = nice_of_threads()
 stop.set()
 worker.join()
-print(json.dumps({"before": before, "inside": inside, "after": after, "warnings": warnings}))
+print(json.dumps({"before": before, "inside": inside, "after": after, "again": again,
+                  "warnings": warnings}))
 """
 
 
@@ -48,13 +53,14 @@ def _probe() -> dict[str, list[int]]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")
-def test_root_runs_the_block_ten_steps_nicer_on_every_thread_then_goes_back() -> None:
+def test_root_runs_ten_steps_nicer_on_every_thread_until_it_goes_back() -> None:
     given = os.getpriority(os.PRIO_PROCESS, 0)
     seen = _probe()
     assert seen == {
         "before": [given],
         "inside": [min(given + 10, 19)],
         "after": [given],
+        "again": [given],
         "warnings": [],
     }
 

@@ -308,7 +308,20 @@ def cli(  # noqa: PLR0917 - click passes every option as an argument
     click_ctx.exit(_emit(result, as_json))
 
 
-def _update(
+def _update(ctx: Context, **options: Any) -> Result:
+    """_update_steps() with the service first for the CPU until the switch.
+
+    transaction._switch (and a rollback) restore the priority; the finally is
+    for every way out before it.
+    """
+    priority.lower_process(_report)
+    try:
+        return _update_steps(ctx, **options)
+    finally:
+        priority.restore_process(_report)
+
+
+def _update_steps(
     ctx: Context,
     *,
     to_version: str | None,
@@ -321,12 +334,9 @@ def _update(
 ) -> Result:
     installed = preflight.check(ctx)
     source = resolve.source_from_env(os.environ, to_version=to_version, allow_http=allow_http)
-    with (
-        priority.background(_report),  # until the switch the service comes first
-        fetch.make_client(
-            source.github_token, api_base=source.api_base, allow_http=source.allow_http
-        ) as client,
-    ):
+    with fetch.make_client(
+        source.github_token, api_base=source.api_base, allow_http=source.allow_http
+    ) as client:
         candidate = resolve.resolve(source, client)
         _report(f"installed {installed.version}; release from {candidate.origin}: {candidate.url}")
         if candidate.version is not None:
@@ -391,19 +401,17 @@ def _pre_stage(ctx: Context, installed: str, release: Release) -> Result:
         return _result(
             "up to date", installed, release.version, f"{release.version} is the running release"
         )
-    with priority.background(_report):  # the service comes first
-        stage.ensure_packages(release.root, release.version, _report)
-        try:
-            built = stage.build(
-                ctx.paths, release.root, release.version, python=ctx.python, report=_report
-            )
-        except BaseException:
-            # Failed or interrupted: the unfinished directory goes now (else the next run
-            # removes it).
-            if not stage.is_complete(ctx.paths.release_dir(name)):
-                shutil.rmtree(ctx.paths.release_dir(name), ignore_errors=True)
-            raise
-        stage.check_config(ctx.paths, name)
+    stage.ensure_packages(release.root, release.version, _report)
+    try:
+        built = stage.build(
+            ctx.paths, release.root, release.version, python=ctx.python, report=_report
+        )
+    except BaseException:
+        # Failed or interrupted: the unfinished directory goes now (else the next run removes it).
+        if not stage.is_complete(ctx.paths.release_dir(name)):
+            shutil.rmtree(ctx.paths.release_dir(name), ignore_errors=True)
+        raise
+    stage.check_config(ctx.paths, name)
     how = "built" if built else "already built and re-checked"
     return _result(
         "staged",

@@ -83,12 +83,11 @@ def install(
     # stage and backup: nothing live changes; a failure here refuses the update.
     try:
         release_root = target.root if target.root is not None else new_dir
-        with priority.background(ctx.report):  # until the switch the service comes first
-            stage.ensure_packages(release_root, target.version, ctx.report)
-            if target.root is not None:
-                stage.build(p, target.root, target.version, python=ctx.python, report=ctx.report)
-            ctx.report(f"checking the live config with {target.version}'s own scaleboxd")
-            stage.check_config(p, name)
+        stage.ensure_packages(release_root, target.version, ctx.report)
+        if target.root is not None:
+            stage.build(p, target.root, target.version, python=ctx.python, report=ctx.report)
+        ctx.report(f"checking the live config with {target.version}'s own scaleboxd")
+        stage.check_config(p, name)
         j = journal.advance(p.journal, j, "backup")
         old_units = switch.release_units(p.release_dir(from_release))
         switch.back_up(p, p.backup_dir(j.id), [*switch.release_units(new_dir), *old_units])
@@ -144,6 +143,7 @@ def install(
 
 def _switch(ctx: Context, j: Journal, new_dir: Path) -> Journal:
     """Point ``current`` at the new release, install its units, and hand over or restart."""
+    priority.restore_process(ctx.report)  # the service is at stake from here: full speed
     p = ctx.paths
     ctx.report(f"switching current to releases/{j.to_release} and restarting scaleboxd")
     switch.swap_current(p, j.to_release)
@@ -248,6 +248,7 @@ def _roll_back(ctx: Context, j: Journal, reason: str) -> NoReturn:
     # Whatever the terminal sends from now on, the rollback finishes and its
     # outcome is the one the exit code reports.
     interrupt.settle()
+    priority.restore_process(ctx.report)  # a rollback never waits for the CPU
     j = _advance(ctx, j, "rollback", reason=reason)
     try:
         with interrupt.shielded():
