@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -41,21 +42,22 @@ print(json.dumps({"before": before, "inside": inside, "after": after, "again": a
 """
 
 
-def _probe() -> dict[str, list[int]]:
+def _in_a_child(code: str) -> Any:
+    """Run ``code`` in a new Python process; what it printed, as JSON."""
     done = subprocess.run(
-        [sys.executable, "-c", PROBE],
+        [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         check=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
-    return dict(json.loads(done.stdout))
+    return json.loads(done.stdout)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")
 def test_root_runs_ten_steps_nicer_on_every_thread_until_it_goes_back() -> None:
     given = os.getpriority(os.PRIO_PROCESS, 0)
-    seen = _probe()
+    seen = _in_a_child(PROBE)
     assert seen == {
         "before": [given],
         "inside": [min(given + 10, 19)],
@@ -77,14 +79,7 @@ def test_the_daemon_freezes_what_its_start_made_so_collections_never_walk_it() -
         "frozen = freeze_heap()\n"
         "print(json.dumps([before, frozen, len(gc.get_objects())]))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
-    before, frozen, left = json.loads(done.stdout)
+    before, frozen, left = _in_a_child(probe)
     assert before > 10_000
     assert frozen >= before * 0.9  # all but the garbage the collection freed
     assert left < 100
