@@ -53,7 +53,7 @@ def lower(warn: Warn) -> int | None:
     try:
         _set(nicer)
     except OSError as exc:
-        warn(f"cannot lower the CPU priority: {exc.strerror}")
+        warn(f"cannot lower the CPU priority ({exc.strerror}); going on at the one it has")
         return None
     return given
 
@@ -65,7 +65,10 @@ def restore(given: int | None, warn: Warn) -> None:
     try:
         _set(given)
     except OSError as exc:
-        warn(f"cannot restore the CPU priority (nice {given}): {exc.strerror}")
+        warn(
+            f"cannot restore the CPU priority (nice {given}): {exc.strerror}; it stays "
+            "lower until the process ends (restart it to serve at full priority)"
+        )
 
 
 # The priority the process had before lower_process(), until restore_process().

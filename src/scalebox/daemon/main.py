@@ -139,7 +139,7 @@ def _address(sock: socket.socket) -> str:
 def freeze_heap() -> int:
     """Collect once, then exempt every object made so far from later collections.
 
-    What imports and startup made (~56,000 objects: FastAPI, pydantic, uvicorn)
+    What imports and startup made (~50,000 objects: FastAPI, pydantic, uvicorn)
     lives as long as the process. A full collection walks all of it and stops
     the event loop for 20-30 ms on a 2-core server, a pause every request in
     flight then waits out; once frozen (gc.freeze) a collection walks only
