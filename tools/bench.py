@@ -134,8 +134,15 @@ def run_updater(m: Machine, release_url: str | None, *extra: str) -> UpdaterRun:
     lines: list[tuple[float, str]] = []
     out: list[str] = []
     started = time.time()
+    # A session of its own, as `sudo` (use_pty) gives it: the updater lowers its
+    # session's CPU priority (scalebox/priority.py), which must not be the load's.
     proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=MACHINE_ENV
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=MACHINE_ENV,
+        start_new_session=True,
     )
     assert proc.stdout is not None and proc.stderr is not None
     stdout, stderr = proc.stdout, proc.stderr

@@ -10,20 +10,54 @@ over: the daemon just before it tells systemd it is ready, the updater
 before it switches (from then on the service is at stake). Only root can go
 back (CAP_SYS_NICE); any other user keeps its priority throughout.
 
-Nice values are per thread on Linux: both steps set every thread of the process.
+Two levels, because nice alone orders nothing between sessions:
+
+- Nice values are per thread on Linux: both steps set every thread.
+- With autogroup scheduling (``kernel.sched_autogroup_enabled=1``, the
+  default of Debian's kernels), every session is one CPU group and a
+  thread's nice orders it only against threads of its own session. systemd
+  starts every service in a session of its own, so the updater's nice and a
+  starting daemon's nice changed nothing against the daemon serving. The
+  session's nice (``/proc/self/autogroup``) is what orders sessions, so
+  it is lowered and restored too: ``Session.OWN`` for a process that leads
+  its session (a service: the session is its own, and the unit's ``Nice=``
+  becomes the session's, so it holds against other sessions too),
+  ``Session.SHARED`` for one that shares it (``sudo scalebox-update``: the
+  session's own value comes back), ``Session.LEAVE`` to leave it alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 NICER = 10
 MAX_NICE = 19
+MIN_NICE = -20
+AUTOGROUP = Path("/proc/self/autogroup")
+AUTOGROUP_ENABLED = Path("/proc/sys/kernel/sched_autogroup_enabled")
 
 Warn = Callable[[str], None]
+
+
+class Session(enum.Enum):
+    """What lower() does with the nice of the process's session (its autogroup)."""
+
+    LEAVE = "leave"  # not the process's to change (run from a shell or a test runner)
+    SHARED = "shared"  # lowered, then back to the value it had
+    OWN = "own"  # the process leads it: lowered, then set to the process's own nice
+
+
+@dataclass(frozen=True)
+class Given:
+    """What restore() goes back to."""
+
+    nice: int  # every thread's
+    session: int | None = None  # the session's (autogroup); None: it was not changed
 
 
 def _threads() -> list[int]:
@@ -39,46 +73,90 @@ def _set(nice: int) -> None:
             os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
-def lower(warn: Warn) -> int | None:
-    """Make the process ``NICER``; return the value ``restore()`` goes back to.
+def session_nice() -> int | None:
+    """The nice of this process's session (its autogroup); None without autogroup scheduling."""
+    try:
+        if AUTOGROUP_ENABLED.read_text().strip() != "1":
+            return None
+        # "/autogroup-123 nice 0"
+        fields = AUTOGROUP.read_text().split()
+    except OSError:
+        return None  # a kernel without CONFIG_SCHED_AUTOGROUP
+    if len(fields) == 3 and fields[1] == "nice":
+        with contextlib.suppress(ValueError):
+            return int(fields[2])
+    return None
+
+
+def _set_session(nice: int) -> None:
+    AUTOGROUP.write_text(f"{nice}\n")
+
+
+def _clamp(nice: int) -> int:
+    return max(MIN_NICE, min(nice, MAX_NICE))
+
+
+def lower(warn: Warn, session: Session = Session.LEAVE) -> Given | None:
+    """Make the process (and, per ``session``, its session) ``NICER``; what restore() needs.
 
     None (nothing changed) when the process could not raise its priority again.
     """
     if os.geteuid() != 0:
         return None
     given = os.getpriority(os.PRIO_PROCESS, 0)
-    nicer = min(given + NICER, MAX_NICE)
-    if nicer == given:
-        return None
     try:
-        _set(nicer)
+        _set(_clamp(given + NICER))
     except OSError as exc:
         warn(f"cannot lower the CPU priority ({exc.strerror}); going on at the one it has")
+        with contextlib.suppress(OSError):
+            _set(given)  # the threads changed before the failure
         return None
-    return given
+    before = None if session is Session.LEAVE else session_nice()
+    if before is None:
+        return Given(given)
+    base = given if session is Session.OWN else before
+    try:
+        _set_session(_clamp(base + NICER))
+    except OSError as exc:
+        warn(
+            f"cannot lower the CPU priority of this session ({exc.strerror}); only the "
+            "process's own is lower, which orders it only within its session"
+        )
+        return Given(given)
+    return Given(given, base)
 
 
-def restore(given: int | None, warn: Warn) -> None:
+def restore(given: Given | None, warn: Warn) -> None:
     """Back to the priority ``lower()`` found; a failure is only reported."""
     if given is None:
         return
     try:
-        _set(given)
+        _set(given.nice)
     except OSError as exc:
         warn(
-            f"cannot restore the CPU priority (nice {given}): {exc.strerror}; it stays "
+            f"cannot restore the CPU priority (nice {given.nice}): {exc.strerror}; it stays "
             "lower until the process ends (restart it to serve at full priority)"
+        )
+    if given.session is None:
+        return
+    try:
+        _set_session(given.session)
+    except OSError as exc:
+        warn(
+            f"cannot restore the CPU priority of this session (nice {given.session}): "
+            f"{exc.strerror}; it stays lower until the session ends (restart the service, "
+            f"or as root run `echo {given.session} > /proc/$$/autogroup` in a shell of it)"
         )
 
 
-# The priority the process had before lower_process(), until restore_process().
-_lowered: dict[str, int | None] = {}
+# What lower_process() found, until restore_process().
+_lowered: dict[str, Given | None] = {}
 
 
-def lower_process(warn: Warn) -> None:
+def lower_process(warn: Warn, session: Session = Session.LEAVE) -> None:
     """lower() until restore_process(), from anywhere in the process; a second call is a no-op."""
     if "given" not in _lowered:
-        _lowered["given"] = lower(warn)
+        _lowered["given"] = lower(warn, session)
 
 
 def restore_process(warn: Warn) -> None:

@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 import scalebox
+from scalebox import priority
 from tests.api.conftest import SSH_KEY, guest_answer, run_scaleboxd, wait_until
 from tests.conftest import Scaleboxd, daemon_env, guest_pids, kill_guests, write_config
 
@@ -464,6 +465,14 @@ def _nice_values(pid: int) -> set[int]:
     return values
 
 
+def _session_nice(pid: int) -> int | None:
+    """The nice of the session (autogroup) of ``pid``: "/autogroup-N nice X"."""
+    try:
+        return int(Path(f"/proc/{pid}/autogroup").read_text().split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")
 def test_a_starting_daemon_runs_nicer_until_it_is_ready(
     tmp_path: Path, notify_socket: tuple[socket.socket, str]
@@ -484,15 +493,22 @@ def test_a_starting_daemon_runs_nicer_until_it_is_ready(
     )
     try:
         seen: set[int] = set()
+        sessions: set[int | None] = set()
         ready: dict[str, str] = {}
         deadline = time.monotonic() + 60
         while not ready and time.monotonic() < deadline and daemon.poll() is None:
             seen |= _nice_values(daemon.pid)
+            sessions.add(_session_nice(daemon.pid))
             with contextlib.suppress(TimeoutError):
                 ready = read_notification(notify)
         assert ready.get("READY") == "1", (ready, daemon.poll())
         assert min(given + 10, 19) in seen, seen
         assert _nice_values(daemon.pid) == {given}
+        if priority.session_nice() is not None:
+            # It leads its session, as under systemd: the session (autogroup) was
+            # lowered too, and then takes the nice the daemon was started with.
+            assert min(given + 10, 19) in sessions, sessions
+            assert _session_nice(daemon.pid) == given
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
     finally:

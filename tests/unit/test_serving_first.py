@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from scalebox import priority
+
 PROBE = """
 import json, os, threading
 from pathlib import Path
@@ -42,16 +44,100 @@ print(json.dumps({"before": before, "inside": inside, "after": after, "again": a
 """
 
 
-def _in_a_child(code: str) -> Any:
-    """Run ``code`` in a new Python process; what it printed, as JSON."""
+def _in_a_child(code: str, *args: str) -> Any:
+    """Run ``code`` in a new Python process, in a session of its own (so that no case
+    changes the test runner's); the last line it printed, as JSON."""
     done = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         check=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        start_new_session=True,
     )
-    return json.loads(done.stdout)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+SESSION_PROBE = """
+import json, os, sys
+from scalebox import priority
+
+os.nice(3)  # as a unit's Nice=3 would have started it
+warnings = []
+before = priority.session_nice()
+given = priority.lower(warnings.append, priority.Session[sys.argv[1]])
+inside = (os.getpriority(os.PRIO_PROCESS, 0), priority.session_nice())
+priority.restore(given, warnings.append)
+after = (os.getpriority(os.PRIO_PROCESS, 0), priority.session_nice())
+print(json.dumps({"before": before, "inside": inside, "after": after, "warnings": warnings}))
+"""
+
+needs_autogroup = pytest.mark.skipif(
+    os.geteuid() != 0 or priority.session_nice() is None,
+    reason="needs root and a kernel scheduling by autogroup (kernel.sched_autogroup_enabled=1)",
+)
+
+
+@needs_autogroup
+@pytest.mark.parametrize(
+    ("session", "lowered", "restored"),
+    [
+        # A process sharing its session (sudo's): the session's own value comes back.
+        ("SHARED", 10, 0),
+        # A service leads its session: it takes the unit's Nice= (3 here) once ready.
+        ("OWN", 13, 3),
+        # Run from a shell or a test runner: the session is left alone.
+        ("LEAVE", 0, 0),
+    ],
+)
+def test_the_session_is_lowered_too_for_nice_orders_nothing_across_sessions(
+    session: str, lowered: int, restored: int
+) -> None:
+    """With autogroup scheduling a thread's nice counts only within its session, and every
+    systemd service is a session of its own: lowering only the threads changed nothing
+    against the daemon serving (seen: two CPU-bound sessions, one at nice 10, got the same
+    share). Each child starts in a new session, whose autogroup nice is 0."""
+    seen = _in_a_child(SESSION_PROBE, session)
+    assert seen == {
+        "before": 0,
+        "inside": [13, lowered],
+        "after": [3, restored],
+        "warnings": [],
+    }
+
+
+ENTRY_PROBE = """
+import json, os, sys
+from scalebox import priority
+
+seen = {}
+
+class Watch:
+    \"\"\"Notes the priority at the moment the updater's main module is imported.\"\"\"
+    def find_spec(self, name, path=None, target=None):
+        if name == "scalebox.update.main":
+            seen["importing"] = (os.getpriority(os.PRIO_PROCESS, 0), priority.session_nice())
+        return None
+
+sys.meta_path.insert(0, Watch())
+sys.argv = ["scalebox-update", "--version"]
+from scalebox.update import entry
+code = entry.main()
+seen["after"] = (os.getpriority(os.PRIO_PROCESS, 0), priority.session_nice())
+seen["code"] = code
+print(json.dumps(seen))
+"""
+
+
+@needs_autogroup
+def test_the_updaters_imports_run_nicer_before_its_first_step() -> None:
+    """`scalebox-update` imports ~0.4 s of CPU (click, httpx, rich, cryptography) before
+    any step; the entry point lowers the process and its session first, then goes back."""
+    given = os.getpriority(os.PRIO_PROCESS, 0)
+    seen = _in_a_child(ENTRY_PROBE)
+    assert seen["code"] == 0
+    assert seen["importing"] == [min(given + 10, 19), 10]
+    assert seen["after"] == [given, 0]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")

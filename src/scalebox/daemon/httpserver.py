@@ -54,7 +54,7 @@ class Server(uvicorn.Server):
         draining: threading.Event,
         *,
         handover: bool = False,
-        nice: int | None = None,
+        nice: priority.Given | None = None,
     ) -> None:
         super().__init__(config)
         self.nice = nice  # the unit's CPU priority, restored once ready (scalebox/priority.py)

@@ -152,8 +152,13 @@ def freeze_heap() -> int:
 
 
 def serve(config: ServerConfig, bind: str, *, handover: bool = False) -> int:
-    # Before the imports below: they are most of a start's CPU time.
-    given_nice = priority.lower(log.warning)
+    # Before the imports below: they are most of a start's CPU time. A service
+    # leads its own session (systemd's setsid), whose nice then follows the
+    # unit's Nice=; run from a shell or a test, the session is not ours to change.
+    own = os.getsid(0) == os.getpid()
+    given_nice = priority.lower(
+        log.warning, priority.Session.OWN if own else priority.Session.LEAVE
+    )
     # Imported here, not at the top: `scaleboxd --run-guest` (each VM's unit) must
     # exec systemd-nspawn without paying for uvicorn, starlette and fastapi.
     import uvicorn  # noqa: PLC0415

@@ -314,7 +314,7 @@ def _update(ctx: Context, **options: Any) -> Result:
     transaction._switch (and a rollback) restore the priority; the finally is
     for every way out before it.
     """
-    priority.lower_process(_report)
+    priority.lower_process(_report, priority.Session.SHARED)
     try:
         return _update_steps(ctx, **options)
     finally:

@@ -1,0 +1,29 @@
+"""`scalebox-update`'s entry point: the updater's imports run nicer too.
+
+Importing the updater (click, httpx, rich, cryptography) is about 0.4 s of
+CPU, as much as a third of a stage, and it happens before any step. So it
+runs at the lower priority of the steps before the switch (scalebox.priority),
+before those imports are made; main() then starts at the priority it was
+given, and its update lowers it again until the switch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from scalebox import priority
+
+
+def _warn(message: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        print(f"scalebox-update: warning: {message}", file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    given = priority.lower(_warn, priority.Session.SHARED)
+    try:
+        from scalebox.update.main import main as run  # noqa: PLC0415 - the point of this module
+    finally:
+        priority.restore(given, _warn)
+    return run()
