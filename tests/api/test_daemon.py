@@ -517,6 +517,43 @@ def test_a_starting_daemon_runs_nicer_until_it_is_ready(
             daemon.wait()
 
 
+def test_a_daemon_answers_its_own_first_requests_before_it_says_ready(
+    tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    """A fresh daemon's first request costs 40-50 ms (anyio's worker threads, FastAPI's
+    caches): during a handover that was a user's request, and all that came meanwhile
+    waited. The daemon now makes those first requests itself, before READY=1, in-process
+    and logged with the client "warm-up"."""
+    notify, notify_name = notify_socket
+    config, _ = write_config(tmp_path)
+    stderr = tmp_path / "scaleboxd.stderr"
+    with stderr.open("wb") as err:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "scalebox.daemon.main", "--config", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=daemon_env({"NOTIFY_SOCKET": notify_name}),
+            start_new_session=True,
+        )
+    try:
+        ready = read_notification(notify)
+        assert ready.get("READY") == "1", (ready, daemon.poll())
+        logged = stderr.read_text()
+        assert "warm-up GET /health 200" in logged, logged
+        assert "warm-up GET /vms 200" in logged, logged
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+        logged = stderr.read_text()
+        # Both before "ready": no client's request was among them.
+        assert logged.index("warm-up GET /vms") < logged.index(" ready"), logged
+        assert "warm-up requests failed" not in logged, logged
+    finally:
+        if daemon.poll() is None:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
+
+
 def test_without_listen_pid_match_it_binds_its_own_port(tmp_path: Path) -> None:
     """LISTEN_FDS meant for another process (wrong LISTEN_PID) is ignored."""
     server_dir = tmp_path / "s"
