@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scalebox.update import plan
+from scalebox.update import plan, systemd
 from scalebox.update.errors import UpdateError
 from scalebox.update.history import REFUSED, ROLLED_BACK, UPDATED, Entry
 from scalebox.update.journal import STEPS
@@ -159,3 +159,28 @@ def test_start_outcome(invocation: str, active: str, sub: str, outcome: str) -> 
 def test_a_unit_that_never_ran_is_ready_once_it_has_an_invocation() -> None:
     assert start_outcome("", UnitState("active", "running", 7, 0, NEW)) == "ready"
     assert start_outcome("", UnitState("inactive", "dead", 0, 0, "")) == "waiting"
+
+
+LOADED = "LoadState=loaded\nNeedDaemonReload=no\n"
+
+
+@pytest.mark.parametrize(
+    ("output", "count", "stale"),
+    [
+        # Every unit loaded as it is on disk: no daemon-reload.
+        (f"{LOADED}\n{LOADED}\n{LOADED}", 3, False),
+        # A file or drop-in edited since it was loaded.
+        (f"{LOADED}\nLoadState=loaded\nNeedDaemonReload=yes\n\n{LOADED}", 3, True),
+        # A unit systemd has not loaded (installed without a reload).
+        (f"{LOADED}\nLoadState=not-found\nNeedDaemonReload=no\n", 2, True),
+        # An older systemd that does not say: reload, as before.
+        ("LoadState=loaded\n\nLoadState=loaded\n", 2, True),
+        # Fewer answers than units asked about: not trusted.
+        (LOADED, 2, True),
+        ("", 1, True),
+    ],
+)
+def test_a_daemon_reload_is_skipped_only_on_a_clear_no_for_every_unit(
+    output: str, count: int, stale: bool
+) -> None:
+    assert systemd.stale(output, count) is stale

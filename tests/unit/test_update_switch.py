@@ -11,6 +11,7 @@ import pytest
 from scalebox.update import switch
 from scalebox.update.errors import UpdateError
 from scalebox.update.paths import Paths
+from tests.unit.update_service_double import ProcessService
 
 UNITS = ["scalebox-vm@.service", "scaleboxd.service"]
 
@@ -105,3 +106,28 @@ def test_a_unit_name_with_a_path_in_release_json_is_refused(tmp_path: Path) -> N
     )
     with pytest.raises(UpdateError, match="not a plain unit file name"):
         switch.install_units(p, p.release_dir("1.1.0"))
+
+
+def test_a_daemon_reload_runs_only_when_a_unit_changed_or_systemd_has_one_out_of_date(
+    tmp_path: Path,
+) -> None:
+    """Most updates change no unit file (only `current` moves): they skip the reload, which
+    re-reads every unit on the server. A changed unit, or one edited by hand and not yet
+    reloaded, is reloaded as before. Systemd here is the double's (see its module)."""
+    p = _server(tmp_path)
+    service = ProcessService(p, tmp_path)  # "boots" with the units installed now
+    units = ("scaleboxd.service", "scaleboxd.socket")
+
+    assert switch.reload_if_needed(service, [], units) is False
+    assert service.calls == []
+
+    assert switch.reload_if_needed(service, ["scaleboxd.service"], units) is True
+    assert service.calls == ["daemon-reload"]
+
+    # An admin's drop-in, written without `systemctl daemon-reload`.
+    dropin = p.systemd_dir / "scaleboxd.service.d" / "override.conf"
+    dropin.parent.mkdir()
+    dropin.write_text("[Service]\nEnvironment=X=1\n")
+    assert switch.reload_if_needed(service, [], units) is True
+    assert switch.reload_if_needed(service, [], units) is False  # loaded now
+    assert service.calls == ["daemon-reload", "daemon-reload"]

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -116,7 +117,33 @@ class ProcessService:
         self.paths = paths
         self.pid_file = state_dir / "service.pid"
         self.all_pids = state_dir / "service.all-pids"
+        # The unit files as "systemd" last loaded them: at the first construction
+        # (boot), then at every daemon_reload, shared by every updater process.
+        self.loaded = state_dir / "service.loaded-units"
+        if not self.loaded.exists():
+            self.loaded.write_text(json.dumps(self._unit_files()))
         self.calls: list[str] = []
+
+    def _unit_files(self) -> dict[str, str]:
+        """Every installed unit file and drop-in, by path, with its content."""
+        root = self.paths.systemd_dir
+        if not root.is_dir():
+            return {}
+        return {
+            str(f.relative_to(root)): f.read_text(errors="replace")
+            for f in sorted(root.rglob("*"))
+            if f.is_file()
+        }
+
+    def needs_reload(self, units: Sequence[str]) -> bool:
+        """True when a file of ``units`` (or a drop-in of one) differs from what was loaded."""
+        loaded = json.loads(self.loaded.read_text())
+        now = self._unit_files()
+
+        def of(files: dict[str, str], unit: str) -> dict[str, str]:
+            return {k: v for k, v in files.items() if k == unit or k.startswith(f"{unit}.d/")}
+
+        return any(of(loaded, u) != of(now, u) for u in units)
 
     def _pid(self) -> int:
         try:
@@ -126,6 +153,7 @@ class ProcessService:
 
     def daemon_reload(self) -> None:
         self.calls.append("daemon-reload")
+        self.loaded.write_text(json.dumps(self._unit_files()))
 
     def reset_failed(self, unit: str) -> None:
         self.calls.append(f"reset-failed {unit}")

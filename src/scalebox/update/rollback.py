@@ -49,12 +49,13 @@ def roll_back(ctx: Context, journal: Journal) -> None:
         touched: list[str] = []
         if (backup / switch.BACKUP_INDEX).is_file():
             touched = switch.restore(p, backup)
+        # Always, unlike an update's switch: a rollback trusts nothing systemd loaded.
         ctx.service.daemon_reload()
         ctx.service.reset_failed(SERVICE)
         if SOCKET not in touched and _old_still_serves(ctx, journal):
             ctx.report(f"scaleboxd {journal.from_version} kept serving; it is not restarted")
         elif switch.can_hand_over(p.release_dir(journal.from_release), touched):
-            switch.start_handover(ctx.service, ctx.restart_timeout)
+            switch.start_handover(ctx.service, (), ctx.restart_timeout)  # reloaded above
             switch.finish_handover(ctx.service, ctx.restart_timeout)
         else:
             if SOCKET in touched:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from scalebox.fsutil import atomic_symlink, atomic_write, durable_copy, fsync_dir
@@ -108,22 +108,40 @@ def can_hand_over(release_dir: Path, changed_units: Iterable[str]) -> bool:
     return SOCKET not in set(changed_units) and HANDOVER in listed_units(release_dir)
 
 
-def restart(service: ServiceManager, changed_units: Iterable[str], timeout: float) -> None:
-    """daemon-reload, then restart scaleboxd (and its socket first if the socket changed)."""
+def reload_if_needed(
+    service: ServiceManager, changed_units: Iterable[str], units: Sequence[str]
+) -> bool:
+    """daemon-reload when a unit file changed or systemd has one of ``units`` out of date.
+
+    An update whose units are unchanged (most are: only ``current`` moved) skips
+    it: a daemon-reload makes systemd re-read every unit on the server, CPU the
+    daemon serving needs during the switch. A unit edited by hand without a
+    reload (NeedDaemonReload=yes) is still reloaded, as before. True if it ran.
+    """
+    if not list(changed_units) and not service.needs_reload(units):
+        return False
     service.daemon_reload()
+    return True
+
+
+def restart(service: ServiceManager, changed_units: Iterable[str], timeout: float) -> None:
+    """daemon-reload if needed, then restart scaleboxd (and its socket first if it changed)."""
+    changed_units = list(changed_units)
+    reload_if_needed(service, changed_units, (SERVICE, SOCKET))
     if SOCKET in set(changed_units):
         # Restarting the socket stops the service too (Requires=); it is started below.
         service.restart(SOCKET, timeout)
     service.restart(SERVICE, timeout)
 
 
-def start_handover(service: ServiceManager, timeout: float) -> None:
-    """daemon-reload, then start the handover instance on ``current`` and wait for READY=1.
+def start_handover(service: ServiceManager, changed_units: Iterable[str], timeout: float) -> None:
+    """daemon-reload if needed, then start the handover instance on ``current`` and wait
+    for READY=1.
 
     Until this returns scaleboxd.service is untouched: a release that crashes
     or hangs here fails the update while the old daemon goes on serving.
     """
-    service.daemon_reload()
+    reload_if_needed(service, changed_units, (SERVICE, SOCKET, HANDOVER))
     left = service.state(HANDOVER).active
     if left not in ("inactive", "failed"):
         service.stop(HANDOVER, timeout)  # one left by a run that was killed

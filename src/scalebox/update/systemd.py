@@ -46,6 +46,7 @@ class UnitState:
 
 class ServiceManager(Protocol):
     def daemon_reload(self) -> None: ...
+    def needs_reload(self, units: Sequence[str]) -> bool: ...
     def restart(self, unit: str, timeout: float) -> None: ...
     def start(self, unit: str, timeout: float) -> None: ...
     def stop(self, unit: str, timeout: float) -> None: ...
@@ -96,6 +97,15 @@ class Systemctl:
 
     def daemon_reload(self) -> None:
         run(["systemctl", "daemon-reload"], "systemctl daemon-reload")
+
+    def needs_reload(self, units: Sequence[str]) -> bool:
+        """Whether systemd's view of ``units`` may differ from their files (see ``stale``)."""
+        out = run(
+            ["systemctl", "show", *units, "-p", "LoadState,NeedDaemonReload"],
+            "read whether systemd has the units as they are on disk",
+            timeout=15.0,
+        )
+        return stale(out, len(units))
 
     def restart(self, unit: str, timeout: float) -> None:
         if unit not in (SERVICE, HANDOVER):
@@ -158,4 +168,16 @@ def parse_show(text: str) -> UnitState:
         main_pid=unitprops.number(props, "MainPID"),
         restarts=unitprops.number(props, "NRestarts"),
         invocation=props.get("InvocationID", ""),
+    )
+
+
+def stale(show_output: str, count: int) -> bool:
+    """Whether ``systemctl show -p LoadState,NeedDaemonReload`` of ``count`` units asks for
+    a daemon-reload: a unit not loaded, a file or drop-in changed since it was loaded
+    (NeedDaemonReload=yes), or an answer that does not say (an older systemd): all but
+    a clear "no" for every unit.
+    """
+    blocks = unitprops.parse_blocks(show_output)
+    return len(blocks) != count or any(
+        b.get("LoadState") != "loaded" or b.get("NeedDaemonReload") != "no" for b in blocks
     )

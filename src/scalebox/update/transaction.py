@@ -154,7 +154,7 @@ def _switch(ctx: Context, j: Journal, new_dir: Path) -> Journal:
         switch.restart(ctx.service, changed, ctx.restart_timeout)
         return j
     ctx.report(f"starting {j.to_version} beside the running scaleboxd (handover)")
-    switch.start_handover(ctx.service, ctx.restart_timeout)
+    switch.start_handover(ctx.service, changed, ctx.restart_timeout)
     # Two daemons serve now; the journal says so before the old one is stopped.
     j = journal.advance(p.journal, j, "handover")
     ctx.report(f"{j.to_version} serves; restarting scaleboxd onto it")
