@@ -158,3 +158,53 @@ def test_a_release_that_crashes_in_its_handover_leaves_the_old_daemon_serving(
         assert stats.failed == 0, stats.failures
         assert set(stats.versions) == {A}, stats.versions
     server.assert_intact(A)
+
+
+PROBE_UNIT = "/etc/systemd/system/scalebox-probe.service"
+
+
+def _needs_reload(server: Server, unit: str) -> str:
+    return server.sh(f"systemctl show {unit} -p NeedDaemonReload --value").stdout.strip()
+
+
+def test_only_a_unit_that_changed_on_disk_costs_a_daemon_reload(server: Server) -> None:
+    """A -> B ship the same unit files: the switch skips `systemctl daemon-reload`, which
+    re-reads every unit on the server. A drop-in written by hand and not yet loaded is
+    loaded by the next update, as before.
+
+    Seen without logs: an unrelated unit edited after the last reload says
+    NeedDaemonReload=yes until the next daemon-reload, whoever runs it.
+    """
+    # Started, so that systemd keeps it loaded (an unused unit is loaded afresh when asked).
+    server.sh(
+        f"printf '[Service]\\nType=oneshot\\nRemainAfterExit=yes\\nExecStart=/bin/true\\n' "
+        # sleep: what install.sh wrote is then older than the switch's margin for coarse
+        # file times (unit_files.MARGIN_S), as on a server installed a while ago.
+        f">{PROBE_UNIT} && sleep 3 && systemctl daemon-reload && systemctl start scalebox-probe && "
+        f"sleep 0.1 && echo '# edited' >>{PROBE_UNIT}"
+    )
+    assert _needs_reload(server, "scalebox-probe.service") == "yes"
+
+    code, _, err = server.update(env=f"SCALEBOX_RELEASE_URL={tarball(B)}")
+    assert code == 0, err
+    assert "installed changed units" not in err
+    assert "daemon-reload" not in err, err
+    assert _needs_reload(server, "scalebox-probe.service") == "yes", "a daemon-reload ran"
+
+    # An admin's drop-in for scaleboxd, written without a daemon-reload.
+    server.sh(
+        "mkdir -p /etc/systemd/system/scaleboxd.service.d && printf "
+        "'[Service]\\nEnvironment=SCALEBOX_PROBE=1\\n' "
+        ">/etc/systemd/system/scaleboxd.service.d/probe.conf"
+    )
+    # systemd 252 says NeedDaemonReload=no here (it does not look for a new .d directory):
+    # the switch sees the files themselves (scalebox/update/unit_files.py).
+    code, _, err = server.update("--allow-downgrade", env=f"SCALEBOX_RELEASE_URL={tarball(A)}")
+    assert code == 0, err
+    assert "systemctl daemon-reload: /etc/systemd/system/scaleboxd.service.d" in err, err
+    assert _needs_reload(server, "scalebox-probe.service") == "no", "no daemon-reload ran"
+    assert _needs_reload(server, "scaleboxd.service") == "no"
+    environ = server.sh(
+        "tr '\\0' '\\n' </proc/$(systemctl show scaleboxd -p MainPID --value)/environ"
+    ).stdout
+    assert "SCALEBOX_PROBE=1" in environ.splitlines(), "the new daemon runs without the drop-in"

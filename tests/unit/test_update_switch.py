@@ -118,16 +118,19 @@ def test_a_daemon_reload_runs_only_when_a_unit_changed_or_systemd_has_one_out_of
     service = ProcessService(p, tmp_path)  # "boots" with the units installed now
     units = ("scaleboxd.service", "scaleboxd.socket")
 
-    assert switch.reload_if_needed(service, [], units) is False
+    said: list[str] = []
+    assert switch.reload_if_needed(service, [], units, said.append) is False
     assert service.calls == []
 
-    assert switch.reload_if_needed(service, ["scaleboxd.service"], units) is True
+    assert switch.reload_if_needed(service, ["scaleboxd.service"], units, said.append) is True
     assert service.calls == ["daemon-reload"]
+    assert said == []  # the changed unit was already reported by the switch
 
     # An admin's drop-in, written without `systemctl daemon-reload`.
     dropin = p.systemd_dir / "scaleboxd.service.d" / "override.conf"
     dropin.parent.mkdir()
     dropin.write_text("[Service]\nEnvironment=X=1\n")
-    assert switch.reload_if_needed(service, [], units) is True
-    assert switch.reload_if_needed(service, [], units) is False  # loaded now
+    assert switch.reload_if_needed(service, [], units, said.append) is True
+    assert said == ["systemctl daemon-reload: scaleboxd.service changed on disk"]
+    assert switch.reload_if_needed(service, [], units, said.append) is False  # loaded now
     assert service.calls == ["daemon-reload", "daemon-reload"]

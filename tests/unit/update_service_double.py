@@ -135,15 +135,17 @@ class ProcessService:
             if f.is_file()
         }
 
-    def needs_reload(self, units: Sequence[str]) -> bool:
-        """True when a file of ``units`` (or a drop-in of one) differs from what was loaded."""
+    def reload_reason(self, units: Sequence[str]) -> str | None:
+        """Why a reload is due: a file of ``units`` (or a drop-in of one) differs from
+        what was loaded; else None."""
         loaded = json.loads(self.loaded.read_text())
         now = self._unit_files()
 
         def of(files: dict[str, str], unit: str) -> dict[str, str]:
             return {k: v for k, v in files.items() if k == unit or k.startswith(f"{unit}.d/")}
 
-        return any(of(loaded, u) != of(now, u) for u in units)
+        changed = [u for u in units if of(loaded, u) != of(now, u)]
+        return f"{changed[0]} changed on disk" if changed else None
 
     def _pid(self) -> int:
         try:

@@ -55,7 +55,8 @@ def roll_back(ctx: Context, journal: Journal) -> None:
         if SOCKET not in touched and _old_still_serves(ctx, journal):
             ctx.report(f"scaleboxd {journal.from_version} kept serving; it is not restarted")
         elif switch.can_hand_over(p.release_dir(journal.from_release), touched):
-            switch.start_handover(ctx.service, (), ctx.restart_timeout)  # reloaded above
+            # Reloaded above: no second one.
+            switch.start_handover(ctx.service, (), ctx.restart_timeout, ctx.report)
             switch.finish_handover(ctx.service, ctx.restart_timeout)
         else:
             if SOCKET in touched:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from scalebox.fsutil import atomic_symlink, atomic_write, durable_copy, fsync_dir
@@ -109,39 +109,55 @@ def can_hand_over(release_dir: Path, changed_units: Iterable[str]) -> bool:
 
 
 def reload_if_needed(
-    service: ServiceManager, changed_units: Iterable[str], units: Sequence[str]
+    service: ServiceManager,
+    changed_units: Iterable[str],
+    units: Sequence[str],
+    report: Callable[[str], None],
 ) -> bool:
     """daemon-reload when a unit file changed or systemd has one of ``units`` out of date.
 
     An update whose units are unchanged (most are: only ``current`` moved) skips
     it: a daemon-reload makes systemd re-read every unit on the server, CPU the
     daemon serving needs during the switch. A unit edited by hand without a
-    reload (NeedDaemonReload=yes) is still reloaded, as before. True if it ran.
+    reload is still reloaded, as before, and the reason reported. True if it ran.
     """
-    if not list(changed_units) and not service.needs_reload(units):
-        return False
+    if not list(changed_units):
+        reason = service.reload_reason(units)
+        if reason is None:
+            return False
+        report(f"systemctl daemon-reload: {reason}")
     service.daemon_reload()
     return True
 
 
-def restart(service: ServiceManager, changed_units: Iterable[str], timeout: float) -> None:
+def restart(
+    service: ServiceManager,
+    changed_units: Iterable[str],
+    timeout: float,
+    report: Callable[[str], None],
+) -> None:
     """daemon-reload if needed, then restart scaleboxd (and its socket first if it changed)."""
     changed_units = list(changed_units)
-    reload_if_needed(service, changed_units, (SERVICE, SOCKET))
+    reload_if_needed(service, changed_units, (SERVICE, SOCKET), report)
     if SOCKET in set(changed_units):
         # Restarting the socket stops the service too (Requires=); it is started below.
         service.restart(SOCKET, timeout)
     service.restart(SERVICE, timeout)
 
 
-def start_handover(service: ServiceManager, changed_units: Iterable[str], timeout: float) -> None:
+def start_handover(
+    service: ServiceManager,
+    changed_units: Iterable[str],
+    timeout: float,
+    report: Callable[[str], None],
+) -> None:
     """daemon-reload if needed, then start the handover instance on ``current`` and wait
     for READY=1.
 
     Until this returns scaleboxd.service is untouched: a release that crashes
     or hangs here fails the update while the old daemon goes on serving.
     """
-    reload_if_needed(service, changed_units, (SERVICE, SOCKET, HANDOVER))
+    reload_if_needed(service, changed_units, (SERVICE, SOCKET, HANDOVER), report)
     left = service.state(HANDOVER).active
     if left not in ("inactive", "failed"):
         service.stop(HANDOVER, timeout)  # one left by a run that was killed

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from scalebox import unitprops
-from scalebox.update import process
+from scalebox.update import process, unit_files
 from scalebox.update.errors import CommandError
 
 SERVICE = "scaleboxd.service"
@@ -46,7 +46,7 @@ class UnitState:
 
 class ServiceManager(Protocol):
     def daemon_reload(self) -> None: ...
-    def needs_reload(self, units: Sequence[str]) -> bool: ...
+    def reload_reason(self, units: Sequence[str]) -> str | None: ...
     def restart(self, unit: str, timeout: float) -> None: ...
     def start(self, unit: str, timeout: float) -> None: ...
     def stop(self, unit: str, timeout: float) -> None: ...
@@ -98,14 +98,28 @@ class Systemctl:
     def daemon_reload(self) -> None:
         run(["systemctl", "daemon-reload"], "systemctl daemon-reload")
 
-    def needs_reload(self, units: Sequence[str]) -> bool:
-        """Whether systemd's view of ``units`` may differ from their files (see ``stale``)."""
+    def reload_reason(self, units: Sequence[str]) -> str | None:
+        """Why systemd's view of ``units`` may differ from their files, or None: what
+        systemd says (``stale``), then any of their files written since it last loaded
+        units (unit_files: what systemd 252 does not look for)."""
+        what = "read whether systemd has the units as they are on disk"
         out = run(
-            ["systemctl", "show", *units, "-p", "LoadState,NeedDaemonReload"],
-            "read whether systemd has the units as they are on disk",
-            timeout=15.0,
+            ["systemctl", "show", *units, "-p", "LoadState,NeedDaemonReload"], what, timeout=15.0
         )
-        return stale(out, len(units))
+        if stale(out, len(units)):
+            return "systemd has a unit out of date with its files (NeedDaemonReload)"
+        # The manager's own property: when it last loaded units (boot or daemon-reload).
+        raw = run(
+            ["systemctl", "show", "-p", "UnitsLoadTimestampMonotonic", "--value"],
+            what,
+            timeout=15.0,
+        ).strip()
+        if not raw.isdigit() or int(raw) == 0:
+            return "this systemd does not say when it loaded units"
+        written = unit_files.written_since(units, unit_files.loaded_at(int(raw)))
+        if written:
+            return f"{written[0]} was written since systemd loaded units"
+        return None
 
     def restart(self, unit: str, timeout: float) -> None:
         if unit not in (SERVICE, HANDOVER):

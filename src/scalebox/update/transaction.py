@@ -151,10 +151,10 @@ def _switch(ctx: Context, j: Journal, new_dir: Path) -> Journal:
     if changed:
         ctx.report(f"installed changed units: {', '.join(changed)}")
     if not switch.can_hand_over(new_dir, changed):
-        switch.restart(ctx.service, changed, ctx.restart_timeout)
+        switch.restart(ctx.service, changed, ctx.restart_timeout, ctx.report)
         return j
     ctx.report(f"starting {j.to_version} beside the running scaleboxd (handover)")
-    switch.start_handover(ctx.service, changed, ctx.restart_timeout)
+    switch.start_handover(ctx.service, changed, ctx.restart_timeout, ctx.report)
     # Two daemons serve now; the journal says so before the old one is stopped.
     j = journal.advance(p.journal, j, "handover")
     ctx.report(f"{j.to_version} serves; restarting scaleboxd onto it")
