@@ -184,3 +184,25 @@ def test_a_daemon_reload_is_skipped_only_on_a_clear_no_for_every_unit(
     output: str, count: int, stale: bool
 ) -> None:
     assert systemd.stale(output, count) is stale
+
+
+@pytest.mark.parametrize(
+    ("output", "loaded"),
+    [
+        # After a daemon-reload (the values systemd 252 showed in a test machine).
+        (
+            "UnitsLoadStartTimestampMonotonic=52773466033\nUnitsLoadTimestampMonotonic=52784610758\n",
+            52784610758,
+        ),
+        # Booted, never reloaded: the reload's is 0, the boot's load counts.
+        (
+            "UnitsLoadStartTimestampMonotonic=52773466033\nUnitsLoadTimestampMonotonic=0\n",
+            52773466033,
+        ),
+        # Neither said: unknown (the switch then reloads).
+        ("UnitsLoadTimestampMonotonic=0\n", None),
+        ("", None),
+    ],
+)
+def test_when_systemd_last_loaded_its_units(output: str, loaded: int | None) -> None:
+    assert systemd.last_load(output) == loaded

@@ -108,15 +108,12 @@ class Systemctl:
         )
         if stale(out, len(units)):
             return "systemd has a unit out of date with its files (NeedDaemonReload)"
-        # The manager's own property: when it last loaded units (boot or daemon-reload).
-        raw = run(
-            ["systemctl", "show", "-p", "UnitsLoadTimestampMonotonic", "--value"],
-            what,
-            timeout=15.0,
-        ).strip()
-        if not raw.isdigit() or int(raw) == 0:
+        loaded = last_load(
+            run(["systemctl", "show", "-p", f"{RELOADED},{BOOT_LOAD}"], what, timeout=15.0)
+        )
+        if loaded is None:
             return "this systemd does not say when it loaded units"
-        written = unit_files.written_since(units, unit_files.loaded_at(int(raw)))
+        written = unit_files.written_since(units, unit_files.loaded_at(loaded))
         if written:
             return f"{written[0]} was written since systemd loaded units"
         return None
@@ -195,3 +192,20 @@ def stale(show_output: str, count: int) -> bool:
     return len(blocks) != count or any(
         b.get("LoadState") != "loaded" or b.get("NeedDaemonReload") != "no" for b in blocks
     )
+
+
+# The manager's properties for when it loaded units: at its last daemon-reload
+# (0 until there was one), and at boot.
+RELOADED = "UnitsLoadTimestampMonotonic"
+BOOT_LOAD = "UnitsLoadStartTimestampMonotonic"
+
+
+def last_load(show_output: str) -> int | None:
+    """When systemd last loaded its units (µs, CLOCK_MONOTONIC), from ``systemctl show -p
+    RELOADED,BOOT_LOAD``: the last daemon-reload, else the boot's load; None if neither."""
+    props = unitprops.parse(show_output)
+    for key in (RELOADED, BOOT_LOAD):
+        value = unitprops.number(props, key)
+        if value:
+            return value
+    return None
