@@ -178,9 +178,7 @@ def test_only_a_unit_that_changed_on_disk_costs_a_daemon_reload(server: Server) 
     # Started, so that systemd keeps it loaded (an unused unit is loaded afresh when asked).
     server.sh(
         f"printf '[Service]\\nType=oneshot\\nRemainAfterExit=yes\\nExecStart=/bin/true\\n' "
-        # sleep: what install.sh wrote is then older than the switch's margin for coarse
-        # file times (unit_files.MARGIN_S), as on a server installed a while ago.
-        f">{PROBE_UNIT} && sleep 3 && systemctl daemon-reload && systemctl start scalebox-probe && "
+        f">{PROBE_UNIT} && systemctl daemon-reload && systemctl start scalebox-probe && "
         f"sleep 0.1 && echo '# edited' >>{PROBE_UNIT}"
     )
     assert _needs_reload(server, "scalebox-probe.service") == "yes"

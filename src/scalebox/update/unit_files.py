@@ -30,9 +30,10 @@ SEARCH_DIRS = (
     Path("/usr/lib/systemd/system"),
     Path("/lib/systemd/system"),
 )
-# File times come from a coarse clock and the load takes a while: anything
-# written this close to the last load counts as written after it.
-MARGIN_S = 2.0
+# systemd takes its load time as loading starts, from a precise clock; a
+# file's time comes from the kernel's coarse one (a tick, 1-10 ms, behind).
+# Anything written this close before the load counts as written after it.
+MARGIN_S = 0.25
 
 
 def dropin_dirs(unit: str) -> list[str]:
@@ -86,5 +87,6 @@ def written_since(
 
 
 def loaded_at(units_load_monotonic_us: int) -> float:
-    """systemd's UnitsLoadTimestampMonotonic (µs, CLOCK_MONOTONIC) as seconds since the epoch."""
+    """systemd's UnitsLoadTimestampMonotonic (µs, CLOCK_MONOTONIC) as seconds since the epoch
+    (as the wall clock reads now: a clock step since the load shifts it by as much)."""
     return time.time() - (time.monotonic() - units_load_monotonic_us / 1e6)
