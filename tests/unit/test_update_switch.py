@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from scalebox.update import switch
-from scalebox.update.errors import UpdateError
+from scalebox.update.errors import CommandError, UpdateError
 from scalebox.update.paths import Paths
+from scalebox.update.systemd import UnitState
 from tests.unit.update_service_double import ProcessService
 
 UNITS = ["scalebox-vm@.service", "scaleboxd.service"]
@@ -134,3 +135,67 @@ def test_a_daemon_reload_runs_only_when_a_unit_changed_or_systemd_has_one_out_of
     assert said == ["systemctl daemon-reload: scaleboxd.service changed on disk"]
     assert switch.reload_if_needed(service, [], units, said.append) is False  # loaded now
     assert service.calls == ["daemon-reload", "daemon-reload"]
+
+
+class CgroupHiccup:
+    """systemd's part in one case the test machines show (nested cgroup v1): the handover
+    unit, started again soon after it stopped, fails with 219/CGROUP until a daemon-reload.
+    A double: the failure cannot be made to order on real systemd."""
+
+    def __init__(self, fails_with: int) -> None:
+        self.fails_with = fails_with
+        self.calls: list[str] = []
+        self.reloaded = False
+        self.status = 0
+
+    def daemon_reload(self) -> None:
+        self.calls.append("daemon-reload")
+        self.reloaded = True
+
+    def reload_reason(self, units: object) -> str | None:
+        return None
+
+    def reset_failed(self, unit: str) -> None:
+        self.calls.append(f"reset-failed {unit}")
+
+    def start(self, unit: str, timeout: float) -> None:
+        self.calls.append(f"start {unit}")
+        if not self.reloaded:
+            self.status = self.fails_with
+            raise CommandError(f"start {unit} failed: the unit is failed/failed")
+        self.status = 0
+
+    def stop(self, unit: str, timeout: float) -> None:
+        self.calls.append(f"stop {unit}")
+
+    def restart(self, unit: str, timeout: float) -> None:
+        self.calls.append(f"restart {unit}")
+
+    def state(self, unit: str) -> UnitState:
+        return UnitState("inactive", "dead", 0, 0, exit_status=self.status)
+
+
+def test_a_handover_start_systemd_could_not_set_a_cgroup_up_for_is_reloaded_and_retried() -> None:
+    service = CgroupHiccup(fails_with=219)
+    said: list[str] = []
+    switch.start_handover(service, [], 10.0, said.append)
+    handover = "scaleboxd-handover.service"
+    assert service.calls == [
+        f"start {handover}",
+        f"stop {handover}",
+        "daemon-reload",
+        f"reset-failed {handover}",
+        f"start {handover}",
+    ]
+    assert said == [
+        f"{handover} could not start: systemd could not set up its cgroup (status "
+        "219/CGROUP); systemctl daemon-reload, then once more"
+    ]
+
+
+def test_a_handover_that_fails_for_its_own_reasons_is_not_retried() -> None:
+    service = CgroupHiccup(fails_with=70)  # the release's daemon exited: a bad release
+    with pytest.raises(CommandError):
+        switch.start_handover(service, [], 10.0, lambda _: None)
+    assert "daemon-reload" not in service.calls
+    assert service.calls[-1] == "stop scaleboxd-handover.service"

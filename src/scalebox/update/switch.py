@@ -26,9 +26,9 @@ from scalebox.fsutil import atomic_symlink, atomic_write, durable_copy, fsync_di
 from scalebox.release import manifest
 from scalebox.release.errors import ReleaseError
 from scalebox.update import socket_port
-from scalebox.update.errors import UpdateError
+from scalebox.update.errors import CommandError, UpdateError
 from scalebox.update.paths import Paths
-from scalebox.update.systemd import HANDOVER, SERVICE, SOCKET, ServiceManager
+from scalebox.update.systemd import EXIT_CGROUP, HANDOVER, SERVICE, SOCKET, ServiceManager
 
 BACKUP_INDEX = "backup.json"
 
@@ -164,9 +164,30 @@ def start_handover(
     if left == "failed":
         service.reset_failed(HANDOVER)  # its start limit must not refuse this start
     try:
+        _start_or_stop(service, timeout)
+    except CommandError:
+        if service.state(HANDOVER).exit_status != EXIT_CGROUP:
+            raise
+        # systemd could not set up the unit's cgroup: seen when the handover unit
+        # starts again seconds after it stopped ("Failed to kill control group ...
+        # Input/output error" in nested cgroup-v1 machines). A daemon-reload sets
+        # the cgroups up again (the reload before every start used to hide this).
+        report(
+            f"{HANDOVER} could not start: systemd could not set up its cgroup "
+            f"(status {EXIT_CGROUP}/CGROUP); systemctl daemon-reload, then once more"
+        )
+        service.daemon_reload()
+        service.reset_failed(HANDOVER)
+        _start_or_stop(service, timeout)
+
+
+def _start_or_stop(service: ServiceManager, timeout: float) -> None:
+    """Start the handover instance; on any failure stop it, so that a hanging one does
+    not keep taking the socket's connections."""
+    try:
         service.start(HANDOVER, timeout)
     except BaseException:
-        service.stop(HANDOVER, timeout)  # a hanging one must not keep the socket's accepts
+        service.stop(HANDOVER, timeout)
         raise
 
 

@@ -25,7 +25,9 @@ HANDOVER = "scaleboxd-handover.service"
 # release that hangs at start cost 30 s of downtime before the rollback began.
 READY_TIMEOUT = 15.0
 POLL = 0.1
-STATE_PROPERTIES = "ActiveState,SubState,MainPID,NRestarts,InvocationID"
+STATE_PROPERTIES = "ActiveState,SubState,MainPID,NRestarts,InvocationID,ExecMainStatus"
+# The exit status systemd gives a start it could not set up the cgroup for.
+EXIT_CGROUP = 219
 HINT = "see `systemctl status scaleboxd` and `journalctl -u scaleboxd -n 50`"
 
 
@@ -38,6 +40,7 @@ class UnitState:
     main_pid: int
     restarts: int  # NRestarts: systemd's own restarts (Restart=on-failure)
     invocation: str = ""  # InvocationID: new for every start of the unit
+    exit_status: int = 0  # ExecMainStatus: the main process's exit status (or systemd's)
 
     @property
     def running(self) -> bool:
@@ -179,6 +182,7 @@ def parse_show(text: str) -> UnitState:
         main_pid=unitprops.number(props, "MainPID"),
         restarts=unitprops.number(props, "NRestarts"),
         invocation=props.get("InvocationID", ""),
+        exit_status=unitprops.number(props, "ExecMainStatus"),
     )
 
 
