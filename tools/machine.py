@@ -581,6 +581,9 @@ class Machine:
             raise MachineError(f"{self.name} has not booted", "use Machine.boot()")
         cmd = ["nsenter", "-t", str(self.init_pid), "-a", "--", *argv]
         try:
+            # A session of its own, as `sudo` gives a command: scalebox-update lowers its
+            # session's CPU priority until the switch, and one killed with SIGKILL (the
+            # crash tests) must not leave the test runner's session lowered.
             result = subprocess.run(
                 cmd,
                 input=input,
@@ -589,6 +592,7 @@ class Machine:
                 timeout=timeout,
                 env=MACHINE_ENV,
                 check=False,
+                start_new_session=True,
             )
         except subprocess.TimeoutExpired as exc:
             raise MachineError(
