@@ -32,6 +32,14 @@ import pytest
 
 from scalebox.config import KEYS
 
+# A test run started in the background by a script (`./do test &`) inherits SIGINT
+# ignored, which Python and every program it starts then keep: the tests that
+# press Ctrl-C (SIGINT) on the CLI and the updater would wait for nothing. Programs
+# started from here get the default again (a handled signal is reset at exec).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 STARTUP_SECONDS = 30
 STOP_SECONDS = 30
 # Variables that must not leak from the developer's shell into the daemon:
