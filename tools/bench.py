@@ -883,7 +883,8 @@ def _samples(runs: list[RunFigures], traces: list[list[Phase]]) -> list[dict[str
 
 def write_out(text: str, summary: dict[str, Any], runs: list[RunFigures],
               traces: list[list[Phase]]) -> Path | None:  # fmt: skip
-    """figures.txt, figures.json and timeline.png in builds/bench/; the picture's path."""
+    """figures.txt, figures.json, samples.json and timeline.png in builds/bench/; the
+    picture's path."""
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "figures.txt").write_text(text + "\n")
     (OUT / "figures.json").write_text(json.dumps(summary, sort_keys=True, indent=1) + "\n")
