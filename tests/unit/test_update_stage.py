@@ -187,8 +187,17 @@ def test_fast_staging_is_reproducible_and_quick(release: Release, tmp_path: Path
     assert stage.build(paths, release.root, VERSION, python="python3", report=lambda _: None)
     took = time.monotonic() - started
     print(f"staging took {took:.2f}s")
-    # Built again at the same place (the .pyc hold their paths): byte for byte the same tree.
+    # Built again at the same place: byte for byte the same tree.
     assert _files(paths.release_dir(VERSION)) == first
+    # Elsewhere, only what names the venv's own path differs (scripts' #!, pyvenv.cfg, the
+    # RECORDs that hash those scripts): the .pyc name their files relative to site-packages.
+    elsewhere = Paths(tmp_path / "other")
+    assert stage.build(elsewhere, release.root, VERSION, python="python3", report=lambda _: None)
+    there, here = elsewhere.release_dir(VERSION) / "venv", paths.release_dir(VERSION) / "venv"
+    there_files, here_files = _files(_site(there)), _files(_site(here))
+    differ = {rel for rel in here_files if there_files.get(rel) != here_files[rel]}
+    assert there_files.keys() == here_files.keys()
+    assert differ and all(rel.endswith(".dist-info/RECORD") for rel in differ), differ
     # Generous for a shared test host; `./do bench-stage` prints the figure on an idle one.
     assert took < 60
 
@@ -253,3 +262,140 @@ def test_a_complete_release_whose_files_changed_is_rebuilt_not_reused(
     # A staged file removed, or one added, counts as changed too.
     (built / "venv" / "extra").write_text("x")
     assert not stage.unchanged(built)
+
+
+# --- a build next to the running release links the files it shares with it ---------------
+
+DONOR = "7.7.6"
+
+
+def _next_to_a_donor(release: Release, root: Path, spoil: Callable[[Path], None]) -> Paths:
+    """Build VERSION as if DONOR ran: DONOR is VERSION built before (with its record),
+    then ``spoil``-ed, and ``current`` points at it."""
+    paths = Paths(root)
+    assert stage.build(paths, release.root, VERSION, python="python3", report=lambda _: None)
+    paths.release_dir(VERSION).rename(paths.release_dir(DONOR))
+    paths.current.symlink_to(f"releases/{DONOR}")
+    spoil(paths.release_dir(DONOR))
+    assert stage.build(paths, release.root, VERSION, python="python3", report=lambda _: None)
+    return paths
+
+
+def _shared(paths: Paths) -> set[str]:
+    """site-packages files of VERSION that are the donor's own (the same inode)."""
+    mine, theirs = (
+        _site(paths.release_dir(VERSION) / "venv"),
+        _site(paths.release_dir(DONOR) / "venv"),
+    )
+    return {
+        p.relative_to(mine).as_posix()
+        for p in mine.rglob("*")
+        if p.is_file()
+        and (theirs / p.relative_to(mine)).exists()
+        and p.stat().st_ino == (theirs / p.relative_to(mine)).stat().st_ino
+    }
+
+
+def _as_built_alone(paths: Paths, release: Release) -> dict[str, str]:
+    """VERSION's file record, then VERSION built again at the same place with no donor:
+    the record of both must be the same, modes included."""
+
+    def record() -> dict[str, str]:
+        built = paths.release_dir(VERSION)
+        return {
+            **stage.file_record(built),
+            **{
+                f"mode:{p.relative_to(built)}": oct(p.lstat().st_mode)
+                for p in built.rglob("*")
+                if p.name not in {stage.COMPLETE, stage.STAGED_FILES}
+            },
+        }
+
+    linked = record()
+    shutil.rmtree(paths.release_dir(VERSION))
+    paths.current.unlink()
+    assert stage.build(paths, release.root, VERSION, python="python3", report=lambda _: None)
+    assert record() == linked
+    return linked
+
+
+def test_a_build_next_to_the_running_release_links_what_they_share(
+    release: Release, tmp_path: Path
+) -> None:
+    paths = _next_to_a_donor(release, tmp_path / "server", lambda _: None)
+    site = _site(paths.release_dir(VERSION) / "venv")
+    everything = {p.relative_to(site).as_posix() for p in site.rglob("*") if p.is_file()}
+    shared = _shared(paths)
+    # Every file of the same wheels, .pyc included, except RECORDs that list scripts.
+    assert {r for r in everything - shared if not r.endswith("/RECORD")} == set()
+    assert any(r.endswith(".pyc") for r in shared)
+    # The scripts name their own venv's python: never shared.
+    venv, donor = paths.release_dir(VERSION) / "venv", paths.release_dir(DONOR) / "venv"
+    assert (venv / "bin" / "scaleboxd").stat().st_ino != (donor / "bin" / "scaleboxd").stat().st_ino
+    # The linked release runs, and its code names its own files (the import puts the
+    # real path into code that a .pyc names relative to site-packages).
+    ran = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import scalebox.update.stage as s; print(s.build.__code__.co_filename)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert ran.stdout.strip() == str(site / "scalebox" / "update" / "stage.py")
+    # Byte for byte, mode for mode, what a build with no release beside it makes.
+    _as_built_alone(paths, release)
+
+
+def _spoil(donor: Path) -> None:
+    site = _site(donor / "venv")
+    py = site / "scalebox" / "cli" / "main.py"
+    py.write_text(py.read_text() + "\n# edited\n")  # a file that differs
+    pyc = next((site / "scalebox" / "update" / "__pycache__").glob("stage.*.pyc"))
+    data = bytearray(pyc.read_bytes())
+    data[-1] ^= 1  # bit rot past the header: its record no longer matches
+    pyc.write_bytes(bytes(data))
+    (site / "scalebox" / "errors.py").chmod(0o600)  # another mode
+    link = site / "scalebox" / "__init__.py"
+    real = link.read_bytes()
+    link.unlink()
+    (donor / "elsewhere.py").write_bytes(real)
+    link.symlink_to(donor / "elsewhere.py")  # the same bytes, but not a regular file
+
+
+def test_a_donor_file_that_is_not_exactly_the_same_is_written_not_linked(
+    release: Release, tmp_path: Path
+) -> None:
+    paths = _next_to_a_donor(release, tmp_path / "server", _spoil)
+    shared = _shared(paths)
+    for spoiled in (
+        "scalebox/cli/main.py",
+        "scalebox/update/__pycache__/stage.cpython",
+        "scalebox/errors.py",
+        "scalebox/__init__.py",
+    ):
+        assert not any(r.startswith(spoiled) for r in shared), spoiled
+    # Their neighbours are still shared; so is the edited file's .pyc, which the donor's
+    # staging compiled from the wheel's bytes, the bytes this build has.
+    assert "scalebox/update/stage.py" in shared
+    assert any(r.startswith("scalebox/cli/__pycache__/main.") for r in shared)
+    assert any(r.startswith("scalebox/__pycache__/errors.") for r in shared)
+    donor_site = _site(paths.release_dir(DONOR) / "venv")
+    assert (donor_site / "scalebox" / "cli" / "main.py").read_text().endswith("# edited\n")
+    _as_built_alone(paths, release)
+
+
+def test_without_the_donors_record_its_pyc_are_compiled_again(
+    release: Release, tmp_path: Path
+) -> None:
+    # As after install.sh (pip builds the first release and keeps no record).
+    paths = _next_to_a_donor(
+        release, tmp_path / "server", lambda donor: (donor / stage.STAGED_FILES).unlink()
+    )
+    shared = _shared(paths)
+    assert "scalebox/update/stage.py" in shared
+    assert not any(r.endswith(".pyc") for r in shared)
+    _as_built_alone(paths, release)

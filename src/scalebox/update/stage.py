@@ -173,7 +173,7 @@ def build(paths: Paths, release_root: Path, version: str, *, python: str, report
             shutil.copytree(entry, target / entry.name, symlinks=True)
         else:
             shutil.copy2(entry, target / entry.name)
-    _install(target / "venv", release_root / "wheels", version, python)
+    _install(target / "venv", release_root / "wheels", version, python, donor=_donor(paths))
     (target / STAGED_FILES).write_text(json.dumps(file_record(target), indent=0, sort_keys=True))
     # All that cp and the installer wrote reaches the disk before .complete says it is whole.
     fsync_tree(target)
@@ -214,14 +214,27 @@ def _tool_wheel(wheels: Path, project: str) -> Path | None:
     return found[-1] if found else None
 
 
-def _install(venv: Path, wheels: Path, version: str, python: str) -> None:
+def _donor(paths: Paths) -> Path | None:
+    """The running release's venv: the files a new build shares with it are linked."""
+    name = current_name(paths)
+    if name is None or not is_complete(paths.release_dir(name)):
+        return None
+    venv = paths.release_dir(name) / "venv"
+    return venv if venv.is_dir() and not venv.is_symlink() else None
+
+
+def _install(
+    venv: Path, wheels: Path, version: str, python: str, *, donor: Path | None = None
+) -> None:
     """Build ``venv`` with scalebox==version from ``wheels`` alone, offline.
 
     With the release's own PyPA ``installer`` and ``packaging`` wheels (every
     release since 0.2.0 ships them), a venv without pip and one process that
     installs every wheel and compiles the bytecode: about a second, where
-    ensurepip + pip took 8-10 s. A release without them (an older one, being
-    rolled back to) is built the old way, with pip.
+    ensurepip + pip took 8-10 s. Files byte-identical to the ``donor`` venv's
+    (the running release) are hard links to them (wheel_install.py says why).
+    A release without them (an older one, being rolled back to) is built the
+    old way, with pip.
     """
     hint = "the release's wheels/ do not install on this server; nothing was changed"
     tools = [_tool_wheel(wheels, "installer"), _tool_wheel(wheels, "packaging")]
@@ -255,6 +268,7 @@ def _install(venv: Path, wheels: Path, version: str, python: str) -> None:
             str(INSTALL_SCRIPT),
             str(wheels),
             f"scalebox=={version}",
+            *([str(donor), str(donor.parent / STAGED_FILES)] if donor is not None else []),
         ],
         f"install scalebox {version} from the release's wheels",
         env={**env, "PYTHONPATH": os.pathsep.join(str(t) for t in tools)},
