@@ -4,7 +4,9 @@
                [--no-sandbox] [--sandbox-runs N] [--sandbox-burst N]
 
 Builds signed releases A, B and one that crashes at start (tools/releases.py),
-then for each run boots a fresh nspawn machine, installs A with install.sh,
+then for each run boots a fresh nspawn machine whose root is a copy of the
+image on the host's disk (as a server's: staging writes to a real disk, not
+to the tmpfs overlay that test machines use), installs A with install.sh,
 starts a VM and, under the same load each time (load generators on the host
 sending GET /health through m.url(), which checks the route: paced workers on
 a new connection per request, the same on kept-alive connections, and an open
@@ -568,7 +570,7 @@ def one_run(
 ) -> tuple[RunFigures, list[Phase]]:
     load = (workers, interval)
     phases: list[Phase] = []
-    with Machine.boot(release_dir) as m:
+    with Machine.boot(release_dir, persistent=True) as m:  # the root on the host's disk
         figures = RunFigures(index, m.name, os.getloadavg())
         say(f"run {index}: installing {A} on {m.name} (host load {figures.loadavg[0]:.2f})")
         install(m, releases.tarball_name(A), "--backend", "process")
@@ -751,6 +753,11 @@ def report(runs: list[RunFigures]) -> tuple[str, dict[str, Any]]:
     for name, target, value, ok in rows:
         verdict = "" if ok is None else _verdict(ok)
         table.append(f"{name:<58} {target:>9}  {value:>10}  {verdict}")
+    table.append(
+        f"stage: releases/{B} is built next to {A} as install.sh (pip) left it: its unchanged "
+        f".py are linked, every .pyc compiled; releases/{CRASH} next to {B} as the updater "
+        "staged it: .py and .pyc linked. The machine's root is on the host's disk."
+    )
     misses = [name for name, _, _, ok in rows if ok is False]
     if misses:
         table.append("MISS: " + "; ".join(misses))
