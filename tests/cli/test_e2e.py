@@ -403,6 +403,9 @@ def test_table_on_a_terminal_keeps_every_character(run: Run, vm: dict[str, Any])
     try:
         done = subprocess.run(
             [str(SCALEBOX), "vm", "list"],
+            # stdin too, as in a person's shell: rich asks stdin for the size first, so an
+            # inherited terminal (of another width) would decide it.
+            stdin=follower,
             stdout=follower,
             stderr=subprocess.PIPE,
             env=env,
@@ -426,8 +429,8 @@ def test_table_on_a_terminal_keeps_every_character(run: Run, vm: dict[str, Any])
             os.close(follower)
     assert done.returncode == 0, done.stderr
     screen = re.sub(r"\x1b\[[0-9;]*m", "", b"".join(chunks).decode())
-    assert "…" not in screen
-    assert max(len(line) for line in screen.splitlines()) <= 60
+    assert "…" not in screen, screen
+    assert max(len(line) for line in screen.splitlines()) <= 60, screen
     cells = read_folded_row(screen, vm["id"])
     assert cells[:4] == [vm["id"], vm["name"], "debian-base", "running"]
     assert cells[4] == vm["ssh"].replace(" ", "")
