@@ -346,7 +346,31 @@ def names(manifest):
     print(" ".join(listed["units"]))
 
 
-COMMANDS = {"signed": signed, "wheels": wheels, "names": names}
+def tools(wheels_dir, out):
+    """For a release scalebox-update can stage: wheel_install.py from its own scalebox wheel
+    into out, and its installer and packaging wheels printed as one PYTHONPATH. Nothing
+    printed for a release without them (one older than 0.2.0: built with pip)."""
+    names = sorted(os.listdir(wheels_dir))
+
+    def newest(project):
+        found = [n for n in names if n.startswith(project + "-") and n.endswith("-py3-none-any.whl")]
+        return os.path.join(wheels_dir, found[-1]) if found else None
+
+    ours = [n for n in names if n.startswith("scalebox-") and n.endswith(".whl")]
+    path = [newest("installer"), newest("packaging")]
+    if None in path or len(ours) != 1:
+        return
+    with zipfile.ZipFile(os.path.join(wheels_dir, ours[0])) as wheel:
+        try:
+            script = wheel.read("scalebox/update/wheel_install.py")
+        except KeyError:
+            return
+    with open(out, "xb") as f:
+        f.write(script)
+    print(os.pathsep.join(path))
+
+
+COMMANDS = {"signed": signed, "wheels": wheels, "names": names, "tools": tools}
 guarded(lambda: COMMANDS[sys.argv[1]](*sys.argv[2:]))
 PY
 reader() { python3 -I "$WORK/reader.py" "$@"; }
@@ -483,8 +507,23 @@ else
   if [[ ! -d $OPT ]]; then MADE_OPT=1; fi
   BUILDING=$RELEASE_DIR
   install -d -m 0755 "$OPT" "$OPT/releases" "$RELEASE_DIR"
-  python3 -I -m venv "$RELEASE_DIR/venv"
-  "$RELEASE_DIR/venv/bin/pip" install --isolated --quiet --no-index --find-links "$REL/wheels" "scalebox==$VERSION"
+  # Built as scalebox-update stages a release: the release's own wheel_install.py and its
+  # installer and packaging wheels, into a venv without pip (the same files as pip, a .pyc
+  # per module, in about a second), then a record of every file, so that the first update
+  # shares what it can with this release. A release without them is built with pip.
+  TOOLS=$(reader tools "$REL/wheels" "$WORK/wheel_install.py") || exit 1
+  if [[ -n $TOOLS ]]; then
+    python3 -I -m venv --without-pip "$RELEASE_DIR/venv"
+    no_python_env=()
+    for name in $(compgen -e); do
+      if [[ $name == PYTHON* ]]; then no_python_env+=(-u "$name"); fi
+    done
+    env "${no_python_env[@]}" PYTHONPATH="$TOOLS" "$RELEASE_DIR/venv/bin/python" -s \
+      "$WORK/wheel_install.py" "$REL/wheels" "scalebox==$VERSION" >/dev/null
+  else
+    python3 -I -m venv "$RELEASE_DIR/venv"
+    "$RELEASE_DIR/venv/bin/pip" install --isolated --quiet --no-index --find-links "$REL/wheels" "scalebox==$VERSION"
+  fi
   for name in "${PROGRAMS[@]}"; do
     [[ -x $RELEASE_DIR/venv/bin/$name ]] || die "the release's venv has no program $name" \
       "the release is broken; report it"
@@ -499,6 +538,17 @@ else
     install -m 0644 "$REL"/docs/*.md "$RELEASE_DIR/docs/"
   fi
   install -m 0644 "$REL/RELEASE.json" "$REL/RELEASE.json.sig" "$RELEASE_DIR/"
+  if [[ -n $TOOLS ]]; then
+    "$RELEASE_DIR/venv/bin/python" -I -c '
+import sys
+from pathlib import Path
+try:
+    from scalebox.update.stage import write_record
+except ImportError:
+    sys.exit(0)  # a release from before records: its first update compiles every .pyc
+write_record(Path(sys.argv[1]))
+' "$RELEASE_DIR"
+  fi
   sync
   : >"$RELEASE_DIR/.complete" # last: a release directory without it is unfinished
   sync

@@ -25,6 +25,8 @@ from tools import tarball
 
 from scalebox.release import build, manifest, signing
 from scalebox.release.verify import open_release
+from scalebox.update import stage
+from scalebox.update.paths import Paths
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL_SH = ROOT / "scripts" / "install.sh"
@@ -117,6 +119,35 @@ def test_first_install_lays_out_the_release(installed: Path) -> None:
     for unit in (ROOT / "units").iterdir():
         assert (installed / "etc/systemd/system" / unit.name).read_bytes() == unit.read_bytes()
     assert (installed / "etc/scaleboxd/version").read_text() == f"{VERSION}\n"
+    # Built as scalebox-update stages a release: no pip, and a record of every file.
+    assert not (release_dir / "venv" / "bin" / "pip").exists()
+    assert stage.unchanged(release_dir)
+
+
+def test_the_first_update_after_install_shares_what_it_can(built: Built, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    result = run_script(INSTALL_SH, root, built.tarball)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The installed release plays the running one at another version, so that the
+    # same tarball can be staged next to it.
+    paths = Paths(root)
+    paths.release_dir(VERSION).rename(paths.release_dir("7.7.6"))
+    paths.current.unlink()
+    paths.current.symlink_to("releases/7.7.6")
+    release = open_release(built.tarball, tmp_path / "open", [built.pub])
+    assert stage.build(paths, release.root, VERSION, python="python3", report=lambda _: None)
+    venv = paths.release_dir(VERSION) / "venv"
+    mine = next((venv / "lib").glob("python3.*")) / "site-packages"
+    theirs = paths.release_dir("7.7.6") / "venv" / mine.relative_to(venv)
+    apart = [
+        p.relative_to(mine).as_posix()
+        for p in mine.rglob("*")
+        if p.is_file() and p.stat().st_ino != (theirs / p.relative_to(mine)).stat().st_ino
+    ]
+    # Every file, each module's .pyc included (at most the RECORDs that hash the scripts
+    # differ; here not even those: the renamed release's scripts name this same path).
+    assert all(rel.endswith(".dist-info/RECORD") for rel in apart), apart
+    assert len(list(mine.rglob("*.pyc"))) > 1000
 
 
 def test_installed_daemon_is_the_release_version(installed: Path) -> None:

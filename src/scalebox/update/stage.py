@@ -174,13 +174,20 @@ def build(paths: Paths, release_root: Path, version: str, *, python: str, report
         else:
             shutil.copy2(entry, target / entry.name)
     _install(target / "venv", release_root / "wheels", version, python, donor=_donor(paths))
-    (target / STAGED_FILES).write_text(json.dumps(file_record(target), indent=0, sort_keys=True))
+    write_record(target)
     # All that cp and the installer wrote reaches the disk before .complete says it is whole.
     fsync_tree(target)
     fsync_dir(target.parent)
     atomic_write(target / COMPLETE, f"{version}\n")
     report(f"built releases/{name} in {time.monotonic() - started:.2f} s")
     return True
+
+
+def write_record(directory: Path) -> None:
+    """Write STAGED_FILES: what the release directory holds now (install.sh calls it too)."""
+    (directory / STAGED_FILES).write_text(
+        json.dumps(file_record(directory), indent=0, sort_keys=True)
+    )
 
 
 def file_record(directory: Path) -> dict[str, str]:
