@@ -754,9 +754,9 @@ def report(runs: list[RunFigures]) -> tuple[str, dict[str, Any]]:
         verdict = "" if ok is None else _verdict(ok)
         table.append(f"{name:<58} {target:>9}  {value:>10}  {verdict}")
     table.append(
-        f"stage: releases/{B} is built next to {A} as install.sh (pip) left it: its unchanged "
-        f".py are linked, every .pyc compiled; releases/{CRASH} next to {B} as the updater "
-        "staged it: .py and .pyc linked. The machine's root is on the host's disk."
+        f"stage: releases/{B} is built next to {A} as install.sh left it, releases/{CRASH} next "
+        f"to {B} as the updater staged it; each shares every unchanged file (.py and .pyc) with "
+        "the running release. The machine's root is on the host's disk."
     )
     misses = [name for name, _, _, ok in rows if ok is False]
     if misses:
