@@ -8,9 +8,9 @@ the release. It does what ``pip install --no-index --find-links WHEELS REQ``
 does: for every requirement, the best-matching wheel by this interpreter's
 tags; dependencies from each wheel's METADATA with their markers evaluated;
 PyPA ``installer`` unpacks them, writes the entry-point scripts and
-RECORD. Bytecode is compiled while the next wheel unpacks, on every core
-(a pool of forked workers gets each wheel's .py files as soon as they are
-written), as unchecked-hash .pyc: they do not embed the files' mtimes, and
+RECORD. A pool of one process per core unpacks the wheels side by side and
+compiles each wheel's bytecode as soon as it is unpacked, as unchecked-hash
+.pyc: they do not embed the files' mtimes, and
 their code names its file relative to site-packages (the import puts in the
 real path when it loads them), so two builds are byte-identical wherever
 they are built, and the import skips the staleness check (a release's files
@@ -43,7 +43,7 @@ import stat
 import sys
 import sysconfig
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from email.parser import Parser
 from pathlib import Path
@@ -181,6 +181,9 @@ class CollectingDestination(SchemeDictionaryDestination):
     def write_to_fs(
         self, scheme: Scheme, path: str, stream: BinaryIO, is_executable: bool
     ) -> RecordEntry:
+        # Wheels unpack side by side: a directory two of them share (a namespace
+        # package) may appear between installer's exists() and its mkdir().
+        Path(self.scheme_dict[scheme], path).parent.mkdir(parents=True, exist_ok=True)
         if scheme not in SITE_SCHEMES:
             return super().write_to_fs(scheme, path, stream, is_executable)
         site = self.scheme_dict[scheme]
@@ -283,43 +286,68 @@ def resolve(root: Requirement, wheels: dict[str, tuple[Version, Path]]) -> list[
     return [chosen[name] for name in sorted(chosen)]
 
 
-def install_all(wheels: Path, root: Requirement, donor: Donor | None = None) -> None:
+# The donor of this process: set once in each pool worker (see install_all).
+_donor: Donor | None = None
+
+
+def _use_donor(donor: Donor | None) -> None:
+    global _donor  # noqa: PLW0603 -- one per worker process, set by its initializer
+    _donor = donor
+
+
+def install_one(path: Path, requested: bool) -> list[tuple[str, str]]:
+    """Unpack one wheel into this venv, linking what the donor shares; the .py files
+    (with their site-packages) whose .pyc are still to be compiled."""
     paths = sysconfig.get_paths()
-    compiled: list[Future[None]] = []
-    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        for path in resolve(root, best_wheels(wheels)):
-            name = parse_wheel_filename(path.name)[0]
-            scheme = {
-                "purelib": paths["purelib"],
-                "platlib": paths["platlib"],
-                "scripts": paths["scripts"],
-                "data": paths["data"],
-                # Where pip puts a venv's headers.
-                "headers": str(
-                    Path(
-                        sys.prefix,
-                        "include",
-                        "site",
-                        f"python{sys.version_info[0]}.{sys.version_info[1]}",
-                        name,
-                    )
-                ),
-            }
-            destination = CollectingDestination(
-                scheme,
-                interpreter=sys.executable,
-                script_kind="posix",
-                donor=donor,
+    name = parse_wheel_filename(path.name)[0]
+    scheme = {
+        "purelib": paths["purelib"],
+        "platlib": paths["platlib"],
+        "scripts": paths["scripts"],
+        "data": paths["data"],
+        # Where pip puts a venv's headers.
+        "headers": str(
+            Path(
+                sys.prefix,
+                "include",
+                "site",
+                f"python{sys.version_info[0]}.{sys.version_info[1]}",
+                name,
             )
-            with WheelFile.open(path) as source:
-                extra = {"REQUESTED": b""} if name == canonicalize_name(root.name) else {}
-                install(source, destination, {"INSTALLER": INSTALLER, **extra})
-            files = destination.python_files
+        ),
+    }
+    destination = CollectingDestination(
+        scheme, interpreter=sys.executable, script_kind="posix", donor=_donor
+    )
+    with WheelFile.open(path) as source:
+        extra = {"REQUESTED": b""} if requested else {}
+        install(source, destination, {"INSTALLER": INSTALLER, **extra})
+    return destination.python_files
+
+
+def install_all(wheels: Path, root: Requirement, donor: Donor | None = None) -> None:
+    """Every wheel ``root`` needs, unpacked in a pool of one process per core (the
+    largest first), each wheel's .pyc compiled in the same pool as soon as it is
+    unpacked, in chunks so that one large wheel spreads over every core."""
+    chosen = resolve(root, best_wheels(wheels))
+    chosen.sort(key=lambda path: path.stat().st_size, reverse=True)
+    wanted = canonicalize_name(root.name)
+    with ProcessPoolExecutor(
+        max_workers=os.cpu_count(), initializer=_use_donor, initargs=(donor,)
+    ) as pool:
+        unpacked = [
+            pool.submit(install_one, path, parse_wheel_filename(path.name)[0] == wanted)
+            for path in chosen
+        ]
+        compiled: list[Future[None]] = []
+        for done in as_completed(unpacked):
+            files = done.result()  # an OSError (disk full) in a worker fails the install
             for start in range(0, len(files), CHUNK):
                 compiled.append(pool.submit(compile_files, files[start : start + CHUNK]))
-            print(path.name)
-        for done in compiled:
-            done.result()  # an OSError (disk full) in a worker fails the install
+        for task in compiled:
+            task.result()
+    for path in sorted(chosen):
+        print(path.name)
 
 
 def main(argv: list[str]) -> int:
