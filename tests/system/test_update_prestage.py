@@ -68,6 +68,8 @@ def test_a_tampered_prestaged_release_is_rebuilt_not_trusted(server: Server) -> 
     assert (code, result["result"]) == (0, "updated"), err
     assert f"releases/{B} is not exactly what this release builds; rebuilding it" in err
     assert "SystemExit(3)" not in server.sh(f"cat {site}/scalebox/daemon/main.py").stdout
+    # B shared that file with A by hard link, so the edit in place changed A too: said.
+    assert f"shared with the running release releases/{A}, which is changed too" in err, err
     server.assert_intact(B)
 
 

@@ -399,3 +399,26 @@ def test_without_the_donors_record_its_pyc_are_compiled_again(
     assert "scalebox/update/stage.py" in shared
     assert not any(r.endswith(".pyc") for r in shared)
     _as_built_alone(paths, release)
+
+
+def test_an_edit_of_a_shared_file_is_named_as_an_edit_of_the_running_release_too(
+    release: Release, tmp_path: Path
+) -> None:
+    # The cost of sharing: one inode, so an edit in place edits both releases. The
+    # re-check of a pre-staged release rebuilds it and says what else it changed.
+    paths = _next_to_a_donor(release, tmp_path / "server", lambda _: None)
+    site = _site(paths.release_dir(VERSION) / "venv")
+    edited = site / "scalebox" / "daemon" / "main.py"
+    with edited.open("a") as f:
+        f.write("raise SystemExit(3)\n")
+    lines: list[str] = []
+    assert stage.build(paths, release.root, VERSION, python="python3", report=lines.append)
+    warning = next(line for line in lines if line.startswith("warning:"))
+    assert f"shared with the running release releases/{DONOR}" in warning
+    assert edited.relative_to(paths.release_dir(VERSION)).as_posix() in warning
+    # The rebuilt release has the wheel's file again, its own; the running one keeps the edit.
+    assert "SystemExit(3)" not in edited.read_text()
+    assert "scalebox/daemon/main.py" not in _shared(paths)
+    theirs = _site(paths.release_dir(DONOR) / "venv") / "scalebox" / "daemon" / "main.py"
+    assert theirs.read_text().endswith("raise SystemExit(3)\n")
+    assert stage.unchanged(paths.release_dir(VERSION))

@@ -143,7 +143,8 @@ def build(paths: Paths, release_root: Path, version: str, *, python: str, report
     new_manifest = (release_root / MANIFEST).read_bytes()
     if target.exists():
         same = (target / MANIFEST).is_file() and (target / MANIFEST).read_bytes() == new_manifest
-        if is_complete(target) and same and (current_name(paths) == name or unchanged(target)):
+        changed = None if current_name(paths) == name else changed_files(target)
+        if is_complete(target) and same and (current_name(paths) == name or changed == []):
             report(f"releases/{name} is already built from this release; reusing it")
             return False
         if current_name(paths) == name:
@@ -153,6 +154,7 @@ def build(paths: Paths, release_root: Path, version: str, *, python: str, report
                 "install another version first, or publish this build under a new version",
             )
         report(f"releases/{name} is not exactly what this release builds; rebuilding it")
+        _report_shared_changes(paths, target, changed or [], report)
         shutil.rmtree(target)
 
     wanted = _supported_pythons(new_manifest)
@@ -183,6 +185,18 @@ def build(paths: Paths, release_root: Path, version: str, *, python: str, report
     return True
 
 
+def _report_shared_changes(paths: Paths, target: Path, changed: list[str], report: Report) -> None:
+    shared = shared_with_current(paths, target, changed)
+    if shared:
+        shown = ", ".join(shared[:3]) + (f" and {len(shared) - 3} more" if len(shared) > 3 else "")
+        report(
+            f"warning: {len(shared)} changed file(s) of releases/{target.name} are hard links "
+            f"shared with the running release releases/{current_name(paths)}, which is changed "
+            f"too: {shown}; a rollback to it would run them. Undo that edit there (each "
+            "file's original is in its release's wheels), and never edit files under releases/"
+        )
+
+
 def write_record(directory: Path) -> None:
     """Write STAGED_FILES: what the release directory holds now (install.sh calls it too)."""
     (directory / STAGED_FILES).write_text(
@@ -209,11 +223,37 @@ def file_record(directory: Path) -> dict[str, str]:
 
 def unchanged(directory: Path) -> bool:
     """True when ``directory`` holds exactly the files staging recorded (none changed or added)."""
+    return changed_files(directory) == []
+
+
+def changed_files(directory: Path) -> list[str] | None:
+    """The files of ``directory`` that differ from staging's record, or are new or gone
+    (None: no readable record, as when an old updater or pip staged it)."""
     try:
         recorded = json.loads((directory / STAGED_FILES).read_text())
-        return isinstance(recorded, dict) and recorded == file_record(directory)
+        now = file_record(directory)
     except (OSError, ValueError):
-        return False  # staged by an updater that kept no record, or damaged: rebuild
+        return None
+    if not isinstance(recorded, dict):
+        return None
+    return sorted(rel for rel in recorded.keys() | now.keys() if recorded.get(rel) != now.get(rel))
+
+
+def shared_with_current(paths: Paths, directory: Path, files: list[str]) -> list[str]:
+    """Those of ``files`` (relative to ``directory``) that are the running release's own
+    file at the same place: one inode, shared by hard link (wheel_install.py)."""
+    name = current_name(paths)
+    if name is None or paths.release_dir(name) == directory:
+        return []
+    shared = []
+    for rel in files:
+        try:
+            mine, theirs = (directory / rel).lstat(), (paths.release_dir(name) / rel).lstat()
+        except OSError:
+            continue
+        if (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino):
+            shared.append(rel)
+    return shared
 
 
 def _tool_wheel(wheels: Path, project: str) -> Path | None:
