@@ -542,11 +542,10 @@ else
     "$RELEASE_DIR/venv/bin/python" -I -c '
 import sys
 from pathlib import Path
-try:
-    from scalebox.update.stage import write_record
-except ImportError:
+from scalebox.update import stage
+if not hasattr(stage, "write_record"):
     sys.exit(0)  # a release from before records: its first update compiles every .pyc
-write_record(Path(sys.argv[1]))
+stage.write_record(Path(sys.argv[1]))
 ' "$RELEASE_DIR"
   fi
   sync

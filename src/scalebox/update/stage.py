@@ -143,8 +143,9 @@ def build(paths: Paths, release_root: Path, version: str, *, python: str, report
     new_manifest = (release_root / MANIFEST).read_bytes()
     if target.exists():
         same = (target / MANIFEST).is_file() and (target / MANIFEST).read_bytes() == new_manifest
-        changed = None if current_name(paths) == name else changed_files(target)
-        if is_complete(target) and same and (current_name(paths) == name or changed == []):
+        running = current_name(paths) == name
+        changed = changed_files(target) if is_complete(target) and same and not running else None
+        if is_complete(target) and same and (running or changed == []):
             report(f"releases/{name} is already built from this release; reusing it")
             return False
         if current_name(paths) == name:

@@ -39,6 +39,7 @@ import io
 import json
 import marshal
 import os
+import platform
 import stat
 import sys
 import sysconfig
@@ -79,6 +80,19 @@ def current_umask() -> int:
     return mask
 
 
+def python_of(venv: Path) -> str | None:
+    """The Python version a venv was made with (its pyvenv.cfg ``version``)."""
+    try:
+        lines = (venv / "pyvenv.cfg").read_text().splitlines()
+    except (OSError, UnicodeError):
+        return None
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "version":
+            return value.strip()
+    return None
+
+
 @dataclass(frozen=True)
 class Donor:
     """The running release's venv, and what its staging recorded it wrote."""
@@ -91,9 +105,13 @@ class Donor:
     def load(cls, venv: Path, record: Path) -> Donor:
         try:
             raw = json.loads(record.read_bytes())
-        except (OSError, ValueError):
-            raw = {}  # staged by pip (install.sh) or an older updater: plain files only
-        return cls(venv, raw if isinstance(raw, dict) else {})
+        except (OSError, ValueError, RecursionError):
+            raw = {}  # staged by pip or an older updater: plain files only
+        if not isinstance(raw, dict) or python_of(venv) != platform.python_version():
+            # Its .pyc came from another Python's compiler (the magic number stays the
+            # same across patch releases, the bytes need not): they are compiled again.
+            raw = {}
+        return cls(venv, raw)
 
     def path(self, mine: str) -> Path | None:
         """Where the donor holds the file this venv gets at ``mine`` (None: outside it)."""
@@ -108,9 +126,16 @@ class Donor:
         return value if isinstance(value, str) else None
 
 
-def link_if(theirs: Path | None, target: Path, mode: int, same: Callable[[bytes], bool]) -> bool:
+def link_if(
+    theirs: Path | None,
+    target: Path,
+    mode: int,
+    same: Callable[[bytes], bool],
+    size: int | None = None,
+) -> bool:
     """Make ``target`` a hard link to ``theirs`` if that is a regular file with permission
-    bits ``mode`` whose bytes ``same`` accepts; False (nothing made) otherwise."""
+    bits ``mode`` (and ``size`` bytes, when given) whose bytes ``same`` accepts; False
+    (nothing made) otherwise."""
     try:
         fd = os.open(theirs or "", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -119,7 +144,10 @@ def link_if(theirs: Path | None, target: Path, mode: int, same: Callable[[bytes]
         held = os.fstat(fd)
         with os.fdopen(os.dup(fd), "rb") as f:
             usable = (
-                stat.S_ISREG(held.st_mode) and stat.S_IMODE(held.st_mode) == mode and same(f.read())
+                stat.S_ISREG(held.st_mode)
+                and stat.S_IMODE(held.st_mode) == mode
+                and size in (None, held.st_size)
+                and same(f.read())
             )
         if not usable:
             return False
@@ -181,23 +209,23 @@ class CollectingDestination(SchemeDictionaryDestination):
     def write_to_fs(
         self, scheme: Scheme, path: str, stream: BinaryIO, is_executable: bool
     ) -> RecordEntry:
+        site = os.path.abspath(self.scheme_dict[scheme])  # noqa: PTH100 -- normalises ".."
+        target = Path(os.path.abspath(Path(site, path)))  # noqa: PTH100
+        if not target.is_relative_to(site):
+            return super().write_to_fs(scheme, path, stream, is_executable)  # refuses it
         # Wheels unpack side by side: a directory two of them share (a namespace
         # package) may appear between installer's exists() and its mkdir().
-        Path(self.scheme_dict[scheme], path).parent.mkdir(parents=True, exist_ok=True)
-        if scheme not in SITE_SCHEMES:
-            return super().write_to_fs(scheme, path, stream, is_executable)
-        site = self.scheme_dict[scheme]
-        target = Path(site, path)
+        target.parent.mkdir(parents=True, exist_ok=True)
         theirs = self.donor.path(str(target)) if self.donor else None
-        if theirs is None or os.path.lexists(target):  # installer refuses to overwrite
+        if scheme not in SITE_SCHEMES or theirs is None or os.path.lexists(target):
             entry = super().write_to_fs(scheme, path, stream, is_executable)
-            if target.suffix == ".py":
+            if scheme in SITE_SCHEMES and target.suffix == ".py":
                 self.python_files.append((str(target), site))
             return entry
         data = stream.read()
         # The modes installer's open() and make_file_executable() give.
         mode = (0o777 & ~self.umask | 0o111) if is_executable else 0o666 & ~self.umask
-        if link_if(theirs, target, mode, data.__eq__):
+        if link_if(theirs, target, mode, data.__eq__, size=len(data)):
             digest = hashlib.new(self.hash_algorithm, data).digest()
             value = base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
             entry = RecordEntry(path, Hash(self.hash_algorithm, value), len(data))
@@ -231,7 +259,7 @@ def compile_files(files: list[tuple[str, str]]) -> None:
         mode = (Path(file).stat().st_mode | 0o200) & 0o666  # as py_compile
         try:
             data = pyc_bytes(source, os.path.relpath(file, site))
-        except (SyntaxError, ValueError):
+        except Exception:  # noqa: BLE001, S112 -- as py_compile: any failure leaves no .pyc
             continue
         cfile = Path(importlib.util.cache_from_source(file))
         cfile.parent.mkdir(exist_ok=True)
@@ -361,8 +389,8 @@ def main(argv: list[str]) -> int:
     donor = Donor.load(Path(argv[2]), Path(argv[3])) if len(argv) == 4 else None
     try:
         install_all(wheels, root, donor)
-    except (InstallError, ValueError, OSError) as exc:
-        print(f"cannot install {root}: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 -- one line, whatever failed (a worker killed, a bad wheel)
+        print(f"cannot install {root}: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,0 +1,78 @@
+"""wheel_install.py's own guards, called directly: paths out of the venv, a donor of
+another Python, and sources that no compiler takes. (The full install runs in
+test_update_stage.py, on the real release.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import platform
+from pathlib import Path
+
+import pytest
+
+from scalebox.update import wheel_install
+from scalebox.update.wheel_install import CollectingDestination, Donor
+
+
+def _destination(root: Path, donor: Donor | None) -> CollectingDestination:
+    site = root / "venv" / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    schemes = {name: str(site) for name in ("purelib", "platlib")}
+    schemes |= {"scripts": str(root / "venv" / "bin"), "data": str(root / "venv")}
+    schemes["headers"] = str(root / "venv" / "include")
+    return CollectingDestination(
+        schemes, interpreter="/usr/bin/python3", script_kind="posix", donor=donor
+    )
+
+
+@pytest.mark.parametrize(
+    ("scheme", "path"),
+    [("purelib", "../../../../escape/x.py"), ("scripts", "../../escape/x"), ("data", "/escape/x")],
+)
+def test_a_path_out_of_its_scheme_is_refused_and_makes_no_directory(
+    tmp_path: Path, scheme: str, path: str
+) -> None:
+    donor = Donor(tmp_path / "donor" / "venv", {})
+    destination = _destination(tmp_path, donor)
+    with pytest.raises(ValueError, match="outside of the target directory"):
+        destination.write_to_fs(scheme, path, io.BytesIO(b"x = 1\n"), False)  # type: ignore[arg-type]
+    assert not (tmp_path / "escape").exists()
+    assert not Path("/escape").exists()
+
+
+def _venv_made_by(where: Path, version: str) -> Path:
+    venv = where / "venv"
+    venv.mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text(f"home = /usr/bin\nversion = {version}\n")
+    record = where / ".staged-files.json"
+    record.write_text(json.dumps({"venv/lib/x.pyc": "sha256:" + "0" * 64}))
+    return record
+
+
+def test_a_donor_of_another_python_lends_no_pyc(tmp_path: Path) -> None:
+    same = _venv_made_by(tmp_path / "same", platform.python_version())
+    assert Donor.load(same.parent / "venv", same).record != {}
+    # Another patch release: the same magic number, maybe other bytes from its compiler.
+    other = _venv_made_by(tmp_path / "other", "3.0.1")
+    assert Donor.load(other.parent / "venv", other).record == {}
+    # A record nested too deep to read is no record, not a crash.
+    deep = _venv_made_by(tmp_path / "deep", platform.python_version())
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert Donor.load(deep.parent / "venv", deep).record == {}
+
+
+def test_a_source_no_compiler_takes_gets_no_pyc_and_fails_nothing(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    deep = site / "deep.py"
+    deep.write_bytes(b"x = " + b"1 + " * 200_000 + b"1\n")  # RecursionError in compile()
+    broken = site / "broken.py"
+    broken.write_text("def (:\n")  # SyntaxError
+    fine = site / "fine.py"
+    fine.write_text("x = 1\n")
+    wheel_install.compile_files([(str(p), str(site)) for p in (deep, broken, fine)])
+    assert not Path(importlib.util.cache_from_source(str(deep))).exists()
+    assert not Path(importlib.util.cache_from_source(str(broken))).exists()
+    assert Path(importlib.util.cache_from_source(str(fine))).is_file()
