@@ -148,7 +148,7 @@ def build(paths: Paths, release_root: Path, version: str, *, python: str, report
         if is_complete(target) and same and (running or changed == []):
             report(f"releases/{name} is already built from this release; reusing it")
             return False
-        if current_name(paths) == name:
+        if running:
             raise UpdateError(
                 f"releases/{name} is the running release but was built from a different "
                 f"{MANIFEST}; it cannot be rebuilt while it runs",
@@ -277,8 +277,8 @@ def _install(
     """Build ``venv`` with scalebox==version from ``wheels`` alone, offline.
 
     With the release's own PyPA ``installer`` and ``packaging`` wheels (every
-    release since 0.2.0 ships them), a venv without pip and one process that
-    installs every wheel and compiles the bytecode: about a second, where
+    release since 0.2.0 ships them), a venv without pip and one program that
+    installs every wheel and compiles the bytecode on every core: about a second, where
     ensurepip + pip took 8-10 s. Files byte-identical to the ``donor`` venv's
     (the running release) are hard links to them (wheel_install.py says why).
     A release without them (an older one, being rolled back to) is built the
