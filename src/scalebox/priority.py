@@ -92,6 +92,24 @@ def _set_session(nice: int) -> None:
     AUTOGROUP.write_text(f"{nice}\n")
 
 
+def share_session(pid: int) -> None:
+    """Give the session a child just made (``pid``, started with setsid) this process's
+    session nice.
+
+    A new session is a new autogroup, always at nice 0 whatever its parent's:
+    so a program the updater runs in a session of its own (the wheel install:
+    about a second on every core) took the CPU from the daemon serving as an
+    equal, all the while the updater itself ran lowered. Called once the child
+    has started (its exec done), so its first few milliseconds still run at 0.
+    Best effort: a child already gone, or not ours to change, stays as it is.
+    """
+    mine = session_nice()
+    if not mine:
+        return  # 0 (what the child has already) or no autogroup scheduling
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/autogroup").write_text(f"{mine}\n")
+
+
 def _clamp(nice: int) -> int:
     return max(MIN_NICE, min(nice, MAX_NICE))
 

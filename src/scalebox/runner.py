@@ -14,6 +14,8 @@ import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from scalebox import priority
+
 OUTPUT_TAIL = 2000  # characters of a failed program's output kept for the message
 # What a terminal or a service manager sends to a whole process group.
 GROUP_SIGNALS = frozenset({signal.SIGINT, signal.SIGHUP, signal.SIGTERM})
@@ -65,7 +67,9 @@ def run_program(
     """Run ``argv`` and wait for it; raise ProgramError when it cannot run or overruns.
 
     ``new_session`` starts it in a session of its own, so a signal sent to the
-    caller's process group (a terminal's Ctrl-C or hang-up) does not reach it.
+    caller's process group (a terminal's Ctrl-C or hang-up) does not reach it;
+    that session gets the caller's session nice (priority.share_session), so
+    work the caller does at a lower priority keeps it in its child.
     ``shield`` (with ``new_session``) also starts it with those signals
     blocked: between fork and setsid() it is still in the caller's group, and
     a Ctrl-C landing in that window would otherwise kill it (seen: a
@@ -91,6 +95,8 @@ def run_program(
         raise ProgramError("not found", args, f"program {args[0]} not found") from None
     except OSError as exc:
         raise ProgramError("oserror", args, f"cannot run {args[0]}: {exc}") from None
+    if new_session:
+        priority.share_session(proc.pid)  # its own session, but no higher priority than ours
     with proc:
         try:
             stdout, stderr = proc.communicate(input=input_text, timeout=timeout)

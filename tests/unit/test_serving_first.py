@@ -106,6 +106,40 @@ def test_the_session_is_lowered_too_for_nice_orders_nothing_across_sessions(
     }
 
 
+CHILD_PROBE = """
+import json
+from scalebox import priority, runner
+
+warnings = []
+given = priority.lower(warnings.append, priority.Session.SHARED)
+# The child reads its autogroup only after its stdin says go, which is after run_program
+# has started it (and set its session's nice): no race with that write.
+probe = ["sh", "-c", "read go; cat /proc/self/autogroup"]
+own = runner.run_program(probe, timeout=10, input_text="go\\n", new_session=True)
+shared = runner.run_program(probe, timeout=10, input_text="go\\n")
+mine = priority.session_nice()
+priority.restore(given, warnings.append)
+after = runner.run_program(probe, timeout=10, input_text="go\\n", new_session=True)
+print(json.dumps({"own": own.stdout.split(), "shared": shared.stdout.split(),
+                  "after": after.stdout.split(), "mine": mine, "warnings": warnings}))
+"""
+
+
+@needs_autogroup
+def test_a_program_run_in_a_session_of_its_own_keeps_the_callers_lower_priority() -> None:
+    """A new session is a new autogroup at nice 0: the wheel install the updater runs
+    in its own session (a second on every core) competed with the daemon serving as an
+    equal, while the updater itself ran lowered. run_program gives it the caller's."""
+    seen = _in_a_child(CHILD_PROBE)
+    assert seen["warnings"] == []
+    assert seen["mine"] == 10
+    # "/autogroup-123 nice 10": a session of its own, at the caller's session nice.
+    assert seen["own"][1:] == ["nice", "10"]
+    assert seen["own"][0] != seen["shared"][0]
+    assert seen["shared"][1:] == ["nice", "10"]  # the caller's own session
+    assert seen["after"][1:] == ["nice", "0"]  # the caller back at 0: nothing written
+
+
 ENTRY_PROBE = """
 import json, os, sys
 from scalebox import priority
