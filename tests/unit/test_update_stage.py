@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -58,6 +59,28 @@ def test_staged_release_is_complete_and_runs_its_own_programs(staged: Paths) -> 
         check=True,
     )
     assert out.stdout.strip() == VERSION
+
+
+def test_the_record_staging_writes_is_what_the_files_hold(staged: Paths) -> None:
+    """The record takes most sha256 from the installer (--hashes) instead of reading
+    every file again; it must still be what reading every file gives."""
+    built = staged.release_dir(VERSION)
+    assert json.loads((built / stage.STAGED_FILES).read_text()) == stage.file_record(built)
+    assert not (built / ".install-hashes.json").exists()
+
+
+def test_the_installer_hands_over_the_sha256_of_every_file_it_wrote(
+    release: Release, tmp_path: Path
+) -> None:
+    venv = tmp_path / "release" / "venv"
+    known = stage._install(venv, release.root / "wheels", VERSION, "python3")
+    on_disk = stage.file_record(venv.parent)
+    site = {rel for rel in on_disk if "/site-packages/" in rel}
+    assert any(rel.endswith(".pyc") for rel in site)
+    assert site <= known.keys()  # every file of site-packages, its .pyc included
+    assert "venv/bin/scaleboxd" in known  # and the scripts installer made
+    assert {rel: on_disk.get(rel) for rel in known} == known
+    assert not (venv.parent / ".install-hashes.json").exists()
 
 
 def test_the_new_release_judges_the_live_config(staged: Paths) -> None:

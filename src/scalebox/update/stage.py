@@ -176,8 +176,8 @@ def build(paths: Paths, release_root: Path, version: str, *, python: str, report
             shutil.copytree(entry, target / entry.name, symlinks=True)
         else:
             shutil.copy2(entry, target / entry.name)
-    _install(target / "venv", release_root / "wheels", version, python, donor=_donor(paths))
-    write_record(target)
+    known = _install(target / "venv", release_root / "wheels", version, python, donor=_donor(paths))
+    write_record(target, known)
     # All that cp and the installer wrote reaches the disk before .complete says it is whole.
     fsync_tree(target)
     fsync_dir(target.parent)
@@ -198,15 +198,20 @@ def _report_shared_changes(paths: Paths, target: Path, changed: list[str], repor
         )
 
 
-def write_record(directory: Path) -> None:
-    """Write STAGED_FILES: what the release directory holds now (install.sh calls it too)."""
+def write_record(directory: Path, known: dict[str, str] | None = None) -> None:
+    """Write STAGED_FILES: what the release directory holds now (install.sh calls it too).
+
+    ``known``: the sha256 of files just written, from the bytes the writer had in
+    hand (wheel_install.py's --hashes), so that they are not read again."""
     (directory / STAGED_FILES).write_text(
-        json.dumps(file_record(directory), indent=0, sort_keys=True)
+        json.dumps(file_record(directory, known), indent=0, sort_keys=True)
     )
 
 
-def file_record(directory: Path) -> dict[str, str]:
-    """sha256 of every regular file under ``directory``, and the target of every symlink."""
+def file_record(directory: Path, known: dict[str, str] | None = None) -> dict[str, str]:
+    """sha256 of every regular file under ``directory`` (from ``known`` where it names
+    the file), and the target of every symlink."""
+    known = known or {}
     record: dict[str, str] = {}
     for dirpath, dirs, files in os.walk(directory):
         dirs.sort()
@@ -217,6 +222,8 @@ def file_record(directory: Path) -> dict[str, str]:
                 continue
             if path.is_symlink():
                 record[rel] = "symlink:" + str(path.readlink())
+            elif rel in known:
+                record[rel] = known[rel]
             else:
                 record[rel] = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
     return record
@@ -273,7 +280,7 @@ def _donor(paths: Paths) -> Path | None:
 
 def _install(
     venv: Path, wheels: Path, version: str, python: str, *, donor: Path | None = None
-) -> None:
+) -> dict[str, str]:
     """Build ``venv`` with scalebox==version from ``wheels`` alone, offline.
 
     With the release's own PyPA ``installer`` and ``packaging`` wheels (every
@@ -283,6 +290,9 @@ def _install(
     (the running release) are hard links to them (wheel_install.py says why).
     A release without them (an older one, being rolled back to) is built the
     old way, with pip.
+
+    Returns the sha256 of the files the installer wrote, relative to the release
+    directory (none with pip).
     """
     hint = "the release's wheels/ do not install on this server; nothing was changed"
     tools = [_tool_wheel(wheels, "installer"), _tool_wheel(wheels, "packaging")]
@@ -306,14 +316,18 @@ def _install(
             env={**os.environ, "PIP_CONFIG_FILE": os.devnull},
             hint=hint,
         )
-        return
+        return {}
     process.run([python, "-m", "venv", "--without-pip", str(venv)], "create the release venv")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    # Beside the venv, inside the unfinished release: gone with it if this run dies.
+    hashes = venv.parent / ".install-hashes.json"
     process.run(
         [
             str(venv / "bin" / "python"),
             "-s",
             str(INSTALL_SCRIPT),
+            "--hashes",
+            str(hashes),
             str(wheels),
             f"scalebox=={version}",
             *([str(donor), str(donor.parent / STAGED_FILES)] if donor is not None else []),
@@ -322,6 +336,19 @@ def _install(
         env={**env, "PYTHONPATH": os.pathsep.join(str(t) for t in tools)},
         hint=hint,
     )
+    try:
+        written = json.loads(hashes.read_bytes())
+    except (OSError, ValueError):
+        written = None  # the record then reads every file
+    finally:
+        hashes.unlink(missing_ok=True)
+    if not isinstance(written, dict):
+        return {}
+    return {
+        f"{venv.name}/{rel}": value
+        for rel, value in written.items()
+        if isinstance(rel, str) and isinstance(value, str)
+    }
 
 
 def _supported_pythons(manifest: bytes) -> list[str]:

@@ -26,7 +26,12 @@ costs a directory entry, where a new file costs an inode (0.4-1 ms each on
 some ext4 disks, ~2,600 of them) and a .pyc its compiling (~2 s of CPU in
 all). The tree is byte for byte what it would be without a donor.
 
-Usage: python wheel_install.py WHEELS_DIR REQUIREMENT [DONOR_VENV DONOR_RECORD]
+With ``--hashes FILE`` it also writes, as JSON, the sha256 of every file it
+wrote or linked (relative to the venv), from the bytes it had in hand: the
+updater's record of the release (stage.write_record) then reads none of
+them again.
+
+Usage: python wheel_install.py [--hashes FILE] WHEELS_DIR REQUIREMENT [DONOR_VENV DONOR_RECORD]
 Prints one line per installed distribution; exits 1 with a one-line reason.
 """
 
@@ -203,6 +208,8 @@ class CollectingDestination(SchemeDictionaryDestination):
     def __init__(self, *args: object, donor: Donor | None = None, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.python_files: list[tuple[str, str]] = []  # (file, its site-packages)
+        # file -> "sha256:<hex>" of the bytes written or linked there
+        self.hashes: dict[str, str] = {}
         self.donor = donor
         self.umask = current_umask()
 
@@ -219,6 +226,7 @@ class CollectingDestination(SchemeDictionaryDestination):
         theirs = self.donor.path(str(target)) if self.donor else None
         if scheme not in SITE_SCHEMES or theirs is None or os.path.lexists(target):
             entry = super().write_to_fs(scheme, path, stream, is_executable)
+            self.note(target, entry)
             if scheme in SITE_SCHEMES and target.suffix == ".py":
                 self.python_files.append((str(target), site))
             return entry
@@ -231,9 +239,17 @@ class CollectingDestination(SchemeDictionaryDestination):
             entry = RecordEntry(path, Hash(self.hash_algorithm, value), len(data))
         else:
             entry = super().write_to_fs(scheme, path, io.BytesIO(data), is_executable)
+        self.note(target, entry)
         if target.suffix == ".py" and not self.link_pyc(site, target, data, mode):
             self.python_files.append((str(target), site))
         return entry
+
+    def note(self, target: Path, entry: RecordEntry) -> None:
+        """Keep the sha256 installer computed of what it wrote (its RECORD's, in hex)."""
+        if entry.hash_ is not None and entry.hash_.name == "sha256":
+            value = entry.hash_.value
+            digest = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+            self.hashes[str(target)] = "sha256:" + digest.hex()
 
     def link_pyc(self, site: str, target: Path, source: bytes, mode: int) -> bool:
         if self.donor is None:
@@ -245,15 +261,19 @@ class CollectingDestination(SchemeDictionaryDestination):
         name = os.path.relpath(target, site)
         recorded = self.donor.recorded(theirs)
         pyc_mode = (mode | 0o200) & 0o666 & ~self.umask  # as py_compile makes it
-        return link_if(
+        if recorded is None or not link_if(
             theirs, Path(cfile), pyc_mode, lambda held: pyc_of(held, source, name, recorded)
-        )
+        ):
+            return False
+        self.hashes[cfile] = recorded  # pyc_of saw that the linked bytes have it
+        return True
 
 
-def compile_files(files: list[tuple[str, str]]) -> None:
+def compile_files(files: list[tuple[str, str]]) -> dict[str, str]:
     """Write each file's .pyc, naming it relative to its site-packages; as pip does,
     one that does not compile (a Python 2 leftover, a test fixture) stays without,
-    instead of failing the install."""
+    instead of failing the install. Returns each written .pyc's sha256."""
+    hashes = {}
     for file, site in files:
         source = Path(file).read_bytes()
         mode = (Path(file).stat().st_mode | 0o200) & 0o666  # as py_compile
@@ -266,6 +286,8 @@ def compile_files(files: list[tuple[str, str]]) -> None:
         fd = os.open(cfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         with os.fdopen(fd, "wb") as out:
             out.write(data)
+        hashes[str(cfile)] = "sha256:" + hashlib.sha256(data).hexdigest()
+    return hashes
 
 
 def best_wheels(wheels: Path) -> dict[str, tuple[Version, Path]]:
@@ -323,9 +345,10 @@ def _use_donor(donor: Donor | None) -> None:
     _donor = donor
 
 
-def install_one(path: Path, requested: bool) -> list[tuple[str, str]]:
+def install_one(path: Path, requested: bool) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """Unpack one wheel into this venv, linking what the donor shares; the .py files
-    (with their site-packages) whose .pyc are still to be compiled."""
+    (with their site-packages) whose .pyc are still to be compiled, and the sha256 of
+    every file written or linked."""
     paths = sysconfig.get_paths()
     name = parse_wheel_filename(path.name)[0]
     scheme = {
@@ -350,13 +373,17 @@ def install_one(path: Path, requested: bool) -> list[tuple[str, str]]:
     with WheelFile.open(path) as source:
         extra = {"REQUESTED": b""} if requested else {}
         install(source, destination, {"INSTALLER": INSTALLER, **extra})
-    return destination.python_files
+    return destination.python_files, destination.hashes
 
 
-def install_all(wheels: Path, root: Requirement, donor: Donor | None = None) -> None:
+def install_all(wheels: Path, root: Requirement, donor: Donor | None = None) -> dict[str, str]:
     """Every wheel ``root`` needs, unpacked in a pool of one process per core (the
     largest first), each wheel's .pyc compiled in the same pool as soon as it is
-    unpacked, in chunks so that one large wheel spreads over every core."""
+    unpacked, in chunks so that one large wheel spreads over every core.
+
+    Returns the sha256 of every file written or linked, relative to the venv; a
+    file two wheels wrote with different bytes is left out (which one is on the
+    disk is not known here)."""
     chosen = resolve(root, best_wheels(wheels))
     chosen.sort(key=lambda path: path.stat().st_size, reverse=True)
     wanted = canonicalize_name(root.name)
@@ -367,28 +394,46 @@ def install_all(wheels: Path, root: Requirement, donor: Donor | None = None) -> 
             pool.submit(install_one, path, parse_wheel_filename(path.name)[0] == wanted)
             for path in chosen
         ]
-        compiled: list[Future[None]] = []
+        compiled: list[Future[dict[str, str]]] = []
+        hashes: dict[str, str | None] = {}
+
+        def keep(found: dict[str, str]) -> None:
+            for file, value in found.items():
+                hashes[file] = value if hashes.get(file, value) == value else None
+
         for done in as_completed(unpacked):
-            files = done.result()  # an OSError (disk full) in a worker fails the install
+            files, written = done.result()  # an OSError (disk full) in a worker fails it
+            keep(written)
             for start in range(0, len(files), CHUNK):
                 compiled.append(pool.submit(compile_files, files[start : start + CHUNK]))
         for task in compiled:
-            task.result()
+            keep(task.result())
     for path in sorted(chosen):
         print(path.name)
+    return {
+        Path(os.path.relpath(file, sys.prefix)).as_posix(): value
+        for file, value in hashes.items()
+        if value is not None
+    }
 
 
 def main(argv: list[str]) -> int:
+    hashes_file = None
+    if argv[:1] == ["--hashes"] and len(argv) > 1:
+        hashes_file, argv = Path(argv[1]), argv[2:]
     if len(argv) not in (2, 4):
         print(
-            "usage: wheel_install.py WHEELS_DIR REQUIREMENT [DONOR_VENV DONOR_RECORD]",
+            "usage: wheel_install.py [--hashes FILE] WHEELS_DIR REQUIREMENT "
+            "[DONOR_VENV DONOR_RECORD]",
             file=sys.stderr,
         )
         return 2
     wheels, root = Path(argv[0]), Requirement(argv[1])
     donor = Donor.load(Path(argv[2]), Path(argv[3])) if len(argv) == 4 else None
     try:
-        install_all(wheels, root, donor)
+        hashes = install_all(wheels, root, donor)
+        if hashes_file is not None:
+            hashes_file.write_text(json.dumps(hashes, sort_keys=True))
     except Exception as exc:  # noqa: BLE001 -- one line, whatever failed (a worker killed, a bad wheel)
         print(f"cannot install {root}: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
