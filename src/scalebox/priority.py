@@ -7,7 +7,8 @@ and the next daemon importing Python and reconciling VMs before it serves
 CPU. So that work runs ``NICER`` steps nicer than the process was started
 with (a unit's ``Nice=``, 0 by default), and goes back to it when it is
 over: the daemon just before it tells systemd it is ready, the updater
-before it switches (from then on the service is at stake). Only root can go
+before it switches (from then on the service is at stake; once the new
+daemon is healthy, watching it and the commit can wait again). Only root can go
 back (CAP_SYS_NICE); any other user keeps its priority throughout.
 
 Two levels, because nice alone orders nothing between sessions:

@@ -19,11 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from scalebox import priority
 from scalebox.update import history, journal, stage, switch, transaction
 from scalebox.update.context import Context
 from scalebox.update.errors import RolledBack, UpdateError
 from scalebox.update.paths import Paths
-from scalebox.update.systemd import SERVICE
+from scalebox.update.systemd import SERVICE, UnitState
 from scalebox.update.transaction import Target
 from tests.unit.update_service_double import ProcessService, free_port, make_release
 
@@ -108,6 +109,32 @@ def test_update_switches_verifies_and_commits(server: Server) -> None:
     )
     [entry] = history.read(server.paths.history)
     assert (entry.from_version, entry.to_version, entry.result) == ("0.1.0", "0.2.0", "updated")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")
+def test_once_healthy_the_watching_and_the_commit_wait_for_the_cpu(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the switch to "healthy" the updater runs at its own priority (the service is
+    at stake); the stability window's polls, the commit and the pruning run 10 steps
+    nicer, and the transaction ends back at its own priority."""
+    make_release(server.paths, "0.2.0")
+    given = os.getpriority(os.PRIO_PROCESS, 0)
+    polls: list[int] = []
+    state = server.service.state
+
+    def noting(unit: str) -> UnitState:
+        polls.append(os.getpriority(os.PRIO_PROCESS, 0))
+        return state(unit)
+
+    monkeypatch.setattr(server.service, "state", noting)
+    try:
+        assert _install(server, "0.2.0").result == history.UPDATED
+    finally:
+        priority.restore_process(print)  # never leave the test runner lowered
+    assert polls[0] == given  # waiting for the new daemon to be healthy
+    assert polls[-1] == min(given + priority.NICER, priority.MAX_NICE)  # the window
+    assert os.getpriority(os.PRIO_PROCESS, 0) == given
 
 
 @pytest.mark.parametrize(

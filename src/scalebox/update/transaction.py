@@ -116,6 +116,9 @@ def install(
                 ctx.health_url(), target.version, ctx.stability_window, ctx.verify_timeout
             ),
             ctx.report,
+            # Healthy: watching it, the commit and the pruning can wait for the CPU (a
+            # failure in the window rolls back at full priority, as every rollback does).
+            watching=lambda: priority.lower_process(ctx.report, priority.Session.SHARED),
         )
         # Verified: from here no signal changes the outcome. The journal write is the
         # last thing that may still turn back: without "commit" in the journal a crash
@@ -126,6 +129,7 @@ def install(
         _roll_back(ctx, _as_written(ctx, j), reason_of(exc))  # raises
 
     pruned, left = _commit(ctx, j)
+    priority.restore_process(ctx.report)  # lowered while watching (above)
     message = f"updated {from_version} -> {target.version}; scaleboxd {target.version} is healthy"
     if left:
         message += f"; {left}"
