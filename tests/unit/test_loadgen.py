@@ -138,9 +138,9 @@ def test_marks_closer_than_a_span_are_drawn_as_one() -> None:
                                              (12.0, "verify")]  # fmt: skip
 
 
-def _load(max_ms: float, failed: int = 0) -> LoadFigures:
+def _load(max_ms: float, failed: int = 0, p99_ms: float = 2.0) -> LoadFigures:
     return LoadFigures("x", 100, 100 - failed, failed, {"refused": failed} if failed else {},
-                       1.0, 2.0, max_ms)  # fmt: skip
+                       1.0, p99_ms, max_ms)  # fmt: skip
 
 
 def test_the_report_divides_each_run_by_its_own_baseline_and_keeps_the_worst() -> None:
@@ -150,7 +150,8 @@ def test_the_report_divides_each_run_by_its_own_baseline_and_keeps_the_worst() -
         r = RunFigures(index, f"m{index}", (1.5, 1.0, 0.5))
         r.quiet, r.quiet_again = [_load(quiet)], [_load(again)]
         r.restart, r.restart_wall_s = [_load(restart)], 2.0
-        r.update.loads, r.update.wall_s = [_load(update, failed=index - 1)], 8.0
+        r.update.loads = [_load(update, failed=index - 1, p99_ms=2.0 + 1.5 * index)]
+        r.update.wall_s = 8.0
         r.update.built_s = 1.5 + index
         r.idle_built_s = 0.9 * index
         runs.append(r)
@@ -159,6 +160,7 @@ def test_the_report_divides_each_run_by_its_own_baseline_and_keeps_the_worst() -
     assert worst["A->B: max latency ÷ no update (worst run)"] == "10.0"  # run 2: 200 / 20
     assert worst["A->B: max latency ÷ no update (all runs)"] == "4.0"  # 200 / 50
     assert worst["control: no update ÷ no update again (worst run)"] == "2.0"  # run 1: 50 / 25
+    assert worst["A->B: p99 latency ÷ no update (worst run)"] == "2.5"  # run 2: 5 / 2
     assert worst["A->B: max latency ÷ bare restart's"] == "0.5"
     assert worst["A->B: wall time ÷ bare restart"] == "4.0"
     assert worst["A->B: failed requests (all loads)"] == "1"
