@@ -539,14 +539,19 @@ else
   fi
   install -m 0644 "$REL/RELEASE.json" "$REL/RELEASE.json.sig" "$RELEASE_DIR/"
   if [[ -n $TOOLS ]]; then
-    "$RELEASE_DIR/venv/bin/python" -I -c '
+    why=$("$RELEASE_DIR/venv/bin/python" -I -c '
 import sys
 from pathlib import Path
 from scalebox.update import stage
 if not hasattr(stage, "write_record"):
     sys.exit(0)  # a release from before records: its first update compiles every .pyc
-stage.write_record(Path(sys.argv[1]))
-' "$RELEASE_DIR"
+try:
+    stage.write_record(Path(sys.argv[1]))
+except OSError as exc:
+    print(exc)
+    sys.exit(1)
+' "$RELEASE_DIR") || die "cannot record the files of $RELEASE_DIR: $why" \
+      "free space on the disk (df -h /opt) and run install.sh again; the unfinished release is removed"
   fi
   sync
   : >"$RELEASE_DIR/.complete" # last: a release directory without it is unfinished
