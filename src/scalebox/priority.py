@@ -115,8 +115,17 @@ def _clamp(nice: int) -> int:
     return max(MIN_NICE, min(nice, MAX_NICE))
 
 
+def _waiting(given: int) -> int:
+    """The nice of work that can wait: ``NICER`` steps below ``given``, and never above
+    ``NICER`` itself. A unit's negative ``Nice=`` (the handover instance's -5) is
+    for serving; its start, a second of imports, gives way like any other (at -5 + 10
+    it still took a quarter of a contended CPU from the daemon serving)."""
+    return _clamp(max(given, 0) + NICER)
+
+
 def lower(warn: Warn, session: Session = Session.LEAVE) -> Given | None:
-    """Make the process (and, per ``session``, its session) ``NICER``; what restore() needs.
+    """Make the process (and, per ``session``, its session) ``NICER`` (see _waiting); what
+    restore() needs.
 
     None (nothing changed) when the process could not raise its priority again.
     """
@@ -124,7 +133,7 @@ def lower(warn: Warn, session: Session = Session.LEAVE) -> Given | None:
         return None
     given = os.getpriority(os.PRIO_PROCESS, 0)
     try:
-        _set(_clamp(given + NICER))
+        _set(_waiting(given))
     except OSError as exc:
         warn(f"cannot lower the CPU priority ({exc.strerror}); going on at the one it has")
         with contextlib.suppress(OSError):
@@ -135,7 +144,7 @@ def lower(warn: Warn, session: Session = Session.LEAVE) -> Given | None:
         return Given(given)
     base = given if session is Session.OWN else before
     try:
-        _set_session(_clamp(base + NICER))
+        _set_session(_waiting(base))
     except OSError as exc:
         warn(
             f"cannot lower the CPU priority of this session ({exc.strerror}); only the "

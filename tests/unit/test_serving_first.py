@@ -62,7 +62,7 @@ SESSION_PROBE = """
 import json, os, sys
 from scalebox import priority
 
-os.nice(3)  # as a unit's Nice=3 would have started it
+os.setpriority(os.PRIO_PROCESS, 0, int(sys.argv[2]))  # as a unit's Nice= would have
 warnings = []
 before = priority.session_nice()
 given = priority.lower(warnings.append, priority.Session[sys.argv[1]])
@@ -80,28 +80,31 @@ needs_autogroup = pytest.mark.skipif(
 
 @needs_autogroup
 @pytest.mark.parametrize(
-    ("session", "lowered", "restored"),
+    ("session", "unit_nice", "waiting", "lowered", "restored"),
     [
         # A process sharing its session (sudo's): the session's own value comes back.
-        ("SHARED", 10, 0),
+        ("SHARED", 3, 13, 10, 0),
         # A service leads its session: it takes the unit's Nice= (3 here) once ready.
-        ("OWN", 13, 3),
+        ("OWN", 3, 13, 13, 3),
+        # A unit's negative Nice= (the handover instance's -5) is for serving: its start
+        # waits at 10 like any other, not at -5 + 10.
+        ("OWN", -5, 10, 10, -5),
         # Run from a shell or a test runner: the session is left alone.
-        ("LEAVE", 0, 0),
+        ("LEAVE", 3, 13, 0, 0),
     ],
 )
 def test_the_session_is_lowered_too_for_nice_orders_nothing_across_sessions(
-    session: str, lowered: int, restored: int
+    session: str, unit_nice: int, waiting: int, lowered: int, restored: int
 ) -> None:
     """With autogroup scheduling a thread's nice counts only within its session, and every
     systemd service is a session of its own: lowering only the threads changed nothing
     against the daemon serving (seen: two CPU-bound sessions, one at nice 10, got the same
     share). Each child starts in a new session, whose autogroup nice is 0."""
-    seen = _in_a_child(SESSION_PROBE, session)
+    seen = _in_a_child(SESSION_PROBE, session, str(unit_nice))
     assert seen == {
         "before": 0,
-        "inside": [13, lowered],
-        "after": [3, restored],
+        "inside": [waiting, lowered],
+        "after": [unit_nice, restored],
         "warnings": [],
     }
 
