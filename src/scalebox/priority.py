@@ -5,11 +5,12 @@ can wait: the updater downloading, verifying and building the next release,
 and the next daemon importing Python and reconciling VMs before it serves
 (each about a second of CPU). With both cores busy a request waits for the
 CPU. So that work runs ``NICER`` steps nicer than the process was started
-with (a unit's ``Nice=``, 0 by default), and goes back to it when it is
-over: the daemon just before it tells systemd it is ready, the updater
-before it switches (from then on the service is at stake; once the new
-daemon is healthy, watching it and the commit can wait again). Only root can go
-back (CAP_SYS_NICE); any other user keeps its priority throughout.
+with (a unit's ``Nice=``, 0 by default; and at nice ``NICER`` at least),
+and goes back to it when it is over: the daemon just before it tells
+systemd it is ready, the updater before it switches (from then on the
+service is at stake; once the new daemon is healthy, watching it and the
+commit can wait again). Only root can go back (CAP_SYS_NICE); any other
+user keeps its priority throughout.
 
 Two levels, because nice alone orders nothing between sessions:
 
