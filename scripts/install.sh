@@ -547,11 +547,11 @@ if not hasattr(stage, "write_record"):
     sys.exit(0)  # a release from before records: its first update compiles every .pyc
 try:
     stage.write_record(Path(sys.argv[1]))
-except OSError as exc:
-    print(exc)
+except Exception as exc:  # one line for the operator, whatever failed
+    print(exc or type(exc).__name__)
     sys.exit(1)
 ' "$RELEASE_DIR") || die "cannot record the files of $RELEASE_DIR: $why" \
-      "free space on the disk (df -h /opt) and run install.sh again; the unfinished release is removed"
+      "check the disk (df -h $OPT: full? read-only?) and run install.sh again; the unfinished release is removed"
   fi
   sync
   : >"$RELEASE_DIR/.complete" # last: a release directory without it is unfinished

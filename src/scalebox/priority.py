@@ -8,8 +8,8 @@ CPU. So that work runs ``NICER`` steps nicer than the process was started
 with (a unit's ``Nice=``, 0 by default; and at nice ``NICER`` at least),
 and goes back to it when it is over: the daemon just before it tells
 systemd it is ready, the updater before it switches (from then on the
-service is at stake; once the new daemon is healthy, watching it and the
-commit can wait again). Only root can go back (CAP_SYS_NICE); any other
+service is at stake; once the new daemon is verified, the commit and the
+pruning can wait again). Only root can go back (CAP_SYS_NICE); any other
 user keeps its priority throughout.
 
 Two levels, because nice alone orders nothing between sessions:
@@ -101,7 +101,9 @@ def share_session(pid: int) -> None:
     A new session is a new autogroup, always at nice 0 whatever its parent's:
     so a program the updater runs in a session of its own (the wheel install:
     about a second on every core) took the CPU from the daemon serving as an
-    equal, all the while the updater itself ran lowered. Called once the child
+    equal, all the while the updater itself ran lowered. The child's session
+    gets the caller's priority, lower or higher (a handover daemon's children
+    run at its -5 too). Called once the child
     has started (its exec done), so its first few milliseconds still run at 0.
     Best effort: a child already gone, or not ours to change, stays as it is.
     """
@@ -117,10 +119,11 @@ def _clamp(nice: int) -> int:
 
 
 def _waiting(given: int) -> int:
-    """The nice of work that can wait: ``NICER`` steps below ``given``, and never above
-    ``NICER`` itself. A unit's negative ``Nice=`` (the handover instance's -5) is
-    for serving; its start, a second of imports, gives way like any other (at -5 + 10
-    it still took a quarter of a contended CPU from the daemon serving)."""
+    """The nice of work that can wait: ``NICER`` steps nicer than ``given``, and at nice
+    ``NICER`` at least (never a higher priority). A unit's negative ``Nice=`` (the
+    handover instance's -5) is for serving; its start, a second of imports, gives way
+    like any other (at -5 + 10 it still took a quarter of a contended CPU from the
+    daemon serving)."""
     return _clamp(max(given, 0) + NICER)
 
 

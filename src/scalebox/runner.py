@@ -95,10 +95,10 @@ def run_program(
         raise ProgramError("not found", args, f"program {args[0]} not found") from None
     except OSError as exc:
         raise ProgramError("oserror", args, f"cannot run {args[0]}: {exc}") from None
-    if new_session:
-        priority.share_session(proc.pid)  # its own session, but no higher priority than ours
     with proc:
         try:
+            if new_session:
+                priority.share_session(proc.pid)  # its own session, at our session's nice
             stdout, stderr = proc.communicate(input=input_text, timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()

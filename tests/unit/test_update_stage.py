@@ -335,6 +335,9 @@ def _as_built_alone(paths: Paths, release: Release) -> dict[str, str]:
         }
 
     linked = record()
+    # The record staging wrote (hashes from the installer, links included) is the disk's.
+    built = paths.release_dir(VERSION)
+    assert json.loads((built / stage.STAGED_FILES).read_text()) == stage.file_record(built)
     shutil.rmtree(paths.release_dir(VERSION))
     paths.current.unlink()
     assert stage.build(paths, release.root, VERSION, python="python3", report=lambda _: None)

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from scalebox import priority
+from scalebox.update import commit as commit_step
 from scalebox.update import history, journal, stage, switch, transaction
 from scalebox.update.context import Context
 from scalebox.update.errors import RolledBack, UpdateError
@@ -112,28 +113,34 @@ def test_update_switches_verifies_and_commits(server: Server) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")
-def test_once_healthy_the_watching_and_the_commit_wait_for_the_cpu(
+def test_once_verified_the_commit_waits_for_the_cpu(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """From the switch to "healthy" the updater runs at its own priority (the service is
-    at stake); the stability window's polls, the commit and the pruning run 10 steps
-    nicer, and the transaction ends back at its own priority."""
+    """From the switch on the updater runs at its own priority, the stability window's
+    polls included (a starved probe would roll a healthy release back); the commit and
+    the pruning run 10 steps nicer, and the transaction ends back at its own priority."""
     make_release(server.paths, "0.2.0")
     given = os.getpriority(os.PRIO_PROCESS, 0)
     polls: list[int] = []
-    state = server.service.state
+    committing: list[int] = []
+    state, commit = server.service.state, commit_step.commit
 
     def noting(unit: str) -> UnitState:
         polls.append(os.getpriority(os.PRIO_PROCESS, 0))
         return state(unit)
 
+    def committed(ctx: Context, j: journal.Journal) -> list[str]:
+        committing.append(os.getpriority(os.PRIO_PROCESS, 0))
+        return commit(ctx, j)
+
     monkeypatch.setattr(server.service, "state", noting)
+    monkeypatch.setattr(commit_step, "commit", committed)
     try:
         assert _install(server, "0.2.0").result == history.UPDATED
     finally:
         priority.restore_process(print)  # never leave the test runner lowered
-    assert polls[0] == given  # waiting for the new daemon to be healthy
-    assert polls[-1] == min(given + priority.NICER, priority.MAX_NICE)  # the window
+    assert set(polls) == {given}  # the switch, the wait for healthy, the window
+    assert committing == [min(max(given, 0) + priority.NICER, priority.MAX_NICE)]
     assert os.getpriority(os.PRIO_PROCESS, 0) == given
 
 

@@ -59,12 +59,8 @@ def verify(
     *,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
-    watching: Callable[[], None] = lambda: None,
 ) -> UnitState:
-    """Return the unit state once healthy and stable; raise VerifyError saying what failed.
-
-    ``watching`` is called once healthy, as the stability window begins.
-    """
+    """Return the unit state once healthy and stable; raise VerifyError saying what failed."""
     deadline = clock() + check.timeout
     wrong_since: float | None = None
     last = "no answer yet"
@@ -107,7 +103,6 @@ def verify(
         f"watching it for {check.stability_window:g} s"
     )
     healthy = state
-    watching()
     window_end = clock() + check.stability_window
     while clock() < window_end:
         sleep(POLL)

@@ -310,7 +310,7 @@ def cli(  # noqa: PLR0917 - click passes every option as an argument
 
 def _update(ctx: Context, **options: Any) -> Result:
     """_update_steps() with the service first for the CPU until the switch, and again
-    once the new daemon is healthy (its stability window, the commit, the pruning).
+    once the new daemon is verified (the commit, the pruning).
 
     transaction._switch (and a rollback) restore the priority; the finally is
     for every way out.

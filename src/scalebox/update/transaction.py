@@ -116,9 +116,6 @@ def install(
                 ctx.health_url(), target.version, ctx.stability_window, ctx.verify_timeout
             ),
             ctx.report,
-            # Healthy: watching it, the commit and the pruning can wait for the CPU (a
-            # failure in the window rolls back at full priority, as every rollback does).
-            watching=lambda: priority.lower_process(ctx.report, priority.Session.SHARED),
         )
         # Verified: from here no signal changes the outcome. The journal write is the
         # last thing that may still turn back: without "commit" in the journal a crash
@@ -128,8 +125,14 @@ def install(
     except Exception as exc:  # noqa: BLE001 - every failure from migrate on rolls back
         _roll_back(ctx, _as_written(ctx, j), reason_of(exc))  # raises
 
-    pruned, left = _commit(ctx, j)
-    priority.restore_process(ctx.report)  # lowered while watching (above)
+    # Verified and stable: the commit and the pruning of old releases can wait for the
+    # CPU. (The stability window itself runs at full priority: a probe starved of the
+    # CPU on a saturated server would roll a healthy release back.)
+    priority.lower_process(ctx.report, priority.Session.SHARED)
+    try:
+        pruned, left = _commit(ctx, j)
+    finally:
+        priority.restore_process(ctx.report)
     message = f"updated {from_version} -> {target.version}; scaleboxd {target.version} is healthy"
     if left:
         message += f"; {left}"
