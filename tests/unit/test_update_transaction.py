@@ -286,6 +286,42 @@ def test_kill_9_at_a_step_is_recovered_by_the_next_run(
     assert transaction.recover(server.ctx()) is None  # idempotent: nothing left to do
 
 
+def test_a_recovered_commit_waits_for_the_cpu_too(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit a recovery finishes runs 10 steps nicer, as an update's does, and the
+    recovery ends back at the process's own priority."""
+    make_release(server.paths, "0.0.7")
+    make_release(server.paths, "0.0.8")  # something to prune: the child dies pruning
+    make_release(server.paths, "0.2.0")
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(server.paths.root), "commit"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    given = os.getpriority(os.PRIO_PROCESS, 0)
+    committing: list[int] = []
+    commit = commit_step.commit
+
+    def committed(ctx: Context, j: journal.Journal) -> list[str]:
+        committing.append(os.getpriority(os.PRIO_PROCESS, 0))
+        return commit(ctx, j)
+
+    monkeypatch.setattr(commit_step, "commit", committed)
+    try:
+        said = transaction.recover(server.ctx())
+    finally:
+        priority.restore_process(print)  # never leave the test runner lowered
+    assert said == "recovered: finished committing the verified update to 0.2.0"
+    assert committing == [min(max(given, 0) + priority.NICER, priority.MAX_NICE)]
+    assert os.getpriority(os.PRIO_PROCESS, 0) == given
+
+
 def test_a_crash_during_rollback_is_finished_by_the_next_run(server: Server) -> None:
     make_release(server.paths, "0.2.0")
     before = server.fingerprint()

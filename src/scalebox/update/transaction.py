@@ -125,14 +125,7 @@ def install(
     except Exception as exc:  # noqa: BLE001 - every failure from migrate on rolls back
         _roll_back(ctx, _as_written(ctx, j), reason_of(exc))  # raises
 
-    # Verified and stable: the commit and the pruning of old releases can wait for the
-    # CPU. (The stability window itself runs at full priority: a probe starved of the
-    # CPU on a saturated server would roll a healthy release back.)
-    priority.lower_process(ctx.report, priority.Session.SHARED)
-    try:
-        pruned, left = _commit(ctx, j)
-    finally:
-        priority.restore_process(ctx.report)
+    pruned, left = _commit(ctx, j)
     message = f"updated {from_version} -> {target.version}; scaleboxd {target.version} is healthy"
     if left:
         message += f"; {left}"
@@ -213,7 +206,14 @@ def _refuse(ctx: Context, j: Journal, exc: OSError, step: str) -> UpdateError:
 
 
 def _commit(ctx: Context, j: Journal) -> tuple[list[str], str | None]:
-    """Finish the bookkeeping of a verified update; (pruned, None) or ([], what is left)."""
+    """Finish the bookkeeping of a verified update; (pruned, None) or ([], what is left).
+
+    Verified and stable, so the commit and the pruning of old releases can wait for
+    the CPU, after an update and in a recovery alike. (The stability window itself
+    runs at full priority: a probe starved of the CPU would roll a healthy release
+    back.)
+    """
+    priority.lower_process(ctx.report, priority.Session.SHARED)
     try:
         with interrupt.shielded():
             pruned = commit.commit(ctx, j)
@@ -226,6 +226,8 @@ def _commit(ctx: Context, j: Journal) -> tuple[list[str], str | None]:
         )
         ctx.report(f"the update is done, {left}")
         return [], left
+    finally:
+        priority.restore_process(ctx.report)
     return pruned, None
 
 
