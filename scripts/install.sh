@@ -548,9 +548,9 @@ if not hasattr(stage, "write_record"):
 try:
     stage.write_record(Path(sys.argv[1]))
 except Exception as exc:  # one line for the operator, whatever failed
-    print(exc or type(exc).__name__)
+    print(str(exc) or type(exc).__name__)
     sys.exit(1)
-' "$RELEASE_DIR") || die "cannot record the files of $RELEASE_DIR: $why" \
+' "$RELEASE_DIR") || die "cannot record the files of $RELEASE_DIR: ${why:-its Python failed, see above}" \
       "check the disk (df -h $OPT: full? read-only?) and run install.sh again; the unfinished release is removed"
   fi
   sync
