@@ -30,6 +30,7 @@ from typing import IO, Any
 import httpx
 import pytest
 
+from scalebox import priority
 from scalebox.config import KEYS
 
 # A test run started in the background by a script (`./do test &`) inherits SIGINT
@@ -38,6 +39,38 @@ from scalebox.config import KEYS
 # started from here get the default again (a handled signal is reset at exec).
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# Each xdist worker in a session of its own: the updater's tests lower the session they
+# share while they run (priority.Session.SHARED), which must not reach the other worker's
+# tests (their figures, and the check below) or the shell that started the run.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    with contextlib.suppress(OSError):  # already a group leader: it keeps its session
+        os.setsid()
+
+
+@pytest.fixture(autouse=True)
+def _session_priority_kept() -> Iterator[None]:
+    """No test leaves the test runner's session (its autogroup) at another CPU priority.
+
+    The updater lowers the session it shares (``priority.Session.SHARED``) and
+    restores it on every way out but SIGKILL. A child killed that way while
+    sharing the runner's session left the session at nice 10, and the next
+    lowering went from there: every later test, and a bench started from the
+    same shell, ran at nice 10 or 19 against the machine's processes. Such a
+    child must get a session of its own (``start_new_session=True``), as
+    ``sudo`` gives the updater one. The fixture puts the value back, then fails.
+    """
+    before = priority.session_nice()
+    yield
+    after = priority.session_nice()
+    if after != before and before is not None:
+        priority.AUTOGROUP.write_text(f"{before}\n")
+        pytest.fail(
+            f"this test left the test runner's session at nice {after} (was {before}): "
+            "a child that shares the session was killed while lowered; start it with "
+            "start_new_session=True"
+        )
 
 
 STARTUP_SECONDS = 30

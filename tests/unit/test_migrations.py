@@ -603,6 +603,7 @@ def test_a_crash_during_migrate_is_recovered_with_the_config_restored(server: Se
         [sys.executable, "-c", CHILD, str(server.paths.root)],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         cwd=REPO,
+        start_new_session=True,  # as sudo gives it: a SIGKILL cannot leave ours lowered
         capture_output=True,
         text=True,
         timeout=60,

@@ -265,6 +265,7 @@ def test_kill_9_at_a_step_is_recovered_by_the_next_run(
         [sys.executable, "-c", CHILD, str(server.paths.root), kill_at],
         env=env,
         cwd=REPO,
+        start_new_session=True,  # as sudo gives it: a SIGKILL cannot leave ours lowered
         capture_output=True,
         text=True,
         timeout=60,
@@ -298,6 +299,7 @@ def test_a_recovered_commit_waits_for_the_cpu_too(
         [sys.executable, "-c", CHILD, str(server.paths.root), "commit"],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         cwd=REPO,
+        start_new_session=True,  # as sudo gives it: a SIGKILL cannot leave ours lowered
         capture_output=True,
         text=True,
         timeout=60,
@@ -386,6 +388,7 @@ def test_sigterm_during_the_switch_rolls_back_before_exiting(server: Server) -> 
         [sys.executable, "-c", SIGTERM_CHILD, str(server.paths.root)],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         cwd=REPO,
+        start_new_session=True,  # as sudo gives it: a SIGKILL cannot leave ours lowered
         stdout=subprocess.PIPE,
         text=True,
     )
