@@ -59,6 +59,7 @@ from typing import Any
 
 import httpx
 
+from scalebox import priority
 from scalebox.errors import ScaleboxError
 from tools import keygen, releases
 from tools.checks import API_PORT, CACHE, create_vm, install, read_token, say, vm_still_running
@@ -923,6 +924,31 @@ def write_out(text: str, summary: dict[str, Any], runs: list[RunFigures],
     return OUT / "timeline.png"
 
 
+@contextlib.contextmanager
+def load_at_full_priority() -> Iterator[None]:
+    """The load client at nice 0, in a session at nice 0, whatever the shell's; then back.
+
+    The machine's processes share this host's CPUs and its autogroup
+    scheduling, so a client started from a lowered shell (`nice ./do bench`,
+    or a session an interrupted updater left at nice 10) is starved by the
+    very updater it measures, and reports its own waits as the server's.
+    """
+    nice, session = os.getpriority(os.PRIO_PROCESS, 0), priority.session_nice()
+    if os.geteuid() != 0 or (nice <= 0 and not session):
+        yield
+        return
+    say(f"this shell runs at CPU nice {nice}, its session at {session}: the load runs at 0")
+    os.setpriority(os.PRIO_PROCESS, 0, min(nice, 0))
+    if session:
+        priority.AUTOGROUP.write_text("0\n")
+    try:
+        yield
+    finally:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+        if session:
+            priority.AUTOGROUP.write_text(f"{session}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./do bench", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, choices=range(1, 21), metavar="N",
@@ -949,7 +975,7 @@ def main(argv: list[str] | None = None) -> int:
     traces: list[list[Phase]] = []
     temp = None
     try:
-        with sigterm_raises():
+        with sigterm_raises(), load_at_full_priority():
             if args.releases:
                 release_dir = args.releases.resolve()
             else:

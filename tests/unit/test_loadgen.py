@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +22,8 @@ from tools.bench import (
     step_durations,
 )
 from tools.loadgen import Load, Sample, percentile, summarize
+
+from scalebox import priority
 
 
 class _Health(BaseHTTPRequestHandler):
@@ -173,3 +178,35 @@ def test_the_report_divides_each_run_by_its_own_baseline_and_keeps_the_worst() -
         "A->B: stage time under load (releases/1.1.0)",
     ]
     assert "host loadavg run 1: 1.50, run 2: 1.50" in text
+
+
+PRIORITY_PROBE = """
+import json, os
+from pathlib import Path
+from scalebox import priority
+from tools.bench import load_at_full_priority
+
+os.setpriority(os.PRIO_PROCESS, 0, 5)
+priority.AUTOGROUP.write_text("10\\n")  # as a killed updater could have left it
+with load_at_full_priority():
+    during = [os.getpriority(os.PRIO_PROCESS, 0), priority.session_nice()]
+after = [os.getpriority(os.PRIO_PROCESS, 0), priority.session_nice()]
+print(json.dumps([during, after]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can raise a CPU priority again")
+def test_the_bench_measures_at_full_priority_from_a_lowered_shell() -> None:
+    """A load client in a lowered session is starved by the updater it measures, so the
+    bench runs it at nice 0 in a session at 0, and puts the shell's values back."""
+    if priority.session_nice() is None:
+        pytest.skip("this kernel schedules without autogroups")
+    done = subprocess.run(
+        [sys.executable, "-c", PRIORITY_PROBE],
+        capture_output=True,
+        text=True,
+        check=True,
+        start_new_session=True,  # its own session, to lower and check
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert json.loads(done.stdout.splitlines()[-1]) == [[0, 0], [5, 10]]
