@@ -357,7 +357,7 @@ def _wait_version(m: Machine, version: str, timeout: float = 60) -> None:
 def _wait_answered(loads: list[Load], count: int = 5) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        if all(load.stats().answered >= count for load in loads):
+        if all(load.answered() >= count for load in loads):
             return
         time.sleep(0.05)
     raise BenchError(
@@ -371,10 +371,10 @@ def _wait_more_answers(loads: list[Load], more: int = 5, timeout: float = 10) ->
 
     Not an error when it does not happen: the figures then show what was seen.
     """
-    start = [load.stats().answered for load in loads]
+    start = [load.answered() for load in loads]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if all(load.stats().answered >= n + more for load, n in zip(loads, start, strict=True)):
+        if all(load.answered() >= n + more for load, n in zip(loads, start, strict=True)):
             return
         time.sleep(0.05)
 
@@ -523,7 +523,7 @@ def measure_crash(m: Machine, figures: RunFigures, old: str, ph: list[Phase]) ->
     poll = Load(lambda: _health_url(m), workers=1, interval=0.02, timeout=30)
     with poll.running():
         deadline = time.monotonic() + 10
-        while poll.stats().answered < 5 and time.monotonic() < deadline:
+        while poll.answered() < 5 and time.monotonic() < deadline:
             time.sleep(0.05)
         run = run_updater(m, f"/mnt/release/{releases.tarball_name(CRASH)}")
         _wait_more_answers([poll])  # the old version answers again after the rollback

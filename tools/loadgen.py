@@ -116,6 +116,7 @@ class Load:
     max_seconds: float = 900.0
     max_requests: int = 200_000
     samples: list[Sample] = field(default_factory=list)
+    _answered: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -140,6 +141,12 @@ class Load:
         with self._lock:
             return list(self.samples)
 
+    def answered(self) -> int:
+        """How many requests were answered so far: a count kept as they come, for a
+        controller that polls it while the load runs (stats() sorts every sample,
+        holding the GIL that the load's threads need to time their answers)."""
+        return self._answered
+
     def stats(self, since: float = 0.0) -> Stats:
         with self._lock:
             return summarize([s for s in self.samples if s.sent >= since])
@@ -154,6 +161,7 @@ class Load:
         sample = self._one(client)
         with self._lock:
             self.samples.append(sample)
+            self._answered += sample.kind == OK
 
     def _worker(self) -> None:
         deadline = time.monotonic() + self.max_seconds

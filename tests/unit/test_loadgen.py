@@ -76,6 +76,7 @@ def test_every_request_is_answered_and_timed(server: str, mode: str) -> None:
     stats = load.stats()
     assert stats.sent == 20
     assert (stats.answered, stats.failures) == (20, {})
+    assert load.answered() == 20  # the running count agrees with the samples
     assert stats.versions == {"9.9.9": 20}
     assert 0 < stats.p50 <= stats.p99 <= stats.max < 5
 
@@ -90,6 +91,7 @@ def test_refused_and_wrong_answers_are_failures_by_kind(server: str) -> None:
         _wait_for(load, 6)
     assert load.stats().failures == {"refused": 3, "HTTP 503": 3}
     assert load.stats().answered == 0
+    assert load.answered() == 0
 
 
 def test_percentile_is_nearest_rank() -> None:
