@@ -41,14 +41,6 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-# Each xdist worker in a session of its own: the updater's tests lower the session they
-# share while they run (priority.Session.SHARED), which must not reach the other worker's
-# tests (their figures, and the check below) or the shell that started the run.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    with contextlib.suppress(OSError):  # already a group leader: it keeps its session
-        os.setsid()
-
-
 @pytest.fixture(autouse=True)
 def _session_priority_kept() -> Iterator[None]:
     """No test leaves the test runner's session (its autogroup) at another CPU priority.
@@ -60,7 +52,15 @@ def _session_priority_kept() -> Iterator[None]:
     same shell, ran at nice 10 or 19 against the machine's processes. Such a
     child must get a session of its own (``start_new_session=True``), as
     ``sudo`` gives the updater one. The fixture puts the value back, then fails.
+
+    Not under xdist: its workers share one session, and an update test in one
+    lowers it (and restores it) while the other's tests run. Workers are not
+    given sessions of their own, since then a Ctrl-C would no longer reach
+    their tests, whose teardown removes the machines.
     """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
     before = priority.session_nice()
     yield
     after = priority.session_nice()
