@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -285,6 +287,41 @@ def test_a_complete_release_whose_files_changed_is_rebuilt_not_reused(
     # A staged file removed, or one added, counts as changed too.
     (built / "venv" / "extra").write_text("x")
     assert not stage.unchanged(built)
+
+
+def test_the_record_names_every_kind_of_entry_and_never_opens_a_fifo(tmp_path: Path) -> None:
+    """Files by sha256, symlinks by target (a linked directory is not followed), anything
+    else by kind: a FIFO put into a release is a change, not a hang."""
+    tree = tmp_path / "release"
+    (tree / "venv" / "lib").mkdir(parents=True)
+    (tree / "venv" / "lib" / "a.py").write_bytes(b"print(1)\n")
+    (tree / "venv" / "bin").mkdir()
+    (tree / "venv" / "bin" / "python").symlink_to("/usr/bin/python3")
+    (tree / "venv" / "lib64").symlink_to("lib")
+    os.mkfifo(tree / "venv" / "pipe")
+    (tree / stage.COMPLETE).write_text("1\n")
+    (tree / stage.STAGED_FILES).write_text("{}")
+    (tree / "venv" / stage.COMPLETE).write_text("not the marker: below the top\n")
+    found: list[dict[str, str]] = []
+    reading = threading.Thread(target=lambda: found.append(stage.file_record(tree)), daemon=True)
+    reading.start()
+    reading.join(30)
+    if reading.is_alive():  # stuck opening the FIFO: a writer lets it go on, then fail
+        with (tree / "venv" / "pipe").open("wb"):
+            pass
+        pytest.fail("file_record opened the FIFO and waited for a writer")
+    assert found == [
+        {
+            "venv/lib/a.py": "sha256:" + hashlib.sha256(b"print(1)\n").hexdigest(),
+            "venv/bin/python": "symlink:/usr/bin/python3",
+            "venv/lib64": "symlink:lib",
+            "venv/pipe": "special",
+            f"venv/{stage.COMPLETE}": "sha256:"
+            + hashlib.sha256(b"not the marker: below the top\n").hexdigest(),
+        }
+    ]
+    known = {"venv/lib/a.py": "sha256:from-the-installer"}
+    assert stage.file_record(tree, known)["venv/lib/a.py"] == "sha256:from-the-installer"
 
 
 # --- a build next to the running release links the files it shares with it ---------------

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -210,23 +210,37 @@ def write_record(directory: Path, known: dict[str, str] | None = None) -> None:
 
 def file_record(directory: Path, known: dict[str, str] | None = None) -> dict[str, str]:
     """sha256 of every regular file under ``directory`` (from ``known`` where it names
-    the file), and the target of every symlink."""
+    the file), the target of every symlink, and the kind of anything else."""
     known = known or {}
     record: dict[str, str] = {}
-    for dirpath, dirs, files in os.walk(directory):
-        dirs.sort()
-        for entry in [*files, *(d for d in dirs if Path(dirpath, d).is_symlink())]:
-            path = Path(dirpath) / entry
-            rel = path.relative_to(directory).as_posix()
-            if rel in {COMPLETE, STAGED_FILES}:
-                continue
-            if path.is_symlink():
-                record[rel] = "symlink:" + str(path.readlink())
-            elif rel in known:
-                record[rel] = known[rel]
-            else:
-                record[rel] = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    for rel, entry in _entries(os.fspath(directory), ""):
+        if rel in {COMPLETE, STAGED_FILES}:
+            continue
+        if entry.is_symlink():
+            record[rel] = "symlink:" + str(Path(entry.path).readlink())
+        elif not entry.is_file(follow_symlinks=False):
+            record[rel] = "special"  # a FIFO or device node is never opened (nor waited on)
+        elif rel in known:
+            record[rel] = known[rel]
+        else:
+            # In chunks: a large file is never held whole. (open(), not Path.open(): a
+            # Path per file is what this loop avoids.)
+            with open(entry.path, "rb") as f:  # noqa: PTH123
+                record[rel] = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
     return record
+
+
+def _entries(top: str, prefix: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """Every entry under ``top`` but directories, by its /-path; symlinks to directories
+    are entries, never followed. scandir's entries carry their type, so a tree of
+    ~2,600 files costs no stat per file (pathlib and os.walk cost ~0.1 s here)."""
+    with os.scandir(top) as listing:
+        for entry in listing:
+            rel = prefix + entry.name
+            if entry.is_dir(follow_symlinks=False):
+                yield from _entries(entry.path, rel + "/")
+            else:
+                yield rel, entry
 
 
 def unchanged(directory: Path) -> bool:
