@@ -213,11 +213,16 @@ def _commit(ctx: Context, j: Journal) -> tuple[list[str], str | None]:
     runs at full priority: a probe starved of the CPU would roll a healthy release
     back.)
     """
-    priority.lower_process(ctx.report, priority.Session.SHARED)
     try:
+        # Shielded, the lowering too: a signal between it and the restore would leave
+        # the session it shares (sudo's, or a root shell's) lowered.
         with interrupt.shielded():
-            pruned = commit.commit(ctx, j)
-            _finish(ctx, j)
+            priority.lower_process(ctx.report, priority.Session.SHARED)
+            try:
+                pruned = commit.commit(ctx, j)
+                _finish(ctx, j)
+            finally:
+                priority.restore_process(ctx.report)
     except OSError as exc:
         left = (
             f"but its bookkeeping is not finished ({os_error(exc)}): "
@@ -226,8 +231,6 @@ def _commit(ctx: Context, j: Journal) -> tuple[list[str], str | None]:
         )
         ctx.report(f"the update is done, {left}")
         return [], left
-    finally:
-        priority.restore_process(ctx.report)
     return pruned, None
 
 
