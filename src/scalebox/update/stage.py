@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -213,7 +214,7 @@ def file_record(directory: Path, known: dict[str, str] | None = None) -> dict[st
     the file), the target of every symlink, and the kind of anything else."""
     known = known or {}
     record: dict[str, str] = {}
-    for rel, entry in _entries(os.fspath(directory), ""):
+    for rel, entry in _entries(os.fspath(directory)):
         if rel in {COMPLETE, STAGED_FILES}:
             continue
         if entry.is_symlink():
@@ -223,24 +224,37 @@ def file_record(directory: Path, known: dict[str, str] | None = None) -> dict[st
         elif rel in known:
             record[rel] = known[rel]
         else:
-            # In chunks: a large file is never held whole. (open(), not Path.open(): a
-            # Path per file is what this loop avoids.)
-            with open(entry.path, "rb") as f:  # noqa: PTH123
-                record[rel] = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+            record[rel] = _sha256(entry.path)
     return record
 
 
-def _entries(top: str, prefix: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
+def _sha256(path: str) -> str:
+    """ "sha256:<hex>" of a regular file, read in chunks; "special" if it is no longer
+    one (replaced by a FIFO or a symlink since it was listed: opened without following
+    and without waiting for a writer)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "special"
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _entries(top: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
     """Every entry under ``top`` but directories, by its /-path; symlinks to directories
-    are entries, never followed. scandir's entries carry their type, so a tree of
-    ~2,600 files costs no stat per file (pathlib and os.walk cost ~0.1 s here)."""
-    with os.scandir(top) as listing:
-        for entry in listing:
-            rel = prefix + entry.name
-            if entry.is_dir(follow_symlinks=False):
-                yield from _entries(entry.path, rel + "/")
-            else:
-                yield rel, entry
+    are entries, never followed. scandir's entries carry their type, so the walk costs
+    no stat per file: for 6,050 files with every hash known, 0.025 s of CPU against
+    0.24 s with a Path, a relative_to and an lstat per file. An explicit stack, not
+    recursion: no tree is too deep for it."""
+    stack = [(top, "")]
+    while stack:
+        directory, prefix = stack.pop()
+        with os.scandir(directory) as listing:
+            for entry in listing:
+                rel = prefix + entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((entry.path, rel + "/"))
+                else:
+                    yield rel, entry
 
 
 def unchanged(directory: Path) -> bool:
