@@ -41,6 +41,28 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+_RUN_SESSION_NICE: list[int | None] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the run itself, not an xdist worker
+        _RUN_SESSION_NICE.append(priority.session_nice())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under xdist the per-test check is off (below); two workers' update tests can
+    interleave their lowering and restoring of the session they share and leave it
+    lowered. The run puts back what it started with, so the shell is never left so."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not _RUN_SESSION_NICE:
+        return
+    before, after = _RUN_SESSION_NICE[0], priority.session_nice()
+    if before is not None and after != before:
+        priority.AUTOGROUP.write_text(f"{before}\n")
+        sys.stderr.write(
+            f"\nthe test run's session was left at nice {after}; put back to {before}\n"
+        )
+
+
 @pytest.fixture(autouse=True)
 def _session_priority_kept() -> Iterator[None]:
     """No test leaves the test runner's session (its autogroup) at another CPU priority.
