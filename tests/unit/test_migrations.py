@@ -36,7 +36,12 @@ from scalebox.update.errors import RolledBack, UpdateError
 from scalebox.update.paths import Paths
 from scalebox.update.systemd import SERVICE
 from scalebox.update.transaction import Target
-from tests.unit.update_service_double import ProcessService, free_port, make_release
+from tests.unit.update_service_double import (
+    ProcessService,
+    free_port,
+    make_release,
+    run_crashing_child,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = b"# written by install.sh\nAPI_TOKEN=sb-" + b"0" * 48 + b"\nHOST_IP=10.0.0.7\n"
@@ -599,16 +604,7 @@ transaction.install(ctx, action="update", from_version="1.0.0", from_release="1.
 def test_a_crash_during_migrate_is_recovered_with_the_config_restored(server: Server) -> None:
     digest = server.digest()
     server.release("2.0.0", DYING_STEP)
-    child = subprocess.run(
-        [sys.executable, "-c", CHILD, str(server.paths.root)],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        cwd=REPO,
-        start_new_session=True,  # as sudo gives it: a SIGKILL cannot leave ours lowered
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    child = run_crashing_child(CHILD, str(server.paths.root))
     assert child.returncode == -signal.SIGKILL, child.stderr
     crashed = journal.read(server.paths.journal)
     assert crashed is not None

@@ -27,7 +27,12 @@ from scalebox.update.errors import RolledBack, UpdateError
 from scalebox.update.paths import Paths
 from scalebox.update.systemd import SERVICE, UnitState
 from scalebox.update.transaction import Target
-from tests.unit.update_service_double import ProcessService, free_port, make_release
+from tests.unit.update_service_double import (
+    ProcessService,
+    free_port,
+    make_release,
+    run_crashing_child,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -261,16 +266,7 @@ def test_kill_9_at_a_step_is_recovered_by_the_next_run(
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if kill_at == "check-config":
         env["FAKE_KILL_PARENT_AT_CHECK"] = "1"
-    child = subprocess.run(
-        [sys.executable, "-c", CHILD, str(server.paths.root), kill_at],
-        env=env,
-        cwd=REPO,
-        start_new_session=True,  # as sudo gives it: a SIGKILL cannot leave ours lowered
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    child = run_crashing_child(CHILD, str(server.paths.root), kill_at, env=env)
     assert child.returncode == -signal.SIGKILL, child.stderr
     crashed = journal.read(server.paths.journal)
     assert crashed is not None
@@ -296,16 +292,7 @@ def test_a_recovered_commit_waits_for_the_cpu_too(
     make_release(server.paths, "0.0.7")
     make_release(server.paths, "0.0.8")  # something to prune: the child dies pruning
     make_release(server.paths, "0.2.0")
-    child = subprocess.run(
-        [sys.executable, "-c", CHILD, str(server.paths.root), "commit"],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        cwd=REPO,
-        start_new_session=True,  # as sudo gives it: a SIGKILL cannot leave ours lowered
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    child = run_crashing_child(CHILD, str(server.paths.root), "commit")
     assert child.returncode == -signal.SIGKILL, child.stderr
     given = os.getpriority(os.PRIO_PROCESS, 0)
     committing: list[int] = []

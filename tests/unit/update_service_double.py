@@ -69,6 +69,29 @@ http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
 """
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_crashing_child(
+    code: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run updater ``code`` in a Python child that is expected to die by SIGKILL.
+
+    In a session of its own, as sudo gives the updater: one killed while it has its
+    session lowered (priority.Session.SHARED) cannot leave the test runner's lowered.
+    """
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=env or {**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+        start_new_session=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
