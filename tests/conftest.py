@@ -55,12 +55,22 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     lowered. The run puts back what it started with, so the shell is never left so."""
     if os.environ.get("PYTEST_XDIST_WORKER") or not _RUN_SESSION_NICE:
         return
-    before, after = _RUN_SESSION_NICE[0], priority.session_nice()
-    if before is not None and after != before:
-        priority.AUTOGROUP.write_text(f"{before}\n")
+    after = _put_back_session_nice(_RUN_SESSION_NICE[0])
+    if after is not None:
         sys.stderr.write(
-            f"\nthe test run's session was left at nice {after}; put back to {before}\n"
+            f"\nthe test run's session was left at nice {after}; put back to "
+            f"{_RUN_SESSION_NICE[0]}\n"
         )
+
+
+def _put_back_session_nice(before: int | None) -> int | None:
+    """Set the session's nice back to ``before``; the value it had instead, or None when
+    it had not changed (or autogroups are off)."""
+    after = priority.session_nice()
+    if before is None or after == before:
+        return None
+    priority.set_session_nice(before)
+    return after
 
 
 @pytest.fixture(autouse=True)
@@ -85,9 +95,8 @@ def _session_priority_kept() -> Iterator[None]:
         return
     before = priority.session_nice()
     yield
-    after = priority.session_nice()
-    if after != before and before is not None:
-        priority.AUTOGROUP.write_text(f"{before}\n")
+    after = _put_back_session_nice(before)
+    if after is not None:
         pytest.fail(
             f"this test left the test runner's session at nice {after} (was {before}): "
             "a child that shares the session was killed while lowered; start it with "

@@ -941,7 +941,7 @@ def load_at_full_priority() -> Iterator[None]:
     try:
         os.setpriority(os.PRIO_PROCESS, 0, min(nice, 0))
         if session:
-            priority.AUTOGROUP.write_text("0\n")
+            priority.set_session_nice(0)
     except OSError as exc:
         say(f"could not ({exc.strerror}): the figures may show the load client waiting")
     try:
@@ -950,7 +950,7 @@ def load_at_full_priority() -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, nice)
             if session:
-                priority.AUTOGROUP.write_text(f"{session}\n")
+                priority.set_session_nice(session)
 
 
 def main(argv: list[str] | None = None) -> int:

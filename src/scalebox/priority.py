@@ -90,7 +90,8 @@ def session_nice() -> int | None:
     return None
 
 
-def _set_session(nice: int) -> None:
+def set_session_nice(nice: int) -> None:
+    """Set the nice of this process's session (its autogroup); root only to raise it."""
     AUTOGROUP.write_text(f"{nice}\n")
 
 
@@ -148,7 +149,7 @@ def lower(warn: Warn, session: Session = Session.LEAVE) -> Given | None:
         return Given(given)
     base = given if session is Session.OWN else before
     try:
-        _set_session(_waiting(base))
+        set_session_nice(_waiting(base))
     except OSError as exc:
         warn(
             f"cannot lower the CPU priority of this session ({exc.strerror}); only the "
@@ -172,7 +173,7 @@ def restore(given: Given | None, warn: Warn) -> None:
     if given.session is None:
         return
     try:
-        _set_session(given.session)
+        set_session_nice(given.session)
     except OSError as exc:
         warn(
             f"cannot restore the CPU priority of this session (nice {given.session}): "

@@ -229,9 +229,9 @@ def file_record(directory: Path, known: dict[str, str] | None = None) -> dict[st
 
 
 def _sha256(path: str) -> str:
-    """ "sha256:<hex>" of a regular file, read in chunks; "special" if it is no longer
-    one (replaced by a FIFO or a symlink since it was listed: opened without following
-    and without waiting for a writer)."""
+    """The record's value for a regular file: its sha256, read in chunks; "special" if
+    it is no longer one (replaced by a FIFO or a symlink since it was listed: opened
+    without following and without waiting for a writer)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
