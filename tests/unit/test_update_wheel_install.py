@@ -7,7 +7,9 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import platform
+import threading
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,20 @@ def test_a_source_no_compiler_takes_gets_no_pyc_and_fails_nothing(tmp_path: Path
     assert not Path(importlib.util.cache_from_source(str(deep))).exists()
     assert not Path(importlib.util.cache_from_source(str(broken))).exists()
     assert Path(importlib.util.cache_from_source(str(fine))).is_file()
+
+
+def test_a_fifo_in_the_donors_place_is_not_linked_and_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "donor.py"
+    os.mkfifo(fifo, 0o644)
+    target = tmp_path / "new" / "mine.py"
+    answer: list[bool] = []
+    worker = threading.Thread(
+        target=lambda: answer.append(
+            wheel_install.link_if(str(fifo), str(target), 0o644, lambda _: True)
+        ),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(30)
+    assert answer == [False], "link_if opened the FIFO and waited for a writer"
+    assert not target.parent.exists()

@@ -118,52 +118,60 @@ class Donor:
             raw = {}
         return cls(venv, raw)
 
-    def path(self, mine: str) -> Path | None:
+    def path(self, mine: str) -> str | None:
         """Where the donor holds the file this venv gets at ``mine`` (None: outside it)."""
-        relative = Path(os.path.relpath(os.path.normpath(mine), sys.prefix))
-        if relative.is_absolute() or relative.parts[:1] in ((), (os.pardir,)):
+        relative = os.path.relpath(os.path.normpath(mine), sys.prefix)
+        if relative in (os.curdir, os.pardir) or relative.startswith(os.pardir + os.sep):
             return None
-        return self.venv / relative
+        return os.path.join(self.venv, relative)  # noqa: PTH118 -- hot path
 
-    def recorded(self, theirs: Path) -> str | None:
+    def recorded(self, theirs: str) -> str | None:
         relative = os.path.relpath(theirs, self.venv.parent)
         value = self.record.get(Path(relative).as_posix())
         return value if isinstance(value, str) else None
 
 
 def link_if(
-    theirs: Path | None,
-    target: Path,
+    theirs: str | None,
+    target: str,
     mode: int,
     same: Callable[[bytes], bool],
+    *,
     size: int | None = None,
+    make_dir: Callable[[str], None] | None = None,
 ) -> bool:
     """Make ``target`` a hard link to ``theirs`` if that is a regular file with permission
     bits ``mode`` (and ``size`` bytes, when given) whose bytes ``same`` accepts; False
-    (nothing made) otherwise."""
+    (nothing made) otherwise. ``make_dir`` makes target's directory, only when it links."""
     try:
-        fd = os.open(theirs or "", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO put in the donor's place fails fstat's check below
+        # instead of waiting for a writer.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(theirs or "", flags)
     except OSError:
-        return False  # no such file (or no donor)
+        return False  # no donor, or no such file
     try:
         held = os.fstat(fd)
-        with os.fdopen(os.dup(fd), "rb") as f:
-            usable = (
-                stat.S_ISREG(held.st_mode)
-                and stat.S_IMODE(held.st_mode) == mode
-                and size in (None, held.st_size)
-                and same(f.read())
-            )
+        usable = (
+            stat.S_ISREG(held.st_mode)
+            and stat.S_IMODE(held.st_mode) == mode
+            and size in (None, held.st_size)
+        )
+        if usable:
+            # Unbuffered: one read of the whole file, no tty check, no second descriptor.
+            with open(fd, "rb", buffering=0, closefd=False) as f:
+                usable = same(f.readall())
         if not usable:
             return False
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if make_dir is not None:
+            make_dir(os.path.dirname(target))  # noqa: PTH120
         try:
             os.link(theirs or "", target, follow_symlinks=False)
         except OSError:
             return False  # another filesystem, or links not allowed: write it instead
-        linked = target.lstat()
+        linked = os.lstat(target)
         if (linked.st_dev, linked.st_ino) != (held.st_dev, held.st_ino):
-            target.unlink()  # the donor's entry changed under us: write it instead
+            os.unlink(target)  # noqa: PTH108 -- the donor's entry changed under us: write it
             return False
         return True
     finally:
@@ -212,23 +220,34 @@ class CollectingDestination(SchemeDictionaryDestination):
         self.hashes: dict[str, str] = {}
         self.donor = donor
         self.umask = current_umask()
+        self.sites: dict[str, str] = {}  # scheme -> its directory, absolute
+        self.made: set[str] = set()  # directories known to exist
+
+    def make_dir(self, directory: str) -> None:
+        """``directory`` and its parents exist afterwards; asked once per directory.
+
+        Wheels unpack side by side: a directory two of them share (a namespace
+        package) may appear between a check and a mkdir, which exist_ok allows."""
+        if directory not in self.made:
+            os.makedirs(directory, exist_ok=True)  # noqa: PTH103 -- hot path, str
+            self.made.add(directory)
 
     def write_to_fs(
         self, scheme: Scheme, path: str, stream: BinaryIO, is_executable: bool
     ) -> RecordEntry:
-        site = os.path.abspath(self.scheme_dict[scheme])  # noqa: PTH100 -- normalises ".."
-        target = Path(os.path.abspath(Path(site, path)))  # noqa: PTH100
-        if not target.is_relative_to(site):
+        site = self.sites.get(scheme)
+        if site is None:
+            site = self.sites[scheme] = os.path.abspath(self.scheme_dict[scheme])  # noqa: PTH100
+        target = os.path.abspath(os.path.join(site, path))  # noqa: PTH100, PTH118 -- hot path
+        if not target.startswith(site + os.sep):
             return super().write_to_fs(scheme, path, stream, is_executable)  # refuses it
-        # Wheels unpack side by side: a directory two of them share (a namespace
-        # package) may appear between installer's exists() and its mkdir().
-        target.parent.mkdir(parents=True, exist_ok=True)
-        theirs = self.donor.path(str(target)) if self.donor else None
+        self.make_dir(os.path.dirname(target))  # noqa: PTH120
+        theirs = self.donor.path(target) if self.donor else None
         if scheme not in SITE_SCHEMES or theirs is None or os.path.lexists(target):
             entry = super().write_to_fs(scheme, path, stream, is_executable)
             self.note(target, entry)
-            if scheme in SITE_SCHEMES and target.suffix == ".py":
-                self.python_files.append((str(target), site))
+            if scheme in SITE_SCHEMES and target.endswith(".py"):
+                self.python_files.append((target, site))
             return entry
         data = stream.read()
         # The modes installer's open() and make_file_executable() give.
@@ -240,29 +259,35 @@ class CollectingDestination(SchemeDictionaryDestination):
         else:
             entry = super().write_to_fs(scheme, path, io.BytesIO(data), is_executable)
         self.note(target, entry)
-        if target.suffix == ".py" and not self.link_pyc(site, target, data, mode):
-            self.python_files.append((str(target), site))
+        if target.endswith(".py") and not self.link_pyc(site, target, data, mode):
+            self.python_files.append((target, site))
         return entry
 
-    def note(self, target: Path, entry: RecordEntry) -> None:
+    def note(self, target: str, entry: RecordEntry) -> None:
         """Keep the sha256 installer computed of what it wrote (its RECORD's, in hex)."""
         if entry.hash_ is not None and entry.hash_.name == "sha256":
             value = entry.hash_.value
             digest = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-            self.hashes[str(target)] = "sha256:" + digest.hex()
+            self.hashes[target] = "sha256:" + digest.hex()
 
-    def link_pyc(self, site: str, target: Path, source: bytes, mode: int) -> bool:
+    def link_pyc(self, site: str, target: str, source: bytes, mode: int) -> bool:
         if self.donor is None:
             return False
-        cfile = importlib.util.cache_from_source(str(target))
+        cfile = importlib.util.cache_from_source(target)
         theirs = self.donor.path(cfile)
         if theirs is None:
             return False
-        name = os.path.relpath(target, site)
         recorded = self.donor.recorded(theirs)
+        if recorded is None:
+            return False
+        name = os.path.relpath(target, site)
         pyc_mode = (mode | 0o200) & 0o666 & ~self.umask  # as py_compile makes it
-        if recorded is None or not link_if(
-            theirs, Path(cfile), pyc_mode, lambda held: pyc_of(held, source, name, recorded)
+        if not link_if(
+            theirs,
+            cfile,
+            pyc_mode,
+            lambda held: pyc_of(held, source, name, recorded),
+            make_dir=self.make_dir,  # __pycache__, as py_compile makes it: with a .pyc in it
         ):
             return False
         self.hashes[cfile] = recorded  # pyc_of saw that the linked bytes have it
