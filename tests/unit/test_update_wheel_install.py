@@ -80,6 +80,19 @@ def test_a_source_no_compiler_takes_gets_no_pyc_and_fails_nothing(tmp_path: Path
     assert Path(importlib.util.cache_from_source(str(fine))).is_file()
 
 
+def test_a_failure_without_words_is_named_by_its_kind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A double for the install: an exception with no words (a bare `raise SomeError`
+    # in a library) cannot be made to come out of a real install on demand.
+    def broken(*_: object) -> dict[str, str]:
+        raise RuntimeError
+
+    monkeypatch.setattr(wheel_install, "install_all", broken)
+    assert wheel_install.main([str(tmp_path), "scalebox==1.0"]) == 1
+    assert capsys.readouterr().err == "cannot install scalebox==1.0: RuntimeError\n"
+
+
 def test_a_fifo_in_the_donors_place_is_not_linked_and_not_waited_on(tmp_path: Path) -> None:
     fifo = tmp_path / "donor.py"
     os.mkfifo(fifo, 0o644)

@@ -460,7 +460,7 @@ def main(argv: list[str]) -> int:
         if hashes_file is not None:
             hashes_file.write_text(json.dumps(hashes, sort_keys=True))
     except Exception as exc:  # noqa: BLE001 -- one line, whatever failed (a worker killed, a bad wheel)
-        print(f"cannot install {root}: {exc or type(exc).__name__}", file=sys.stderr)
+        print(f"cannot install {root}: {str(exc) or type(exc).__name__}", file=sys.stderr)
         return 1
     return 0
 
