@@ -7,10 +7,11 @@ Builds signed releases A, B and one that crashes at start (tools/releases.py),
 then for each run boots a fresh nspawn machine whose root is a copy of the
 image on the host's disk (as a server's: staging writes to a real disk, not
 to the tmpfs overlay that test machines use), installs A with install.sh,
-starts a VM and, under the same load each time (load generators on the host
-sending GET /health through m.url(), which checks the route: paced workers on
-a new connection per request, the same on kept-alive connections, and an open
-loop starting a request every 20 ms whatever happened to the earlier ones),
+starts a VM and, under the same load each time (load generators on the host,
+each in a process of its own, sending GET /health through m.url(), which
+checks the route: paced workers on a new connection per request, the same on
+kept-alive connections, and an open loop starting a request every 20 ms
+whatever happened to the earlier ones),
 measures in one machine, one after the other:
 
 1. no update: the load alone for as long as an update takes (the latency to compare with);
@@ -403,10 +404,18 @@ def under_load(
     The Phase yielded gets its samples when the block ends (marks may be added inside).
     """
     _freeze_client_heap()
+    # A process per load: sharing one GIL, the loads would time each other's waits
+    # as the server's (tools/loadgen.py).
     loads = [
-        Load(lambda: _health_url(m), workers=workers, interval=interval),
-        Load(lambda: _health_url(m), workers=workers, interval=interval, keep_alive=True),
-        Load(lambda: _health_url(m), interval=0.02, open_loop=True),
+        Load(lambda: _health_url(m), workers=workers, interval=interval, own_process=True),
+        Load(
+            lambda: _health_url(m),
+            workers=workers,
+            interval=interval,
+            keep_alive=True,
+            own_process=True,
+        ),
+        Load(lambda: _health_url(m), interval=0.02, open_loop=True, own_process=True),
     ]
     phase = Phase(name, time.time(), 0.0, {})
     with loads[0].running(), loads[1].running(), loads[2].running():
@@ -520,7 +529,7 @@ def measure_crash(m: Machine, figures: RunFigures, old: str, ph: list[Phase]) ->
             "measuring the crash with staging included"
         )
     _freeze_client_heap()
-    poll = Load(lambda: _health_url(m), workers=1, interval=0.02, timeout=30)
+    poll = Load(lambda: _health_url(m), workers=1, interval=0.02, timeout=30, own_process=True)
     with poll.running():
         deadline = time.monotonic() + 10
         while poll.answered() < 5 and time.monotonic() < deadline:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -79,6 +80,30 @@ def test_every_request_is_answered_and_timed(server: str, mode: str) -> None:
     assert load.answered() == 20  # the running count agrees with the samples
     assert stats.versions == {"9.9.9": 20}
     assert 0 < stats.p50 <= stats.p99 <= stats.max < 5
+
+
+@pytest.mark.parametrize("mode", ["new connection", "open loop"])
+def test_a_load_in_its_own_process_hands_back_every_sample(server: str, mode: str) -> None:
+    load = Load(
+        lambda: server + "/health",
+        workers=2,
+        interval=0.01,
+        open_loop=mode == "open loop",
+        max_requests=20,
+        own_process=True,
+    )
+    with load.running():
+        deadline = time.monotonic() + 10
+        while load.answered() < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert load.answered() == 20  # counted in the child as they came
+        assert load.taken() == []  # the samples are still the child's
+    assert multiprocessing.active_children() == []
+    stats = load.stats()
+    assert (stats.sent, stats.answered, stats.failures) == (20, 20, {})
+    assert load.answered() == 20
+    assert stats.versions == {"9.9.9": 20}
+    assert 0 < stats.p50 <= stats.max < 5
 
 
 def test_refused_and_wrong_answers_are_failures_by_kind(server: str) -> None:
