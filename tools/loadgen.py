@@ -17,7 +17,8 @@ a new one. Each worker makes its client once: creating an httpx.Client costs
 load stops on leaving running(), at max_seconds, or after max_requests.
 
 With own_process the load runs in a child process (forked, so the URL
-function needs no pickling) and its samples come back when running() ends.
+function needs no pickling) and its samples come back when running() ends
+(LoadLost if the child died before handing them back).
 Several loads in one process share one GIL: a request's answer then waits
 for the other loads' threads, and that wait is timed as the server's.
 Measured on the bench's three loads for 60 s with no update, beside a
@@ -32,6 +33,7 @@ import contextlib
 import ctypes
 import math
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -47,6 +49,11 @@ from scalebox.errors import ScaleboxError
 
 OK = "ok"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, not in a freshly forked child
+
+
+class LoadLost(ScaleboxError):
+    """A load run in its own process did not hand back its samples."""
 
 
 @dataclass(frozen=True)
@@ -159,25 +166,46 @@ class Load:
             yield
         finally:
             self._stop.set()
+            deadline = time.monotonic() + self.timeout + 5  # one wait for them all
             for thread in threads:
-                thread.join(self.timeout + 5)
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     @contextlib.contextmanager
     def _in_child(self) -> Iterator[None]:
         context = multiprocessing.get_context("fork")
-        stop = context.Event()
-        self._shared = context.Value("q", 0, lock=False)
+        # Two pipes: a message on `stop` tells the child to stop (a
+        # multiprocessing.Event would hang set() on a child that died waiting on
+        # it; an EOF would never come while a load forked later holds a copy of
+        # this end), and the samples come back on the other.
+        stop_end, stop = context.Pipe(duplex=False)
         receiver, sender = context.Pipe(duplex=False)
-        child = context.Process(target=self._child, args=(stop, sender), name="load", daemon=True)
-        child.start()
-        sender.close()
+        self._shared = context.Value("q", self._answered, lock=False)
+        child = context.Process(
+            target=self._child,
+            args=(os.getpid(), stop_end, sender, (stop, receiver)),
+            name="load",
+            daemon=True,
+        )
+        try:
+            child.start()
+        except BaseException:
+            self._shared = None
+            stop.close()
+            receiver.close()
+            raise
+        finally:
+            stop_end.close()
+            sender.close()
+        taken: list[tuple[Any, ...]] | None = None
         try:
             yield
         finally:
-            stop.set()
-            taken: list[tuple[Any, ...]] = []
+            with contextlib.suppress(OSError):  # BrokenPipeError: the child is gone
+                stop.send(None)
+            stop.close()
             with contextlib.suppress(EOFError, OSError):
-                if receiver.poll(self.timeout + 10):
+                # The child's threads have timeout + 5 s to end, then it sends.
+                if receiver.poll(self.timeout + 15):
                     taken = receiver.recv()
             receiver.close()
             child.join(5)
@@ -185,22 +213,39 @@ class Load:
                 child.kill()
                 child.join()
             with self._lock:
-                self.samples.extend(Sample(*fields) for fields in taken)
+                self.samples.extend(Sample(*fields) for fields in taken or [])
                 self._answered = sum(s.kind == OK for s in self.samples)
                 self._shared = None
+        if taken is None:
+            raise LoadLost(
+                f"the load process (pid {child.pid}) ended with exit code {child.exitcode} "
+                "without handing back its samples",
+                "see its output above; this load's figures would be empty",
+            )
 
-    def _child(self, stop: Any, sender: Connection) -> None:  # pragma: no cover - child
-        # The parent stops the load; a Ctrl-C is the parent's to handle. If the
-        # parent is killed, the load ends with it (PR_SET_PDEATHSIG).
+    def _child(
+        self, parent: int, stop: Connection, sender: Connection, parents: tuple[Connection, ...]
+    ) -> None:  # pragma: no cover - runs in the child
+        # The parent stops the load; a Ctrl-C is the parent's to handle. SIGTERM
+        # kills at once (not the parent's handler: the bench's raises SystemExit,
+        # which would wait for the threads). The load dies with the thread that
+        # started it (PR_SET_PDEATHSIG): call running() from a long-lived thread.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for end in parents:
+            end.close()  # the parent's ends of the two pipes
+        if _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            os._exit(1)
+        if os.getppid() != parent:
+            os._exit(1)  # the parent died before prctl: nobody to hand the samples to
+        first = len(self.samples)  # a Load run before: only this run's go back
         with self._threads():
-            stop.wait(self.max_seconds)
-        sender.send([astuple(s) for s in self.samples])
+            stop.poll(self.max_seconds)  # until the parent says stop
+        sender.send([astuple(s) for s in self.samples[first:]])
         sender.close()
 
     def taken(self) -> list[Sample]:
-        """The samples so far (a copy)."""
+        """The samples so far (a copy); with own_process, none until running() ends."""
         with self._lock:
             return list(self.samples)
 
@@ -214,6 +259,7 @@ class Load:
         return self._answered
 
     def stats(self, since: float = 0.0) -> Stats:
+        """The figures of the samples so far (see taken())."""
         with self._lock:
             return summarize([s for s in self.samples if s.sent >= since])
 

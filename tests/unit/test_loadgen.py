@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -22,7 +23,7 @@ from tools.bench import (
     report,
     step_durations,
 )
-from tools.loadgen import Load, Sample, percentile, summarize
+from tools.loadgen import Load, LoadLost, Sample, percentile, summarize
 
 from scalebox import priority
 
@@ -82,12 +83,13 @@ def test_every_request_is_answered_and_timed(server: str, mode: str) -> None:
     assert 0 < stats.p50 <= stats.p99 <= stats.max < 5
 
 
-@pytest.mark.parametrize("mode", ["new connection", "open loop"])
+@pytest.mark.parametrize("mode", ["new connection", "keep-alive", "open loop"])
 def test_a_load_in_its_own_process_hands_back_every_sample(server: str, mode: str) -> None:
     load = Load(
         lambda: server + "/health",
         workers=2,
         interval=0.01,
+        keep_alive=mode == "keep-alive",
         open_loop=mode == "open loop",
         max_requests=20,
         own_process=True,
@@ -104,6 +106,49 @@ def test_a_load_in_its_own_process_hands_back_every_sample(server: str, mode: st
     assert load.answered() == 20
     assert stats.versions == {"9.9.9": 20}
     assert 0 < stats.p50 <= stats.max < 5
+
+
+def test_loads_in_processes_side_by_side_each_stop_when_told(server: str) -> None:
+    # The second load's process is forked while the first runs, so it holds copies
+    # of the first one's pipe ends; the first is stopped while the second runs on.
+    first, second = (
+        Load(lambda: server + "/health", workers=1, interval=0.01, own_process=True)
+        for _ in range(2)
+    )
+    first_running = contextlib.ExitStack()
+    with first_running, contextlib.ExitStack() as second_running:
+        first_running.enter_context(first.running())
+        second_running.enter_context(second.running())
+        deadline = time.monotonic() + 10
+        while min(first.answered(), second.answered()) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        first_running.close()
+        assert time.monotonic() - started < 10  # not the wait for a child that missed "stop"
+        assert first.stats().answered >= 5
+    assert second.stats().answered >= 5
+    assert multiprocessing.active_children() == []
+
+
+def test_a_load_process_that_dies_is_an_error_not_empty_figures(server: str) -> None:
+    calls = iter(range(1000))
+
+    def url() -> str:
+        if next(calls) == 5:
+            os._exit(7)  # in the load's own process: it dies mid-run
+        return server + "/health"
+
+    load = Load(url, workers=1, interval=0.01, own_process=True)
+    with (
+        pytest.raises(LoadLost, match="exit code 7 without handing back its samples"),
+        load.running(),
+    ):
+        deadline = time.monotonic() + 10
+        while load.answered() < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+    assert multiprocessing.active_children() == []
+    assert load.answered() == 0  # nothing came back; the count says so
 
 
 def test_refused_and_wrong_answers_are_failures_by_kind(server: str) -> None:
