@@ -4,11 +4,13 @@ test_update_stage.py, on the real release.)"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import json
 import os
 import platform
+import sys
 import threading
 from pathlib import Path
 
@@ -107,4 +109,30 @@ def test_a_fifo_in_the_donors_place_is_not_linked_and_not_waited_on(tmp_path: Pa
     worker.start()
     worker.join(30)
     assert answer == [False], "link_if opened the FIFO and waited for a writer"
-    assert not target.parent.exists()
+
+
+def test_pycache_is_made_only_for_a_pyc_that_is_linked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The installer runs in the venv it installs into; this venv is tmp_path/venv.
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    umask = wheel_install.current_umask()
+    mode = 0o666 & ~umask  # a plain file's, as installer writes it
+    donor_site = tmp_path / "donor" / "venv" / "lib" / "site-packages"
+    (donor_site / "pkg").mkdir(parents=True)
+    theirs = importlib.util.cache_from_source(str(donor_site / "pkg" / "__init__.py"))
+    Path(theirs).parent.mkdir()
+    pyc = wheel_install.pyc_bytes(b"x = 1\n", "pkg/__init__.py")
+    Path(theirs).write_bytes(pyc)
+    Path(theirs).chmod((mode | 0o200) & 0o666 & ~umask)
+    key = os.path.relpath(theirs, tmp_path / "donor")
+    donor = Donor(tmp_path / "donor" / "venv", {key: "sha256:" + hashlib.sha256(pyc).hexdigest()})
+    destination = _destination(tmp_path, donor)
+    site = tmp_path / "venv" / "lib" / "site-packages"
+    (site / "pkg").mkdir()
+    mine = str(site / "pkg" / "__init__.py")
+
+    assert not destination.link_pyc(str(site), mine, b"x = 2\n", mode)  # another source
+    assert not (site / "pkg" / "__pycache__").exists()
+    assert destination.link_pyc(str(site), mine, b"x = 1\n", mode)
+    assert Path(importlib.util.cache_from_source(mine)).samefile(theirs)

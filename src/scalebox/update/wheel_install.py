@@ -224,7 +224,8 @@ class CollectingDestination(SchemeDictionaryDestination):
         self.made: set[str] = set()  # directories known to exist
 
     def make_dir(self, directory: str) -> None:
-        """``directory`` and its parents exist afterwards; asked once per directory.
+        """``directory`` and its parents exist afterwards; each is made (or found) once,
+        then remembered: most files of a wheel share a directory.
 
         Wheels unpack side by side: a directory two of them share (a namespace
         package) may appear between a check and a mkdir, which exist_ok allows."""
