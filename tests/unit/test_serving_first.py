@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -175,6 +176,68 @@ def test_the_updaters_imports_run_nicer_before_its_first_step() -> None:
     assert seen["code"] == 0
     assert seen["importing"] == [min(given + 10, 19), 10]
     assert seen["after"] == [given, 0]
+
+
+DAEMON_ENTRY_PROBE = """
+import json, os, sys
+from scalebox import priority
+
+seen = {}
+WATCHED = {"scalebox.daemon.main": "importing", "scalebox.daemon.vms.guest": "guest"}
+
+class Watch:
+    \"\"\"Notes the priority when the daemon's main module, or a VM's program, is imported.\"\"\"
+    def find_spec(self, name, path=None, target=None):
+        if name in WATCHED:
+            seen[WATCHED[name]] = (os.getpriority(os.PRIO_PROCESS, 0), priority.session_nice())
+        return None
+
+sys.meta_path.insert(0, Watch())
+sys.argv = ["scaleboxd", "--config", sys.argv[1] + "/missing.conf", *sys.argv[2:]]
+from scalebox.daemon import entry
+seen["code"] = entry.main()  # the config is missing: exits 2 before it would serve
+print(json.dumps(seen))
+"""
+
+
+@needs_autogroup
+@pytest.mark.parametrize(
+    ("args", "importing", "guest"),
+    [
+        ([], [10, 10], None),  # it will serve: lowered before main's imports
+        (["--handover"], [10, 10], None),
+        (["--run-guest", "vm-1"], [0, 0], [0, 0]),  # a VM's program: never lowered
+        # A spelling the entry point does not know (argparse takes a prefix): lowered
+        # at first, and back before the VM's program is even imported.
+        (["--run-g", "vm-1"], [10, 10], [0, 0]),
+    ],
+)
+def test_a_daemon_start_gives_way_from_its_first_import_but_a_vm_never_does(
+    tmp_path: Path, args: list[str], importing: list[int], guest: list[int] | None
+) -> None:
+    """The interpreter's start and main.py's imports (~60 ms of CPU) ran at the unit's
+    priority in a new session at nice 0, beside the daemon serving, twice per update."""
+    seen = _in_a_child(DAEMON_ENTRY_PROBE, str(tmp_path), *args)
+    assert seen["code"] == 2
+    assert seen["importing"] == importing
+    assert seen.get("guest") == guest
+
+
+def test_only_the_programs_that_serve_are_lowered_at_start() -> None:
+    from scalebox.daemon.entry import serves  # noqa: PLC0415
+
+    assert serves(["--config", "/etc/scaleboxd/config"])
+    assert serves(["--config", "/etc/scaleboxd/config", "--handover"])
+    for other in (
+        ["--config", "c", "--run-guest", "vm-1"],
+        ["--run-guest=vm-1"],
+        ["--check-config"],
+        ["--check-config=/etc/scaleboxd/config"],
+        ["--version"],
+        ["-h"],
+        ["--help"],
+    ):
+        assert not serves(other), other
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")

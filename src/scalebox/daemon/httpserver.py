@@ -54,10 +54,8 @@ class Server(uvicorn.Server):
         draining: threading.Event,
         *,
         handover: bool = False,
-        nice: priority.Given | None = None,
     ) -> None:
         super().__init__(config)
-        self.nice = nice  # the unit's CPU priority, restored once ready (scalebox/priority.py)
         self.early_signals = early_signals
         self.draining = draining
         self.handover = handover
@@ -67,7 +65,7 @@ class Server(uvicorn.Server):
         if self.early_signals:  # arrived between VM reconciliation and uvicorn's handlers
             self.should_exit = True
         if self.started and not self.should_exit:
-            priority.restore(self.nice, log.warning)
+            priority.restore_process(log.warning)  # the unit's priority (scalebox/priority.py)
             role = " (handover instance, read-only)" if self.handover else ""
             systemd.notify(f"READY=1\nSTATUS=serving, version {scalebox.__version__}{role}")
             log.info("scaleboxd %s ready%s", scalebox.__version__, role)

@@ -191,10 +191,9 @@ def serve(config: ServerConfig, bind: str, *, handover: bool = False) -> int:
     # Before the imports below: they are most of a start's CPU time. A service
     # leads its own session (systemd's setsid), whose nice then follows the
     # unit's Nice=; run from a shell or a test, the session is not ours to change.
+    # A no-op when the entry point (daemon/entry.py) lowered it already.
     own = os.getsid(0) == os.getpid()
-    given_nice = priority.lower(
-        log.warning, priority.Session.OWN if own else priority.Session.LEAVE
-    )
+    priority.lower_process(log.warning, priority.Session.OWN if own else priority.Session.LEAVE)
     # Imported here, not at the top: `scaleboxd --run-guest` (each VM's unit) must
     # exec systemd-nspawn without paying for uvicorn, starlette and fastapi.
     import uvicorn  # noqa: PLC0415
@@ -241,9 +240,7 @@ def serve(config: ServerConfig, bind: str, *, handover: bool = False) -> int:
         warm_up(app, config.api_token)
         uv_config.load()  # uvicorn's own imports, done here so that they are frozen too
         freeze_heap()
-        Server(uv_config, stop_requested, draining, handover=handover, nice=given_nice).run(
-            sockets=[sock]
-        )
+        Server(uv_config, stop_requested, draining, handover=handover).run(sockets=[sock])
     finally:
         service.close()
         log.info("state saved; scaleboxd %s exits", scalebox.__version__)
@@ -259,6 +256,9 @@ def run_guest(config_path: Path, vm_id: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.version or args.check_config is not None or args.run_guest is not None:
+        # Lowered by the entry point only to serve: a VM never runs lowered.
+        priority.restore_process(lambda message: print(f"scaleboxd: {message}", file=sys.stderr))
     if args.version:
         print(scalebox.__version__)
         return 0
