@@ -30,18 +30,18 @@ Two levels, because nice alone orders nothing between sessions:
 
 from __future__ import annotations
 
+# Light imports only (no pathlib, no dataclasses: ~30 ms of CPU): scaleboxd's entry
+# point imports this module before it lowers the process, at full priority.
 import contextlib
 import enum
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 NICER = 10
 MAX_NICE = 19
 MIN_NICE = -20
-AUTOGROUP = Path("/proc/self/autogroup")
-AUTOGROUP_ENABLED = Path("/proc/sys/kernel/sched_autogroup_enabled")
+AUTOGROUP = "/proc/self/autogroup"
+AUTOGROUP_ENABLED = "/proc/sys/kernel/sched_autogroup_enabled"
 
 Warn = Callable[[str], None]
 
@@ -54,17 +54,32 @@ class Session(enum.Enum):
     OWN = "own"  # the process leads it: lowered, then set to the process's own nice
 
 
-@dataclass(frozen=True)
 class Given:
     """What restore() goes back to."""
 
-    nice: int  # every thread's
-    session: int | None = None  # the session's (autogroup); None: it was not changed
+    __slots__ = ("nice", "session")
+
+    def __init__(self, nice: int, session: int | None = None) -> None:
+        self.nice = nice  # every thread's
+        self.session = session  # the session's (autogroup); None: it was not changed
+
+    def __repr__(self) -> str:
+        return f"Given(nice={self.nice}, session={self.session})"
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="ascii") as f:  # noqa: PTH123 -- no pathlib: see the imports
+        return f.read()
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w", encoding="ascii") as f:  # noqa: PTH123
+        f.write(text)
 
 
 def _threads() -> list[int]:
     try:
-        return [int(task.name) for task in Path("/proc/self/task").iterdir()]
+        return [int(task) for task in os.listdir("/proc/self/task")]  # noqa: PTH208
     except OSError:
         return [0]  # 0: the calling thread
 
@@ -78,10 +93,10 @@ def _set(nice: int) -> None:
 def session_nice() -> int | None:
     """The nice of this process's session (its autogroup); None without autogroup scheduling."""
     try:
-        if AUTOGROUP_ENABLED.read_text().strip() != "1":
+        if _read(AUTOGROUP_ENABLED).strip() != "1":
             return None
         # "/autogroup-123 nice 0"
-        fields = AUTOGROUP.read_text().split()
+        fields = _read(AUTOGROUP).split()
     except OSError:
         return None  # a kernel without CONFIG_SCHED_AUTOGROUP
     if len(fields) == 3 and fields[1] == "nice":
@@ -92,7 +107,7 @@ def session_nice() -> int | None:
 
 def set_session_nice(nice: int) -> None:
     """Set the nice of this process's session (its autogroup); root only to raise it."""
-    AUTOGROUP.write_text(f"{nice}\n")
+    _write(AUTOGROUP, f"{nice}\n")
 
 
 def share_session(pid: int) -> None:
@@ -112,7 +127,7 @@ def share_session(pid: int) -> None:
     if not mine:
         return  # 0 (what the child has already) or no autogroup scheduling
     with contextlib.suppress(OSError):
-        Path(f"/proc/{pid}/autogroup").write_text(f"{mine}\n")
+        _write(f"/proc/{pid}/autogroup", f"{mine}\n")
 
 
 def _clamp(nice: int) -> int:
@@ -190,6 +205,13 @@ def lower_process(warn: Warn, session: Session = Session.LEAVE) -> None:
     """lower() until restore_process(), from anywhere in the process; a second call is a no-op."""
     if "given" not in _lowered:
         _lowered["given"] = lower(warn, session)
+
+
+def given_nice() -> int:
+    """The nice this process was given: what restore_process() goes back to, or the one it
+    has when it is not lowered (what a program it starts for good should run at)."""
+    given = _lowered.get("given")
+    return given.nice if given is not None else os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def restore_process(warn: Warn) -> None:

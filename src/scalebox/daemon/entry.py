@@ -9,10 +9,13 @@ daemon). Here only scalebox.priority is imported before the lowering.
 
 Only a service that will serve is lowered: one that leads its session (a
 unit's process), whose arguments ask for none of the programs that do not
-serve. A VM's program (``--run-guest``) must never run lowered; main()
-restores the priority before anything but serve(), should a spelling get
-past the check here. serve() then finds the process lowered and leaves it;
-the server restores it just before READY=1, as before.
+serve. A VM's program (``--run-guest``) must never run lowered: main()
+restores the priority before a VM's program, a config check or --version,
+should a spelling (argparse takes prefixes) get past the check here.
+serve() then finds the process lowered and leaves it; the server restores
+it just before READY=1, as before. scalebox.priority imports only what the
+interpreter's start and enum bring; the interpreter's start itself (~15 ms)
+still runs at the unit's priority.
 """
 
 from __future__ import annotations
@@ -44,3 +47,7 @@ def main() -> int:
     from scalebox.daemon.main import main as run  # noqa: PLC0415 - the point of this module
 
     return run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
