@@ -204,23 +204,61 @@ print(json.dumps(seen))
 @pytest.mark.parametrize(
     ("args", "importing", "guest"),
     [
-        ([], [10, 10], None),  # it will serve: lowered before main's imports
-        (["--handover"], [10, 10], None),
-        (["--run-guest", "vm-1"], [0, 0], [0, 0]),  # a VM's program: never lowered
+        ([], "lowered", None),  # it will serve: lowered before main's imports
+        (["--handover"], "lowered", None),
+        (["--run-guest", "vm-1"], "as started", "as started"),  # a VM's program: never lowered
         # A spelling the entry point does not know (argparse takes a prefix): lowered
         # at first, and back before the VM's program is even imported.
-        (["--run-g", "vm-1"], [10, 10], [0, 0]),
+        (["--run-g", "vm-1"], "lowered", "given back"),
     ],
 )
 def test_a_daemon_start_gives_way_from_its_first_import_but_a_vm_never_does(
-    tmp_path: Path, args: list[str], importing: list[int], guest: list[int] | None
+    tmp_path: Path, args: list[str], importing: str, guest: str | None
 ) -> None:
     """The interpreter's start and main.py's imports (~60 ms of CPU) ran at the unit's
     priority in a new session at nice 0, beside the daemon serving, twice per update."""
+    given = os.getpriority(os.PRIO_PROCESS, 0)
+    waiting = min(max(given, 0) + 10, 19)
+    # (the process's nice, its session's): the child leads a new session, at 0.
+    expected = {
+        "lowered": [waiting, waiting],
+        "as started": [given, 0],
+        "given back": [given, given],
+        None: None,
+    }
     seen = _in_a_child(DAEMON_ENTRY_PROBE, str(tmp_path), *args)
     assert seen["code"] == 2
-    assert seen["importing"] == importing
-    assert seen.get("guest") == guest
+    assert seen["importing"] == expected[importing]
+    assert seen.get("guest") == expected[guest]
+
+
+GUEST_PROBE = """
+import json, os, sys
+from pathlib import Path
+from scalebox import priority
+from scalebox.daemon.vms.backend import ProcessBackend
+
+data = Path(sys.argv[1])
+(data / "vms" / "vm-1").mkdir(parents=True)
+priority.lower_process(print, priority.Session.OWN)  # as a daemon reconciling at its start
+pid = ProcessBackend(data).start("vm-1")  # kept unreaped: its stat stays readable
+with open(f"/proc/{pid}/stat") as f:
+    nice = int(f.read().rsplit(")", 1)[1].split()[16])  # field 19
+try:
+    os.kill(pid, 9)  # it exits by itself (no vm.json); never leave it running
+except ProcessLookupError:
+    pass
+print(json.dumps({"guest": nice, "daemon": os.getpriority(os.PRIO_PROCESS, 0)}))
+"""
+
+
+@needs_autogroup
+def test_a_stand_in_vm_started_by_a_lowered_daemon_runs_at_the_daemons_given_priority(
+    tmp_path: Path,
+) -> None:
+    given = os.getpriority(os.PRIO_PROCESS, 0)
+    seen = _in_a_child(GUEST_PROBE, str(tmp_path))
+    assert seen == {"guest": given, "daemon": min(max(given, 0) + 10, 19)}
 
 
 def test_only_the_programs_that_serve_are_lowered_at_start() -> None:

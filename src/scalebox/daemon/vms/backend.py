@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from scalebox import unitprops
+from scalebox import priority, unitprops
 from scalebox.daemon.vms import disks
 from scalebox.daemon.vms.command import CommandFailed, run
 from scalebox.daemon.vms.naming import VM_ID_RE
@@ -310,6 +310,10 @@ class ProcessBackend(_ProcessGuest):
                 start_new_session=True,
                 close_fds=True,
             )
+        # A VM never runs lowered: a daemon starting one while it is (reconciling at
+        # its start) gives it the priority the daemon was given (scalebox/priority.py).
+        with contextlib.suppress(OSError):  # gone already, or not ours to raise
+            os.setpriority(os.PRIO_PROCESS, child.pid, priority.given_nice())
         _children[child.pid] = _Child(child, argv)
         return child.pid
 
