@@ -63,16 +63,25 @@ def _wait_for(load: Load, count: int) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("mode", ["new connection", "keep-alive", "open loop"])
-def test_every_request_is_answered_and_timed(server: str, mode: str) -> None:
-    load = Load(
+def _twenty_requests(server: str, mode: str, *, own_process: bool = False) -> Load:
+    """A load of 20 GET /health in ``mode``: "new connection", "keep-alive" or "open loop"."""
+    return Load(
         lambda: server + "/health",
         workers=2,
         interval=0.01,
         keep_alive=mode == "keep-alive",
         open_loop=mode == "open loop",
         max_requests=20,
+        own_process=own_process,
     )
+
+
+MODES = ["new connection", "keep-alive", "open loop"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_request_is_answered_and_timed(server: str, mode: str) -> None:
+    load = _twenty_requests(server, mode)
     with load.running():
         _wait_for(load, 20)
     stats = load.stats()
@@ -83,17 +92,9 @@ def test_every_request_is_answered_and_timed(server: str, mode: str) -> None:
     assert 0 < stats.p50 <= stats.p99 <= stats.max < 5
 
 
-@pytest.mark.parametrize("mode", ["new connection", "keep-alive", "open loop"])
+@pytest.mark.parametrize("mode", MODES)
 def test_a_load_in_its_own_process_hands_back_every_sample(server: str, mode: str) -> None:
-    load = Load(
-        lambda: server + "/health",
-        workers=2,
-        interval=0.01,
-        keep_alive=mode == "keep-alive",
-        open_loop=mode == "open loop",
-        max_requests=20,
-        own_process=True,
-    )
+    load = _twenty_requests(server, mode, own_process=True)
     with load.running():
         deadline = time.monotonic() + 10
         while load.answered() < 20 and time.monotonic() < deadline:
