@@ -32,6 +32,7 @@ import pytest
 
 from scalebox import priority
 from scalebox.config import KEYS
+from tests.interrupt import tear_down_on_sigterm
 
 # A test run started in the background by a script (`./do test &`) inherits SIGINT
 # ignored, which Python and every program it starts then keep: the tests that
@@ -39,6 +40,7 @@ from scalebox.config import KEYS
 # started from here get the default again (a handled signal is reset at exec).
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+tear_down_on_sigterm()
 
 
 _RUN_SESSION_NICE: list[int | None] = []
