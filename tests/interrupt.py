@@ -6,7 +6,8 @@ VMs, or a system test's machine and network namespace outlived the run (seen:
 a test daemon left running after a CI run was stopped with SIGTERM). Raised as
 KeyboardInterrupt, pytest stops the test and tears down every fixture, as on
 Ctrl-C. A CI's SIGKILL cannot be caught; tools/machine.py sweeps stale
-machines at the next start.
+machines at the next start. Not tools/machine.sigterm_raises (SystemExit):
+pytest reports a SystemExit inside a test as that test's failure and goes on.
 """
 
 from __future__ import annotations

@@ -30,7 +30,6 @@ separate plain-socket probe: in one process the longest requests were
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import multiprocessing
 import os
@@ -46,10 +45,9 @@ from typing import Any
 import httpx
 
 from scalebox.errors import ScaleboxError
+from tools.machine import die_with_parent
 
 OK = "ok"
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, not in a freshly forked child
 
 
 class LoadLost(ScaleboxError):
@@ -234,7 +232,7 @@ class Load:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         for end in parents:
             end.close()  # the parent's ends of the two pipes
-        if _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        if not die_with_parent():
             os._exit(1)
         if os.getppid() != parent:
             os._exit(1)  # the parent died before prctl: nobody to hand the samples to

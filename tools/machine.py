@@ -134,10 +134,14 @@ def _kill(pid: int, started: int | None, sig: signal.Signals) -> None:
             os.kill(pid, sig)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child after fork
-    # If the harness is SIGKILLed, the container goes with it instead of lingering.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, not in a freshly forked child
+
+
+def die_with_parent() -> bool:  # pragma: no cover - runs in the child after fork
+    """SIGTERM this process when the thread that forked it ends (PR_SET_PDEATHSIG): if
+    the harness is SIGKILLed, what it started goes with it instead of lingering.
+    False when the kernel refused."""
+    return bool(_LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0)
 
 
 @contextlib.contextmanager
@@ -462,7 +466,7 @@ class Machine:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=None if keep else _die_with_parent,  # noqa: PLW1509
+                preexec_fn=None if keep else die_with_parent,  # noqa: PLW1509
             )
         self._save(nspawn_pid=self.nspawn.pid, nspawn_start=start_time(self.nspawn.pid))
         self._boot_started = started
