@@ -55,7 +55,9 @@ def tarball_name(version: str) -> str:
 
 
 # Broken releases: (file, exact text, replacement).
-SERVE = "        return serve(load_config(args.config), args.bind, handover=args.handover)"
+SERVE = (
+    "        return serve(load_config(args.config), args.config, args.bind, handover=args.handover)"
+)
 MAIN = "src/scalebox/daemon/main.py"
 BROKEN = {
     # exits before READY=1: `systemctl restart` fails at once

@@ -32,10 +32,15 @@ from __future__ import annotations
 
 # Light imports only (no pathlib, no dataclasses: ~30 ms of CPU): scaleboxd's entry
 # point imports this module before it lowers the process, at full priority.
+import _thread
 import contextlib
 import enum
 import os
 from collections.abc import Callable
+
+TYPE_CHECKING = False  # typing's own costs an import; mypy reads this name as typing's
+if TYPE_CHECKING:
+    import threading
 
 NICER = 10
 MAX_NICE = 19
@@ -197,14 +202,54 @@ def restore(given: Given | None, warn: Warn) -> None:
         )
 
 
-# What lower_process() found, until restore_process().
+# What lower_process() found, until restore_process(); and the timer that ends it early.
 _lowered: dict[str, Given | None] = {}
+_timer: list[threading.Timer] = []  # threading is imported only when one is started
+_guard = _thread.allocate_lock()  # the timer's thread and the caller's restore race
 
 
-def lower_process(warn: Warn, session: Session = Session.LEAVE) -> None:
-    """lower() until restore_process(), from anywhere in the process; a second call is a no-op."""
-    if "given" not in _lowered:
-        _lowered["given"] = lower(warn, session)
+def lower_process(
+    warn: Warn, session: Session = Session.LEAVE, *, at_most: float | None = None
+) -> None:
+    """lower() until restore_process(), from anywhere in the process; a second call is a no-op.
+
+    ``at_most``: seconds after which the process goes back to its priority by itself,
+    whatever it is doing. Giving way must never become starving: on a server whose
+    CPU is saturated (busy VMs, each a session at nice 0) a lowered process gets a
+    few percent of a core, and work of a second takes a minute, past the timeouts of
+    whoever waits for it (systemd's TimeoutStartSec=, the updater's steps).
+    """
+    with _guard:
+        if "given" in _lowered:
+            return
+        given = _lowered["given"] = lower(warn, session)
+    if given is None or at_most is None:
+        return
+    import threading  # noqa: PLC0415 - lowered by now; ~2 ms of CPU not every caller needs
+
+    timer = threading.Timer(at_most, _stop_giving_way, (given, at_most, warn))
+    timer.daemon = True
+    timer.name = "priority-at-most"
+    with _guard:
+        _timer.append(timer)
+    timer.start()
+
+
+def _stop_giving_way(given: Given, seconds: float, warn: Warn) -> None:
+    with _guard:
+        if _lowered.get("given") is not given:
+            return  # restored meanwhile (and maybe lowered again, with a timer of its own)
+        del _lowered["given"]
+    warn(
+        f"still busy after {seconds:g} s at a lower CPU priority (the CPU is saturated); "
+        "going on at the priority it was given"
+    )
+    restore(given, warn)
+
+
+def lowered() -> bool:
+    """Whether lower_process() lowered this process and it has not gone back yet."""
+    return _lowered.get("given") is not None
 
 
 def given_nice() -> int:
@@ -215,6 +260,12 @@ def given_nice() -> int:
 
 
 def restore_process(warn: Warn) -> None:
-    """Undo lower_process(), if it ran; else nothing."""
-    if "given" in _lowered:
-        restore(_lowered.pop("given"), warn)
+    """Undo lower_process(), if it ran (and its ``at_most`` has not); else nothing."""
+    with _guard:
+        lowered = "given" in _lowered
+        given = _lowered.pop("given", None)
+        timers, _timer[:] = list(_timer), []
+    for timer in timers:
+        timer.cancel()
+    if lowered:
+        restore(given, warn)

@@ -24,6 +24,7 @@ import pytest
 
 import scalebox
 from scalebox import priority
+from scalebox.daemon import serving
 from tests.api.conftest import SSH_KEY, guest_answer, run_scaleboxd, wait_until
 from tests.conftest import Scaleboxd, daemon_env, guest_pids, kill_guests, write_config
 
@@ -473,48 +474,91 @@ def _session_nice(pid: int) -> int | None:
         return None
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")
-def test_a_starting_daemon_runs_nicer_until_it_is_ready(
-    tmp_path: Path, notify_socket: tuple[socket.socket, str]
-) -> None:
-    """While it imports and reconciles it gives way to a daemon serving beside it (an
-    update's handover); from READY=1 on every thread is back at the priority it was given."""
-    notify, notify_name = notify_socket
+def _start_watching_priority(
+    tmp_path: Path, notify: socket.socket, notify_name: str
+) -> tuple[subprocess.Popen[bytes], Path, set[int], set[int | None]]:
+    """Start a daemon as its unit does (scaleboxd's entry point, a session of its own)
+    and sample every thread's nice and its session's until READY=1."""
     notify.settimeout(0.005)
     config, _ = write_config(tmp_path)
-    given = os.getpriority(os.PRIO_PROCESS, 0)  # the child inherits it, as from Nice=
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "scalebox.daemon.main", "--config", str(config)],
+        [sys.executable, "-m", "scalebox.daemon.entry", "--config", str(config)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=daemon_env({"NOTIFY_SOCKET": notify_name}),
         start_new_session=True,
     )
+    seen: set[int] = set()
+    sessions: set[int | None] = set()
+    ready: dict[str, str] = {}
+    deadline = time.monotonic() + 60
+    while not ready and time.monotonic() < deadline and daemon.poll() is None:
+        seen |= _nice_values(daemon.pid)
+        sessions.add(_session_nice(daemon.pid))
+        with contextlib.suppress(TimeoutError):
+            ready = read_notification(notify)
+    assert ready.get("READY") == "1", (ready, daemon.poll())
+    return daemon, config, seen, sessions
+
+
+def _stop(daemon: subprocess.Popen[bytes]) -> None:
+    if daemon.poll() is None:
+        os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")
+def test_a_daemon_starting_beside_one_serving_runs_nicer_until_it_is_ready(
+    tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    """While it imports and reconciles it gives way to the daemon serving beside it (an
+    update's handover); from READY=1 on every thread is back at the priority it was given."""
+    notify, notify_name = notify_socket
+    given = os.getpriority(os.PRIO_PROCESS, 0)  # the child inherits it, as from Nice=
+    beside = serving.Serving(str(tmp_path / "config"))  # what the daemon serving holds
+    assert beside.hold() is None
     try:
-        seen: set[int] = set()
-        sessions: set[int | None] = set()
-        ready: dict[str, str] = {}
-        deadline = time.monotonic() + 60
-        while not ready and time.monotonic() < deadline and daemon.poll() is None:
-            seen |= _nice_values(daemon.pid)
-            sessions.add(_session_nice(daemon.pid))
-            with contextlib.suppress(TimeoutError):
-                ready = read_notification(notify)
-        assert ready.get("READY") == "1", (ready, daemon.poll())
-        assert min(given + 10, 19) in seen, seen
-        assert _nice_values(daemon.pid) == {given}
+        daemon, _, seen, sessions = _start_watching_priority(tmp_path, notify, notify_name)
+        try:
+            assert min(given + 10, 19) in seen, seen
+            assert _nice_values(daemon.pid) == {given}
+            if priority.session_nice() is not None:
+                # It leads its session, as under systemd: the session (autogroup) was
+                # lowered too, and then takes the nice the daemon was started with.
+                assert min(given + 10, 19) in sessions, sessions
+                assert _session_nice(daemon.pid) == given
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(30) == 0
+        finally:
+            _stop(daemon)
+    finally:
+        beside.release()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")
+def test_a_daemon_starting_alone_never_gives_way_and_holds_the_lock_while_it_serves(
+    tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    """At boot or on `systemctl restart` every client waits for this start: lowered, on a
+    busy host, it took 10-30 s (./do check). Serving, it makes the next start give way;
+    stopping, it no longer does."""
+    notify, notify_name = notify_socket
+    given = os.getpriority(os.PRIO_PROCESS, 0)
+    daemon, config, seen, sessions = _start_watching_priority(tmp_path, notify, notify_name)
+    try:
+        assert seen == {given}, seen
         if priority.session_nice() is not None:
-            # It leads its session, as under systemd: the session (autogroup) was
-            # lowered too, and then takes the nice the daemon was started with.
-            assert min(given + 10, 19) in sessions, sessions
-            assert _session_nice(daemon.pid) == given
+            assert sessions - {None} == {0}, sessions  # a new session's, never lowered
+        assert serving.others_serve(str(config))
+        notify.settimeout(10)
         daemon.send_signal(signal.SIGTERM)
+        stopping = read_notification(notify)
+        assert stopping.get("STOPPING") == "1", stopping
+        assert not serving.others_serve(str(config))  # released as it stops accepting
         assert daemon.wait(30) == 0
     finally:
-        if daemon.poll() is None:
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.wait()
+        _stop(daemon)
 
 
 def test_a_daemon_answers_its_own_first_requests_before_it_says_ready(

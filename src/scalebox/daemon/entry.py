@@ -1,21 +1,26 @@
 """`scaleboxd`'s entry point: a daemon's start gives way from its first import.
 
-serve() lowers the daemon's CPU priority before its heavy imports (uvicorn,
-fastapi), but the interpreter's start and main.py's own imports (argparse,
-logging, the config module: about 60 ms of CPU) came first, at the unit's
-priority and in a session (autogroup) of its own at nice 0: beside the
-daemon serving, twice per update (the handover instance, then the new main
-daemon). Here only scalebox.priority is imported before the lowering.
+A daemon's start (the interpreter, main.py's imports, uvicorn's and
+FastAPI's, the VMs' reconciliation: about a second of CPU) runs twice per
+update beside the daemon serving: the handover instance's, then the new
+main daemon's. It runs lowered (scalebox.priority), from before main.py's
+imports: only scalebox.priority and daemon/serving.py come first. This is
+the only place a daemon is lowered.
 
 Only a service that will serve is lowered: one that leads its session (a
 unit's process), whose arguments ask for none of the programs that do not
 serve. A VM's program (``--run-guest``) must never run lowered: main()
 restores the priority before a VM's program, a config check or --version,
 should a spelling (argparse takes prefixes) get past the check here.
-serve() then finds the process lowered and leaves it; the server restores
-it just before READY=1, as before. scalebox.priority imports only what the
-interpreter's start and enum bring; the interpreter's start itself (~15 ms)
-still runs at the unit's priority.
+The server restores it just before READY=1. scalebox.priority imports only
+what the interpreter's start and enum bring; the interpreter's start itself
+(~15 ms) still runs at the unit's priority.
+
+It gives way only to a daemon serving beside it (daemon/serving.py): a
+start with nobody serving (boot, `systemctl restart`, a restart after a
+crash) is what every client waits for, and runs at the unit's priority.
+And only for ``GIVE_WAY_SECONDS``: on a saturated CPU a lowered start got a
+few percent of a core, past the updater's wait and systemd's timeout.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ import os
 import sys
 
 from scalebox import priority
+from scalebox.daemon import serving
 
 NOT_SERVING = ("--run-guest", "--check-config", "--version", "-h", "--help")
+# A start takes about a second of CPU; lowered past this, it goes on at full priority.
+GIVE_WAY_SECONDS = 3.0
 
 
 def serves(args: list[str]) -> bool:
@@ -42,8 +50,13 @@ def _warn(message: str) -> None:
 
 
 def main() -> int:
-    if serves(sys.argv[1:]) and os.getsid(0) == os.getpid():
-        priority.lower_process(_warn, priority.Session.OWN)
+    args = sys.argv[1:]
+    if (
+        serves(args)
+        and os.getsid(0) == os.getpid()
+        and serving.others_serve(serving.config_in(args))
+    ):
+        priority.lower_process(_warn, priority.Session.OWN, at_most=GIVE_WAY_SECONDS)
     from scalebox.daemon.main import main as run  # noqa: PLC0415 - the point of this module
 
     return run()

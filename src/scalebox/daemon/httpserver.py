@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import scalebox
 from scalebox import priority
 from scalebox.daemon import systemd
+from scalebox.daemon.serving import Serving
 
 log = logging.getLogger("scaleboxd")
 
@@ -52,12 +53,14 @@ class Server(uvicorn.Server):
         config: uvicorn.Config,
         early_signals: list[int],
         draining: threading.Event,
+        serving: Serving,
         *,
         handover: bool = False,
     ) -> None:
         super().__init__(config)
         self.early_signals = early_signals
         self.draining = draining
+        self.serving = serving  # a daemon that starts meanwhile gives way to this one
         self.handover = handover
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -66,11 +69,15 @@ class Server(uvicorn.Server):
             self.should_exit = True
         if self.started and not self.should_exit:
             priority.restore_process(log.warning)  # the unit's priority (scalebox/priority.py)
+            problem = self.serving.hold()
+            if problem:
+                log.warning("%s; a daemon starting meanwhile will not give way to it", problem)
             role = " (handover instance, read-only)" if self.handover else ""
             systemd.notify(f"READY=1\nSTATUS=serving, version {scalebox.__version__}{role}")
             log.info("scaleboxd %s ready%s", scalebox.__version__, role)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.serving.release()  # it stops accepting: a daemon starting now serves alone
         systemd.notify("STOPPING=1")
         log.info("stopping: finishing in-flight requests")
         # Stop accepting first: connections still in the kernel's queue then wait

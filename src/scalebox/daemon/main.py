@@ -187,19 +187,18 @@ def warm_up(app: ASGIApp, token: str) -> None:
         log.warning("warm-up requests failed (%s); the first requests may be slower", exc)
 
 
-def serve(config: ServerConfig, bind: str, *, handover: bool = False) -> int:
-    # Before the imports below: they are most of a start's CPU time. A service
-    # leads its own session (systemd's setsid), whose nice then follows the
-    # unit's Nice=; run from a shell or a test, the session is not ours to change.
-    # A no-op when the entry point (daemon/entry.py) lowered it already.
-    own = os.getsid(0) == os.getpid()
-    priority.lower_process(log.warning, priority.Session.OWN if own else priority.Session.LEAVE)
+def serve(config: ServerConfig, config_path: Path, bind: str, *, handover: bool = False) -> int:
+    # The entry point (daemon/entry.py) lowered the process if another daemon serves;
+    # the server restores it at READY=1.
+    if priority.lowered():
+        log.info("another scaleboxd serves: starting at a lower CPU priority until ready")
     # Imported here, not at the top: `scaleboxd --run-guest` (each VM's unit) must
     # exec systemd-nspawn without paying for uvicorn, starlette and fastapi.
     import uvicorn  # noqa: PLC0415
 
     from scalebox.daemon.app import create_app  # noqa: PLC0415  (fastapi import is slow)
     from scalebox.daemon.httpserver import CloseWhenDraining, Server  # noqa: PLC0415
+    from scalebox.daemon.serving import Serving  # noqa: PLC0415
     from scalebox.daemon.vms.service import VMService  # noqa: PLC0415
 
     # A signal before uvicorn takes over (while VMs are reconciled) must still
@@ -240,7 +239,8 @@ def serve(config: ServerConfig, bind: str, *, handover: bool = False) -> int:
         warm_up(app, config.api_token)
         uv_config.load()  # uvicorn's own imports, done here so that they are frozen too
         freeze_heap()
-        Server(uv_config, stop_requested, draining, handover=handover).run(sockets=[sock])
+        serving = Serving(str(config_path))
+        Server(uv_config, stop_requested, draining, serving, handover=handover).run(sockets=[sock])
     finally:
         service.close()
         log.info("state saved; scaleboxd %s exits", scalebox.__version__)
@@ -269,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.run_guest is not None:
             return run_guest(args.config, args.run_guest)
         log.info("scaleboxd %s starting with config %s", scalebox.__version__, args.config)
-        return serve(load_config(args.config), args.bind, handover=args.handover)
+        return serve(load_config(args.config), args.config, args.bind, handover=args.handover)
     except ScaleboxError as exc:
         log.error("%s", exc)  # noqa: TRY400  (a ScaleboxError is for people; no traceback)
         return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE
