@@ -202,9 +202,11 @@ def restore(given: Given | None, warn: Warn) -> None:
         )
 
 
-# What lower_process() found, until restore_process(); and the timer that ends it early.
+# What lower_process() found, until restore_process(); the timer that ends the giving
+# way early, and whether it has (the process then runs at ``_relaxed(given)``).
 _lowered: dict[str, Given | None] = {}
 _timer: list[threading.Timer] = []  # threading is imported only when one is started
+_expired: set[int] = set()  # id() of the Given whose at_most has passed
 _guard = _thread.allocate_lock()  # the timer's thread and the caller's restore race
 
 
@@ -213,11 +215,13 @@ def lower_process(
 ) -> None:
     """lower() until restore_process(), from anywhere in the process; a second call is a no-op.
 
-    ``at_most``: seconds after which the process goes back to its priority by itself,
-    whatever it is doing. Giving way must never become starving: on a server whose
-    CPU is saturated (busy VMs, each a session at nice 0) a lowered process gets a
-    few percent of a core, and work of a second takes a minute, past the timeouts of
-    whoever waits for it (systemd's TimeoutStartSec=, the updater's steps).
+    ``at_most``: seconds after which the process stops giving way by itself, whatever
+    it is doing. Giving way must never become starving: on a server whose CPU is
+    saturated (busy VMs, each a session at nice 0) a lowered process gets a few
+    percent of a core, and work of a second takes a minute, past the timeouts of
+    whoever waits for it (systemd's TimeoutStartSec=, the updater's steps). It then
+    runs at its given priority but never above nice 0 (a negative ``Nice=`` is for
+    serving); restore_process() still puts every thread back to the given one.
     """
     with _guard:
         if "given" in _lowered:
@@ -235,21 +239,31 @@ def lower_process(
     timer.start()
 
 
+def _relaxed(given: Given) -> Given:
+    """The priority of a process that stopped giving way: its given one, at most nice 0."""
+    session = None if given.session is None else max(given.session, 0)
+    return Given(max(given.nice, 0), session)
+
+
 def _stop_giving_way(given: Given, seconds: float, warn: Warn) -> None:
+    # Under the guard: a restore_process() meanwhile waits for this one, then puts every
+    # thread (one made while this ran too) back to the given priority.
     with _guard:
-        if _lowered.get("given") is not given:
+        if _lowered.get("given") is not given or id(given) in _expired:
             return  # restored meanwhile (and maybe lowered again, with a timer of its own)
-        del _lowered["given"]
+        restore(_relaxed(given), warn)
+        _expired.add(id(given))
     warn(
         f"still busy after {seconds:g} s at a lower CPU priority (the CPU is saturated); "
-        "going on at the priority it was given"
+        "going on at normal priority"
     )
-    restore(given, warn)
 
 
 def lowered() -> bool:
-    """Whether lower_process() lowered this process and it has not gone back yet."""
-    return _lowered.get("given") is not None
+    """Whether lower_process() lowered this process, and it still gives way."""
+    with _guard:
+        given = _lowered.get("given")
+        return given is not None and id(given) not in _expired
 
 
 def given_nice() -> int:
@@ -260,12 +274,13 @@ def given_nice() -> int:
 
 
 def restore_process(warn: Warn) -> None:
-    """Undo lower_process(), if it ran (and its ``at_most`` has not); else nothing."""
+    """Undo lower_process(), if it ran; else nothing."""
     with _guard:
         lowered = "given" in _lowered
         given = _lowered.pop("given", None)
+        _expired.clear()
         timers, _timer[:] = list(_timer), []
+        if lowered:
+            restore(given, warn)
     for timer in timers:
         timer.cancel()
-    if lowered:
-        restore(given, warn)

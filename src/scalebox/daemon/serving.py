@@ -13,10 +13,14 @@ Every daemon holds a shared flock on the folder of its config file
 (/etc/scaleboxd) from READY=1 until it stops accepting; a starting daemon
 asks for an exclusive lock without waiting: refused, somebody serves. The
 kernel drops a lock when its holder exits, even by SIGKILL, so nothing is
-ever stale; and every daemon with the same config is the same server (a
-test's daemons, each with its own config, never see each other). The
-folder rather than the file: an update may replace the config file (a
-migration writes a new one) while a daemon serves.
+ever stale; and every daemon whose config is in the same folder counts as
+the same server (a test's daemons, each with a folder of its own, never see
+each other; a second config in /etc/scaleboxd would). The folder rather
+than the file: an update may replace the config file (a migration writes a
+new one) while a daemon serves.
+
+A daemon of a release before this one holds no lock: during the first
+update onto this release the handover instance starts at full priority.
 
 Imported by the entry point before it lowers anything: os and fcntl only.
 """
