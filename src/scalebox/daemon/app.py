@@ -332,8 +332,11 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
         # once; logging it here too would print it twice.
         return _error(500, "internal server error; see the scaleboxd log (journalctl -u scaleboxd)")
 
+    # On the event loop, not in a worker thread as the handlers that touch VMs: the
+    # updater's stability window and load balancers ask it, and it must answer while
+    # slow VM requests hold every worker (anyio's 40). Half the CPU of an answer, too.
     @app.get("/health")
-    def health() -> dict[str, str]:
+    async def health() -> dict[str, str]:
         return {"status": "ok", "version": scalebox.__version__}
 
     @app.get("/info")
