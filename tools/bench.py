@@ -237,6 +237,7 @@ class Phase:
     samples: dict[str, list[Sample]]  # per load variant
     marks: list[tuple[float, str]] = field(default_factory=list)
     measured_from: float = 0.0  # the figures count requests sent from then on
+    steal_pct: float | None = None  # the host's CPU taken by its hypervisor meanwhile
 
 
 @dataclass
@@ -286,6 +287,7 @@ class RunFigures:
     crash_timeline: list[str] = field(default_factory=list)
     crash_load: LoadFigures | None = None
     errors: list[str] = field(default_factory=list)
+    steal_pct: dict[str, float | None] = field(default_factory=dict)  # per phase name
 
     @property
     def quiet_max_ms(self) -> float | None:
@@ -395,6 +397,24 @@ def _freeze_client_heap() -> None:
     gc.freeze()
 
 
+def cpu_times() -> tuple[int, int]:
+    """(all, stolen) CPU time of the host so far, in ticks (/proc/stat's first line)."""
+    with Path("/proc/stat").open() as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is counted in user)
+    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
+
+
+def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The share of the host's CPU time its hypervisor gave to others between two reads.
+
+    A phase whose requests all slowed down with nothing of ours happening is
+    often this: the 2-core host is a VM, and its neighbours take its CPU.
+    """
+    total = after[0] - before[0]
+    return round(100 * (after[1] - before[1]) / total, 1) if total > 0 else None
+
+
 @contextlib.contextmanager
 def under_load(
     m: Machine, name: str, workers: int, interval: float, phases: list[Phase]
@@ -425,8 +445,10 @@ def under_load(
         _wait_answered(loads)
         phase.measured_from = time.time()
         phase.marks.append((phase.measured_from, "figures from here"))
+        cpu_before = cpu_times()
         yield loads, phase
         _wait_more_answers(loads)  # the (new) process answers too
+        phase.steal_pct = steal_pct(cpu_before, cpu_times())
     phase.ended = time.time()
     phase.samples = {n: ld.taken() for n, ld in zip(LOAD_NAMES, loads, strict=True)}
     phases.append(phase)
@@ -586,6 +608,14 @@ def measure_crash(m: Machine, figures: RunFigures, old: str, ph: list[Phase]) ->
 def one_run(
     index: int, release_dir: Path, workers: int, interval: float
 ) -> tuple[RunFigures, list[Phase]]:
+    figures, phases = _one_run(index, release_dir, workers, interval)
+    figures.steal_pct = {p.name: p.steal_pct for p in phases if p.steal_pct is not None}
+    return figures, phases
+
+
+def _one_run(
+    index: int, release_dir: Path, workers: int, interval: float
+) -> tuple[RunFigures, list[Phase]]:
     load = (workers, interval)
     phases: list[Phase] = []
     with Machine.boot(release_dir, persistent=True) as m:  # the root on the host's disk
@@ -659,8 +689,13 @@ def _worst(values: list[float | None] | list[int | None]) -> float | None:
     return max(known) if known else None
 
 
-def _update_lines(name: str, u: UpdateFigures) -> list[str]:
-    lines = [f"  {name}: exit {u.exit} ({u.result})"]
+def _stolen(r: RunFigures, phase: str) -> str:
+    pct = r.steal_pct.get(phase)
+    return "" if pct is None else f" [host CPU steal {pct:.1f}%]"
+
+
+def _update_lines(name: str, u: UpdateFigures, stolen: str = "") -> list[str]:
+    lines = [f"  {name}: exit {u.exit} ({u.result}){stolen}"]
     lines += ["    " + load.line() for load in u.loads]
     lines.append(
         f"    wall time {_fmt(u.wall_s)}; built in {_fmt(u.built_s)}; --stage beforehand "
@@ -674,15 +709,25 @@ def _update_lines(name: str, u: UpdateFigures) -> list[str]:
 def run_lines(r: RunFigures) -> list[str]:
     load = " ".join(f"{v:.2f}" for v in r.loadavg)
     lines = [f"run {r.run} ({r.machine}), host loadavg {load}"]
-    lines.append(f"  no update, {QUIET_S:g} s:")
+    lines.append(f"  no update, {QUIET_S:g} s:{_stolen(r, 'no update')}")
     lines += ["    " + ld.line() for ld in r.quiet]
     if r.quiet_again:
-        lines.append(f"  no update again at the end of the run, {QUIET_S:g} s (the control):")
+        lines.append(
+            f"  no update again at the end of the run, {QUIET_S:g} s (the control):"
+            + _stolen(r, "no update, again")
+        )
         lines += ["    " + ld.line() for ld in r.quiet_again]
-    lines.append(f"  bare systemctl restart scaleboxd: {_fmt(r.restart_wall_s)}")
+    lines.append(
+        f"  bare systemctl restart scaleboxd: {_fmt(r.restart_wall_s)}"
+        + _stolen(r, "bare systemctl restart")
+    )
     lines += ["    " + ld.line() for ld in r.restart]
-    lines += _update_lines(f"update {A} -> {B}, staged by the update", r.update)
-    lines += _update_lines(f"update {A} -> {B}, pre-staged", r.prestaged)
+    lines += _update_lines(
+        f"update {A} -> {B}, staged by the update", r.update, _stolen(r, f"update {A} -> {B}")
+    )
+    lines += _update_lines(
+        f"update {A} -> {B}, pre-staged", r.prestaged, _stolen(r, f"update {A} -> {B}, pre-staged")
+    )
     lines.append(f"  --stage {CRASH} with no load: built in {_fmt(r.idle_built_s)}")
     lines.append(
         f"  crash {B} -> {CRASH} (pre-staged): exit {r.crash_exit} ({r.crash_result}); "
@@ -746,6 +791,7 @@ def report(runs: list[RunFigures]) -> tuple[str, dict[str, Any]]:
     lines = [line for r in runs for line in run_lines(r)]
     quiet = _worst([r.quiet_max_ms for r in runs])
     control = _worst([r.control_ratio for r in runs])
+    stolen = _worst([pct for r in runs for pct in r.steal_pct.values()])
     restart = _worst([r.restart_wall_s for r in runs])
     restart_lat = _worst([r.restart_max_ms for r in runs])
     restart_failed = _worst([r.restart_failed for r in runs])
@@ -756,6 +802,7 @@ def report(runs: list[RunFigures]) -> tuple[str, dict[str, Any]]:
     rows: list[Row] = [
         ("no update: max latency", "-", _fmt(None if quiet is None else quiet / 1000), None),
         ("control: no update ÷ no update again (worst run)", "-", _str(control), None),
+        ("host CPU steal in a load window (worst)", "-", _str(stolen) + " %", None),
         ("bare systemctl restart: wall time", "-", _fmt(restart), None),
         ("bare systemctl restart: max latency", "-",
          _fmt(None if restart_lat is None else restart_lat / 1000), None),
