@@ -802,7 +802,8 @@ def report(runs: list[RunFigures]) -> tuple[str, dict[str, Any]]:
     rows: list[Row] = [
         ("no update: max latency", "-", _fmt(None if quiet is None else quiet / 1000), None),
         ("control: no update ÷ no update again (worst run)", "-", _str(control), None),
-        ("host CPU steal in a load window (worst)", "-", _str(stolen) + " %", None),
+        ("host CPU steal in a load window (worst)", "-",
+         "n/a" if stolen is None else f"{stolen:.1f} %", None),
         ("bare systemctl restart: wall time", "-", _fmt(restart), None),
         ("bare systemctl restart: max latency", "-",
          _fmt(None if restart_lat is None else restart_lat / 1000), None),

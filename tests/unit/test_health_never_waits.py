@@ -17,12 +17,11 @@ import logging
 import threading
 from typing import Any
 
+import anyio.to_thread
 import httpx
 
 from scalebox import config as config_module
 from scalebox.daemon.app import create_app
-
-WORKERS = 40  # anyio's default limit of worker threads
 
 
 class BlockingService:
@@ -46,16 +45,20 @@ def test_health_answers_while_every_worker_thread_is_busy() -> None:
     service = BlockingService()
     app = create_app(config, service, logging.getLogger("test"))  # type: ignore[arg-type]
 
+    workers = 0
+
     async def scenario() -> tuple[int, int, float]:
+        nonlocal workers
+        workers = int(anyio.to_thread.current_default_thread_limiter().total_tokens)  # 40
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
             headers = {"Authorization": f"Bearer {token}"}
             busy = [
-                asyncio.create_task(client.get("/vms", headers=headers)) for _ in range(WORKERS)
+                asyncio.create_task(client.get("/vms", headers=headers)) for _ in range(workers)
             ]
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 10
-            while service.waiting < WORKERS and loop.time() < deadline:
+            while service.waiting < workers and loop.time() < deadline:
                 await asyncio.sleep(0.01)
             started = loop.time()
             try:
@@ -68,6 +71,6 @@ def test_health_answers_while_every_worker_thread_is_busy() -> None:
             return service.waiting, health.status_code, took
 
     waiting, status, took = asyncio.run(scenario())
-    assert waiting == WORKERS  # every worker thread was taken
+    assert waiting == workers > 0  # every worker thread was taken
     assert status == 200
     assert took < 1.0
