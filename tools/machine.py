@@ -10,9 +10,11 @@ real systemd as PID 1. ``Machine.boot(persistent=True)`` boots a copy of the
 image instead, kept across ``power_cut()`` and ``power_on()`` (a power loss:
 the machine's init and nspawn killed together, then the same root booted
 again) and removed at teardown like the rest. It is always torn down: on
-return, on any exception, on Ctrl-C and on SIGTERM; a run killed with
-SIGKILL is cleaned up by the stale sweep that every boot (and `./do machine
-down --stale`) runs first.
+return, on any exception, on Ctrl-C and on SIGTERM. A run killed with
+SIGKILL (or mid-teardown) loses its container with it (PDEATHSIG), and the
+machine's reaper, a process of its own session, removes the rest within a
+second (see reap()); should the reaper be killed too, the stale sweep that
+every boot (and `./do machine down --stale`) runs first does.
 
 CLI (`./do machine ...`): up [--release DIR], shell NAME [CMD...], down NAME...
 | --stale | --all, list.
@@ -47,6 +49,7 @@ from tools.netns import Slot
 BOOT_TIMEOUT = 90.0
 STOP_TIMEOUT = 30.0
 LOG_DIR = image.CACHE_DIR / "logs"
+REPO = Path(__file__).resolve().parents[1]  # where `python -m tools.machine` runs
 ROOTS_DIR = image.CACHE_DIR / "roots"  # persistent machines' root copies, one per slot
 MACHINE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -281,6 +284,33 @@ def sweep_stale(state_dir: Path = netns.STATE_DIR) -> list[str]:
     return removed
 
 
+REAP_POLL = 0.5  # seconds between a reaper's looks at its machine's owner
+
+
+def reap(slot: Slot, token: str, state_dir: Path = netns.STATE_DIR) -> bool:
+    """Wait for the owner of boot ``token`` of ``slot`` to end; tear the machine down if
+    the owner left it (True), or return once the owner tore it down (False).
+
+    Each machine (not kept ones) has a reaper, a process of its own session
+    started by boot(). A harness killed mid-teardown (SIGKILL; an xdist worker
+    its controller ends after a timeout) left the machine's network namespace,
+    veth and state behind until the next run's sweep, and that next run could
+    collide with them; the container itself dies with its owner (PDEATHSIG).
+    """
+    while True:
+        state = read_state(slot, state_dir)
+        if state is None or state.get("token") != token:
+            return False  # torn down by its owner (or already by a sweep)
+        if not is_alive(state.get("owner_pid"), state.get("owner_start")):
+            with host_lock(state_dir):
+                state = read_state(slot, state_dir)
+                if state is None or state.get("token") != token:
+                    return False
+                _destroy(slot, state_dir, timeout=10)
+            return True
+        time.sleep(REAP_POLL)
+
+
 # Run once a machine with all capabilities is up: see Machine._as_root_server.
 ROOT_SERVER_SETUP = (
     "mount --bind /proc/sys/net /proc/sys/net && mount -o remount,bind,rw /proc/sys/net && "
@@ -312,6 +342,7 @@ class Machine:
         self.root_dir: Path | None = None  # a persistent machine's own root
         self._network_up = False
         self._state: dict[str, Any] = {}
+        self._reaper: subprocess.Popen[bytes] | None = None
 
     @property
     def name(self) -> str:
@@ -364,6 +395,8 @@ class Machine:
             machine._state = {"name": slot.name, **owner}
             booted = False
             try:
+                if not keep:
+                    machine._start_reaper()
                 if persistent:
                     machine._make_root()
                 machine._start(keep=keep)
@@ -375,6 +408,18 @@ class Machine:
                     _say(machine.keep_instructions())
                 else:
                     machine.teardown()
+
+    def _start_reaper(self) -> None:
+        """reap() in a process of its own session, which outlives this one (see reap)."""
+        self._reaper = subprocess.Popen(
+            [sys.executable, "-m", "tools.machine", "reap", self.name, str(self._state["token"])],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "SCALEBOX_DEV_STATE": str(self.state_dir)},
+        )
+        self._save(reaper_pid=self._reaper.pid, reaper_start=start_time(self._reaper.pid))
 
     def _make_root(self) -> None:
         root = ROOTS_DIR / self.name
@@ -551,6 +596,13 @@ class Machine:
             state = read_state(self.slot, self.state_dir)
             if state is not None and state.get("token") == self._state.get("token"):
                 _destroy(self.slot, self.state_dir, timeout=5)
+        if self._reaper is not None:
+            # The slot is released: it sees that within REAP_POLL and exits.
+            try:
+                self._reaper.wait(REAP_POLL * 4 + 10)
+            except subprocess.TimeoutExpired:
+                self._reaper.kill()
+                self._reaper.wait(5)
 
     def keep_instructions(self) -> str:
         return (
@@ -677,6 +729,11 @@ def _cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reap(args: argparse.Namespace) -> int:
+    reap(netns.parse_name(args.name), args.token, netns.STATE_DIR)
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     slots = _state_slots(netns.STATE_DIR)
     if not slots:
@@ -709,6 +766,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     down.set_defaults(func=_cmd_down)
     ls = sub.add_parser("list", help="machines of this harness")
     ls.set_defaults(func=_cmd_list)
+    reaper = sub.add_parser("reap")  # started by Machine.boot(), not by people
+    reaper.add_argument("name")
+    reaper.add_argument("token")
+    reaper.set_defaults(func=_cmd_reap)
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -48,6 +48,11 @@ def _nothing_left(name: str, owner_pid: int) -> list[str]:
     )
     if nspawns.stdout.strip():
         left.append(f"systemd-nspawn pids {nspawns.stdout.split()}")
+    reapers = subprocess.run(
+        ["pgrep", "-f", f"tools.machine reap {name} "], capture_output=True, text=True, check=False
+    )
+    if reapers.stdout.strip():
+        left.append(f"reaper pids {reapers.stdout.split()}")
     return left
 
 
@@ -149,13 +154,37 @@ def test_signal_to_the_harness_tears_everything_down(sig: signal.Signals) -> Non
     assert _nothing_left(name, child.pid) == []
 
 
+def test_a_run_killed_mid_teardown_has_its_machine_torn_down_by_its_reaper() -> None:
+    """SIGKILL (or an xdist worker ended by its controller while it tore down): no
+    cleanup code of the harness runs; the machine's reaper, a process of its own
+    session, removes the namespace, veth and state without waiting for a sweep."""
+    if os.geteuid() != 0:
+        pytest.skip("system test: needs root to boot an nspawn machine")
+    child, name = _start_booted_child()
+    state = read_state(netns.parse_name(name))
+    assert state is not None
+    assert state.get("reaper_pid"), state
+    child.kill()
+    child.wait(10)
+    deadline = time.monotonic() + 30
+    left = _nothing_left(name, child.pid)
+    while time.monotonic() < deadline and left:
+        time.sleep(0.2)
+        left = _nothing_left(name, child.pid)
+    assert left == []
+
+
 def test_stale_sweep_removes_what_a_killed_run_left() -> None:
     if os.geteuid() != 0:
         pytest.skip("system test: needs root to boot an nspawn machine")
     child, name = _start_booted_child()
+    slot = netns.parse_name(name)
+    state = read_state(slot)
+    assert state is not None
+    # Its reaper killed too (a host-wide kill): only a sweep is left to clean up.
+    os.kill(state["reaper_pid"], signal.SIGKILL)
     child.kill()  # SIGKILL: no cleanup code runs in the harness
     child.wait(10)
-    slot = netns.parse_name(name)
     assert slot.netns_path.exists(), "a killed run leaves its namespace behind"
     killed_leaves = [
         f"namespace {slot.netns_path}",
