@@ -138,15 +138,21 @@ def test_a_daemon_reload_runs_only_when_a_unit_changed_or_systemd_has_one_out_of
 
 
 class CgroupHiccup:
-    """systemd's part in one case the test machines show (nested cgroup v1): the handover
-    unit, started again soon after it stopped, fails with 219/CGROUP until a daemon-reload.
-    A double: the failure cannot be made to order on real systemd."""
+    """systemd's part in one case the test machines show (nested cgroup v1): a unit
+    started again soon after it stopped fails with 219/CGROUP until a daemon-reload.
+    A double: the failure cannot be made to order on real systemd.
 
-    def __init__(self, fails_with: int) -> None:
+    ``hangs``: the start is not ready in time and its process still runs, with an
+    older 219 still in ExecMainStatus.
+    """
+
+    def __init__(self, fails_with: int, *, hangs: bool = False) -> None:
         self.fails_with = fails_with
+        self.hangs = hangs
         self.calls: list[str] = []
         self.reloaded = False
         self.status = 0
+        self.main_pid = 0
 
     def daemon_reload(self) -> None:
         self.calls.append("daemon-reload")
@@ -158,21 +164,35 @@ class CgroupHiccup:
     def reset_failed(self, unit: str) -> None:
         self.calls.append(f"reset-failed {unit}")
 
-    def start(self, unit: str, timeout: float) -> None:
-        self.calls.append(f"start {unit}")
+    def _begin(self, verb: str, unit: str) -> None:
+        self.calls.append(f"{verb} {unit}")
+        if self.hangs:
+            self.status, self.main_pid = self.fails_with, 4242
+            raise CommandError(f"{verb} {unit} did not become ready within 10 s")
         if not self.reloaded:
             self.status = self.fails_with
-            raise CommandError(f"start {unit} failed: the unit is failed/failed")
+            raise CommandError(f"{verb} {unit} failed: the unit is failed/failed")
         self.status = 0
+
+    def start(self, unit: str, timeout: float) -> None:
+        self._begin("start", unit)
+
+    def restart(self, unit: str, timeout: float) -> None:
+        self._begin("restart", unit)
 
     def stop(self, unit: str, timeout: float) -> None:
         self.calls.append(f"stop {unit}")
-
-    def restart(self, unit: str, timeout: float) -> None:
-        self.calls.append(f"restart {unit}")
+        self.main_pid = 0
 
     def state(self, unit: str) -> UnitState:
-        return UnitState("inactive", "dead", 0, 0, exit_status=self.status)
+        return UnitState("inactive", "dead", self.main_pid, 0, exit_status=self.status)
+
+
+def _retried(unit: str) -> str:
+    return (
+        f"{unit} could not start: systemd could not set up its cgroup (status "
+        "219/CGROUP); systemctl daemon-reload, then once more"
+    )
 
 
 def test_a_handover_start_systemd_could_not_set_a_cgroup_up_for_is_reloaded_and_retried() -> None:
@@ -187,10 +207,35 @@ def test_a_handover_start_systemd_could_not_set_a_cgroup_up_for_is_reloaded_and_
         f"reset-failed {handover}",
         f"start {handover}",
     ]
-    assert said == [
-        f"{handover} could not start: systemd could not set up its cgroup (status "
-        "219/CGROUP); systemctl daemon-reload, then once more"
+    assert said == [_retried(handover)]
+
+
+def test_a_restart_of_scaleboxd_systemd_could_not_set_a_cgroup_up_for_is_retried() -> None:
+    """The same race on the main unit: an update's restart, the restart that ends a
+    handover, and a rollback's restart (all restart_service) try once more."""
+    service = CgroupHiccup(fails_with=219)
+    said: list[str] = []
+    switch.restart(service, [], 10.0, said.append)
+    retried = ["daemon-reload", "reset-failed scaleboxd.service", "restart scaleboxd.service"]
+    assert service.calls == ["restart scaleboxd.service", *retried]
+    assert said == [_retried("scaleboxd.service")]
+
+    service = CgroupHiccup(fails_with=219)
+    said = []
+    switch.finish_handover(service, 10.0, said.append)
+    assert service.calls == [
+        "restart scaleboxd.service",
+        *retried,
+        "stop scaleboxd-handover.service",  # after the main daemon serves again
     ]
+    assert said == [_retried("scaleboxd.service")]
+
+
+def test_a_restart_that_fails_for_its_own_reasons_or_hangs_is_not_retried() -> None:
+    for service in (CgroupHiccup(fails_with=1), CgroupHiccup(fails_with=219, hangs=True)):
+        with pytest.raises(CommandError):
+            switch.restart(service, [], 10.0, lambda _: None)
+        assert service.calls == ["restart scaleboxd.service"], service.hangs
 
 
 def test_a_handover_that_fails_for_its_own_reasons_is_not_retried() -> None:

@@ -57,11 +57,11 @@ def roll_back(ctx: Context, journal: Journal) -> None:
         elif switch.can_hand_over(p.release_dir(journal.from_release), touched):
             # Reloaded above: no second one.
             switch.start_handover(ctx.service, (), ctx.restart_timeout, ctx.report)
-            switch.finish_handover(ctx.service, ctx.restart_timeout)
+            switch.finish_handover(ctx.service, ctx.restart_timeout, ctx.report)
         else:
             if SOCKET in touched:
                 ctx.service.restart(SOCKET, ctx.restart_timeout)
-            ctx.service.restart(SERVICE, ctx.restart_timeout)
+            switch.restart_service(ctx.service, ctx.restart_timeout, ctx.report)
         health.verify(
             ctx.service,
             ctx.http,

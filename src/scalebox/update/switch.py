@@ -142,7 +142,13 @@ def restart(
     if SOCKET in set(changed_units):
         # Restarting the socket stops the service too (Requires=); it is started below.
         service.restart(SOCKET, timeout)
-    service.restart(SERVICE, timeout)
+    restart_service(service, timeout, report)
+
+
+def restart_service(service: ServiceManager, timeout: float, report: Callable[[str], None]) -> None:
+    """Restart scaleboxd.service and wait for READY=1, once more if systemd could not
+    set up its cgroup (see ``_once_more_on_cgroup``)."""
+    _once_more_on_cgroup(service, SERVICE, lambda: service.restart(SERVICE, timeout), report)
 
 
 def start_handover(
@@ -163,22 +169,33 @@ def start_handover(
         service.stop(HANDOVER, timeout)  # one left by a run that was killed
     if left == "failed":
         service.reset_failed(HANDOVER)  # its start limit must not refuse this start
+    _once_more_on_cgroup(service, HANDOVER, lambda: _start_or_stop(service, timeout), report)
+
+
+def _once_more_on_cgroup(
+    service: ServiceManager, unit: str, attempt: Callable[[], None], report: Callable[[str], None]
+) -> None:
+    """Run ``attempt`` (a start of ``unit``); if it failed because systemd could not set
+    up the unit's cgroup (status 219/CGROUP), daemon-reload and run it once more.
+
+    Seen in nested cgroup-v1 machines when a unit starts again seconds after it
+    stopped ("Failed to kill control group ... Input/output error"): a
+    daemon-reload sets the cgroups up again. A unit that fails for any other
+    reason (a release's daemon that exits) is not retried.
+    """
     try:
-        _start_or_stop(service, timeout)
+        attempt()
     except CommandError:
-        if service.state(HANDOVER).exit_status != EXIT_CGROUP:
-            raise
-        # systemd could not set up the unit's cgroup: seen when the handover unit
-        # starts again seconds after it stopped ("Failed to kill control group ...
-        # Input/output error" in nested cgroup-v1 machines). A daemon-reload sets
-        # the cgroups up again (the reload before every start used to hide this).
+        state = service.state(unit)
+        if state.exit_status != EXIT_CGROUP or state.main_pid:
+            raise  # not systemd's cgroup: a release's own failure, or one still running
         report(
-            f"{HANDOVER} could not start: systemd could not set up its cgroup "
+            f"{unit} could not start: systemd could not set up its cgroup "
             f"(status {EXIT_CGROUP}/CGROUP); systemctl daemon-reload, then once more"
         )
         service.daemon_reload()
-        service.reset_failed(HANDOVER)
-        _start_or_stop(service, timeout)
+        service.reset_failed(unit)
+        attempt()
 
 
 def _start_or_stop(service: ServiceManager, timeout: float) -> None:
@@ -191,7 +208,7 @@ def _start_or_stop(service: ServiceManager, timeout: float) -> None:
         raise
 
 
-def finish_handover(service: ServiceManager, timeout: float) -> None:
+def finish_handover(service: ServiceManager, timeout: float, report: Callable[[str], None]) -> None:
     """Restart scaleboxd.service while the handover instance serves, then stop that instance.
 
     The old daemon stops accepting at once and drains what it accepted; new
@@ -199,7 +216,7 @@ def finish_handover(service: ServiceManager, timeout: float) -> None:
     once it is ready; stopping the handover instance drains it the same way.
     """
     try:
-        service.restart(SERVICE, timeout)
+        restart_service(service, timeout, report)
     finally:
         service.stop(HANDOVER, timeout)
 

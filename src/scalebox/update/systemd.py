@@ -148,8 +148,10 @@ class Systemctl:
             if outcome == "ready":
                 return
             if outcome == "failed":
+                status = f" (exit status {state.exit_status})" if state.exit_status else ""
                 raise CommandError(
-                    f"{verb} {unit} failed: the unit is {state.active}/{state.sub}", _hint(unit)
+                    f"{verb} {unit} failed: the unit is {state.active}/{state.sub}{status}",
+                    _hint(unit),
                 )
             if self._clock() >= deadline:
                 raise CommandError(

@@ -158,7 +158,7 @@ def _switch(ctx: Context, j: Journal, new_dir: Path) -> Journal:
     # Two daemons serve now; the journal says so before the old one is stopped.
     j = journal.advance(p.journal, j, "handover")
     ctx.report(f"{j.to_version} serves; restarting scaleboxd onto it")
-    switch.finish_handover(ctx.service, ctx.restart_timeout)
+    switch.finish_handover(ctx.service, ctx.restart_timeout, ctx.report)
     return j
 
 
