@@ -48,6 +48,8 @@ from tools.netns import Slot
 
 BOOT_TIMEOUT = 90.0
 STOP_TIMEOUT = 30.0
+# How much of a machine's journal a failed system test shows (tests/system/conftest.py).
+JOURNAL_LINES = 300
 LOG_DIR = image.CACHE_DIR / "logs"
 REPO = Path(__file__).resolve().parents[1]  # where `python -m tools.machine` runs
 ROOTS_DIR = image.CACHE_DIR / "roots"  # persistent machines' root copies, one per slot
@@ -322,6 +324,11 @@ ROOT_SERVER_SETUP = (
 # --- the machine ------------------------------------------------------------------
 
 
+# The machines this process has booted and not yet torn down, oldest first: what a
+# failed test's report shows the journals of.
+LIVE: list[Machine] = []
+
+
 class Machine:
     """One booted test server. Make it with ``Machine.boot()``."""
 
@@ -402,8 +409,11 @@ class Machine:
                 machine._start(keep=keep)
                 machine._wait_running(timeout)
                 booted = True
+                LIVE.append(machine)
                 yield machine
             finally:
+                if machine in LIVE:
+                    LIVE.remove(machine)
                 if keep and booted:
                     _say(machine.keep_instructions())
                 else:
@@ -664,6 +674,21 @@ class Machine:
                 "step) and enter it with `./do machine shell NAME`",
             )
         return result
+
+    def journal(self, lines: int = JOURNAL_LINES) -> str:
+        """The last ``lines`` of the machine's journal since boot, or why there are none.
+
+        Never raises: it is read when something has already gone wrong.
+        """
+        try:
+            done = self.run(
+                ["journalctl", "-b", "--no-pager", "-o", "short-monotonic", "-n", str(lines)],
+                check=False,
+                timeout=30,
+            )
+        except MachineError as exc:
+            return f"(no journal: {exc})"
+        return done.stdout + done.stderr
 
     def shell_hint(self) -> str:
         return f"./do machine shell {self.name}"

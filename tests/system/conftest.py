@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import tools.machine as machine_mod
 from tools.machine import Machine
 
 BootMachine = Callable[..., Machine]
@@ -70,3 +71,17 @@ def module_boot_machine() -> Iterator[BootMachine]:
 
 # The update tests' fixtures (releases once per session, a server with A installed).
 from .update_helpers import releases, server  # noqa: E402, F401
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed system test's report carries the journal of every machine still up.
+
+    They are torn down (their journals with them) right after; without this a
+    failure in systemd (a unit that would not start) could not be named later.
+    """
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if report.failed and call.when in ("setup", "call"):
+        for m in machine_mod.LIVE:
+            report.sections.append((f"journal of {m.name} (last lines)", m.journal()))
