@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import time
+from pathlib import Path
 
+import pytest
 from tools import bench
 
 
@@ -33,3 +36,65 @@ def test_each_window_of_a_run_says_its_steal_and_the_summary_its_worst() -> None
     assert any(line.endswith("[host CPU steal 7.5%]") for line in lines)
     text, _ = bench.report([run])
     assert any("host CPU steal" in line and "7.5 %" in line for line in text.splitlines())
+
+
+def _run(index: int, **steal: float) -> bench.RunFigures:
+    run = bench.RunFigures(index, f"sb{index}", (1.0, 1.0, 1.0))
+    windows = dict(
+        zip(("quiet", "update", "prestaged", "again"), bench.LATENCY_WINDOWS, strict=True)
+    )
+    run.steal_pct = {windows[k]: v for k, v in steal.items()}
+    return run
+
+
+def test_the_noisiest_latency_window_is_named_and_other_windows_do_not_count() -> None:
+    run = _run(1, quiet=0.4, update=12.5, again=3.0)
+    run.steal_pct["bare systemctl restart"] = 40.0  # not a latency window of the target
+    assert run.noisiest() == (f"update {bench.A} -> {bench.B}", 12.5)
+    assert _run(2).noisiest() is None
+
+
+def test_runs_with_too_much_steal_are_set_aside_printed_and_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The selection alone: one_run is a double here (no machine is booted), with the
+    steal each run's windows report."""
+    steal = {1: 0.5, 2: 18.7, 3: 1.0, 4: 29.5, 5: 0.2, 6: 0.1}
+    made: list[int] = []
+
+    def one_run(index: int, *_: object) -> tuple[bench.RunFigures, list[bench.Phase]]:
+        made.append(index)
+        return _run(index, update=steal[index]), []
+
+    monkeypatch.setattr(bench, "one_run", one_run)
+    args = argparse.Namespace(runs=3, max_steal=5.0, workers=4, interval=0.05)
+    kept: list[tuple[bench.RunFigures, list[bench.Phase]]] = []
+    aside: list[tuple[bench.RunFigures, list[bench.Phase]]] = []
+    bench._measure(args, Path("/nowhere"), kept, aside)
+    assert made == [1, 2, 3, 4, 5]  # three quiet runs, then no more
+    assert [r.run for r, _ in kept] == [1, 3, 5]
+    assert [r.run for r, _ in aside] == [2, 4]
+
+    text, summary = bench.report([r for r, _ in kept], [r for r, _ in aside], 5.0)
+    assert "set aside for more than 5 % host CPU steal: run 2, run 4" in text
+    assert "  run 2 (sb2), host loadavg 1.00 1.00 1.00" in text.splitlines()
+    assert [r["run"] for r in summary["set_aside"]] == [2, 4]
+    assert [r["run"] for r in summary["runs"]] == [1, 3, 5]
+
+
+def test_at_most_twice_the_runs_are_made_however_noisy_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[int] = []
+
+    def one_run(index: int, *_: object) -> tuple[bench.RunFigures, list[bench.Phase]]:
+        made.append(index)
+        return _run(index, quiet=30.0), []
+
+    args = argparse.Namespace(runs=2, max_steal=5.0, workers=4, interval=0.05)
+    kept: list[tuple[bench.RunFigures, list[bench.Phase]]] = []
+    aside: list[tuple[bench.RunFigures, list[bench.Phase]]] = []
+    monkeypatch.setattr(bench, "one_run", one_run)
+    bench._measure(args, Path("/nowhere"), kept, aside)
+    assert made == [1, 2, 3, 4]
+    assert kept == [] and len(aside) == 4
