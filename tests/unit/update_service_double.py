@@ -65,7 +65,12 @@ class Health(http.server.BaseHTTPRequestHandler):
         pass
 
 http.server.HTTPServer.allow_reuse_address = True
-http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+server = http.server.HTTPServer(("127.0.0.1", port), Health)
+# Serving: the shared lock on the config's folder a real daemon holds (daemon/serving.py).
+import fcntl
+serving = os.open(os.path.dirname(os.path.abspath(config)), os.O_RDONLY | os.O_DIRECTORY)
+fcntl.flock(serving, fcntl.LOCK_SH)
+server.serve_forever()
 """
 
 

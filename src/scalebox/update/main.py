@@ -39,6 +39,7 @@ from scalebox.release.errors import ReleaseError
 from scalebox.release.verify import Release, open_release, retired_keys_in, trusted_keys_in
 from scalebox.update import (
     fetch,
+    giveway,
     history,
     interrupt,
     journal,
@@ -315,7 +316,7 @@ def _update(ctx: Context, **options: Any) -> Result:
     transaction._switch (and a rollback) restore the priority; the finally is
     for every way out.
     """
-    priority.lower_process(_report, priority.Session.SHARED)
+    giveway.give_way(ctx.paths.config, _report)
     try:
         return _update_steps(ctx, **options)
     finally:

@@ -19,6 +19,7 @@ from typing import NoReturn
 from scalebox import priority
 from scalebox.update import (
     commit,
+    giveway,
     health,
     history,
     interrupt,
@@ -217,7 +218,7 @@ def _commit(ctx: Context, j: Journal) -> tuple[list[str], str | None]:
         # Shielded, the lowering too: a signal between it and the restore would leave
         # the session it shares (sudo's, or a root shell's) lowered.
         with interrupt.shielded():
-            priority.lower_process(ctx.report, priority.Session.SHARED)
+            giveway.give_way(ctx.paths.config, ctx.report)
             try:
                 pruned = commit.commit(ctx, j)
                 _finish(ctx, j)
