@@ -27,8 +27,8 @@ from scalebox.daemon.errors import (
     NotFound,
     Protected,
 )
-from scalebox.daemon.vms.backend import ProcessBackend, StartedAgain
-from scalebox.daemon.vms.service import VM, GuestFailed, VMService
+from scalebox.daemon.vms.backend import ProcessBackend
+from scalebox.daemon.vms.service import VM, VMService
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleKeyOnlyForTests test@host"
 
@@ -292,66 +292,6 @@ def test_a_guest_that_cannot_start_is_reported_with_its_output_and_not_left_behi
     assert f"VM {vm.id} ({vm.name}) is not running and could not be started" in line
     assert f"cannot listen on port {vm.ssh_port}" in line
     second.close()
-
-
-class LostARace(ProcessBackend):
-    """Real guests, with a double for the host's part only: the first ``fails`` starts of
-    each VM start nothing, as systemd-nspawn when it loses the cgroup race of nested
-    cgroup-v1 hosts (the race cannot be made to order)."""
-
-    REASON = "Failed to attach 524 to compat systemd cgroup /x/payload: No such file or directory"
-
-    def __init__(self, data_dir: Path, fails: int) -> None:
-        super().__init__(data_dir)
-        self.fails = fails
-        self.again: list[str] = []
-
-    def start(self, vm_id: str) -> int | None:
-        if self.fails > 0:
-            self.fails -= 1
-            return None
-        return super().start(vm_id)
-
-    def start_again(self, vm_id: str) -> StartedAgain | None:
-        self.again.append(vm_id)
-        return StartedAgain(self.REASON, self.start(vm_id))
-
-
-def _service_with(config: ServerConfig, backend: ProcessBackend) -> VMService:
-    service = VMService(config, logging.getLogger("test.raced"), use_systemd=False)
-    service._backend = backend
-    service.start()
-    return service
-
-
-def test_a_guest_that_lost_the_hosts_race_is_started_once_more(
-    config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture
-) -> None:
-    backend = LostARace(config.data_dir, fails=1)
-    service = _service_with(config, backend)
-    try:
-        vm = service.create_vm(template="debian-base", ssh_public_key=KEY)
-        assert vm.status == "running"
-        assert knock(vm.ssh_port)["vm"] == vm.id
-        assert backend.again == [vm.id]
-        [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert line == f"VM {vm.id} did not start ({LostARace.REASON}); starting it once more"
-    finally:
-        service.close()
-
-
-def test_a_guest_that_loses_it_twice_fails_as_any_guest_that_cannot_start(
-    config: ServerConfig, guests: None
-) -> None:
-    backend = LostARace(config.data_dir, fails=2)
-    service = _service_with(config, backend)
-    try:
-        with pytest.raises(GuestFailed, match="did not start listening"):
-            service.create_vm(template="debian-base", ssh_public_key=KEY)
-        assert len(backend.again) == 1  # once more, not until the deadline
-        assert service.list_vms() == []
-    finally:
-        service.close()
 
 
 def test_after_the_state_file_is_deleted_orphans_are_cleaned_up_with_a_log_line(

@@ -46,14 +46,6 @@ class GuestStatus:
     pid: int | None = None
 
 
-@dataclass(frozen=True)
-class StartedAgain:
-    """A guest's start that failed for the host's reason, and was made once more."""
-
-    reason: str  # what the host's failure was, in its own words
-    pid: int | None  # as start() returns it
-
-
 class Backend(Protocol):
     ready_timeout: float
 
@@ -80,10 +72,6 @@ class Backend(Protocol):
 
     def start(self, vm_id: str) -> int | None:
         """Start the guest of ``vm_id`` (its directory and vm.json exist); return its pid."""
-
-    def start_again(self, vm_id: str) -> StartedAgain | None:
-        """After a start of ``vm_id`` that failed: if it failed for the host's reason, not
-        the guest's, start it once more and say why; else None."""
 
     def stop(self, vm_id: str, pid: int | None) -> None:
         """Stop the guest of ``vm_id``; nothing running is fine."""
@@ -173,9 +161,6 @@ class _ProcessGuest:
     """What both process-guest backends share: nothing to prepare or free."""
 
     ready_timeout = 10.0
-
-    def start_again(self, vm_id: str) -> StartedAgain | None:
-        return None  # a stand-in guest fails only for its own reasons
 
     def make_disk(self, vm: VM, template_disk: Path, vm_dir: Path) -> None:
         disks.copy_tree(template_disk, vm_dir / "disk")

@@ -43,7 +43,7 @@ from pathlib import Path
 from scalebox.config import ServerConfig
 from scalebox.daemon.errors import ApiError
 from scalebox.daemon.vms import disks, idmap, network
-from scalebox.daemon.vms.backend import GuestStatus, StartedAgain, SystemdBackend, unit_name
+from scalebox.daemon.vms.backend import GuestStatus, SystemdBackend, unit_name
 from scalebox.daemon.vms.command import CommandFailed, run
 from scalebox.daemon.vms.models import VM
 from scalebox.daemon.vms.naming import VM_ID_RE
@@ -313,17 +313,6 @@ def _mirror_dir(
     upper.chmod(stat.S_IMODE(st.st_mode) if st else mode)
 
 
-# systemd-nspawn's words when the container's cgroup vanished under it: a race seen on
-# hosts with hybrid (cgroup v1) hierarchies, in nested machines; the next start works.
-CGROUP_RACE = re.compile(r"Failed to attach \d+ to compat systemd cgroup[^\n]*")
-
-
-def cgroup_race(log: str) -> str | None:
-    """The line of a VM unit's ``log`` that shows nspawn lost the cgroup race, or None."""
-    found = CGROUP_RACE.search(log)
-    return found.group(0) if found else None
-
-
 def ssh_banner(host: str, port: int, timeout: float = 1.0) -> bool:
     """Whether an SSH server answers its banner at host:port."""
     try:
@@ -444,20 +433,6 @@ class NspawnBackend:
 
     def recent_output(self, vm_id: str) -> str:
         return self._units.recent_output(vm_id)
-
-    def start_again(self, vm_id: str) -> StartedAgain | None:
-        unit = unit_name(vm_id)
-        try:
-            lines = run(
-                ["journalctl", "-u", unit, "-n", "20", "--no-pager", "-o", "cat"],
-                f"read the log of {unit}",
-            )
-        except CommandFailed:
-            return None
-        reason = cgroup_race(lines)
-        if reason is None:
-            return None
-        return StartedAgain(reason, self._units.start(vm_id))  # now, not after RestartSec
 
     def adopt(self, vm: VM) -> None:
         """A VM that runs since before scaleboxd started: make sure its forwarder does too.

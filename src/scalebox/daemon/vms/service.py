@@ -488,20 +488,10 @@ class VMService:
         pid = self._backend.start(vm.id)
         vm = replace(vm, pid=pid)
         deadline = time.monotonic() + self._backend.ready_timeout
-        again = True  # one more start, for a failure that was the host's (start_again)
         while time.monotonic() < deadline:
             seen = self._backend.status(vm.id, vm.pid)
             if seen.status in {"stopped", "failed"}:
-                started = self._backend.start_again(vm.id) if again else None
-                if started is None:
-                    break
-                again = False
-                pid = started.pid
-                vm = replace(vm, pid=pid)
-                self._log.warning(
-                    "VM %s did not start (%s); starting it once more", vm.id, started.reason
-                )
-                continue
+                break
             if seen.status == "running" and self._backend.answers(vm):
                 state.write_vm_record(self._vms_dir / vm.id, replace(vm, pid=seen.pid))
                 return replace(vm, status="running", pid=seen.pid)
