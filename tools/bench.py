@@ -818,10 +818,15 @@ def set_aside_lines(aside: list[RunFigures], max_steal: float) -> list[str]:
 
 
 def report(
-    runs: list[RunFigures], aside: Sequence[RunFigures] = (), max_steal: float = 100.0
+    runs: list[RunFigures],
+    aside: Sequence[RunFigures] = (),
+    max_steal: float = 100.0,
+    *,
+    noisy_included: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """The per-run lines and the table over ``runs``; ``aside``: runs set aside for
-    more than ``max_steal`` % steal, printed but not counted."""
+    more than ``max_steal`` % steal, printed but not counted; ``noisy_included``: too
+    few runs were quiet, so ``runs`` has noisy ones too."""
     lines = [line for r in runs for line in run_lines(r)] + set_aside_lines(list(aside), max_steal)
     quiet = _worst([r.quiet_max_ms for r in runs])
     control = _worst([r.control_ratio for r in runs])
@@ -853,6 +858,8 @@ def report(
     ]  # fmt: skip
     loads = ", ".join(f"run {r.run}: {r.loadavg[0]:.2f}" for r in runs)
     heading = f"figure (worst of {len(runs)} runs; host loadavg {loads})"
+    if noisy_included:
+        heading += f"; noisy runs included: too few had at most {max_steal:g} % host CPU steal"
     if aside:
         heading += f"; set aside for more than {max_steal:g} % host CPU steal: " + ", ".join(
             f"run {r.run}" for r in aside
@@ -885,6 +892,7 @@ def report(
         "misses": misses,
         "max_steal_pct": max_steal,
         "set_aside": [asdict(r) for r in aside],
+        "noisy_runs_included": noisy_included,
     }
     return "\n".join(lines + table), summary
 
@@ -1014,7 +1022,8 @@ def write_out(text: str, summary: dict[str, Any], runs: list[RunFigures],
         (u.max_ms or 0.0) for u in (rt[0].update, rt[0].prestaged)))  # fmt: skip
     load = " ".join(f"{v:.2f}" for v in run.loadavg)
     title = (
-        f"./do bench run {run.run} of {len(runs)} (the one with the longest request during an "
+        f"./do bench run {run.run} (of runs {', '.join(str(r.run) for r in runs)}: the one with "
+        "the longest request during an "
         f"update); host loadavg {load}; each dot one GET /health"
     )
     draw(phases, title, OUT / "timeline.png")
@@ -1130,12 +1139,15 @@ def _bench(args: argparse.Namespace) -> int:
                 say(f"releases kept in {temp} (reuse with --releases {temp})")
             else:
                 shutil.rmtree(temp, ignore_errors=True)
-    if len(kept) < args.runs and aside:
+    noisy_included = len(kept) < args.runs and bool(aside)
+    if noisy_included:
         say(f"only {len(kept)} of {len(kept) + len(aside)} runs had at most {args.max_steal:g} % "
             "steal: the figures are over all of them")  # fmt: skip
         kept, aside = sorted(kept + aside, key=lambda rp: rp[0].run), []
     runs, traces = [r for r, _ in kept], [t for _, t in kept]
-    text, summary = report(runs, [r for r, _ in aside], args.max_steal)
+    text, summary = report(
+        runs, [r for r, _ in aside], args.max_steal, noisy_included=noisy_included
+    )
     picture = write_out(text, summary, runs, traces)
     if not args.no_sandbox:
         say("sandbox: POST /vms -> ssh, and memory per idle VM (tools/bench_sandbox.py)")

@@ -254,8 +254,8 @@ def _stop_giving_way(given: Given, seconds: float, warn: Warn) -> None:
         restore(_relaxed(given), warn)
         _expired.add(id(given))
     warn(
-        f"still busy after {seconds:g} s at a lower CPU priority (the CPU is saturated); "
-        "going on at normal priority"
+        f"still busy after {seconds:g} s at a lower CPU priority; going on at normal "
+        "priority, so that a saturated CPU cannot starve it"
     )
 
 

@@ -98,3 +98,13 @@ def test_at_most_twice_the_runs_are_made_however_noisy_the_host(
     bench._measure(args, Path("/nowhere"), kept, aside)
     assert made == [1, 2, 3, 4]
     assert kept == [] and len(aside) == 4
+
+
+def test_when_too_few_runs_are_quiet_the_figures_say_they_include_noisy_ones() -> None:
+    runs = [_run(1, update=30.0), _run(2, quiet=0.5)]
+    text, summary = bench.report(runs, [], 5.0, noisy_included=True)
+    assert "noisy runs included: too few had at most 5 % host CPU steal" in text
+    assert summary["noisy_runs_included"] is True
+    assert summary["set_aside"] == []
+    _, quiet = bench.report(runs[1:], runs[:1], 5.0)
+    assert quiet["noisy_runs_included"] is False

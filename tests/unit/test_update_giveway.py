@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,31 @@ def test_beside_a_serving_daemon_the_update_gives_way_until_restored(config: Pat
         daemon.release()
     assert not priority.lowered()
     assert os.getpriority(os.PRIO_PROCESS, 0) == given
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")
+def test_the_update_gives_way_for_a_bounded_time_only(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU saturated by busy VMs a lowered stage would take minutes: after
+    GIVE_WAY_SECONDS the updater goes on at its normal priority, and says so."""
+    monkeypatch.setattr(giveway, "GIVE_WAY_SECONDS", 0.3)
+    given = os.getpriority(os.PRIO_PROCESS, 0)
+    daemon = serving.Serving(str(config))
+    assert daemon.hold() is None
+    said: list[str] = []
+    try:
+        assert giveway.give_way(config, said.append) is True
+        assert priority.lowered()
+        deadline = time.monotonic() + 5
+        while priority.lowered() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not priority.lowered()
+        assert os.getpriority(os.PRIO_PROCESS, 0) == max(given, 0)
+    finally:
+        priority.restore_process(print)
+        daemon.release()
+    assert said == [
+        "still busy after 0.3 s at a lower CPU priority; going on at normal priority, "
+        "so that a saturated CPU cannot starve it"
+    ]

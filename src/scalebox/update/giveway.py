@@ -17,7 +17,8 @@ from pathlib import Path
 from scalebox import priority
 from scalebox.daemon import serving
 
-GIVE_WAY_SECONDS = 20.0
+# From the updater's start: a download counts too (a few seconds; little CPU).
+GIVE_WAY_SECONDS = 30.0
 
 
 def give_way(config: Path, report: priority.Warn) -> bool:
