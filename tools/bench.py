@@ -66,6 +66,7 @@ import httpx
 
 from scalebox import priority
 from scalebox.errors import ScaleboxError
+from scalebox.update.systemd import HANDOVER, SERVICE
 from tools import keygen, releases
 from tools.checks import API_PORT, CACHE, create_vm, install, read_token, say, vm_still_running
 from tools.loadgen import Load, Sample, Stats
@@ -261,6 +262,8 @@ class UpdateFigures:
     built_s: float | None = None  # the stage's own "built releases/V in N s"
     prestage_wall_s: float | None = None  # `scalebox-update --stage` beforehand, when run
     peak_rss_mb: float | None = None
+    # The slowest requests among the updater's steps and systemd's view, from its start.
+    timeline: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> int | None:
@@ -530,6 +533,9 @@ def measure_update(
     out.built_s = run.built_s
     out.peak_rss_mb = run.peak_rss_mb
     out.loads = _figures(loads, load[0], phase)
+    out.timeline = update_timeline(
+        run, _systemd_timeline(m, run.started, (SERVICE, HANDOVER)), slowest(phase)
+    )
     errors = []
     if run.exit_code != 0:
         errors.append(f"{name} exited {run.exit_code}: {run.result.get('message')}")
@@ -539,10 +545,40 @@ def measure_update(
     return errors
 
 
-def _systemd_timeline(m: Machine, since: float) -> list[tuple[float, str]]:
-    """scaleboxd's journal entries since ``since`` (Unix time) as (time, message)."""
+SLOWEST = 3  # requests named in an update's timeline
+
+
+def slowest(phase: Phase, count: int = SLOWEST) -> list[tuple[float, float, str]]:
+    """The ``count`` longest requests counted in the figures: (sent, seconds, load)."""
+    counted = [
+        (sample.sent, sample.seconds, load)
+        for load, samples in phase.samples.items()
+        for sample in samples
+        if sample.sent >= phase.measured_from
+    ]
+    return sorted(counted, key=lambda c: c[1], reverse=True)[:count]
+
+
+def update_timeline(
+    run: UpdaterRun,
+    journal: list[tuple[float, str]],
+    longest: list[tuple[float, float, str]],
+) -> list[str]:
+    """The updater's steps, scaleboxd's (and its handover instance's) journal and the
+    slowest requests, in time order from the updater's start: where a long request
+    fell, next to what was happening."""
+    notes = [(t, f"updater: {step}") for step, t in run.step_times.items()]
+    notes += [(t, f"systemd: {message}") for t, message in journal if _notable(message)]
+    notes += [(t, f"request: {1000 * took:.1f} ms ({load})") for t, took, load in longest]
+    return [f"+{t - run.started:6.3f} s  {what}" for t, what in sorted(notes)]
+
+
+def _systemd_timeline(
+    m: Machine, since: float, units: Sequence[str] = ("scaleboxd.service",)
+) -> list[tuple[float, str]]:
+    """The journal entries of ``units`` since ``since`` (Unix time) as (time, message)."""
     done = m.run(
-        ["journalctl", "-u", "scaleboxd.service", "-o", "json", "--since", f"@{since:.3f}"],
+        ["journalctl", *(f"--unit={u}" for u in units), "-o", "json", "--since", f"@{since:.3f}"],
         check=False,
     )
     entries = []
@@ -722,6 +758,7 @@ def _update_lines(name: str, u: UpdateFigures, stolen: str = "") -> list[str]:
         f"{_fmt(u.peak_rss_mb, 'MB')}; steps: "
         + ", ".join(f"{k} {v:.2f}" for k, v in u.steps_s.items())
     )
+    lines += ["    " + t for t in u.timeline]
     return lines
 
 
