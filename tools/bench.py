@@ -867,7 +867,7 @@ def report(
     lines = [line for r in runs for line in run_lines(r)] + set_aside_lines(list(aside), max_steal)
     quiet = _worst([r.quiet_max_ms for r in runs])
     control = _worst([r.control_ratio for r in runs])
-    stolen = _worst([pct for r in runs for pct in r.steal_pct.values()])
+    stolen = _worst([r.steal_pct.get(w) for r in runs for w in LATENCY_WINDOWS])
     restart = _worst([r.restart_wall_s for r in runs])
     restart_lat = _worst([r.restart_max_ms for r in runs])
     restart_failed = _worst([r.restart_failed for r in runs])
@@ -878,7 +878,7 @@ def report(
     rows: list[Row] = [
         ("no update: max latency", "-", _fmt(None if quiet is None else quiet / 1000), None),
         ("control: no update ÷ no update again (worst run)", "-", _str(control), None),
-        ("host CPU steal in a load window (worst)", "-",
+        ("host CPU steal in a latency window (worst)", "-",
          "n/a" if stolen is None else f"{stolen:.1f} %", None),
         ("bare systemctl restart: wall time", "-", _fmt(restart), None),
         ("bare systemctl restart: max latency", "-",
