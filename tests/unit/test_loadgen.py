@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import multiprocessing
 import os
@@ -23,17 +24,21 @@ from tools.bench import (
     report,
     step_durations,
 )
-from tools.loadgen import Load, LoadLost, Sample, percentile, summarize
+from tools.loadgen import FREEZE_EVERY, Load, LoadLost, Sample, percentile, summarize
 
 from scalebox import priority
 
 
 class _Health(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keeps connections alive when the client asks
+    queries: list[str] = []  # noqa: RUF012 - what the clients sent after "?", in order
 
     def do_GET(self) -> None:
         body = json.dumps({"status": "ok", "version": "9.9.9"}).encode()
-        code = 200 if self.path == "/health" else 503
+        path, _, query = self.path.partition("?")
+        if query:
+            self.queries.append(query)
+        code = 200 if path == "/health" else 503
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -107,6 +112,29 @@ def test_a_load_in_its_own_process_hands_back_every_sample(server: str, mode: st
     assert load.answered() == 20
     assert stats.versions == {"9.9.9": 20}
     assert 0 < stats.p50 <= stats.max < 5
+
+
+def test_a_load_process_freezes_what_it_made_so_collections_never_walk_its_samples(
+    server: str,
+) -> None:
+    """A full collection in the load's process stops all its threads while it walks every
+    sample and thread made so far (25-40 ms seen a minute into a load), and the answers
+    waiting meanwhile were timed as the server's. The URL function runs in the load's
+    process: each request carries that process's count of frozen objects."""
+    _Health.queries.clear()
+    load = Load(
+        lambda: f"{server}/health?frozen={gc.get_freeze_count()}",
+        workers=1,
+        interval=0.01,
+        own_process=True,
+    )
+    with load.running():
+        time.sleep(3 * FREEZE_EVERY)
+    assert load.stats().failed == 0
+    counts = [int(q.removeprefix("frozen=")) for q in _Health.queries]
+    assert len(counts) >= 20
+    assert max(counts) > counts[0]  # what it made meanwhile was frozen
+    assert gc.isenabled()  # the caller's collector is left as it was
 
 
 def test_loads_in_processes_side_by_side_each_stop_when_told(server: str) -> None:
