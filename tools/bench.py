@@ -49,7 +49,6 @@ import contextlib
 import gc
 import itertools
 import json
-import math
 import os
 import re
 import shutil
@@ -88,11 +87,6 @@ QUIET_S = 12.0
 # (steal, /proc/stat) is set aside and another run made: on this 2-core VM, 10-30 %
 # steal in one window doubled its longest request with nothing of ours happening.
 MAX_STEAL_PCT = 5.0
-# A run whose two no-update windows' longest requests are further apart than this is set
-# aside too: the host alone then swung the figure more than the latency target measures
-# (seen at 0.5 % steal: 66.7 ms in one no-update window, 8.7 ms in the other, and a
-# 58 ms stall, hitting all three loads at once, in the update's stability window).
-MAX_CONTROL_RATIO = 2.0
 # The windows whose longest requests the latency target compares.
 LATENCY_WINDOWS = ("no update", f"update {A} -> {B}", f"update {A} -> {B}, pre-staged",
                    "no update, again")  # fmt: skip
@@ -308,7 +302,6 @@ class RunFigures:
     crash_load: LoadFigures | None = None
     errors: list[str] = field(default_factory=list)
     steal_pct: dict[str, float | None] = field(default_factory=dict)  # per phase name
-    set_aside_for: str = ""  # why the run is not in the figures (Steadiness); "": it is
 
     @property
     def quiet_max_ms(self) -> float | None:
@@ -344,31 +337,6 @@ class RunFigures:
     @property
     def restart_failed(self) -> int | None:
         return sum(ld.failed for ld in self.restart) if self.restart else None
-
-
-@dataclass(frozen=True)
-class Steadiness:
-    """Which runs can judge the latency target: at most ``max_steal`` % host CPU steal in
-    every latency window, and no-update windows at most ``max_control`` times apart."""
-
-    max_steal: float = 100.0
-    max_control: float = math.inf
-
-    def why_not(self, r: RunFigures) -> str:
-        """Why ``r`` is set aside; "" when it is steady."""
-        noisy = r.noisiest()
-        if noisy is not None and noisy[1] > self.max_steal:
-            return f"{noisy[1]:.1f} % host CPU steal in '{noisy[0]}'"
-        control = r.control_ratio
-        if control is not None and control > self.max_control:
-            return f"its no-update windows' longest requests {control:.2f}x apart"
-        return ""
-
-    def describe(self) -> str:
-        text = f"at most {self.max_steal:g} % host CPU steal in a latency window"
-        if math.isfinite(self.max_control):
-            text += f" and no-update windows at most {self.max_control:g}x apart"
-        return text
 
 
 STEP_ORDER = ("stage", "backup", "migrate", "switch", "handover", "verify", "commit", "end")
@@ -875,27 +843,28 @@ def _update_rows(label: str, runs: list[RunFigures], pick: str) -> list[Row]:
     ]  # fmt: skip
 
 
-def set_aside_lines(aside: list[RunFigures], rule: Steadiness) -> list[str]:
-    """The runs set aside, in full: not in the figures, but not hidden either."""
+def set_aside_lines(aside: list[RunFigures], max_steal: float) -> list[str]:
+    """The runs set aside for steal, in full: not in the figures, but not hidden either."""
     if not aside:
         return []
-    lines = [f"\nset aside (a run counts with {rule.describe()}; not in the figures below):"]
+    lines = [f"\nset aside (more than {max_steal:g} % host CPU steal in a latency window; "
+             "not in the figures below):"]  # fmt: skip
     for r in aside:
-        lines += [f"  run {r.run}: {r.set_aside_for}"] + ["  " + line for line in run_lines(r)]
+        lines += ["  " + line for line in run_lines(r)]
     return lines
 
 
 def report(
     runs: list[RunFigures],
     aside: Sequence[RunFigures] = (),
-    rule: Steadiness = Steadiness(),
+    max_steal: float = 100.0,
     *,
     noisy_included: bool = False,
 ) -> tuple[str, dict[str, Any]]:
-    """The per-run lines and the table over ``runs``; ``aside``: runs set aside by
-    ``rule``, printed but not counted; ``noisy_included``: too few runs were steady,
-    so ``runs`` has unsteady ones too."""
-    lines = [line for r in runs for line in run_lines(r)] + set_aside_lines(list(aside), rule)
+    """The per-run lines and the table over ``runs``; ``aside``: runs set aside for
+    more than ``max_steal`` % steal, printed but not counted; ``noisy_included``: too
+    few runs were quiet, so ``runs`` has noisy ones too."""
+    lines = [line for r in runs for line in run_lines(r)] + set_aside_lines(list(aside), max_steal)
     quiet = _worst([r.quiet_max_ms for r in runs])
     control = _worst([r.control_ratio for r in runs])
     stolen = _worst([r.steal_pct.get(w) for r in runs for w in LATENCY_WINDOWS])
@@ -927,9 +896,11 @@ def report(
     loads = ", ".join(f"run {r.run}: {r.loadavg[0]:.2f}" for r in runs)
     heading = f"figure (worst of {len(runs)} runs; host loadavg {loads})"
     if noisy_included:
-        heading += f"; unsteady runs included: too few had {rule.describe()}"
+        heading += f"; noisy runs included: too few had at most {max_steal:g} % host CPU steal"
     if aside:
-        heading += "; set aside: " + ", ".join(f"run {r.run} ({r.set_aside_for})" for r in aside)
+        heading += f"; set aside for more than {max_steal:g} % host CPU steal: " + ", ".join(
+            f"run {r.run}" for r in aside
+        )
     table = [f"\n{heading}", f"{'':<58} {'target':>9}  {'value':>10}  verdict"]
     for name, target, value, ok in rows:
         verdict = "" if ok is None else _verdict(ok)
@@ -956,8 +927,7 @@ def report(
             "max_latency_ratio": LATENCY_RATIO_TARGET,
         },
         "misses": misses,
-        "max_steal_pct": rule.max_steal,
-        "max_control_ratio": rule.max_control if math.isfinite(rule.max_control) else None,
+        "max_steal_pct": max_steal,
         "set_aside": [asdict(r) for r in aside],
         "noisy_runs_included": noisy_included,
     }
@@ -1143,11 +1113,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="set aside a run whose latency windows lost more than PCT %% of "
                         "the host's CPU to steal, and make another, up to --runs more "
                         f"(default {MAX_STEAL_PCT:g}; 100 keeps every run)")  # fmt: skip
-    parser.add_argument("--max-control", type=float, default=MAX_CONTROL_RATIO, metavar="RATIO",
-                        help="set aside a run whose two no-update windows' longest requests "
-                        "are more than RATIO times apart (the host alone swung the figure the "
-                        f"latency target compares), and make another (default "
-                        f"{MAX_CONTROL_RATIO:g}; 0 keeps every run)")  # fmt: skip
     parser.add_argument("--no-sandbox", action="store_true",
                         help="skip the sandbox figures (tools/bench_sandbox.py)")  # fmt: skip
     parser.add_argument("--sandbox-runs", type=int, default=5, choices=range(1, 51), metavar="N",
@@ -1159,10 +1124,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--interval must be between 0.005 and 5 seconds")
     if not 0 <= args.max_steal <= 100:
         parser.error("--max-steal must be between 0 and 100 (a percentage)")
-    if args.max_control == 0:
-        args.max_control = math.inf
-    elif not args.max_control >= 1:
-        parser.error("--max-control must be at least 1 (a ratio of two latencies), or 0")
     with load_at_full_priority():
         return _bench(args)
 
@@ -1173,24 +1134,19 @@ def _measure(
     kept: list[tuple[RunFigures, list[Phase]]],
     aside: list[tuple[RunFigures, list[Phase]]],
 ) -> None:
-    """Make runs until ``args.runs`` are kept, at most twice that many: a run that is not
-    steady (Steadiness: steal, or no-update windows far apart) is set aside."""
-    rule = steadiness(args)
+    """Make runs until ``args.runs`` are kept, at most twice that many: a run whose latency
+    windows lost more than ``args.max_steal`` % of the host's CPU to steal is set aside."""
     for index in range(1, 2 * args.runs + 1):
         if len(kept) == args.runs:
             return
         figures, phases = one_run(index, release_dir, args.workers, args.interval)
-        figures.set_aside_for = rule.why_not(figures)
-        if figures.set_aside_for:
-            say(f"run {index}: {figures.set_aside_for}; a run counts with {rule.describe()}: "
-                "set aside")  # fmt: skip
+        noisy = figures.noisiest()
+        if noisy is not None and noisy[1] > args.max_steal:
+            say(f"run {index}: the host lost {noisy[1]:.1f} % of its CPU to steal in "
+                f"'{noisy[0]}' (more than {args.max_steal:g} %): set aside")  # fmt: skip
             aside.append((figures, phases))
         else:
             kept.append((figures, phases))
-
-
-def steadiness(args: argparse.Namespace) -> Steadiness:
-    return Steadiness(args.max_steal, args.max_control)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -1222,12 +1178,12 @@ def _bench(args: argparse.Namespace) -> int:
                 shutil.rmtree(temp, ignore_errors=True)
     noisy_included = len(kept) < args.runs and bool(aside)
     if noisy_included:
-        say(f"only {len(kept)} of {len(kept) + len(aside)} runs had {steadiness(args).describe()}: "
-            "the figures are over all of them")  # fmt: skip
+        say(f"only {len(kept)} of {len(kept) + len(aside)} runs had at most {args.max_steal:g} % "
+            "steal: the figures are over all of them")  # fmt: skip
         kept, aside = sorted(kept + aside, key=lambda rp: rp[0].run), []
     runs, traces = [r for r, _ in kept], [t for _, t in kept]
     text, summary = report(
-        runs, [r for r, _ in aside], steadiness(args), noisy_included=noisy_included
+        runs, [r for r, _ in aside], args.max_steal, noisy_included=noisy_included
     )
     picture = write_out(text, summary, runs, traces)
     if not args.no_sandbox:
