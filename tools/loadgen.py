@@ -24,9 +24,10 @@ for the other loads' threads, and that wait is timed as the server's.
 Measured on the bench's three loads for 60 s with no update, beside a
 separate plain-socket probe: in one process the longest requests were
 30-61 ms while the probe's were 10-27 ms; a process per load, 12-15 ms
-(one 36 ms), the probe's 14 ms. And a load's process freezes what it made
-every FREEZE_EVERY seconds, so that no collection walks its samples: a minute
-into a load, one collection took 25 ms (at most 2 ms, frozen).
+(one 36 ms), the probe's 14 ms. And a load's process collects, then freezes,
+what it made every FREEZE_EVERY seconds, so that no collection walks all its
+samples: a minute into a load, one collection took 25 ms (at most 2 ms,
+frozen).
 """
 
 from __future__ import annotations
@@ -242,13 +243,17 @@ class Load:
             os._exit(1)  # the parent died before prctl: nobody to hand the samples to
         first = len(self.samples)  # a Load run before: only this run's go back
         deadline = time.monotonic() + self.max_seconds
+        gc.freeze()  # what it was forked with: the caller's heap
         with self._threads():
             # Until the parent says stop. Meanwhile what the load made (its samples, its
             # threads) joins the heap no collection walks: a full collection stops every
             # thread of the load while it walks, and their answers wait, timed as the
-            # server's (25-40 ms seen a minute into a load, under perf sched). Young
-            # garbage is still collected before it is frozen.
+            # server's (25 ms a minute into a load). Each time, what was made since the
+            # last time is collected first (a short walk: half a second of objects), so
+            # only what is still alive is frozen. Frozen objects are still freed when
+            # their last reference goes; only a cycle made frozen would stay.
             while not stop.poll(FREEZE_EVERY) and time.monotonic() < deadline:
+                gc.collect()
                 gc.freeze()
         sender.send([astuple(s) for s in self.samples[first:]])
         sender.close()
