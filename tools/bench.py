@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import itertools
 import json
 import os
@@ -407,18 +406,6 @@ def _wait_more_answers(loads: list[Load], more: int = 5, timeout: float = 10) ->
 LOAD_NAMES = ("new connection", "keep-alive", "open loop")
 
 
-def _freeze_client_heap() -> None:
-    """Keep this process's own garbage collections out of the latencies it measures.
-
-    A full collection walks every object the bench holds (its imports, every
-    sample so far) and stops all its load threads meanwhile, which the
-    samples would show as a slow server. Frozen, a collection walks only
-    what came after; a real client runs on another machine anyway.
-    """
-    gc.collect()
-    gc.freeze()
-
-
 def cpu_times() -> tuple[int, int]:
     """(all, stolen) CPU time of the host so far, in ticks (/proc/stat's first line)."""
     with Path("/proc/stat").open() as f:
@@ -445,7 +432,6 @@ def under_load(
 
     The Phase yielded gets its samples when the block ends (marks may be added inside).
     """
-    _freeze_client_heap()
     # A process per load: sharing one GIL, the loads would time each other's waits
     # as the server's (tools/loadgen.py).
     loads = [
@@ -605,7 +591,6 @@ def measure_crash(m: Machine, figures: RunFigures, old: str, ph: list[Phase]) ->
             f"pre-staging {CRASH} exited {staged.exit_code}: {staged.result.get('message')}; "
             "measuring the crash with staging included"
         )
-    _freeze_client_heap()
     poll = Load(lambda: _health_url(m), workers=1, interval=0.02, timeout=30, own_process=True)
     with poll.running():
         deadline = time.monotonic() + 10

@@ -55,6 +55,19 @@ OK = "ok"
 FREEZE_EVERY = 0.5  # seconds; see _child
 
 
+def _settle_heap() -> None:
+    """Collect, then freeze what is left, so that later collections walk only what comes after.
+
+    A full collection stops every thread of a load while it walks, and their
+    answers wait, timed as the server's: 25 ms a minute into a load. Settled
+    every half second, each walk is over half a second of objects. Frozen
+    objects are still freed when their last reference goes; only a cycle
+    made after its objects were frozen would stay.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class LoadLost(ScaleboxError):
     """A load run in its own process did not hand back its samples."""
 
@@ -243,18 +256,12 @@ class Load:
             os._exit(1)  # the parent died before prctl: nobody to hand the samples to
         first = len(self.samples)  # a Load run before: only this run's go back
         deadline = time.monotonic() + self.max_seconds
-        gc.freeze()  # what it was forked with: the caller's heap
+        _settle_heap()  # what it was forked with (the caller's heap), before any request
         with self._threads():
-            # Until the parent says stop. Meanwhile what the load made (its samples, its
-            # threads) joins the heap no collection walks: a full collection stops every
-            # thread of the load while it walks, and their answers wait, timed as the
-            # server's (25 ms a minute into a load). Each time, what was made since the
-            # last time is collected first (a short walk: half a second of objects), so
-            # only what is still alive is frozen. Frozen objects are still freed when
-            # their last reference goes; only a cycle made frozen would stay.
+            # Until the parent says stop; meanwhile what the load made (its samples, its
+            # threads) is settled every FREEZE_EVERY seconds.
             while not stop.poll(FREEZE_EVERY) and time.monotonic() < deadline:
-                gc.collect()
-                gc.freeze()
+                _settle_heap()
         sender.send([astuple(s) for s in self.samples[first:]])
         sender.close()
 

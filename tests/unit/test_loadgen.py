@@ -118,7 +118,7 @@ def test_a_load_process_freezes_what_it_made_so_collections_never_walk_its_sampl
     server: str,
 ) -> None:
     """A full collection in the load's process stops all its threads while it walks every
-    sample and thread made so far (25-40 ms seen a minute into a load), and the answers
+    sample and thread made so far (25 ms measured a minute into a load), and the answers
     waiting meanwhile were timed as the server's. The URL function runs in the load's
     process: each request carries that process's count of frozen objects."""
     _Health.queries.clear()
