@@ -22,7 +22,6 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
 
 import scalebox
 from scalebox import config as config_module
@@ -30,9 +29,6 @@ from scalebox import priority
 from scalebox.config import ServerConfig
 from scalebox.daemon import systemd
 from scalebox.errors import ConfigError, ScaleboxError
-
-if TYPE_CHECKING:
-    from starlette.types import ASGIApp
 
 log = logging.getLogger("scaleboxd")
 
@@ -155,38 +151,6 @@ def freeze_heap() -> int:
     return gc.get_freeze_count()
 
 
-# A nicety: never worth holding READY back long (the updater waits 15 s for it).
-# It bounds the waiting; a handler already running in a worker thread (the one
-# systemctl call of GET /vms) is waited for, as every start waits for systemctl.
-WARM_UP_TIMEOUT = 3.0
-
-
-def warm_up(app: ASGIApp, token: str) -> None:
-    """Answer a few reads in-process before serving, so that no client pays for a first.
-
-    A fresh daemon's first request took 40-50 ms, against ~1 ms for the next:
-    it starts anyio's worker threads (and their imports) and fills FastAPI's
-    caches. During a handover that first request is a user's, and every
-    request that arrived meanwhile waits for it. Done here, before READY=1,
-    it is the daemon's own (logged with the client "warm-up"); nothing it
-    asks changes anything. A failure is only logged: the daemon serves anyway.
-    """
-    import asyncio  # noqa: PLC0415 - only here, at start
-
-    import httpx  # noqa: PLC0415
-
-    async def reads() -> None:
-        transport = httpx.ASGITransport(app=app, client=("warm-up", 0))
-        async with httpx.AsyncClient(transport=transport, base_url="http://warm-up") as client:
-            await client.get("/health")
-            await client.get("/vms", headers={"Authorization": f"Bearer {token}"})
-
-    try:
-        asyncio.run(asyncio.wait_for(reads(), WARM_UP_TIMEOUT))
-    except Exception as exc:  # noqa: BLE001 - serving matters more than warming up
-        log.warning("warm-up requests failed (%s); the first requests may be slower", exc)
-
-
 def serve(config: ServerConfig, config_path: Path, bind: str, *, handover: bool = False) -> int:
     # The entry point (daemon/entry.py) lowered the process if another daemon serves;
     # the server restores it at READY=1.
@@ -197,7 +161,7 @@ def serve(config: ServerConfig, config_path: Path, bind: str, *, handover: bool 
     import uvicorn  # noqa: PLC0415
 
     from scalebox.daemon.app import create_app  # noqa: PLC0415  (fastapi import is slow)
-    from scalebox.daemon.httpserver import CloseWhenDraining, Server  # noqa: PLC0415
+    from scalebox.daemon.httpserver import CloseWhenDraining, Server, warm_up  # noqa: PLC0415
     from scalebox.daemon.serving import Serving  # noqa: PLC0415
     from scalebox.daemon.vms.service import VMService  # noqa: PLC0415
 
