@@ -27,7 +27,9 @@ For each update: wall time (and ÷ the bare restart's), the longest request
 the stage time (the stage's own "built releases/V in N s"), each step from
 the updater's own step_times, and the updater's peak memory (ru_maxrss from
 wait4: the largest process in its tree). Worst of --runs (default 3), with the
-host's loadavg beside each run and the host's CPU steal beside each window. A
+host's loadavg beside each run and the host's CPU steal beside each window;
+each window's longest request, and an update's three slowest, are named with
+the steal booked while they waited (read every 10 ms, tools/steal.py). A
 run whose latency windows lost more than --max-steal (default 5 %) of the
 host's CPU to its hypervisor is printed but set aside, and another run made
 (at most twice --runs in all; if too few are quiet, the figures are over all).
@@ -71,6 +73,7 @@ from tools.checks import API_PORT, CACHE, create_vm, install, read_token, say, v
 from tools.loadgen import Load, Sample, Stats
 from tools.machine import MACHINE_ENV, Machine, sigterm_raises
 from tools.releases import CRASH, A, B
+from tools.steal import StealTrace, cpu_times, steal_pct, tracing
 
 CRASH_TARGET = 3.5  # seconds from the updater's start to the old version healthy (issue 11)
 FAILED_TARGET = 0
@@ -249,6 +252,7 @@ class Phase:
     marks: list[tuple[float, str]] = field(default_factory=list)
     measured_from: float = 0.0  # the figures count requests sent from then on
     steal_pct: float | None = None  # the host's CPU taken by its hypervisor meanwhile
+    steal: StealTrace = field(default_factory=StealTrace)  # the same, read every 10 ms
 
 
 @dataclass
@@ -301,6 +305,7 @@ class RunFigures:
     crash_load: LoadFigures | None = None
     errors: list[str] = field(default_factory=list)
     steal_pct: dict[str, float | None] = field(default_factory=dict)  # per phase name
+    longest: dict[str, str] = field(default_factory=dict)  # per phase name, longest_note
 
     @property
     def quiet_max_ms(self) -> float | None:
@@ -406,24 +411,6 @@ def _wait_more_answers(loads: list[Load], more: int = 5, timeout: float = 10) ->
 LOAD_NAMES = ("new connection", "keep-alive", "open loop")
 
 
-def cpu_times() -> tuple[int, int]:
-    """(all, stolen) CPU time of the host so far, in ticks (/proc/stat's first line)."""
-    with Path("/proc/stat").open() as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    # user nice system idle iowait irq softirq steal (guest time is counted in user)
-    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
-
-
-def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float | None:
-    """The share of the host's CPU time its hypervisor gave to others between two reads.
-
-    A phase whose requests all slowed down with nothing of ours happening is
-    often this: the 2-core host is a VM, and its neighbours take its CPU.
-    """
-    total = after[0] - before[0]
-    return round(100 * (after[1] - before[1]) / total, 1) if total > 0 else None
-
-
 @contextlib.contextmanager
 def under_load(
     m: Machine, name: str, workers: int, interval: float, phases: list[Phase]
@@ -446,7 +433,7 @@ def under_load(
         Load(lambda: _health_url(m), interval=0.02, open_loop=True, own_process=True),
     ]
     phase = Phase(name, time.time(), 0.0, {})
-    with loads[0].running(), loads[1].running(), loads[2].running():
+    with tracing() as phase.steal, loads[0].running(), loads[1].running(), loads[2].running():
         # The figures start once every load is warm: a load's first requests wait for
         # its threads, its client and its first connection (the same in every phase),
         # which is the instrument starting, not the server. The picture shows them.
@@ -535,14 +522,26 @@ SLOWEST = 3  # requests named in an update's timeline
 
 
 def slowest(phase: Phase, count: int = SLOWEST) -> list[tuple[float, float, str]]:
-    """The ``count`` longest requests counted in the figures: (sent, seconds, load)."""
+    """The ``count`` longest requests counted in the figures: (sent, seconds, what), what
+    being the load and, when the phase's steal trace covers it, the steal meanwhile."""
     counted = [
         (sample.sent, sample.seconds, load)
         for load, samples in phase.samples.items()
         for sample in samples
         if sample.sent >= phase.measured_from
     ]
-    return sorted(counted, key=lambda c: c[1], reverse=True)[:count]
+    longest = sorted(counted, key=lambda c: c[1], reverse=True)[:count]
+    return [
+        (sent, took, "; ".join(filter(None, (load, phase.steal.note(sent, took)))))
+        for sent, took, load in longest
+    ]
+
+
+def longest_note(phase: Phase) -> str:
+    """The phase's longest request counted, for its window's heading line."""
+    return "".join(
+        f"longest request {1000 * took:.1f} ms ({what})" for _, took, what in slowest(phase, 1)
+    )
 
 
 def update_timeline(
@@ -650,6 +649,7 @@ def one_run(
 ) -> tuple[RunFigures, list[Phase]]:
     figures, phases = _one_run(index, release_dir, workers, interval)
     figures.steal_pct = {p.name: p.steal_pct for p in phases if p.steal_pct is not None}
+    figures.longest = {p.name: longest_note(p) for p in phases}
     return figures, phases
 
 
@@ -730,8 +730,11 @@ def _worst(values: list[float | None] | list[int | None]) -> float | None:
 
 
 def _stolen(r: RunFigures, phase: str) -> str:
+    """The window's steal and its longest request (with the steal meanwhile), bracketed."""
     pct = r.steal_pct.get(phase)
-    return "" if pct is None else f" [host CPU steal {pct:.1f}%]"
+    parts = [] if pct is None else [f"host CPU steal {pct:.1f}%"]
+    parts += filter(None, [r.longest.get(phase)])
+    return f" [{'; '.join(parts)}]" if parts else ""
 
 
 def _update_lines(name: str, u: UpdateFigures, stolen: str = "") -> list[str]:

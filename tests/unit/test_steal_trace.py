@@ -1,0 +1,76 @@
+"""The host's steal, read every 10 ms, is named beside the bench's slowest requests
+(tools/steal.py, tools/bench.py)."""
+
+from __future__ import annotations
+
+import time
+
+from tools import bench, steal
+from tools.loadgen import Sample
+
+TICK_S = steal.TICK_MS / 1000
+
+
+def _trace(start: float, bursts: dict[int, int]) -> steal.StealTrace:
+    """A read every 10 ms for 2 s from ``start``; ``bursts`` maps a read's index to the
+    ticks the kernel booked just before it."""
+    ticks, samples = 500, []
+    for i in range(200):
+        ticks += bursts.get(i, 0)
+        samples.append((start + i * 0.01, ticks))
+    return steal.StealTrace(samples)
+
+
+def test_the_steal_booked_while_a_request_waited_is_counted_and_none_outside_the_trace() -> None:
+    start = 1000.0
+    trace = _trace(start, {40: 6, 150: 1})  # 6 ticks booked by the read at +0.40 s
+    # A request from +0.33 s to +0.39 s: the burst is booked after it ended, at the
+    # kernel's next tick, and still counts (BOOKED_LATE).
+    assert trace.stolen_ms(start + 0.33, start + 0.39) == 6 * steal.TICK_MS
+    assert trace.note(start + 0.33, 0.06) == f"host steal {6 * steal.TICK_MS:.0f} ms meanwhile"
+    assert trace.stolen_ms(start + 0.5, start + 1.2) == 0  # nothing booked meanwhile
+    assert trace.stolen_ms(start + 1.0, start + 1.6) == steal.TICK_MS
+    assert trace.stolen_ms(start - 1, start + 0.1) is None  # began before the first read
+    assert trace.stolen_ms(start + 1.9, start + 1.99) is None  # no read BOOKED_LATE after
+    assert trace.note(start - 1, 0.1) == ""
+
+
+def test_tracing_reads_the_real_counter_until_the_block_ends() -> None:
+    before = steal.cpu_times()[1]
+    with steal.tracing(every=0.01) as trace:
+        time.sleep(0.3)
+    after = steal.cpu_times()[1]
+    count = len(trace.samples)
+    assert count >= 10, trace.samples
+    times = [t for t, _ in trace.samples]
+    ticks = [n for _, n in trace.samples]
+    assert times == sorted(times) and ticks == sorted(ticks)
+    assert before <= ticks[0] and ticks[-1] <= after  # /proc/stat's steal, not another field
+    time.sleep(0.05)
+    assert len(trace.samples) == count  # the reader stopped with the block
+
+
+def test_the_slowest_requests_and_each_windows_longest_carry_the_steal_meanwhile() -> None:
+    start = 1000.0
+    phase = bench.Phase("no update", start, start + 2, {}, steal=_trace(start, {40: 6}))
+    phase.measured_from = start + 0.1
+    phase.samples = {
+        "open loop": [Sample(start + 0.33, 0.0667, "ok"), Sample(start + 1.0, 0.004, "ok")],
+        "keep-alive": [Sample(start + 1.5, 0.012, "ok")],
+        "new connection": [Sample(start + 1.98, 0.015, "ok")],  # past the trace's end
+    }
+    stolen = f"host steal {6 * steal.TICK_MS:.0f} ms meanwhile"
+    assert [what for _, _, what in bench.slowest(phase)] == [
+        f"open loop; {stolen}",
+        "new connection",  # the trace cannot say: no note rather than a wrong one
+        "keep-alive; host steal 0 ms meanwhile",
+    ]
+    assert bench.longest_note(phase) == f"longest request 66.7 ms (open loop; {stolen})"
+
+    run = bench.RunFigures(1, "sb1", (1.0, 1.0, 1.0))
+    run.steal_pct = {"no update": 0.5}
+    run.longest = {"no update": bench.longest_note(phase)}
+    assert (
+        f"  no update, 12 s: [host CPU steal 0.5%; longest request 66.7 ms (open loop; {stolen})]"
+        in bench.run_lines(run)
+    )
