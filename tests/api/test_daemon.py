@@ -62,16 +62,6 @@ def test_version_flag_prints_what_health_reports(local: Scaleboxd) -> None:
     assert done.stdout.strip() == scalebox.__version__
 
 
-def test_the_daemon_serves_on_uvloop(local: Scaleboxd) -> None:
-    """uvloop costs a tenth less CPU per request than asyncio's own loop; uvicorn's
-    "auto" would fall back to asyncio silently if uvloop went missing."""
-    assert local.process is not None
-    with local.client() as client:
-        assert client.get("/health").status_code == 200
-    maps = Path(f"/proc/{local.process.pid}/maps").read_text()
-    assert "/uvloop/" in maps, "scaleboxd has not loaded uvloop's extension"
-
-
 def test_check_config_accepts_a_valid_config_and_prints_warnings(tmp_path: Path) -> None:
     config, values = write_config(tmp_path, SPELLING_MISTAKE="1")
     done = run_scaleboxd("--check-config", str(config))

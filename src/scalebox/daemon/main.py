@@ -193,10 +193,6 @@ def serve(config: ServerConfig, config_path: Path, bind: str, *, handover: bool 
         app = CloseWhenDraining(create_app(config, service, log.getChild("api")), draining)
         uv_config = uvicorn.Config(
             app,
-            # uvloop: about a tenth less CPU per request than asyncio's loop. Measured
-            # against a local daemon under the bench's three loads, 20 s each, in pairs at
-            # <= 2 % steal: 0.92-1.12 against 1.05-1.26 ms (and 7 ms more to start).
-            loop="uvloop",
             log_config=None,
             access_log=False,  # AccessLogMiddleware logs the path only, never headers
             lifespan="off",
@@ -206,7 +202,6 @@ def serve(config: ServerConfig, config_path: Path, bind: str, *, handover: bool 
         )
         warm_up(app, config.api_token)
         uv_config.load()  # uvicorn's own imports, done here so that they are frozen too
-        uv_config.get_loop_factory()  # and uvloop's
         freeze_heap()
         serving = Serving(str(config_path))
         Server(uv_config, stop_requested, draining, serving, handover=handover).run(sockets=[sock])
