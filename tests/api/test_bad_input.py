@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import select
+import socket
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.api.conftest import SSH_KEY, assert_error, raw_request, state_of
@@ -170,3 +173,32 @@ def test_the_token_is_never_echoed(scaleboxd: Scaleboxd) -> None:
     response = raw_request(scaleboxd, "GET", "/vms", token=wrong)
     assert wrong.encode() not in response.body
     assert scaleboxd.token.encode() not in response.body
+
+
+def _endless_head(server: Scaleboxd) -> tuple[bytes, int]:
+    """Send a header that never ends, 4 KiB at a time, until the daemon answers (at most
+    1 MiB); then read its answer to the end. Returns (answer, filler bytes sent)."""
+    url = httpx.URL(server.url)
+    with socket.create_connection((url.host, url.port or 80), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: scaleboxd\r\nX-Filler: ")
+        sent = 0
+        while sent < 1024 * 1024 and not select.select([sock], [], [], 0.01)[0]:
+            sock.sendall(b"a" * 4096)
+            sent += 4096
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer, sent
+
+
+def test_a_request_head_that_never_ends_is_a_400_once_over_16_kib(
+    scaleboxd: Scaleboxd, unchanged: None
+) -> None:
+    """h11 refuses a request head still incomplete past 16 KiB, so a client cannot make
+    the daemon hold an endless header; httptools, which uvicorn would pick if it were
+    installed, holds any size (daemon/main.py names h11)."""
+    answer, sent = _endless_head(scaleboxd)
+    assert answer.startswith(b"HTTP/1.1 400 "), (sent, answer[:200])
+    assert sent <= 64 * 1024, f"the daemon took {sent} bytes of one header before refusing"
+    with scaleboxd.client() as client:
+        assert client.get("/health").status_code == 200

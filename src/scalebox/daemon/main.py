@@ -193,6 +193,10 @@ def serve(config: ServerConfig, config_path: Path, bind: str, *, handover: bool 
         app = CloseWhenDraining(create_app(config, service, log.getChild("api")), draining)
         uv_config = uvicorn.Config(
             app,
+            # Named, not "auto": uvloop and httptools were measured and left out
+            # (docs/architecture.md); httptools would hold a request head of any size.
+            loop="asyncio",
+            http="h11",
             log_config=None,
             access_log=False,  # AccessLogMiddleware logs the path only, never headers
             lifespan="off",
