@@ -64,9 +64,10 @@ class StealTrace:
         return (self.samples[last][1] - self.samples[first][1]) * TICK_MS
 
     def note(self, start: float, seconds: float) -> str:
-        """The words 'host steal N ms meanwhile' for a request; empty when not known."""
+        """The words 'host steal N ms of CPU meanwhile' for a request (summed over the
+        host's CPUs, so it may exceed the request's own time); empty when not known."""
         stolen = self.stolen_ms(start, start + seconds)
-        return "" if stolen is None else f"host steal {stolen:.0f} ms meanwhile"
+        return "" if stolen is None else f"host steal {stolen:.0f} ms of CPU meanwhile"
 
 
 @contextlib.contextmanager

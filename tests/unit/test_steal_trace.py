@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from pathlib import Path
 
+import pytest
 from tools import bench, steal
 from tools.loadgen import Sample
 
@@ -27,7 +30,8 @@ def test_the_steal_booked_while_a_request_waited_is_counted_and_none_outside_the
     # A request from +0.33 s to +0.39 s: the burst is booked after it ended, at the
     # kernel's next tick, and still counts (BOOKED_LATE).
     assert trace.stolen_ms(start + 0.33, start + 0.39) == 6 * steal.TICK_MS
-    assert trace.note(start + 0.33, 0.06) == f"host steal {6 * steal.TICK_MS:.0f} ms meanwhile"
+    stolen = f"host steal {6 * steal.TICK_MS:.0f} ms of CPU meanwhile"
+    assert trace.note(start + 0.33, 0.06) == stolen
     assert trace.stolen_ms(start + 0.5, start + 1.2) == 0  # nothing booked meanwhile
     assert trace.stolen_ms(start + 1.0, start + 1.6) == steal.TICK_MS
     assert trace.stolen_ms(start - 1, start + 0.1) is None  # began before the first read
@@ -35,19 +39,35 @@ def test_the_steal_booked_while_a_request_waited_is_counted_and_none_outside_the
     assert trace.note(start - 1, 0.1) == ""
 
 
-def test_tracing_reads_the_real_counter_until_the_block_ends() -> None:
-    before = steal.cpu_times()[1]
+def test_a_read_at_the_request_start_or_booked_late_after_its_end_bounds_the_span() -> None:
+    start = 1000.0
+    trace = _trace(start, {30: 2, 31: 4, 45: 3})
+    # Reads at +0.30 (2 ticks) and +0.31 (4 ticks): a request sent exactly at +0.30
+    # counts from that read, so the 2 ticks booked by it were before the request.
+    assert trace.stolen_ms(start + 0.30, start + 0.40) == 4 * steal.TICK_MS
+    # A request ending at +0.43: the read exactly BOOKED_LATE after (+0.45) is the last.
+    assert trace.stolen_ms(start + 0.35, start + 0.43) == 3 * steal.TICK_MS
+    assert trace.stolen_ms(start + 0.35, start + 0.4299) == 3 * steal.TICK_MS
+    assert trace.stolen_ms(start + 0.35, start + 0.42) == 0
+
+
+def test_tracing_reads_the_steal_field_of_proc_stat_until_the_block_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text("cpu  101 102 103 104 105 106 107 4242 109 110\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+    monkeypatch.setattr(steal, "STAT", stat)
+    assert steal.cpu_times() == (101 + 102 + 103 + 104 + 105 + 106 + 107 + 4242, 4242)
     with steal.tracing(every=0.01) as trace:
-        time.sleep(0.3)
-    after = steal.cpu_times()[1]
-    count = len(trace.samples)
-    assert count >= 10, trace.samples
-    times = [t for t, _ in trace.samples]
+        time.sleep(0.1)
+        stat.write_text("cpu  101 102 103 104 105 106 107 4250 109 110\n")
+        time.sleep(0.1)
     ticks = [n for _, n in trace.samples]
-    assert times == sorted(times) and ticks == sorted(ticks)
-    assert before <= ticks[0] and ticks[-1] <= after  # /proc/stat's steal, not another field
-    time.sleep(0.05)
-    assert len(trace.samples) == count  # the reader stopped with the block
+    assert ticks[0] == 4242 and ticks[-1] == 4250 and set(ticks) == {4242, 4250}
+    times = [t for t, _ in trace.samples]
+    assert times == sorted(times) and len(times) >= 10
+    assert not [t for t in threading.enumerate() if t.name == "steal-trace"]
 
 
 def test_the_slowest_requests_and_each_windows_longest_carry_the_steal_meanwhile() -> None:
@@ -59,11 +79,11 @@ def test_the_slowest_requests_and_each_windows_longest_carry_the_steal_meanwhile
         "keep-alive": [Sample(start + 1.5, 0.012, "ok")],
         "new connection": [Sample(start + 1.98, 0.015, "ok")],  # past the trace's end
     }
-    stolen = f"host steal {6 * steal.TICK_MS:.0f} ms meanwhile"
+    stolen = f"host steal {6 * steal.TICK_MS:.0f} ms of CPU meanwhile"
     assert [what for _, _, what in bench.slowest(phase)] == [
         f"open loop; {stolen}",
         "new connection",  # the trace cannot say: no note rather than a wrong one
-        "keep-alive; host steal 0 ms meanwhile",
+        "keep-alive; host steal 0 ms of CPU meanwhile",
     ]
     assert bench.longest_note(phase) == f"longest request 66.7 ms (open loop; {stolen})"
 

@@ -27,8 +27,8 @@ log = logging.getLogger("scaleboxd")
 # How long a connection accepted just before SIGTERM has to send its request.
 ACCEPT_GRACE_SECONDS = 0.3
 # A nicety: never worth holding READY back long (the updater waits 15 s for it).
-# It bounds the waiting; a handler already running in a worker thread (the one
-# systemctl call of GET /vms) is waited for, as every start waits for systemctl.
+# Past it the daemon serves anyway; a handler still running in a worker thread
+# then (the one systemctl call of GET /vms) finishes in the background.
 WARM_UP_TIMEOUT = 3.0
 WARM_UP_CLIENT = ("warm-up", 0)  # the access log's client of these requests
 
@@ -37,31 +37,42 @@ def warm_up(app: ASGIApp, token: str) -> None:
     """Answer a few reads in-process before serving, so that no client pays for a first.
 
     A fresh daemon's first request took 40-50 ms, against ~1 ms for the next:
-    it starts anyio's worker threads (and their imports) and fills FastAPI's
-    caches. During a handover that first request is a user's, and every
-    request that arrived meanwhile waits for it. Done here, before READY=1,
-    it is the daemon's own (logged with the client "warm-up"); nothing it
-    asks changes anything. A failure is only logged: the daemon serves anyway.
+    anyio's worker threads and their imports, FastAPI's caches. During a
+    handover that first request is a user's, and every request that arrived
+    meanwhile waits for it. Done here, before READY=1, it is the daemon's own
+    (logged with the client "warm-up"); nothing it asks changes anything. The
+    worker threads belong to this warm-up's event loop and end with it; the
+    imports and caches stay. A failure is only logged: the daemon serves anyway.
 
     The app is called directly, as an ASGI server would: httpx's ASGI
     transport did this before, but importing httpx imports its command line
-    too (rich, pygments, click), 80 ms of CPU in every start, twice per update.
+    too (rich, pygments): 91 ms of every start (python -X importtime), twice
+    per update.
     """
 
-    async def reads() -> None:
-        await _get(app, "/health", [])
-        await _get(app, "/vms", [(b"authorization", f"Bearer {token}".encode())])
+    async def reads() -> list[str]:
+        bearer = [(b"authorization", f"Bearer {token}".encode("latin-1"))]
+        answers = [(path, await _get(app, path, headers)) for path, headers in
+                   (("/health", []), ("/vms", bearer))]  # fmt: skip
+        return [f"GET {path} answered {status}" for path, status in answers if status != 200]
 
     try:
-        asyncio.run(asyncio.wait_for(reads(), WARM_UP_TIMEOUT))
+        problems = asyncio.run(asyncio.wait_for(reads(), WARM_UP_TIMEOUT))
+    except TimeoutError:
+        problems = [f"no answer within {WARM_UP_TIMEOUT:g} s"]
     except Exception as exc:  # noqa: BLE001 - serving matters more than warming up
-        log.warning("warm-up requests failed (%s); the first requests may be slower", exc)
+        problems = [f"{type(exc).__name__}: {exc}"]
+    if problems:
+        log.warning(
+            "warm-up requests failed (%s); the first requests may be slower", "; ".join(problems)
+        )
 
 
-async def _get(app: ASGIApp, path: str, headers: list[tuple[bytes, bytes]]) -> None:
-    """One GET with no body through ``app``, its answer read and dropped."""
+async def _get(app: ASGIApp, path: str, headers: list[tuple[bytes, bytes]]) -> int:
+    """One GET with no body through ``app``: the status it answered (0 for none)."""
     answered = asyncio.Event()
     requested = False
+    status = 0
 
     async def receive() -> Message:
         nonlocal requested
@@ -72,6 +83,9 @@ async def _get(app: ASGIApp, path: str, headers: list[tuple[bytes, bytes]]) -> N
         return {"type": "http.disconnect"}
 
     async def send(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = int(message["status"])
         if message["type"] == "http.response.body" and not message.get("more_body", False):
             answered.set()
 
@@ -90,6 +104,7 @@ async def _get(app: ASGIApp, path: str, headers: list[tuple[bytes, bytes]]) -> N
         "server": ("warm-up", 80),
     }
     await app(scope, receive, send)
+    return status
 
 
 class CloseWhenDraining:
