@@ -539,9 +539,8 @@ def slowest(phase: Phase, count: int = SLOWEST) -> list[tuple[float, float, str]
 
 def longest_note(phase: Phase) -> str:
     """The phase's longest request counted, for its window's heading line."""
-    return "".join(
-        f"longest request {1000 * took:.1f} ms ({what})" for _, took, what in slowest(phase, 1)
-    )
+    found = slowest(phase, 1)
+    return f"longest request {1000 * found[0][1]:.1f} ms ({found[0][2]})" if found else ""
 
 
 def update_timeline(

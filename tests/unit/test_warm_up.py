@@ -68,3 +68,25 @@ def test_a_warm_up_whose_app_raises_names_the_error(caplog: pytest.LogCaptureFix
     with caplog.at_level(logging.WARNING, logger="scaleboxd"):
         httpserver.warm_up(app, TOKEN)
     assert "warm-up requests failed (RuntimeError: state file unreadable)" in caplog.text
+
+
+def test_a_token_outside_latin_1_is_sent_as_utf_8_and_never_quoted_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Starlette reads headers as Latin-1, so such a token fails for every client: the
+    warm-up gets the same 401 rather than an encoding error quoting the token."""
+    token = "sb-" + "€" * 20
+    sent: list[bytes] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        given = dict(scope["headers"]).get(b"authorization")
+        if given is not None:
+            sent.append(given)
+        ok = given is None or given.decode("latin-1") == f"Bearer {token}"
+        await _answer(send, 200 if ok else 401)
+
+    with caplog.at_level(logging.WARNING, logger="scaleboxd"):
+        httpserver.warm_up(app, token)
+    assert sent == [f"Bearer {token}".encode()]
+    assert "warm-up requests failed (GET /vms answered 401)" in caplog.text
+    assert "€" not in caplog.text
