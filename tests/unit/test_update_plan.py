@@ -9,7 +9,6 @@ from scalebox.update.errors import UpdateError
 from scalebox.update.history import REFUSED, ROLLED_BACK, UPDATED, Entry
 from scalebox.update.journal import STEPS
 from scalebox.update.plan import Decision, Recovery, ReleaseDir
-from scalebox.update.systemd import UnitState, start_outcome
 
 
 def test_newer_version_is_an_update() -> None:
@@ -132,33 +131,6 @@ def test_previous_falls_back_to_newest_older_kept_release() -> None:
 
 def test_no_previous_when_nothing_older_is_kept() -> None:
     assert plan.choose_previous([], "0.1.0", ["0.1.0"]) is None
-
-
-# -- a restart queued with --no-block: where it stands (written out by hand) ----------
-
-OLD, NEW = "0f" * 16, "1e" * 16
-
-
-@pytest.mark.parametrize(
-    ("invocation", "active", "sub", "outcome"),
-    [
-        (OLD, "active", "running", "waiting"),  # the old process, not yet stopped
-        (OLD, "deactivating", "stop-sigterm", "waiting"),
-        (NEW, "activating", "start", "waiting"),  # started, no READY=1 yet
-        (NEW, "active", "running", "ready"),
-        (NEW, "activating", "auto-restart", "failed"),  # exited before READY=1
-        (NEW, "failed", "failed", "failed"),
-        (NEW, "inactive", "dead", "failed"),
-    ],
-)
-def test_start_outcome(invocation: str, active: str, sub: str, outcome: str) -> None:
-    state = UnitState(active, sub, 1234, 0, invocation)
-    assert start_outcome(OLD, state) == outcome
-
-
-def test_a_unit_that_never_ran_is_ready_once_it_has_an_invocation() -> None:
-    assert start_outcome("", UnitState("active", "running", 7, 0, NEW)) == "ready"
-    assert start_outcome("", UnitState("inactive", "dead", 0, 0, "")) == "waiting"
 
 
 LOADED = "LoadState=loaded\nNeedDaemonReload=no\n"

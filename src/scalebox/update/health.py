@@ -6,13 +6,21 @@
 3. for a stability window the main PID, the restart count and the
    active state stay the same, and /health keeps answering.
 
-Polls every 0.2 s, with an overall deadline.
+Polls every 0.2 s, with an overall deadline. In the stability window the
+main process is watched through a pidfd, which says at once when it ends,
+so systemd's state is read only then and at the window's end: each
+`systemctl show` cost ~12 ms of CPU (~8 ms the program, ~4 ms systemd),
+25 of them per window at the updater's full priority beside the new daemon
+serving. Without a pidfd (a kernel before 5.3) the state is read every poll.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -45,6 +53,46 @@ def probe(client: httpx.Client, url: str) -> str | None:
     except ValueError:
         return ""
     return str(body.get("version", "")) if isinstance(body, dict) else ""
+
+
+class _Watch:
+    """The end of one process, seen through its pidfd; ``exact`` False: no pidfd, and
+    ``wait`` only sleeps (the caller must read systemd's state every time)."""
+
+    def __init__(self, pid: int, sleep: Callable[[float], None]) -> None:
+        self._sleep = sleep
+        self._fd: int | None = None
+        self._gone = False
+        try:
+            self._fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._gone = True  # it ended already: the next state read says how
+        except (OSError, AttributeError):
+            pass  # no pidfd_open (kernel < 5.3, or not Linux): poll systemd instead
+        self.exact = self._fd is not None or self._gone
+
+    def wait(self, seconds: float) -> bool:
+        """Wait ``seconds``, or less if the process ends; whether it has ended."""
+        if self._fd is None:
+            if not self._gone:
+                self._sleep(seconds)
+            return self._gone
+        readable, _, _ = select.select([self._fd], [], [], seconds)
+        return bool(readable)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@contextlib.contextmanager
+def _watching(pid: int, sleep: Callable[[float], None]) -> Iterator[_Watch]:
+    watch = _Watch(pid, sleep)
+    try:
+        yield watch
+    finally:
+        watch.close()
 
 
 def _describe(state: UnitState) -> str:
@@ -102,27 +150,44 @@ def verify(
         f"scaleboxd {check.expected_version} is healthy (main PID {state.main_pid}); "
         f"watching it for {check.stability_window:g} s"
     )
-    healthy = state
+    _stays_healthy(service, client, check, state, clock=clock, sleep=sleep)
+    return state
+
+
+def _stays_healthy(
+    service: ServiceManager,
+    client: httpx.Client,
+    check: Check,
+    healthy: UnitState,
+    *,
+    clock: Callable[[], float],
+    sleep: Callable[[float], None],
+) -> None:
+    """The stability window: raise VerifyError once the daemon moves or stops answering."""
+    state = healthy
     window_end = clock() + check.stability_window
-    while clock() < window_end:
-        sleep(POLL)
-        state = service.state(SERVICE)
-        moved = (
-            not state.running
-            or state.main_pid != healthy.main_pid
-            or state.restarts != healthy.restarts
-        )
-        answer = None if moved else probe(client, check.health_url)
-        if moved or answer != check.expected_version:
-            seconds = check.stability_window - max(0.0, window_end - clock())
-            cause = (
-                f"unit {_describe(state)} (was main PID {healthy.main_pid})"
-                if moved
-                else f"/health answered {answer!r}"
+    with _watching(healthy.main_pid, sleep) as watch:
+        while (left := window_end - clock()) > 0:
+            ended = watch.wait(min(POLL, left))
+            if ended or not watch.exact or clock() >= window_end:
+                state = service.state(SERVICE)  # the main PID is checked here too
+            moved = (
+                ended  # certain, even before systemd has noticed
+                or not state.running
+                or state.main_pid != healthy.main_pid
+                or state.restarts != healthy.restarts
             )
-            raise VerifyError(
-                f"scaleboxd {check.expected_version} did not stay healthy: after "
-                f"{seconds:.1f} s {cause}",
-                "see `journalctl -u scaleboxd -n 50`",
-            )
-    return healthy
+            answer = None if moved else probe(client, check.health_url)
+            if moved or answer != check.expected_version:
+                seconds = check.stability_window - max(0.0, window_end - clock())
+                if ended and state.main_pid == healthy.main_pid:
+                    cause = f"main PID {healthy.main_pid} ended (unit {state.active}/{state.sub})"
+                elif moved:
+                    cause = f"unit {_describe(state)} (was main PID {healthy.main_pid})"
+                else:
+                    cause = f"/health answered {answer!r}"
+                raise VerifyError(
+                    f"scaleboxd {check.expected_version} did not stay healthy: after "
+                    f"{seconds:.1f} s {cause}",
+                    "see `journalctl -u scaleboxd -n 50`",
+                )
