@@ -74,8 +74,9 @@ def run_program(
     blocked: between fork and setsid() it is still in the caller's group, and
     a Ctrl-C landing in that window would otherwise kill it (seen: a
     `systemctl show` the rollback waited on died of SIGINT under repeated
-    Ctrl-C). Only for short programs that must finish (systemctl): the block
-    stays for the child's life and is inherited by its own children. The
+    Ctrl-C). Only for programs that must finish (systemctl, up to a start's
+    15 s): the block stays for the child's life and is inherited by its own
+    children; one left by a SIGKILLed caller ends with its systemd job. The
     caller's signals are blocked only while the child is created, then
     delivered as usual.
     """

@@ -169,6 +169,21 @@ def test_the_stability_window_asks_systemd_only_at_its_end_while_the_daemon_live
     assert reads == [SERVICE, SERVICE]  # the wait for healthy, the window's end
 
 
+def test_without_a_pidfd_of_the_main_process_the_window_polls_systemd() -> None:
+    """A PID gone already, or in another PID namespace, has no pidfd: the window then
+    reads systemd's state every poll, as before pidfds, rather than call it ended."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with health._watching(gone.pid) as watch:
+        assert not watch.exact
+        started = time.monotonic()
+        assert watch.wait(0.05) is False
+        assert time.monotonic() - started >= 0.05
+    with health._watching(os.getpid()) as watch:
+        assert watch.exact
+        assert watch.wait(0.01) is False  # this process lives on
+
+
 def test_a_main_process_that_ends_in_the_window_is_seen_at_once(server: Server) -> None:
     pid = server.service.state(SERVICE).main_pid
     started = time.monotonic()

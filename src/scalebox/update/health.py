@@ -59,26 +59,28 @@ class _Watch:
     """The end of one process, seen through its pidfd; ``exact`` False: no pidfd, and
     ``wait`` only sleeps (the caller must read systemd's state every time)."""
 
-    def __init__(self, pid: int, sleep: Callable[[float], None]) -> None:
-        self._sleep = sleep
+    def __init__(self, pid: int) -> None:
+        self._poll: select.poll | None = None
         self._fd: int | None = None
-        self._gone = False
         try:
             self._fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            self._gone = True  # it ended already: the next state read says how
         except (OSError, AttributeError):
-            pass  # no pidfd_open (kernel < 5.3, or not Linux): poll systemd instead
-        self.exact = self._fd is not None or self._gone
+            # No pidfd_open (kernel < 5.3, not Linux), or no such process here (it
+            # ended already, or another PID namespace): poll systemd instead.
+            return
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN)
+
+    @property
+    def exact(self) -> bool:
+        return self._poll is not None
 
     def wait(self, seconds: float) -> bool:
         """Wait ``seconds``, or less if the process ends; whether it has ended."""
-        if self._fd is None:
-            if not self._gone:
-                self._sleep(seconds)
-            return self._gone
-        readable, _, _ = select.select([self._fd], [], [], seconds)
-        return bool(readable)
+        if self._poll is None:
+            time.sleep(seconds)
+            return False
+        return bool(self._poll.poll(seconds * 1000))
 
     def close(self) -> None:
         if self._fd is not None:
@@ -87,8 +89,8 @@ class _Watch:
 
 
 @contextlib.contextmanager
-def _watching(pid: int, sleep: Callable[[float], None]) -> Iterator[_Watch]:
-    watch = _Watch(pid, sleep)
+def _watching(pid: int) -> Iterator[_Watch]:
+    watch = _Watch(pid)
     try:
         yield watch
     finally:
@@ -104,11 +106,9 @@ def verify(
     client: httpx.Client,
     check: Check,
     report: Callable[[str], None],
-    *,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
 ) -> UnitState:
     """Return the unit state once healthy and stable; raise VerifyError saying what failed."""
+    clock = time.monotonic
     deadline = clock() + check.timeout
     wrong_since: float | None = None
     last = "no answer yet"
@@ -144,33 +144,31 @@ def verify(
                 f"{check.timeout:.0f} s ({last})",
                 "see `journalctl -u scaleboxd -n 50`",
             )
-        sleep(POLL)
+        time.sleep(POLL)
 
     report(
         f"scaleboxd {check.expected_version} is healthy (main PID {state.main_pid}); "
         f"watching it for {check.stability_window:g} s"
     )
-    _stays_healthy(service, client, check, state, clock=clock, sleep=sleep)
+    _stays_healthy(service, client, check, state)
     return state
 
 
 def _stays_healthy(
-    service: ServiceManager,
-    client: httpx.Client,
-    check: Check,
-    healthy: UnitState,
-    *,
-    clock: Callable[[], float],
-    sleep: Callable[[float], None],
+    service: ServiceManager, client: httpx.Client, check: Check, healthy: UnitState
 ) -> None:
-    """The stability window: raise VerifyError once the daemon moves or stops answering."""
-    state = healthy
+    """The stability window: raise VerifyError once the daemon moves or stops answering.
+    systemd's state is read when the main process ends, at the window's end, and on
+    every poll only without a pidfd."""
+    clock = time.monotonic
     window_end = clock() + check.stability_window
-    with _watching(healthy.main_pid, sleep) as watch:
-        while (left := window_end - clock()) > 0:
-            ended = watch.wait(min(POLL, left))
-            if ended or not watch.exact or clock() >= window_end:
-                state = service.state(SERVICE)  # the main PID is checked here too
+    with _watching(healthy.main_pid) as watch:
+        last = False
+        while not last:
+            left = window_end - clock()
+            ended = watch.wait(min(POLL, max(left, 0.0)))
+            last = clock() >= window_end
+            state = service.state(SERVICE) if ended or last or not watch.exact else healthy
             moved = (
                 ended  # certain, even before systemd has noticed
                 or not state.running

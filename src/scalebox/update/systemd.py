@@ -123,7 +123,7 @@ class Systemctl:
             )
         except ProgramError as exc:
             if exc.kind != "timeout":
-                raise CommandError(f"{verb} {unit} failed: {exc.detail}", HINT) from None
+                raise CommandError(f"{verb} {unit} failed: {exc.detail}", _hint(unit)) from None
             state = self.state(unit)
             raise CommandError(
                 f"{verb} {unit} did not become ready within {budget:g} s "
@@ -133,9 +133,10 @@ class Systemctl:
         if not done.ok:
             state = self.state(unit)
             status = f" (exit status {state.exit_status})" if state.exit_status else ""
+            said = done.output.strip().splitlines()[0]  # "Job for ... failed because ..."
             raise CommandError(
                 f"{verb} {unit} failed: the unit is {state.active}/{state.sub}{status} "
-                f"(systemctl: {done.output.strip()})",
+                f"(systemctl: {said})",
                 _hint(unit),
             )
 
