@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from scalebox import priority
 from scalebox.daemon import serving
+from scalebox.runner import run_program
 from scalebox.update import giveway
 
 
@@ -75,3 +77,37 @@ def test_the_update_gives_way_for_a_bounded_time_only(
         "still busy after 0.3 s at a lower CPU priority; going on at normal priority, "
         "so that a saturated CPU cannot starve it"
     ]
+
+
+CHILD_NICE = (
+    "import os, pathlib\n"
+    "print(os.getpriority(os.PRIO_PROCESS, 0), "
+    "pathlib.Path('/proc/self/autogroup').read_text().split()[-1])\n"
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")
+def test_work_after_the_commit_runs_lowered_and_its_programs_too(config: Path) -> None:
+    """The template notice after an update starts the new release's Python (~130 ms of
+    CPU); at full priority it stalled every request for 35-45 ms. In ``waiting`` it runs
+    lowered, programs it starts in a session of their own too, and ends restored, also
+    when the block raises."""
+    given = os.getpriority(os.PRIO_PROCESS, 0)
+    lowered = min(max(given, 0) + priority.NICER, priority.MAX_NICE)
+    daemon = serving.Serving(str(config))
+    assert daemon.hold() is None
+    try:
+        with giveway.waiting(config, print):
+            done = run_program([sys.executable, "-c", CHILD_NICE], timeout=30, new_session=True)
+        nice, session = (int(v) for v in done.stdout.split())
+        assert nice == lowered
+        if priority.session_nice() is not None:  # autogroup scheduling on this kernel
+            assert session == lowered
+        assert os.getpriority(os.PRIO_PROCESS, 0) == given
+        with pytest.raises(RuntimeError), giveway.waiting(config, print):
+            raise RuntimeError("the block failed")
+        assert not priority.lowered()
+        assert os.getpriority(os.PRIO_PROCESS, 0) == given
+    finally:
+        priority.restore_process(print)
+        daemon.release()

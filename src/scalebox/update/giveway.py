@@ -12,10 +12,13 @@ stage of a second would take minutes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from scalebox import priority
 from scalebox.daemon import serving
+from scalebox.update import interrupt
 
 # From the updater's start: a download counts too (a few seconds; little CPU).
 GIVE_WAY_SECONDS = 30.0
@@ -28,3 +31,16 @@ def give_way(config: Path, report: priority.Warn) -> bool:
         return False
     priority.lower_process(report, priority.Session.SHARED, at_most=GIVE_WAY_SECONDS)
     return True
+
+
+@contextmanager
+def waiting(config: Path, report: priority.Warn) -> Iterator[None]:
+    """Run the block lowered (give_way) and end it back at full priority. Shielded, the
+    lowering too: a signal between it and the restore would leave the session it
+    shares (sudo's, or a root shell's) lowered."""
+    with interrupt.shielded():
+        give_way(config, report)
+        try:
+            yield
+        finally:
+            priority.restore_process(report)

@@ -215,15 +215,9 @@ def _commit(ctx: Context, j: Journal) -> tuple[list[str], str | None]:
     back.)
     """
     try:
-        # Shielded, the lowering too: a signal between it and the restore would leave
-        # the session it shares (sudo's, or a root shell's) lowered.
-        with interrupt.shielded():
-            giveway.give_way(ctx.paths.config, ctx.report)
-            try:
-                pruned = commit.commit(ctx, j)
-                _finish(ctx, j)
-            finally:
-                priority.restore_process(ctx.report)
+        with giveway.waiting(ctx.paths.config, ctx.report):
+            pruned = commit.commit(ctx, j)
+            _finish(ctx, j)
     except OSError as exc:
         left = (
             f"but its bookkeeping is not finished ({os_error(exc)}): "
