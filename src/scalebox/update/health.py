@@ -11,7 +11,8 @@ main process is watched through a pidfd, which says at once when it ends,
 so systemd's state is read only then and at the window's end: each
 `systemctl show` cost ~12 ms of CPU (~8 ms the program, ~4 ms systemd),
 25 of them per window at the updater's full priority beside the new daemon
-serving. Without a pidfd (a kernel before 5.3) the state is read every poll.
+serving. Without a pidfd (a kernel before 5.3, or a main PID not visible
+from here) the state is read every poll.
 """
 
 from __future__ import annotations
