@@ -417,6 +417,10 @@ def _spoil(donor: Path) -> None:
     site = _site(donor / "venv")
     py = site / "scalebox" / "cli" / "main.py"
     py.write_text(py.read_text() + "\n# edited\n")  # a file that differs
+    same_size = site / "scalebox" / "update" / "plan.py"
+    before = same_size.read_bytes()
+    same_size.write_bytes(before.replace(b"def ", b"def  ", 1)[:-1])
+    assert same_size.stat().st_size == len(before)
     pyc = next((site / "scalebox" / "update" / "__pycache__").glob("stage.*.pyc"))
     data = bytearray(pyc.read_bytes())
     data[-1] ^= 1  # bit rot past the header: its record no longer matches
@@ -436,6 +440,7 @@ def test_a_donor_file_that_is_not_exactly_the_same_is_written_not_linked(
     shared = _shared(paths)
     for spoiled in (
         "scalebox/cli/main.py",
+        "scalebox/update/plan.py",  # the same size, other bytes
         "scalebox/update/__pycache__/stage.cpython",
         "scalebox/errors.py",
         "scalebox/__init__.py",

@@ -4,6 +4,7 @@ test_update_stage.py, on the real release.)"""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib.util
 import io
@@ -12,9 +13,12 @@ import os
 import platform
 import sys
 import threading
+import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
+from installer import install
 
 from scalebox.update import wheel_install
 from scalebox.update.wheel_install import CollectingDestination, Donor
@@ -99,7 +103,7 @@ def test_a_fifo_in_the_donors_place_is_not_linked_and_not_waited_on(tmp_path: Pa
     fifo = tmp_path / "donor.py"
     os.mkfifo(fifo, 0o644)
     target = tmp_path / "new" / "mine.py"
-    answer: list[bool] = []
+    answer: list[bytes | None] = []
     worker = threading.Thread(
         target=lambda: answer.append(
             wheel_install.link_if(str(fifo), str(target), 0o644, lambda _: True)
@@ -108,7 +112,7 @@ def test_a_fifo_in_the_donors_place_is_not_linked_and_not_waited_on(tmp_path: Pa
     )
     worker.start()
     worker.join(30)
-    assert answer == [False], "link_if opened the FIFO and waited for a writer"
+    assert answer == [None], "link_if opened the FIFO and waited for a writer"
 
 
 def test_pycache_is_made_only_for_a_pyc_that_is_linked(
@@ -136,3 +140,120 @@ def test_pycache_is_made_only_for_a_pyc_that_is_linked(
     assert not (site / "pkg" / "__pycache__").exists()
     assert destination.link_pyc(str(site), mine, b"x = 1\n", mode)
     assert Path(importlib.util.cache_from_source(mine)).samefile(theirs)
+
+
+# --- a file the donor holds byte for byte is linked without being unpacked --------------
+
+
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode().rstrip("=")
+
+
+def _wheel(where: Path, files: dict[str, bytes], record: dict[str, bytes]) -> Path:
+    """A wheel of ``files`` whose RECORD gives each the sha256 of ``record``'s bytes for it
+    (a RECORD that may lie), deflated."""
+    lines = [
+        f"{name},{_record_hash(record.get(name, data))},{len(data)}" for name, data in files.items()
+    ]
+    meta = {
+        "demo-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n",
+        "demo-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nRoot-Is-Purelib: true\n",
+    }
+    path = where / "demo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in {**files, **meta}.items():
+            archive.writestr(name, data)
+        lines += [f"{name},," for name in meta]
+        archive.writestr(
+            "demo-1.0.dist-info/RECORD", "\n".join([*lines, "demo-1.0.dist-info/RECORD,,"])
+        )
+    return path
+
+
+def _spoil_deflated(wheel: Path, name: str) -> None:
+    """Overwrite ``name``'s deflated bytes in the zip (its size and CRC-32 stay): it can no
+    longer be unpacked."""
+    with zipfile.ZipFile(wheel) as archive:
+        info = archive.getinfo(name)
+    with wheel.open("r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = (
+            int.from_bytes(f.read(2), "little"),
+            int.from_bytes(f.read(2), "little"),
+        )
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        f.write(b"\xff" * info.compress_size)
+    with zipfile.ZipFile(wheel) as archive, pytest.raises(zlib.error):
+        archive.read(name)
+
+
+def _install_next_to_a_donor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wheel: Path, donor_files: dict[str, bytes]
+) -> tuple[CollectingDestination, Path, Path]:
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    mode = 0o666 & ~wheel_install.current_umask()
+    donor_site = tmp_path / "donor" / "venv" / "lib" / "site-packages"
+    for name, data in donor_files.items():
+        (donor_site / name).parent.mkdir(parents=True, exist_ok=True)
+        (donor_site / name).write_bytes(data)
+        (donor_site / name).chmod(mode)
+    destination = _destination(tmp_path, Donor(tmp_path / "donor" / "venv", {}))
+    with zipfile.ZipFile(wheel) as archive:
+        destination.wheel = wheel_install.NotingWheel(archive)
+        install(destination.wheel, destination, {"INSTALLER": wheel_install.INSTALLER})
+    return destination, tmp_path / "venv" / "lib" / "site-packages", donor_site
+
+
+def test_a_file_the_donor_holds_is_linked_without_being_unpacked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = b"def f():\n    return 1\n" * 50
+    wheel = _wheel(tmp_path, {"pkg/a.py": shared, "pkg/b.py": b"y = 2\n"}, {})
+    # Its zip still says the size and CRC-32 of the bytes, its RECORD their sha256: only
+    # a build that unpacks it would see the damage.
+    _spoil_deflated(wheel, "pkg/a.py")
+    destination, site, donor_site = _install_next_to_a_donor(
+        tmp_path, monkeypatch, wheel, {"pkg/a.py": shared}
+    )
+    assert (site / "pkg" / "a.py").samefile(donor_site / "pkg" / "a.py")
+    assert (site / "pkg" / "b.py").read_bytes() == b"y = 2\n"  # the donor has none: unpacked
+    assert (
+        destination.hashes[str(site / "pkg" / "a.py")]
+        == "sha256:" + hashlib.sha256(shared).hexdigest()
+    )
+    record = (site / "demo-1.0.dist-info" / "RECORD").read_text().splitlines()
+    assert f"pkg/a.py,{_record_hash(shared)},{len(shared)}" in record
+
+
+def test_a_record_that_names_the_donors_bytes_does_not_put_them_in_place_of_the_wheels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same size, and a RECORD that gives the donor's sha256: the CRC-32 of the
+    # bytes in the zip tells them apart, and the wheel's own bytes are installed.
+    wheel = _wheel(tmp_path, {"pkg/a.py": b"x = 1\n"}, {"pkg/a.py": b"x = 2\n"})
+    _, site, donor_site = _install_next_to_a_donor(
+        tmp_path, monkeypatch, wheel, {"pkg/a.py": b"x = 2\n"}
+    )
+    assert not (site / "pkg" / "a.py").samefile(donor_site / "pkg" / "a.py")
+    assert (site / "pkg" / "a.py").read_bytes() == b"x = 1\n"
+
+
+@pytest.mark.parametrize(
+    ("mine", "theirs"),
+    [
+        ("lib/site-packages/pkg/a.py", "lib/site-packages/pkg/a.py"),
+        ("lib/./site-packages/pkg/../pkg/a.py", "lib/site-packages/pkg/a.py"),
+        ("lib/site-packages/.hidden/a.py", "lib/site-packages/.hidden/a.py"),
+        ("../elsewhere/a.py", None),
+        ("..", None),
+    ],
+)
+def test_the_donors_place_of_a_file_is_the_same_place_below_its_venv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mine: str, theirs: str | None
+) -> None:
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    donor = Donor(tmp_path / "donor" / "venv", {f"venv/{theirs}": "sha256:x"} if theirs else {})
+    found = donor.path(f"{tmp_path}/venv/{mine}")
+    assert found == (None if theirs is None else str(tmp_path / "donor" / "venv" / theirs))
+    if found is not None:
+        assert donor.recorded(found) == "sha256:x"
