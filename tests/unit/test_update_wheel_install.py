@@ -149,12 +149,16 @@ def _record_hash(data: bytes) -> str:
     return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode().rstrip("=")
 
 
-def _wheel(where: Path, files: dict[str, bytes], record: dict[str, bytes]) -> Path:
+def _wheel(
+    where: Path, files: dict[str, bytes], record: dict[str, bytes | None] | None = None
+) -> Path:
     """A wheel of ``files`` whose RECORD gives each the sha256 of ``record``'s bytes for it
-    (a RECORD that may lie), deflated."""
-    lines = [
-        f"{name},{_record_hash(record.get(name, data))},{len(data)}" for name, data in files.items()
-    ]
+    (a RECORD that may lie; None: no hash), deflated."""
+    record = record or {}
+    lines = []
+    for name, data in files.items():
+        said = record.get(name, data)
+        lines.append(f"{name},{'' if said is None else _record_hash(said)},{len(data)}")
     meta = {
         "demo-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n",
         "demo-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nRoot-Is-Purelib: true\n",
@@ -164,9 +168,8 @@ def _wheel(where: Path, files: dict[str, bytes], record: dict[str, bytes]) -> Pa
         for name, data in {**files, **meta}.items():
             archive.writestr(name, data)
         lines += [f"{name},," for name in meta]
-        archive.writestr(
-            "demo-1.0.dist-info/RECORD", "\n".join([*lines, "demo-1.0.dist-info/RECORD,,"])
-        )
+        lines.append("demo-1.0.dist-info/RECORD,,")
+        archive.writestr("demo-1.0.dist-info/RECORD", "\n".join(lines))
     return path
 
 
@@ -208,7 +211,7 @@ def test_a_file_the_donor_holds_is_linked_without_being_unpacked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     shared = b"def f():\n    return 1\n" * 50
-    wheel = _wheel(tmp_path, {"pkg/a.py": shared, "pkg/b.py": b"y = 2\n"}, {})
+    wheel = _wheel(tmp_path, {"pkg/a.py": shared, "pkg/b.py": b"y = 2\n"})
     # Its zip still says the size and CRC-32 of the bytes, its RECORD their sha256: only
     # a build that unpacks it would see the damage.
     _spoil_deflated(wheel, "pkg/a.py")
@@ -223,6 +226,33 @@ def test_a_file_the_donor_holds_is_linked_without_being_unpacked(
     )
     record = (site / "demo-1.0.dist-info" / "RECORD").read_text().splitlines()
     assert f"pkg/a.py,{_record_hash(shared)},{len(shared)}" in record
+    assert destination.wheel is not None
+    assert destination.wheel.member(io.BytesIO(shared)) is None  # not the wheel's file
+
+
+def test_a_file_the_wheel_gives_no_sha256_is_unpacked_and_compared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = {"pkg/a.py": b"x = 1\n", "pkg/empty.py": b""}
+    wheel = _wheel(tmp_path, files, dict.fromkeys(files))
+    destination, site, donor_site = _install_next_to_a_donor(tmp_path, monkeypatch, wheel, files)
+    for name, data in files.items():
+        assert (site / name).samefile(donor_site / name)
+        assert destination.hashes[str(site / name)] == "sha256:" + hashlib.sha256(data).hexdigest()
+    record = (site / "demo-1.0.dist-info" / "RECORD").read_text().splitlines()
+    assert f"pkg/empty.py,{_record_hash(b'')},0" in record
+
+
+def test_an_item_of_a_shape_not_known_here_is_unpacked_not_failed(tmp_path: Path) -> None:
+    # A later installer (the new release's) may yield otherwise: nothing is vouched for.
+    wheel = _wheel(tmp_path, {"pkg/a.py": b"x = 1\n"})
+    with zipfile.ZipFile(wheel) as archive:
+        noting = wheel_install.NotingWheel(archive)
+        stream = io.BytesIO(b"x = 1\n")
+        for item in [("pkg/a.py", stream, False), ((1, 2), stream), None]:
+            assert noting._member(item) is None  # type: ignore[arg-type]
+        renamed = (("pkg/a.py", _record_hash(b"x = 1\n"), "6"), stream, False)
+        assert noting._member(renamed) == (stream, None)  # its stream names no member
 
 
 def test_a_record_that_names_the_donors_bytes_does_not_put_them_in_place_of_the_wheels(
@@ -245,6 +275,7 @@ def test_a_record_that_names_the_donors_bytes_does_not_put_them_in_place_of_the_
         ("lib/./site-packages/pkg/../pkg/a.py", "lib/site-packages/pkg/a.py"),
         ("lib/site-packages/.hidden/a.py", "lib/site-packages/.hidden/a.py"),
         ("../elsewhere/a.py", None),
+        ("../venv2/a.py", None),  # a sibling whose name starts with the venv's
         ("..", None),
     ],
 )

@@ -40,6 +40,7 @@ Prints one line per installed distribution; exits 1 with a one-line reason.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -63,12 +64,16 @@ from typing import BinaryIO
 from installer import install
 from installer.destinations import SchemeDictionaryDestination
 from installer.records import Hash, RecordEntry
-from installer.sources import WheelContentElement, WheelFile
+from installer.sources import WheelFile
 from installer.utils import Scheme
 from packaging.requirements import Requirement
 from packaging.tags import sys_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # not in installer's __all__: a later installer may rename it
+    from installer.sources import WheelContentElement
 
 INSTALLER = b"scalebox-update\n"
 SITE_SCHEMES = ("purelib", "platlib")
@@ -231,10 +236,6 @@ class Member:
     crc: int
     sha256: bytes
 
-    @classmethod
-    def of(cls, data: bytes) -> Member:
-        return cls(len(data), zlib.crc32(data), hashlib.sha256(data).digest())
-
     def matches(self, data: bytes) -> bool:
         return (
             len(data) == self.size
@@ -246,21 +247,31 @@ class Member:
 class NotingWheel(WheelFile):
     """A wheel that says what it knows of the file installer is writing, without
     unpacking it: the size and CRC-32 its zip directory holds, the sha256 its RECORD
-    holds. A donor's file that has all three is the file (the CRC-32 holds the RECORD
-    to the bytes in the zip), so it is linked with no inflating: the wheels' ~40 MB
-    cost ~0.2 s of CPU to inflate, ~0.05 s to check this way."""
+    holds. A donor's file that has all three is taken for the file, and linked with
+    no inflating: the wheels' ~40 MB cost ~0.2 s of CPU to inflate, ~0.05 s to check
+    this way. The CRC-32 ties the RECORD to the bytes in the zip: a RECORD that is
+    wrong by mistake links nothing. Two things this trusts that inflating would
+    not, both only the release's signer could ship (every wheel's sha256 is in the
+    signed manifest, checked before staging): a RECORD made to match the donor's
+    bytes where the zip holds others with the same size and CRC-32, and deflated
+    bytes that are damaged while the directory is whole (`./do tarball` installs
+    every wheel with no donor, so such a release is not built).
+
+    This file is the running release's, the installer the new release's: all
+    that is read of installer's items is guarded, and a shape it does not know
+    makes the file unpacked as before, never an install that fails."""
 
     def __init__(self, archive: zipfile.ZipFile) -> None:
         super().__init__(archive)
         self.archive = archive
         names = archive.namelist()
         self.unique = len(names) == len(set(names))  # else getinfo() could name another
-        self.current: tuple[BinaryIO, Member | None] | None = None
+        self.current: tuple[object, Member | None] | None = None
 
     def get_contents(self) -> Iterator[WheelContentElement]:
-        for elements, stream, is_executable in super().get_contents():
-            self.current = (stream, self._member(elements))
-            yield elements, stream, is_executable
+        for item in super().get_contents():
+            self.current = self._member(item)
+            yield item
         self.current = None
 
     def member(self, stream: BinaryIO) -> Member | None:
@@ -269,17 +280,17 @@ class NotingWheel(WheelFile):
             return None  # not a file of the wheel (INSTALLER, RECORD, a script)
         return self.current[1]
 
-    def _member(self, elements: tuple[str, str, str]) -> Member | None:
-        path, recorded, _ = elements
-        algorithm, _, value = recorded.partition("=")
-        if not self.unique or algorithm != "sha256":
-            return None
+    def _member(self, item: WheelContentElement) -> tuple[object, Member | None] | None:
         try:
+            (path, recorded, _), stream, _ = item
+            algorithm, _, value = recorded.partition("=")
+            if not self.unique or algorithm != "sha256" or getattr(stream, "name", None) != path:
+                return (stream, None)
             info = self.archive.getinfo(path)
             digest = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-        except (KeyError, ValueError):
+        except Exception:  # noqa: BLE001 -- any shape not known here: unpacked as before
             return None
-        return Member(info.file_size, info.CRC, digest) if len(digest) == 32 else None
+        return (stream, Member(info.file_size, info.CRC, digest) if len(digest) == 32 else None)
 
 
 class CollectingDestination(SchemeDictionaryDestination):
@@ -326,19 +337,21 @@ class CollectingDestination(SchemeDictionaryDestination):
             return entry
         # The modes installer's open() and make_file_executable() give.
         mode = (0o777 & ~self.umask | 0o111) if is_executable else 0o666 & ~self.umask
-        data = None
-        member = self.wheel.member(stream) if self.wheel is not None else None
-        if member is None:
-            data = stream.read()
-            member = Member.of(data)
-        linked = link_if(theirs, target, mode, member.matches, size=member.size)
-        if linked is not None:
-            data = linked
-            # sha256: installer's default hash, which install_one keeps.
-            value = base64.urlsafe_b64encode(member.sha256).decode("ascii").rstrip("=")
-            entry = RecordEntry(path, Hash("sha256", value), len(data))
+        member = None
+        if self.wheel is not None and self.hash_algorithm == "sha256":
+            member = self.wheel.member(stream)
+        if member is not None:
+            linked = link_if(theirs, target, mode, member.matches, size=member.size)
+            data = stream.read() if linked is None else linked
+            digest = member.sha256
         else:
-            data = stream.read() if data is None else data
+            data = stream.read()
+            linked = link_if(theirs, target, mode, data.__eq__, size=len(data))
+            digest = b"" if linked is None else hashlib.new(self.hash_algorithm, data).digest()
+        if linked is not None:
+            value = base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
+            entry = RecordEntry(path, Hash(self.hash_algorithm, value), len(data))
+        else:
             entry = super().write_to_fs(scheme, path, io.BytesIO(data), is_executable)
         self.note(target, entry)
         if target.endswith(".py") and not self.link_pyc(site, target, data, mode):
@@ -480,8 +493,13 @@ def install_one(path: Path, requested: bool) -> tuple[list[tuple[str, str]], dic
     destination = CollectingDestination(
         scheme, interpreter=sys.executable, script_kind="posix", donor=_donor
     )
-    with zipfile.ZipFile(path) as archive:
-        source = destination.wheel = NotingWheel(archive)
+    with contextlib.ExitStack() as stack:
+        archive = stack.enter_context(zipfile.ZipFile(path))
+        source: WheelFile
+        try:
+            source = destination.wheel = NotingWheel(archive)
+        except Exception:  # noqa: BLE001 -- a later installer's WheelFile, made otherwise
+            source = stack.enter_context(WheelFile.open(path))
         extra = {"REQUESTED": b""} if requested else {}
         install(source, destination, {"INSTALLER": INSTALLER, **extra})
     return destination.python_files, destination.hashes
