@@ -254,8 +254,9 @@ class NotingWheel(WheelFile):
     not, both only the release's signer could ship (every wheel's sha256 is in the
     signed manifest, checked before staging): a RECORD made to match the donor's
     bytes where the zip holds others with the same size and CRC-32, and deflated
-    bytes that are damaged while the directory is whole (`./do tarball` installs
-    every wheel with no donor, so such a release is not built).
+    bytes that are damaged while the directory is whole (a wheel built broken and
+    signed so: a build without a donor, install.sh's first one for instance,
+    refuses it).
 
     This file is the running release's, the installer the new release's: all
     that is read of installer's items is guarded, and a shape it does not know
