@@ -344,12 +344,14 @@ class CollectingDestination(SchemeDictionaryDestination):
         if member is not None:
             linked = link_if(theirs, target, mode, member.matches, size=member.size)
             data = stream.read() if linked is None else linked
-            digest = member.sha256
         else:
             data = stream.read()
             linked = link_if(theirs, target, mode, data.__eq__, size=len(data))
-            digest = b"" if linked is None else hashlib.new(self.hash_algorithm, data).digest()
         if linked is not None:
+            if member is not None:
+                digest = member.sha256  # matches() saw that the linked bytes have it
+            else:
+                digest = hashlib.new(self.hash_algorithm, data).digest()
             value = base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
             entry = RecordEntry(path, Hash(self.hash_algorithm, value), len(data))
         else:
