@@ -61,7 +61,11 @@ def test_tracing_reads_the_steal_field_of_proc_stat_until_the_block_ends(
     assert steal.cpu_times() == (101 + 102 + 103 + 104 + 105 + 106 + 107 + 4242, 4242)
     with steal.tracing(every=0.01) as trace:
         time.sleep(0.1)
-        stat.write_text("cpu  101 102 103 104 105 106 107 4250 109 110\n")
+        # Replaced, not rewritten in place: the kernel's /proc/stat is never seen half
+        # written, and a truncated file read mid-write would count as steal 0.
+        moved = tmp_path / "stat.new"
+        moved.write_text("cpu  101 102 103 104 105 106 107 4250 109 110\n")
+        moved.replace(stat)
         time.sleep(0.1)
     ticks = [n for _, n in trace.samples]
     assert ticks[0] == 4242 and ticks[-1] == 4250 and set(ticks) == {4242, 4250}
