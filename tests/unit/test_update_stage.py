@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tools import keygen
@@ -225,6 +226,31 @@ def test_fast_staging_is_reproducible_and_quick(release: Release, tmp_path: Path
     assert differ and all(rel.endswith(".dist-info/RECORD") for rel in differ), differ
     # Generous for a shared test host; `./do bench-stage` prints the figure on an idle one.
     assert took < 60
+
+
+def test_while_giving_way_the_install_runs_in_one_process_and_builds_the_same_tree(
+    release: Release, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = Paths(tmp_path / "server")
+    assert stage.build(paths, release.root, VERSION, python="python3", report=lambda _: None)
+    by_every_core = _files(paths.release_dir(VERSION))
+    shutil.rmtree(paths.release_dir(VERSION))
+    # The updater gives way only as root with a daemon serving; here the decision alone is
+    # replaced (priority.lowered), and the real install runs with what the stage passes.
+    monkeypatch.setattr(stage.priority, "lowered", lambda: True)
+    commands: list[list[str]] = []
+    real = stage.process.run
+
+    def noting(argv: list[str], *args: Any, **kwargs: Any) -> Any:
+        commands.append(list(argv))
+        return real(argv, *args, **kwargs)
+
+    monkeypatch.setattr(stage.process, "run", noting)
+    assert stage.build(paths, release.root, VERSION, python="python3", report=lambda _: None)
+    install = next(argv for argv in commands if str(stage.INSTALL_SCRIPT) in argv)
+    assert install[install.index("--workers") + 1] == "1"
+    # Built at the same place by one process: byte for byte the same tree.
+    assert _files(paths.release_dir(VERSION)) == by_every_core
 
 
 def test_the_built_tree_is_on_disk_before_complete_vouches_for_it(

@@ -86,6 +86,15 @@ def test_a_source_no_compiler_takes_gets_no_pyc_and_fails_nothing(tmp_path: Path
     assert Path(importlib.util.cache_from_source(str(fine))).is_file()
 
 
+@pytest.mark.parametrize("workers", ["0", "-1", "two", ""])
+def test_a_number_of_workers_that_is_not_one_or_more_is_refused(
+    tmp_path: Path, workers: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert wheel_install.main(["--workers", workers, str(tmp_path), "scalebox==1.0"]) == 2
+    assert capsys.readouterr().err == (f"--workers wants a number of processes, not {workers!r}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_failure_without_words_is_named_by_its_kind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from scalebox import priority
 from scalebox.fsutil import atomic_write, fsync_dir, fsync_tree
 from scalebox.release import manifest
 from scalebox.release.errors import ReleaseError
@@ -316,6 +317,14 @@ def _install(
     installs every wheel and compiles the bytecode on every core: about a second, where
     ensurepip + pip took 8-10 s. Files byte-identical to the ``donor`` venv's
     (the running release) are hard links to them (wheel_install.py says why).
+    While the updater gives way to a daemon serving (priority.lowered()), the
+    install runs in one process, not one per core: lowered work on every core
+    at once left a request waiting for a core, even at nice 10 in a session of
+    nice 10, while lowered work on one core left the other free for it (a
+    server answering under a load of 16 paced clients, four 8 s runs each on
+    this 2-core host: its longest answer 7.4-11.5 ms with a busy loop on each
+    core, 4.6-6.7 ms with one, 2.8-8.5 ms with none). The stage then takes
+    longer, but nothing of the service is at stake yet.
     A release without them (an older one, being rolled back to) is built the
     old way, with pip.
 
@@ -356,6 +365,7 @@ def _install(
             str(INSTALL_SCRIPT),
             "--hashes",
             str(hashes),
+            *(["--workers", "1"] if priority.lowered() else []),
             str(wheels),
             f"scalebox=={version}",
             *([str(donor), str(donor.parent / STAGED_FILES)] if donor is not None else []),

@@ -31,9 +31,11 @@ all). The tree is byte for byte what it would be without a donor.
 With ``--hashes FILE`` it also writes, as JSON, the sha256 of every file it
 wrote or linked (relative to the venv), from the bytes it had in hand: the
 updater's record of the release (stage.write_record) then reads none of
-them again.
+them again. With ``--workers N`` the pool has N processes instead of one per
+core: the updater asks for one while a daemon serves (stage.py says why).
 
-Usage: python wheel_install.py [--hashes FILE] WHEELS_DIR REQUIREMENT [DONOR_VENV DONOR_RECORD]
+Usage: python wheel_install.py [--hashes FILE] [--workers N] WHEELS_DIR REQUIREMENT
+                               [DONOR_VENV DONOR_RECORD]
 Prints one line per installed distribution; exits 1 with a one-line reason.
 """
 
@@ -508,10 +510,13 @@ def install_one(path: Path, requested: bool) -> tuple[list[tuple[str, str]], dic
     return destination.python_files, destination.hashes
 
 
-def install_all(wheels: Path, root: Requirement, donor: Donor | None = None) -> dict[str, str]:
-    """Every wheel ``root`` needs, unpacked in a pool of one process per core (the
-    largest first), each wheel's .pyc compiled in the same pool as soon as it is
-    unpacked, in chunks so that one large wheel spreads over every core.
+def install_all(
+    wheels: Path, root: Requirement, donor: Donor | None = None, workers: int | None = None
+) -> dict[str, str]:
+    """Every wheel ``root`` needs, unpacked in a pool of ``workers`` processes (one per
+    core by default; the largest wheel first), each wheel's .pyc compiled in the same
+    pool as soon as it is unpacked, in chunks so that one large wheel spreads over
+    every worker.
 
     Returns the sha256 of every file written or linked, relative to the venv; a
     file two wheels wrote with different bytes is left out (which one is on the
@@ -520,7 +525,7 @@ def install_all(wheels: Path, root: Requirement, donor: Donor | None = None) -> 
     chosen.sort(key=lambda path: path.stat().st_size, reverse=True)
     wanted = canonicalize_name(root.name)
     with ProcessPoolExecutor(
-        max_workers=os.cpu_count(), initializer=_use_donor, initargs=(donor,)
+        max_workers=workers or os.cpu_count(), initializer=_use_donor, initargs=(donor,)
     ) as pool:
         unpacked = [
             pool.submit(install_one, path, parse_wheel_filename(path.name)[0] == wanted)
@@ -550,12 +555,19 @@ def install_all(wheels: Path, root: Requirement, donor: Donor | None = None) -> 
 
 
 def main(argv: list[str]) -> int:
-    hashes_file = None
-    if argv[:1] == ["--hashes"] and len(argv) > 1:
-        hashes_file, argv = Path(argv[1]), argv[2:]
+    hashes_file, workers = None, None
+    while argv[:1] in (["--hashes"], ["--workers"]) and len(argv) > 1:
+        if argv[0] == "--hashes":
+            hashes_file = Path(argv[1])
+        elif argv[1].isdigit() and int(argv[1]) > 0:
+            workers = int(argv[1])
+        else:
+            print(f"--workers wants a number of processes, not {argv[1]!r}", file=sys.stderr)
+            return 2
+        argv = argv[2:]
     if len(argv) not in (2, 4):
         print(
-            "usage: wheel_install.py [--hashes FILE] WHEELS_DIR REQUIREMENT "
+            "usage: wheel_install.py [--hashes FILE] [--workers N] WHEELS_DIR REQUIREMENT "
             "[DONOR_VENV DONOR_RECORD]",
             file=sys.stderr,
         )
@@ -563,7 +575,7 @@ def main(argv: list[str]) -> int:
     wheels, root = Path(argv[0]), Requirement(argv[1])
     donor = Donor.load(Path(argv[2]), Path(argv[3])) if len(argv) == 4 else None
     try:
-        hashes = install_all(wheels, root, donor)
+        hashes = install_all(wheels, root, donor, workers)
         if hashes_file is not None:
             hashes_file.write_text(json.dumps(hashes, sort_keys=True))
     except Exception as exc:  # noqa: BLE001 -- one line, whatever failed (a worker killed, a bad wheel)
