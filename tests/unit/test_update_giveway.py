@@ -6,13 +6,17 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+from click.testing import CliRunner
 
 from scalebox import priority
 from scalebox.daemon import serving
 from scalebox.runner import run_program
-from scalebox.update import giveway
+from scalebox.update import giveway, main
+from scalebox.update.paths import Paths
 
 
 @pytest.fixture
@@ -112,3 +116,35 @@ def test_work_after_the_commit_runs_lowered_and_its_programs_too(config: Path) -
     finally:
         priority.restore_process(print)
         daemon.release()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")
+@pytest.mark.parametrize(("argv", "lowered"), [(["--dry-run"], True), (["--rollback"], False)])
+def test_an_update_gives_way_before_it_makes_its_http_client_and_a_rollback_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str], lowered: bool
+) -> None:
+    """The health probes' client costs ~20 ms of CPU (the CA bundle), after the entry
+    point's lowered imports and before any step: made at full priority, it slowed the
+    serving daemon's requests. Run with the server's layout under tmp_path (nothing is
+    installed there, so the run is refused after the client is made)."""
+    paths = Paths(tmp_path)
+    paths.config.parent.mkdir(parents=True)
+    monkeypatch.setattr(main, "_paths", lambda: paths)
+    seen: list[bool] = []
+    real = httpx.Client
+
+    def noting(*args: Any, **kwargs: Any) -> httpx.Client:
+        seen.append(priority.lowered())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(main.httpx, "Client", noting)
+    daemon = serving.Serving(str(paths.config))
+    assert daemon.hold() is None
+    try:
+        result = CliRunner().invoke(main.cli, ["--json", *argv])
+    finally:
+        priority.restore_process(print)  # never leave the test runner lowered
+        daemon.release()
+    assert result.exit_code != 0, result.output
+    assert seen == [lowered]
+    assert not priority.lowered()

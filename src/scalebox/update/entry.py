@@ -1,10 +1,11 @@
 """`scalebox-update`'s entry point: the updater's imports run nicer too.
 
-Importing the updater (click, httpx, rich, cryptography) is about 0.4 s of
-CPU, as much as a third of a stage, and it happens before any step. So it
+Importing the updater (click, httpx, rich, cryptography; and httpcore, which
+httpx imports only at its first client) is about 0.4 s of CPU, as much as a
+third of a stage, and it happens before any step. So it
 runs at the lower priority of the steps before the switch (scalebox.priority),
 before those imports are made; main() then starts at the priority it was
-given, and its update lowers it again until the switch.
+given, and an update lowers it again before its first step, until the switch.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ def _warn(message: str) -> None:
 def main() -> int:
     given = priority.lower(_warn, priority.Session.SHARED)
     try:
+        # httpx imports httpcore only at its first Client(): ~70 ms of CPU, lowered here too.
+        import httpcore  # noqa: F401, PLC0415
+
         from scalebox.update.main import main as run  # noqa: PLC0415 - the point of this module
     finally:
         priority.restore(given, _warn)

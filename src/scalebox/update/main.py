@@ -286,6 +286,7 @@ def cli(  # noqa: PLR0917 - click passes every option as an argument
         raise UsageError("--stage cannot be combined with --check or --rollback", "choose one")
     preflight.require_root()
     with (
+        _giving_way(not rollback),
         _context(stability_window) as ctx,
         _transaction_guard(ctx) as recovered,
         _refusals_recorded(
@@ -309,12 +310,27 @@ def cli(  # noqa: PLR0917 - click passes every option as an argument
     click_ctx.exit(_emit(result, as_json))
 
 
+@contextmanager
+def _giving_way(give: bool) -> Iterator[None]:
+    """An update gives way from before its context is made: the health probes' HTTP
+    client costs ~20 ms of CPU (it loads the CA bundle; httpcore's ~70 ms import is made
+    by the entry point, lowered), which at full priority, in a session at nice 0, slowed
+    the daemon serving before any step. A rollback (``give`` False) never waits."""
+    if give:
+        giveway.give_way(_paths().config, _report)
+    try:
+        yield
+    finally:
+        priority.restore_process(_report)
+
+
 def _update(ctx: Context, **options: Any) -> Result:
     """_update_steps() with the service first for the CPU until the switch, and again
     once the new daemon is verified (the commit, the pruning).
 
-    transaction._switch (and a rollback) restore the priority; the finally is
-    for every way out.
+    Already lowered by _giving_way, unless the recovery of an interrupted update
+    (a commit it finished) restored the priority. transaction._switch (and a rollback)
+    restore it; the finally is for every way out.
     """
     giveway.give_way(ctx.paths.config, _report)
     try:
