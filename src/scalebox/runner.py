@@ -68,8 +68,9 @@ def run_program(
 
     ``new_session`` starts it in a session of its own, so a signal sent to the
     caller's process group (a terminal's Ctrl-C or hang-up) does not reach it;
-    that session gets the caller's session nice (priority.share_session), so
-    work the caller does at a lower priority keeps it in its child.
+    that session has the caller's session nice from before the program starts
+    (priority.session_setup), so work the caller does at a lower priority keeps
+    it in its child.
     ``shield`` (with ``new_session``) also starts it with those signals
     blocked: between fork and setsid() it is still in the caller's group, and
     a Ctrl-C landing in that window would otherwise kill it (seen: a
@@ -81,6 +82,7 @@ def run_program(
     delivered as usual.
     """
     args = [str(a) for a in argv]
+    setup = priority.session_setup(priority.session_nice()) if new_session else None
     try:
         with _group_signals_blocked(new_session and shield):
             proc = subprocess.Popen(
@@ -91,6 +93,7 @@ def run_program(
                 text=True,
                 env=dict(env) if env is not None else None,
                 start_new_session=new_session,
+                preexec_fn=setup,  # noqa: PLW1509 -- plain system calls only (session_setup)
             )
     except FileNotFoundError:
         raise ProgramError("not found", args, f"program {args[0]} not found") from None
@@ -98,8 +101,6 @@ def run_program(
         raise ProgramError("oserror", args, f"cannot run {args[0]}: {exc}") from None
     with proc:
         try:
-            if new_session:
-                priority.share_session(proc.pid)  # its own session, at our session's nice
             stdout, stderr = proc.communicate(input=input_text, timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()

@@ -119,14 +119,14 @@ from scalebox import priority, runner
 
 warnings = []
 given = priority.lower(warnings.append, priority.Session.SHARED)
-# The child reads its autogroup only after its stdin says go, which is after run_program
-# has started it (and set its session's nice): no race with that write.
-probe = ["sh", "-c", "read go; cat /proc/self/autogroup"]
-own = runner.run_program(probe, timeout=10, input_text="go\\n", new_session=True)
-shared = runner.run_program(probe, timeout=10, input_text="go\\n")
+# The program's first act is to read its autogroup: its session has the caller's nice
+# before the program starts, not once the caller gets round to it.
+probe = ["cat", "/proc/self/autogroup"]
+own = runner.run_program(probe, timeout=10, new_session=True)
+shared = runner.run_program(probe, timeout=10)
 mine = priority.session_nice()
 priority.restore(given, warnings.append)
-after = runner.run_program(probe, timeout=10, input_text="go\\n", new_session=True)
+after = runner.run_program(probe, timeout=10, new_session=True)
 print(json.dumps({"own": own.stdout.split(), "shared": shared.stdout.split(),
                   "after": after.stdout.split(), "mine": mine, "warnings": warnings}))
 """
@@ -136,7 +136,9 @@ print(json.dumps({"own": own.stdout.split(), "shared": shared.stdout.split(),
 def test_a_program_run_in_a_session_of_its_own_keeps_the_callers_lower_priority() -> None:
     """A new session is a new autogroup at nice 0: the wheel install the updater runs
     in its own session (a second on every core) competed with the daemon serving as an
-    equal, while the updater itself ran lowered. run_program gives it the caller's."""
+    equal, while the updater itself ran lowered. run_program gives it the caller's, in
+    the child before its program starts: set by the lowered caller afterwards, a child
+    beside two busy sessions ran 3.4-3.6 ms of CPU at nice 0 in 9 of 15 starts."""
     seen = _in_a_child(CHILD_PROBE)
     assert seen["warnings"] == []
     assert seen["mine"] == 10
