@@ -121,32 +121,87 @@ def test_update_switches_verifies_and_commits(server: Server) -> None:
 def test_once_verified_the_commit_waits_for_the_cpu(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """From the switch on the updater runs at its own priority, the stability window's
-    polls included (a starved probe would roll a healthy release back); the commit and
-    the pruning run 10 steps nicer, and the transaction ends back at its own priority."""
+    """From the switch until the new daemon is healthy the updater runs at its own
+    priority; once healthy, its stability window (the polls, the state read at its end),
+    the commit and the pruning run 10 steps nicer, and the transaction ends back at its
+    own priority."""
     make_release(server.paths, "0.2.0")
     given = os.getpriority(os.PRIO_PROCESS, 0)
+    lowered = min(max(given, 0) + priority.NICER, priority.MAX_NICE)
     polls: list[int] = []
+    probes: list[int] = []
     committing: list[int] = []
-    state, commit = server.service.state, commit_step.commit
+    state, commit, probe = server.service.state, commit_step.commit, health.probe
 
     def noting(unit: str) -> UnitState:
         polls.append(os.getpriority(os.PRIO_PROCESS, 0))
         return state(unit)
+
+    def probing(client: httpx.Client, url: str) -> str | None:
+        probes.append(os.getpriority(os.PRIO_PROCESS, 0))
+        return probe(client, url)
 
     def committed(ctx: Context, j: journal.Journal) -> list[str]:
         committing.append(os.getpriority(os.PRIO_PROCESS, 0))
         return commit(ctx, j)
 
     monkeypatch.setattr(server.service, "state", noting)
+    monkeypatch.setattr(health, "probe", probing)
     monkeypatch.setattr(commit_step, "commit", committed)
     try:
-        assert _install(server, "0.2.0").result == history.UPDATED
+        assert _install(server, "0.2.0", window=1.0).result == history.UPDATED
     finally:
         priority.restore_process(print)  # never leave the test runner lowered
-    assert set(polls) == {given}  # the switch, the wait for healthy, the window
-    assert committing == [min(max(given, 0) + priority.NICER, priority.MAX_NICE)]
+    # The wait for healthy at full priority; the window's end lowered.
+    assert polls[0] == given and polls[-1] == lowered, polls
+    assert probes[0] == given and probes[-1] == lowered, probes
+    assert probes.count(lowered) >= 3  # 1 s of polls every 0.2 s
+    assert committing == [lowered]
     assert os.getpriority(os.PRIO_PROCESS, 0) == given
+
+
+def _window_giving_way(s: Server, window: float, paused: float) -> tuple[list[str], int]:
+    """health.verify with a window that gives way, the daemon SIGSTOPped for ``paused``
+    seconds as it begins: the lines reported, and the priority the window ended at."""
+    pid = s.service.state(SERVICE).main_pid
+    lines: list[str] = []
+    waking: list[subprocess.Popen[bytes]] = []
+
+    def give_way() -> None:
+        priority.lower_process(print)
+        os.kill(pid, signal.SIGSTOP)
+        waking.append(subprocess.Popen(["sh", "-c", f"sleep {paused}; kill -CONT {pid}"]))
+
+    try:
+        health.verify(s.service, s.http, _health_check(s, window), lines.append, give_way=give_way)
+        return lines, os.getpriority(os.PRIO_PROCESS, 0)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        for process in waking:
+            process.kill()
+            process.wait()
+        priority.restore_process(print)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")
+def test_a_window_probe_unanswered_while_giving_way_is_asked_again_at_full_priority(
+    server: Server,
+) -> None:
+    """A probe that waited for the CPU is no verdict: the daemon paused past the first
+    lowered probe's 1 s timeout, and answering again by the second, is not rolled back;
+    the window goes on at full priority."""
+    given = os.getpriority(os.PRIO_PROCESS, 0)
+    lines, ended_at = _window_giving_way(server, window=3.0, paused=1.5)
+    assert ended_at == given
+    assert any("asking again at full priority" in line for line in lines), lines
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")
+def test_a_window_probe_unanswered_at_full_priority_too_fails_the_window(
+    server: Server,
+) -> None:
+    with pytest.raises(VerifyError, match=r"did not stay healthy: .*/health answered None"):
+        _window_giving_way(server, window=5.0, paused=4.0)
 
 
 def _health_check(s: Server, window: float) -> health.Check:
@@ -194,6 +249,37 @@ def test_a_main_process_that_ends_in_the_window_is_seen_at_once(server: Server) 
     finally:
         killer.wait()
     assert time.monotonic() - started < 2.0  # not the window's 30 s
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")
+def test_a_main_process_that_ends_in_a_window_giving_way_is_judged_at_full_priority(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of the main process is a verdict, and a rollback follows: systemd's state
+    is then read at full priority (a rollback never waits for the CPU)."""
+    given = os.getpriority(os.PRIO_PROCESS, 0)
+    pid = server.service.state(SERVICE).main_pid
+    reads: list[int] = []
+    state = server.service.state
+    monkeypatch.setattr(
+        server.service,
+        "state",
+        lambda unit: reads.append(os.getpriority(os.PRIO_PROCESS, 0)) or state(unit),
+    )
+    killer = subprocess.Popen(["sh", "-c", f"sleep 0.5; kill -KILL {pid}"])
+    try:
+        with pytest.raises(VerifyError, match=rf"did not stay healthy: .*main PID {pid}"):
+            health.verify(
+                server.service,
+                server.http,
+                _health_check(server, 30.0),
+                print,
+                give_way=lambda: priority.lower_process(print),
+            )
+    finally:
+        killer.wait()
+        priority.restore_process(print)
+    assert reads[-1] == given
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,14 @@ so systemd's state is read only then and at the window's end: each
 25 of them per window at the updater's full priority beside the new daemon
 serving. Without a pidfd (a kernel before 5.3, or a main PID not visible
 from here) the state is read every poll.
+
+An update's window may give way (``give_way``): its polls and its end's
+state read then wait for the CPU behind the daemon serving. A lowered probe
+that gets no answer is no verdict: a probe starved of the CPU on a
+saturated server would roll a healthy release back. The updater goes back
+to full priority and asks again, and the answer it gets there decides.
+Every other verdict (the main process ended, systemd's state moved, a wrong
+version) is certain whatever the priority.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from scalebox import priority
 from scalebox.update.errors import UpdateError, VerifyError
 from scalebox.update.systemd import SERVICE, ServiceManager, UnitState
 
@@ -107,8 +116,14 @@ def verify(
     client: httpx.Client,
     check: Check,
     report: Callable[[str], None],
+    *,
+    give_way: Callable[[], object] | None = None,
 ) -> UnitState:
-    """Return the unit state once healthy and stable; raise VerifyError saying what failed."""
+    """Return the unit state once healthy and stable; raise VerifyError saying what failed.
+
+    ``give_way``: called as the stability window begins, to lower the updater for it
+    (an update's; a rollback's window never waits). The caller restores the priority.
+    """
     clock = time.monotonic
     deadline = clock() + check.timeout
     wrong_since: float | None = None
@@ -151,12 +166,18 @@ def verify(
         f"scaleboxd {check.expected_version} is healthy (main PID {state.main_pid}); "
         f"watching it for {check.stability_window:g} s"
     )
-    _stays_healthy(service, client, check, state)
+    if give_way is not None:
+        give_way()
+    _stays_healthy(service, client, check, state, report)
     return state
 
 
 def _stays_healthy(
-    service: ServiceManager, client: httpx.Client, check: Check, healthy: UnitState
+    service: ServiceManager,
+    client: httpx.Client,
+    check: Check,
+    healthy: UnitState,
+    report: Callable[[str], None],
 ) -> None:
     """The stability window: raise VerifyError once the daemon moves or stops answering.
     systemd's state is read when the main process ends, at the window's end, and on
@@ -168,6 +189,8 @@ def _stays_healthy(
         while not last:
             left = window_end - clock()
             ended = watch.wait(min(POLL, max(left, 0.0)))
+            if ended:
+                priority.restore_process(report)  # a rollback follows: no more waiting
             last = clock() >= window_end
             state = service.state(SERVICE) if ended or last or not watch.exact else healthy
             moved = (
@@ -177,6 +200,15 @@ def _stays_healthy(
                 or state.restarts != healthy.restarts
             )
             answer = None if moved else probe(client, check.health_url)
+            if answer is None and not moved and priority.lowered():
+                # Maybe starved of the CPU, not unanswered: ask again at full
+                # priority, and watch the rest of the window from there.
+                report(
+                    "/health did not answer while the updater gave way; "
+                    "asking again at full priority"
+                )
+                priority.restore_process(report)
+                answer = probe(client, check.health_url)
             if moved or answer != check.expected_version:
                 seconds = check.stability_window - max(0.0, window_end - clock())
                 if ended and state.main_pid == healthy.main_pid:

@@ -117,6 +117,11 @@ def install(
                 ctx.health_url(), target.version, ctx.stability_window, ctx.verify_timeout
             ),
             ctx.report,
+            # Healthy, an update's window is a wait: its polls give way (an unanswered
+            # one is asked again at full priority). An operator's rollback never waits.
+            give_way=(
+                (lambda: giveway.give_way(p.config, ctx.report)) if action == "update" else None
+            ),
         )
         # Verified: from here no signal changes the outcome. The journal write is the
         # last thing that may still turn back: without "commit" in the journal a crash
@@ -210,9 +215,9 @@ def _commit(ctx: Context, j: Journal) -> tuple[list[str], str | None]:
     """Finish the bookkeeping of a verified update; (pruned, None) or ([], what is left).
 
     Verified and stable, so the commit and the pruning of old releases can wait for
-    the CPU, after an update and in a recovery alike. (The stability window itself
-    runs at full priority: a probe starved of the CPU would roll a healthy release
-    back.)
+    the CPU, after an update and in a recovery alike. (An update's stability window
+    gave way already; a starved probe there is asked again at full priority, see
+    health.py, and a rollback's runs at full priority.)
     """
     try:
         with giveway.waiting(ctx.paths.config, ctx.report):
