@@ -18,7 +18,7 @@ import pytest
 
 from scalebox import priority
 from scalebox.daemon import serving
-from tests.conftest import write_config
+from tests.conftest import local_scaleboxd, write_config
 
 PROBE = """
 import json, os, threading
@@ -433,3 +433,73 @@ def test_a_daemon_start_makes_no_garbage_collection_before_it_freezes(tmp_path: 
     assert seen["collections"] == 0
     assert not seen["enabled"]
     assert seen["enabled_after"]
+
+
+@needs_autogroup
+@pytest.mark.parametrize("others", [True, False])
+def test_a_daemon_that_stopped_serving_exits_lowered_only_beside_a_daemon_serving(
+    tmp_path: Path, others: bool
+) -> None:
+    """Once it stops serving, a daemon's state save and exit (in an update: the old
+    main daemon's beside the handover instance, the handover instance's at Nice=-5
+    beside the new one) give way; with nobody else serving (`systemctl restart`, a
+    shutdown) the next start waits for them, and they run at the daemon's priority."""
+    daemon = local_scaleboxd(tmp_path)
+    assert daemon.config_path is not None
+    waiting = min(max(os.getpriority(os.PRIO_PROCESS, 0), 0) + 10, 19)
+    daemon.start()
+    with contextlib.ExitStack() as stack:
+        stack.callback(daemon.close)
+        if others:  # what the other daemon serving with this config holds
+            holder = serving.Serving(str(daemon.config_path))
+            assert holder.hold() is None
+            stack.callback(holder.release)
+        assert daemon.stop() == 0
+    log = daemon.stderr_text()
+    assert "state saved" in log
+    lowered = f"saving the state and exiting at nice {waiting} (session {waiting})"
+    assert (lowered in log) is others, log[-2000:]
+    assert ("another scaleboxd serves: saving" in log) is others
+
+
+EXIT_PROBE = """
+import logging, sys, threading, time
+from pathlib import Path
+from scalebox.daemon.main import exit_now
+
+out = Path(sys.argv[1])
+
+class Torn:
+    def __del__(self):
+        out.with_suffix(".teardown").write_text("freed")
+
+torn = Torn()  # freed by the interpreter's teardown, if it runs
+def late():
+    time.sleep(0.3)
+    out.write_text("joined")
+threading.Thread(target=late).start()  # not a daemon thread: waited for
+logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+logging.getLogger("probe").info("last words")
+print("buffered", end="")
+exit_now(3)
+"""
+
+
+def test_a_daemon_exits_without_the_interpreters_teardown_but_waits_and_flushes(
+    tmp_path: Path,
+) -> None:
+    """exit_now: its non-daemon threads finish, logging and stdout are flushed, the exit
+    code is kept; the teardown (freeing every object, ~6 ms of CPU) is skipped."""
+    out = tmp_path / "thread"
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_PROBE, str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        check=False,
+    )
+    assert done.returncode == 3, done.stderr
+    assert out.read_text() == "joined"
+    assert "last words" in done.stderr
+    assert done.stdout == "buffered"
+    assert not out.with_suffix(".teardown").exists()

@@ -12,6 +12,7 @@ Exit codes: 0 ok, 1 failure (see the log), 2 invalid config or usage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
@@ -22,6 +23,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 import scalebox
 from scalebox import config as config_module
@@ -217,9 +219,50 @@ def serve(config: ServerConfig, config_path: Path, bind: str, *, handover: bool 
         serving = Serving(str(config_path))
         Server(uv_config, stop_requested, draining, serving, handover=handover).run(sockets=[sock])
     finally:
+        _give_way_once_stopped(config_path)
         service.close()
         log.info("state saved; scaleboxd %s exits", scalebox.__version__)
     return 0
+
+
+def _give_way_once_stopped(config_path: Path) -> None:
+    """What a daemon does once it stops serving (save the state, exit) gives way to a
+    daemon serving beside it: in an update, the old main daemon's exit beside the
+    handover instance, the handover instance's (at its unit's Nice=-5) beside the new
+    main daemon. At the daemon's priority they set requests of 7-11 ms against 4 ms
+    with no update. Only a daemon that leads its session lowers it (nothing else
+    of ours runs in it: VMs and commands get sessions of their own)."""
+    from scalebox.daemon import serving  # noqa: PLC0415
+    from scalebox.daemon.entry import GIVE_WAY_SECONDS  # noqa: PLC0415
+
+    if os.getsid(0) != os.getpid() or not serving.others_serve(str(config_path)):
+        return
+    priority.lower_process(log.warning, priority.Session.OWN, at_most=GIVE_WAY_SECONDS)
+    log.info(
+        "another scaleboxd serves: saving the state and exiting at nice %d (session %s)",
+        os.getpriority(os.PRIO_PROCESS, 0),
+        priority.session_nice(),
+    )
+
+
+def exit_now(code: int) -> NoReturn:
+    """End a daemon that has stopped serving without the interpreter's teardown.
+
+    Freeing a start's ~50,000 objects one by one took ~6 ms of CPU of the ~14 ms
+    from SIGTERM to exit (measured with and without), twice per update beside the
+    daemon serving. What an exit must still do is done here: wait for the threads
+    that are not daemon threads (as the interpreter does), flush logging's handlers
+    and the standard streams.
+    """
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon:
+            thread.join()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def run_guest(config_path: Path, vm_id: str) -> int:
@@ -244,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.run_guest is not None:
             return run_guest(args.config, args.run_guest)
         log.info("scaleboxd %s starting with config %s", scalebox.__version__, args.config)
-        return serve(load_config(args.config), args.config, args.bind, handover=args.handover)
+        exit_now(serve(load_config(args.config), args.config, args.bind, handover=args.handover))
     except ScaleboxError as exc:
         log.error("%s", exc)  # noqa: TRY400  (a ScaleboxError is for people; no traceback)
         return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE
