@@ -56,7 +56,8 @@ def tarball_name(version: str) -> str:
 
 # Broken releases: (file, exact text, replacement).
 SERVE = (
-    "        return serve(load_config(args.config), args.config, args.bind, handover=args.handover)"
+    "        exit_now(serve(load_config(args.config), args.config, args.bind, "
+    "handover=args.handover))"
 )
 MAIN = "src/scalebox/daemon/main.py"
 BROKEN = {

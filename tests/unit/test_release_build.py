@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tools import keygen, tarball
+from tools import keygen, releases, tarball
 
 from scalebox.release import signing
 from scalebox.release.errors import ReleaseError
@@ -215,3 +215,11 @@ def test_signing_key_comes_from_the_environment_first(tmp_path: Path) -> None:
 def test_a_signing_key_that_is_not_pem_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ReleaseError, match="cannot be read"):
         tarball.signing_key(None, {"SCALEBOX_SIGNING_KEY": "not a key"}, tmp_path / "x")
+
+
+@pytest.mark.parametrize("version", sorted({**releases.BROKEN, **releases.VARIANTS}))
+def test_each_test_release_still_finds_the_text_it_changes(version: str) -> None:
+    """The broken releases of the system tests and ./do bench replace one exact text of
+    the sources; a change to that text must fail here, not a bench or a system test."""
+    relpath, old, _new = {**releases.BROKEN, **releases.VARIANTS}[version]
+    assert (ROOT / relpath).read_text().count(old) >= 1, f"{version}: {relpath}"
