@@ -219,7 +219,10 @@ def serve(config: ServerConfig, config_path: Path, bind: str, *, handover: bool 
         serving = Serving(str(config_path))
         Server(uv_config, stop_requested, draining, serving, handover=handover).run(sockets=[sock])
     finally:
-        _give_way_once_stopped(config_path)
+        try:
+            _give_way_once_stopped(config_path)
+        except Exception as exc:  # noqa: BLE001 - the state is saved whatever happened here
+            log.warning("could not lower the CPU priority to exit (%s); going on", exc)
         service.close()
         log.info("state saved; scaleboxd %s exits", scalebox.__version__)
     return 0
@@ -230,8 +233,8 @@ def _give_way_once_stopped(config_path: Path) -> None:
     daemon serving beside it: in an update, the old main daemon's exit beside the
     handover instance, the handover instance's (at its unit's Nice=-5) beside the new
     main daemon. At the daemon's priority they set requests of 7-11 ms against 4 ms
-    with no update. Only a daemon that leads its session lowers it (nothing else
-    of ours runs in it: VMs and commands get sessions of their own)."""
+    with no update. Only a daemon that leads its session lowers it (by then nothing
+    else of ours runs in it: VMs have sessions, or units, of their own)."""
     from scalebox.daemon import serving  # noqa: PLC0415
     from scalebox.daemon.entry import GIVE_WAY_SECONDS  # noqa: PLC0415
 
