@@ -14,8 +14,10 @@ import socket
 import threading
 from collections.abc import Generator
 
+import h11
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import scalebox
 from scalebox import priority
@@ -31,6 +33,9 @@ ACCEPT_GRACE_SECONDS = 0.3
 # then (the one systemctl call of GET /vms) finishes in the background.
 WARM_UP_TIMEOUT = 3.0
 WARM_UP_CLIENT = ("warm-up", 0)  # the access log's client of these requests
+# How long a client has to send a whole request, from connecting or from the
+# previous answer on the connection (RequestDeadline).
+REQUEST_SECONDS = 30.0
 
 
 def warm_up(app: ASGIApp, token: str) -> None:
@@ -125,6 +130,62 @@ class CloseWhenDraining:
             await send(message)
 
         await self.app(scope, receive, send_closing)
+
+
+class RequestDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request does not come.
+
+    uvicorn times a connection out only once it has answered on it (5 s idle,
+    timeout_keep_alive), and any byte cancels that: a connection that never sent
+    a request, or sent one a byte at a time, stayed open for good, holding one of
+    the daemon's file descriptors. Here a client has ``seconds`` from connecting,
+    and again from each answer, to send its whole request (head and body); then
+    the connection is closed. A request fully received is never cut, however long
+    the daemon takes to answer it, nor one whose body the daemon stopped reading.
+    """
+
+    seconds = REQUEST_SECONDS
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        if not self.transport.is_closing():
+            self._deadline = self.loop.call_later(self.seconds, self._overdue)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _overdue(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        theirs = self.conn.their_state
+        if theirs is h11.SEND_BODY and self.flow.read_paused:
+            self._arm()  # the daemon stopped reading the body, not the client sending it
+            return
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if theirs is h11.SEND_BODY or (theirs is h11.IDLE and not answering):
+            log.info(
+                "closing a connection from %s: no whole request within %g s",
+                self.client[0] if self.client else "-",
+                self.seconds,
+            )
+            self.transport.close()
+        # Otherwise the request is in: the deadline is armed again after its answer.
 
 
 class Server(uvicorn.Server):

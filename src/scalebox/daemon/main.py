@@ -170,7 +170,12 @@ def serve(config: ServerConfig, config_path: Path, bind: str, *, handover: bool 
     import uvicorn  # noqa: PLC0415
 
     from scalebox.daemon.app import create_app  # noqa: PLC0415  (fastapi import is slow)
-    from scalebox.daemon.httpserver import CloseWhenDraining, Server, warm_up  # noqa: PLC0415
+    from scalebox.daemon.httpserver import (  # noqa: PLC0415
+        CloseWhenDraining,
+        RequestDeadline,
+        Server,
+        warm_up,
+    )
     from scalebox.daemon.serving import Serving  # noqa: PLC0415
     from scalebox.daemon.vms.service import VMService  # noqa: PLC0415
 
@@ -205,7 +210,7 @@ def serve(config: ServerConfig, config_path: Path, bind: str, *, handover: bool 
             # Named, not "auto": uvloop and httptools were measured and left out
             # (docs/architecture.md); httptools would hold a request head of any size.
             loop="asyncio",
-            http="h11",
+            http=RequestDeadline,  # h11, with a deadline for each request
             log_config=None,
             access_log=False,  # AccessLogMiddleware logs the path only, never headers
             lifespan="off",
