@@ -32,7 +32,7 @@ import pytest
 
 from scalebox import priority
 from scalebox.config import KEYS
-from tests.interrupt import tear_down_on_sigterm
+from tests.interrupt import WORKER, forward_to_workers, tear_down_on_sigterm
 
 # A test run started in the background by a script (`./do test &`) inherits SIGINT
 # ignored, which Python and every program it starts then keep: the tests that
@@ -47,15 +47,16 @@ _RUN_SESSION_NICE: list[int | None] = []
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the run itself, not an xdist worker
+    if not os.environ.get(WORKER):  # the run itself, not an xdist worker
         _RUN_SESSION_NICE.append(priority.session_nice())
+        if session.config.pluginmanager.has_plugin("dsession"):  # it runs xdist workers
+            forward_to_workers()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Under xdist the per-test check is off (below); two workers' update tests can
-    interleave their lowering and restoring of the session they share and leave it
-    lowered. The run puts back what it started with, so the shell is never left so."""
-    if os.environ.get("PYTEST_XDIST_WORKER") or not _RUN_SESSION_NICE:
+    """The run puts back the session's nice it started with, so the shell is never left
+    lowered, not even by a test that the check below did not see (one it interrupted)."""
+    if os.environ.get(WORKER) or not _RUN_SESSION_NICE:
         return
     after = _put_back_session_nice(_RUN_SESSION_NICE[0])
     if after is not None:
@@ -86,15 +87,8 @@ def _session_priority_kept() -> Iterator[None]:
     same shell, ran at nice 10 or 19 against the machine's processes. Such a
     child must get a session of its own (``start_new_session=True``), as
     ``sudo`` gives the updater one. The fixture puts the value back, then fails.
-
-    Not under xdist: its workers share one session, and an update test in one
-    lowers it (and restores it) while the other's tests run. Workers are not
-    given sessions of their own, since then a Ctrl-C would no longer reach
-    their tests, whose teardown removes the machines.
+    Under xdist too: each worker leads a session of its own (tests/interrupt.py).
     """
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
-        return
     before = priority.session_nice()
     yield
     after = _put_back_session_nice(before)

@@ -398,7 +398,13 @@ def test_table_on_a_terminal_keeps_every_character(run: Run, vm: dict[str, Any])
     leader, follower = pty.openpty()
     # A 60-column terminal, as a person with a narrow window would have.
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 60, 0, 0))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SCALEBOX_", "XDG_"))}
+    # COLUMNS and LINES go too: they outrank the terminal's own size, and pytest-xdist's
+    # workers have them set (80x24).
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SCALEBOX_", "XDG_")) and k not in ("COLUMNS", "LINES")
+    }
     env.update({"HOME": str(run.home), "TERM": "xterm", **run.env})
     try:
         done = subprocess.run(
