@@ -43,7 +43,7 @@ from typing import Any
 
 from scalebox.errors import ScaleboxError
 from scalebox.fsutil import atomic_write
-from tools import image, netns
+from tools import cgroups, image, netns
 from tools.netns import Slot
 
 BOOT_TIMEOUT = 90.0
@@ -262,6 +262,7 @@ def _destroy(slot: Slot, state_dir: Path, timeout: float) -> None:
         _kill(init_pid, init_start, signal.SIGKILL)
         _wait_gone(init_pid, init_start, 5)
     netns.delete_network(slot)
+    cgroups.remove(slot.name)
     root = state.get("root_dir")
     if isinstance(root, str) and Path(root).parent == ROOTS_DIR:
         shutil.rmtree(root, ignore_errors=True)
@@ -512,6 +513,13 @@ class Machine:
             argv.append("--capability=all")
         argv += ["-D", str(self.root_dir or self.image_dir), "-b"]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        own = cgroups.prepare(self.name)  # not the cgroup tree of another machine
+
+        def in_own_cgroups() -> None:  # pragma: no cover - runs in the child after fork
+            cgroups.join(own)
+            if not keep:
+                die_with_parent()
+
         with self.log_path.open("wb") as log:
             # Own session: a Ctrl-C on the terminal reaches only the harness,
             # which then shuts the container down in order.
@@ -521,7 +529,7 @@ class Machine:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=None if keep else die_with_parent,  # noqa: PLW1509
+                preexec_fn=in_own_cgroups,  # noqa: PLW1509
             )
         self._save(nspawn_pid=self.nspawn.pid, nspawn_start=start_time(self.nspawn.pid))
         self._boot_started = started

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tools import image, netns
+from tools import cgroups, image, netns
 from tools.machine import Machine, MachineError, read_state, sweep_stale
 from tools.netns import Slot
 
@@ -40,6 +40,7 @@ def _nothing_left(name: str, owner_pid: int) -> list[str]:
         left.append(f"veth {slot.host_if}")
     if slot.state_file().exists():
         left.append(f"state file {slot.state_file()}")
+    left += [f"cgroup {c}" for c in cgroups.machine_cgroups(name) if c.exists()]
     nspawns = subprocess.run(
         ["pgrep", "-f", f"systemd-nspawn.*--machine={name} "],
         capture_output=True,
@@ -87,6 +88,57 @@ def test_two_machines_run_at_once_with_their_own_addresses(boot_machine: BootMac
     # Volatile overlays: what one writes, the other does not see.
     first.run(["touch", "/root/only-in-first"])
     assert second.run(["test", "-e", "/root/only-in-first"], check=False).returncode == 1
+
+
+def _host_cgroups(pid: int) -> list[str]:
+    """The cgroups of host process ``pid`` that systemd tracks units by."""
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    return [line.split(":", 2)[2] for line in lines if line.split(":")[1] in ("", "name=systemd")]
+
+
+def test_two_machines_keep_their_units_in_cgroup_trees_of_their_own(
+    boot_machine: BootMachine,
+) -> None:
+    """Started from one process (as one xdist worker, or two, start them), two machines
+    shared one cgroup tree: each one's systemd created and removed the other's unit
+    cgroups, and a start failed with 219/CGROUP now and then (tools/cgroups.py)."""
+    first, second = boot_machine(), boot_machine()
+    seen = {}
+    for m in (first, second):
+        inside = m.run(["systemctl", "show", "-P", "MainPID", "systemd-journald"]).stdout.strip()
+        # The machine's journald, as the host numbers it: the one child of the
+        # machine's init with that PID in the machine's namespace.
+        host_pid = next(
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit()
+            and (p / "status").exists()
+            and _in_machine(int(p.name), m.init_pid)
+            and _ns_pid(int(p.name)) == inside
+        )
+        cgroups = _host_cgroups(host_pid)
+        assert cgroups, f"journald of {m.name}: no cgroup that systemd tracks by"
+        for cgroup in cgroups:
+            assert cgroup.startswith(f"/scalebox-machines/{m.name}/payload/"), cgroups
+            assert cgroup.endswith("/system.slice/systemd-journald.service"), cgroups
+        seen[m.name] = cgroups
+    assert seen[first.name] != seen[second.name]
+
+
+def _ns_pid(pid: int) -> str:
+    """``pid``'s number in its own PID namespace (the last NSpid)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return line.split()[-1]
+    return ""
+
+
+def _in_machine(pid: int, init_pid: int | None) -> bool:
+    try:
+        ns = Path(f"/proc/{pid}/ns/pid").readlink()
+        return ns == Path(f"/proc/{init_pid}/ns/pid").readlink()
+    except OSError:
+        return False
 
 
 def test_writes_inside_never_reach_the_cached_image(machine: Machine) -> None:
@@ -190,6 +242,7 @@ def test_stale_sweep_removes_what_a_killed_run_left() -> None:
         f"namespace {slot.netns_path}",
         f"veth {slot.host_if}",
         f"state file {slot.state_file()}",
+        *(f"cgroup {c}" for c in cgroups.machine_cgroups(name)),
     ]
     deadline = time.monotonic() + 30
     left = _nothing_left(name, child.pid)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tools import image, netns
+from tools import cgroups, image, netns
 from tools.check import RequestStream
 from tools.checks import CheckFailed, Report
 from tools.machine import Machine, host_lock, is_stale, read_state, start_time, sweep_stale
@@ -201,3 +201,47 @@ def test_request_stream_counts_a_refused_connection_as_refused() -> None:
     assert stream.refused > 0
     assert stream.answered == 0
     assert stream.other == []
+
+
+HYBRID_MOUNTS = """\
+tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
+cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
+cgroup /sys/fs/cgroup/systemd cgroup rw,relatime,name=systemd 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0
+"""
+
+
+def test_machines_get_cgroups_in_the_hierarchies_systemd_tracks_units_by(tmp_path: Path) -> None:
+    """This host's mounts (hybrid): the unified hierarchy and v1's name=systemd, not the
+    v1 controllers'; a cgroup2-only host has just the unified one."""
+    mounts = tmp_path / "mounts"
+    mounts.write_text(HYBRID_MOUNTS)
+    assert cgroups.hierarchies(mounts) == [
+        Path("/sys/fs/cgroup/systemd"),
+        Path("/sys/fs/cgroup/unified"),
+    ]
+    mounts.write_text("cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec 0 0\n")
+    assert cgroups.hierarchies(mounts) == [Path("/sys/fs/cgroup")]
+    assert cgroups.hierarchies(tmp_path / "none") == []
+    roots = [tmp_path / "a", tmp_path / "b"]
+    assert cgroups.machine_cgroups("sb3", roots) == [
+        tmp_path / "a/scalebox-machines/sb3",
+        tmp_path / "b/scalebox-machines/sb3",
+    ]
+
+
+def test_a_machines_cgroups_are_made_fresh_and_removed_deepest_first(tmp_path: Path) -> None:
+    """Plain directories stand in for cgroupfs here (rmdir of empty ones, as there)."""
+    roots = [tmp_path / "unified"]
+    stale = tmp_path / "unified/scalebox-machines/sb2/payload/system.slice/x.service"
+    stale.mkdir(parents=True)
+    made = cgroups.prepare("sb2", roots)
+    assert made == [tmp_path / "unified/scalebox-machines/sb2"]
+    assert made[0].is_dir() and not (made[0] / "payload").exists()  # a killed run's, gone
+    (made[0] / "payload/init.scope").mkdir(parents=True)
+    (made[0] / "supervisor").mkdir()
+    cgroups.remove("sb2", roots)
+    assert not made[0].exists()
+    assert (tmp_path / "unified/scalebox-machines").is_dir()  # shared by every machine

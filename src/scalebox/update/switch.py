@@ -178,10 +178,12 @@ def _once_more_on_cgroup(
     """Run ``attempt`` (a start of ``unit``); if it failed because systemd could not set
     up the unit's cgroup (status 219/CGROUP), daemon-reload and run it once more.
 
-    Seen in nested cgroup-v1 machines when a unit starts again seconds after it
-    stopped ("Failed to kill control group ... Input/output error"): a
-    daemon-reload sets the cgroups up again. A unit that fails for any other
-    reason (a release's daemon that exits) is not retried.
+    Seen in nested cgroup-v1 test machines when a unit started again seconds after
+    it stopped ("Failed to kill control group ... Input/output error"), and traced
+    later to the test harness: two machines shared one cgroup tree, and each one's
+    systemd removed the other's unit cgroups (tools/cgroups.py gives each its own).
+    Kept as a guard: a daemon-reload sets a unit's cgroups up again. A unit that
+    fails for any other reason (a release's daemon that exits) is not retried.
     """
     try:
         attempt()
