@@ -1,6 +1,6 @@
 """What the scalebox-update system tests share: releases, a server with A, the end checks.
 
-``releases`` (one per session) is a folder bound read-only at /mnt/release in
+``releases`` (one per run, shared by xdist's workers) is a folder bound read-only at /mnt/release in
 each machine: install.sh, real signed tarballs of A, B and the deliberately
 broken releases (tools/releases.py), tarballs crafted from B that must be
 refused (corrupt, badly signed, unsafe members, another arch), a throwaway TLS
@@ -13,10 +13,13 @@ for; with a ``Snapshot`` it also proves that nothing at all was changed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import difflib
+import fcntl
 import hashlib
 import io
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -66,19 +69,45 @@ def tarball(version: str) -> str:
 
 @pytest.fixture(scope="session")
 def releases(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One folder per session for every machine's /mnt/release (see the module docstring)."""
-    out = tmp_path_factory.mktemp("releases")
+    """One folder per run for every machine's /mnt/release (see the module docstring).
+
+    Built once per run, not once per xdist worker: its eight `./do tarball` builds
+    took ~60 s of CPU on each worker, beside the other worker's machines. The first
+    worker to get here builds it under a lock in the run's base temp (shared by the
+    workers); the others wait and then use it. Machines bind it read-only.
+    """
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's, above each worker's own
+    out = base / "shared-releases"
+    with (base / "shared-releases.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (out / COMPLETE).exists():
+            shutil.rmtree(out, ignore_errors=True)  # a worker that failed midway
+            out.mkdir()
+            _build_releases(out, tmp_path_factory)
+            (out / COMPLETE).write_text("")
+    return out
+
+
+COMPLETE = ".complete"
+
+
+def _build_releases(out: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The tarballs two builds at a time: the other worker only waits for them."""
     key, _pub = keygen.keygen(tmp_path_factory.mktemp("keys"))
-    build_tarball(out, key, A)
-    build_tarball(out, key, B)
     broken = tmp_path_factory.mktemp("broken")
-    for version in BROKEN:
-        build_tarball(out, key, version, broken_copy(broken, version))
+
+    def build(version: str) -> Path:
+        src = broken_copy(broken, version) if version in BROKEN else ROOT
+        return build_tarball(out, key, version, src)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(build, [A, B, *BROKEN]))  # list(): a failed build raises here
     shutil.copy2(ROOT / "scripts" / "install.sh", out / "install.sh")
     shutil.copy2(Path(__file__).with_name("fake_github.py"), out / "fake_github.py")
     _craft_refused(out, key, tmp_path_factory.mktemp("other-key"))
     make_tls(out / "tls")
-    return out
 
 
 @dataclass
