@@ -10,6 +10,12 @@
   every later signal is noted and ignored until the program ends (after
   the outermost ``catching`` block, ignored outright), so the exit code
   stays the one the transaction earned.
+- Once one signal has stopped the run (Interrupted raised), every later
+  one is noted and ignored until the outermost ``catching`` block ends: the
+  first one decided the outcome, and the cleanup it starts must finish. A
+  Ctrl-C held down otherwise landed a second Interrupted between the first
+  one's ``except`` and the ``shielded`` block inside it, which skipped the
+  cleanup and its history entry (seen once in CI).
 - SIGHUP (the admin's SSH session dropped) never stops anything: the
   transaction goes on and records its outcome; lost output is lost.
 
@@ -34,6 +40,7 @@ _shield_depth = 0
 _settled = False
 _catching_depth = 0
 _noted: set[int] = set()  # signals already reported (once each is enough)
+_stopping = False  # an Interrupted was raised: the run is on its way out
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -61,9 +68,14 @@ def _on_signal(signum: int, _frame: types.FrameType | None) -> None:
     if signum == signal.SIGHUP:
         _note(signum, f"{name} (the terminal hung up): carrying on; see `scalebox-update history`")
         return
+    global _stopping  # noqa: PLW0603 - one process-wide flag, read by this handler
     if _shield_depth or _settled:
         _note(signum, f"{name} ignored: the transaction is finishing and must not stop half way")
         return
+    if _stopping:
+        _note(signum, f"{name} ignored: already stopping; cleaning up first")
+        return
+    _stopping = True
     raise Interrupted(
         f"interrupted by {name}",
         "run scalebox-update again; it finishes any interrupted transaction first",
@@ -79,7 +91,7 @@ def catching(*, last: bool = False) -> Iterator[None]:
     every later signal is ignored outright, settled or not: a Ctrl-C then
     must not turn a printed exit_code 1 into a process exit of 130.
     """
-    global _catching_depth, _settled  # noqa: PLW0603 - process-wide, read by the signal handler
+    global _catching_depth, _settled, _stopping  # noqa: PLW0603 - process-wide, read by the handler
     previous = {s: signal.signal(s, _on_signal) for s in HANDLED}
     _catching_depth += 1
     try:
@@ -88,6 +100,7 @@ def catching(*, last: bool = False) -> Iterator[None]:
         _catching_depth -= 1
         if _catching_depth == 0:
             _noted.clear()
+            _stopping = False
         if _catching_depth == 0 and (_settled or last):
             # The outermost scope of a settled run: all that is left is to exit
             # with the settled code, so a signal now must not replace it (a
