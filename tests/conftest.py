@@ -49,8 +49,7 @@ _RUN_SESSION_NICE: list[int | None] = []
 def pytest_sessionstart(session: pytest.Session) -> None:
     if not os.environ.get(WORKER):  # the run itself, not an xdist worker
         _RUN_SESSION_NICE.append(priority.session_nice())
-        if session.config.pluginmanager.has_plugin("dsession"):  # it runs xdist workers
-            forward_to_workers()
+    forward_to_workers(session.config)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -29,6 +29,8 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+import pytest
+
 WORKER = "PYTEST_XDIST_WORKER"  # set by pytest-xdist in each worker
 
 
@@ -68,8 +70,10 @@ def _forward(signum: int, _frame: FrameType | None) -> None:
     _FORWARDED.append(signum)
 
 
-def forward_to_workers() -> None:
-    """In the xdist controller (the run itself), at the start of the session."""
-    if threading.current_thread() is threading.main_thread() and not os.environ.get(WORKER):
+def forward_to_workers(config: pytest.Config) -> None:
+    """At the start of the session: in an xdist controller (the run itself, running
+    workers), pass SIGINT and SIGTERM on to the workers; elsewhere nothing."""
+    controller = not os.environ.get(WORKER) and config.pluginmanager.has_plugin("dsession")
+    if controller and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _forward)
         signal.signal(signal.SIGTERM, _forward)

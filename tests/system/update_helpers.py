@@ -1,10 +1,11 @@
 """What the scalebox-update system tests share: releases, a server with A, the end checks.
 
-``releases`` (one per run, shared by xdist's workers) is a folder bound read-only at /mnt/release in
-each machine: install.sh, real signed tarballs of A, B and the deliberately
-broken releases (tools/releases.py), tarballs crafted from B that must be
-refused (corrupt, badly signed, unsafe members, another arch), a throwaway TLS
-CA with a certificate for 127.0.0.1, and fake_github.py.
+``releases`` (one per run, shared by xdist's workers) is a folder bound
+read-only at /mnt/release in each machine: install.sh, real signed tarballs
+of A, B and the deliberately broken releases (tools/releases.py), tarballs
+crafted from B that must be refused (corrupt, badly signed, unsafe members,
+another arch), a throwaway TLS CA with a certificate for 127.0.0.1, and
+fake_github.py.
 
 ``server`` is a fresh machine with A installed by install.sh and one VM
 running. ``Server.assert_intact`` is the one end-of-test check the issue asks
@@ -36,6 +37,7 @@ from tools.machine import Machine
 from tools.releases import ARCH, BROKEN, ROOT, A, B, broken_copy, build_tarball, tarball_name
 
 from scalebox.release import signing
+from tests.interrupt import WORKER
 from tests.tls import make_tls
 
 SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBvY6iHp0l8tMIW2RwA5d6kXyP1u7oSxDpvq2EN0lJ8k test"
@@ -77,7 +79,7 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> Path:
     workers); the others wait and then use it. Machines bind it read-only.
     """
     base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if os.environ.get(WORKER):
         base = base.parent  # the run's, above each worker's own
     out = base / "shared-releases"
     with (base / "shared-releases.lock").open("w") as lock:

@@ -21,16 +21,13 @@ REPO = Path(__file__).resolve().parents[2]
 _ENV = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
 
 CONFTEST = """
-from tests.interrupt import WORKER, forward_to_workers, tear_down_on_sigterm
+from tests.interrupt import forward_to_workers, tear_down_on_sigterm
 
 tear_down_on_sigterm()
 
 
 def pytest_sessionstart(session):
-    import os
-
-    if not os.environ.get(WORKER) and session.config.pluginmanager.has_plugin("dsession"):
-        forward_to_workers()
+    forward_to_workers(session.config)
 """
 
 TEST = """
