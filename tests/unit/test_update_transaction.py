@@ -21,7 +21,16 @@ import pytest
 
 from scalebox import priority
 from scalebox.update import commit as commit_step
-from scalebox.update import health, history, journal, stage, switch, transaction
+from scalebox.update import (
+    health,
+    history,
+    interrupt,
+    journal,
+    preflight,
+    stage,
+    switch,
+    transaction,
+)
 from scalebox.update.context import Context
 from scalebox.update.errors import RolledBack, UpdateError, VerifyError
 from scalebox.update.paths import Paths
@@ -65,6 +74,16 @@ class Server:
         out = {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
         out["current"] = str(self.paths.current.readlink())
         return out
+
+
+@pytest.fixture(autouse=True)
+def _unsettled() -> Iterator[None]:
+    """The tests call transaction.install without main's ``interrupt.catching`` scope,
+    whose end would clear what a commit settled; clear it here instead, so a signal
+    in the next test of this process stops it as it would stop a new run."""
+    interrupt.unsettle()
+    yield
+    interrupt.unsettle()
 
 
 @pytest.fixture
@@ -322,6 +341,55 @@ def test_release_that_rejects_the_config_is_refused_with_service_untouched(
     assert "restart scaleboxd.service" not in server.service.calls[1:]
     assert journal.read(server.paths.journal) is None
     assert [e.result for e in history.read(server.paths.history)] == ["refused"]
+
+
+def test_a_ctrl_c_during_the_config_check_is_told_as_a_ctrl_c_not_as_a_bad_config(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config check wrapped every failure as "release X rejects the live config"
+    with the hint "fix the config", a Ctrl-C too: the admin was sent to a config
+    that had nothing wrong with it."""
+    make_release(server.paths, "0.2.0")
+    before = server.fingerprint()
+    pid = server.service.state(SERVICE).main_pid
+    monkeypatch.setenv("FAKE_SIGINT_PARENT_AT_CHECK", "1")
+    started = time.monotonic()
+    with interrupt.catching(), pytest.raises(interrupt.Interrupted) as caught:
+        _install(server, "0.2.0")
+    assert time.monotonic() - started < 20  # the check was stopped, not waited out
+    assert caught.value.what == "interrupted by SIGINT"
+    assert "rejects" not in str(caught.value)
+    assert caught.value.hint is not None
+    assert "run scalebox-update again" in caught.value.hint
+    assert server.fingerprint() == before
+    assert server.service.state(SERVICE).main_pid == pid
+    assert journal.read(server.paths.journal) is None
+    entries = history.read(server.paths.history)
+    assert [e.result for e in entries] == ["refused"]
+
+
+def _state_after_a_sigint(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asking systemd for the unit state is where a Ctrl-C lands: it sends one first."""
+    ask = server.service.state
+
+    def interrupted_state(unit: str) -> UnitState:
+        os.kill(os.getpid(), signal.SIGINT)
+        return ask(unit)
+
+    monkeypatch.setattr(server.service, "state", interrupted_state)
+
+
+def test_a_ctrl_c_while_the_checks_ask_systemd_stays_a_ctrl_c(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The preflight and the health check turned it into "cannot ask systemd" errors."""
+    _state_after_a_sigint(server, monkeypatch)
+    with interrupt.catching(), pytest.raises(interrupt.Interrupted) as in_preflight:
+        preflight.check(server.ctx())
+    with interrupt.catching(), pytest.raises(interrupt.Interrupted) as in_verify:
+        health.verify(server.service, server.http, _health_check(server, 0.5), print)
+    for caught in (in_preflight, in_verify):
+        assert caught.value.what == "interrupted by SIGINT"
 
 
 def test_unit_added_by_the_new_release_is_removed_on_rollback(server: Server) -> None:

@@ -36,6 +36,7 @@ import httpx
 
 from scalebox import priority
 from scalebox.update.errors import UpdateError, VerifyError
+from scalebox.update.interrupt import Interrupted
 from scalebox.update.systemd import SERVICE, ServiceManager, UnitState
 
 POLL = 0.2
@@ -131,6 +132,8 @@ def verify(
     while True:
         try:
             state = service.state(SERVICE)
+        except Interrupted:
+            raise
         except UpdateError as exc:
             raise VerifyError(f"cannot read the state of scaleboxd: {exc.what}") from None
         if state.active == "failed":

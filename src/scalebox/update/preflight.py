@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from scalebox.update import stage
 from scalebox.update.context import Context
 from scalebox.update.errors import UpdateError
+from scalebox.update.interrupt import Interrupted
 from scalebox.update.paths import Paths
 from scalebox.update.systemd import SERVICE
 
@@ -68,6 +69,8 @@ def check(ctx: Context) -> Installed:
         )
     try:
         state = ctx.service.state(SERVICE)
+    except Interrupted:
+        raise
     except UpdateError as exc:
         raise UpdateError(f"cannot ask systemd about scaleboxd: {exc.what}", exc.hint) from None
     if not state.running:

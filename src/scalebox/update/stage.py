@@ -27,6 +27,7 @@ from scalebox.release import manifest
 from scalebox.release.errors import ReleaseError
 from scalebox.update import packages, process
 from scalebox.update.errors import UpdateError
+from scalebox.update.interrupt import Interrupted
 from scalebox.update.paths import Paths
 from scalebox.update.plan import ReleaseDir
 
@@ -406,6 +407,8 @@ def check_config(paths: Paths, name: str) -> None:
             f"the new release's config check ({scaleboxd} --check-config {paths.config})",
             timeout=60,
         )
+    except Interrupted:
+        raise  # a Ctrl-C is not the config's fault: keep its own words and hint
     except UpdateError as exc:
         raise UpdateError(
             f"release {name} rejects the live config {paths.config}: {exc.what}",
