@@ -8,11 +8,12 @@ import json
 import multiprocessing
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -24,7 +25,7 @@ from tools.bench import (
     report,
     step_durations,
 )
-from tools.loadgen import FREEZE_EVERY, Load, LoadLost, Sample, percentile, summarize
+from tools.loadgen import FREEZE_EVERY, Client, Load, LoadLost, Sample, percentile, summarize
 
 from scalebox import priority
 
@@ -199,6 +200,122 @@ def test_refused_and_wrong_answers_are_failures_by_kind(server: str) -> None:
     assert load.stats().failures == {"refused": 3, "HTTP 503": 3}
     assert load.stats().answered == 0
     assert load.answered() == 0
+
+
+class _RawServer:
+    """A listening socket on loopback whose every connection is handled by ``serve``
+    (in a thread), for the ways a server can fail a client that http.server has no
+    way to show: closing at once, resetting, never answering, closing while idle."""
+
+    def __init__(self, serve: Callable[[socket.socket], None]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/health"
+        self.accepted = 0
+        self._serve = serve
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.accepted += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept(); a close alone does not
+        self.listener.close()
+        self._thread.join(5)
+        assert not self._thread.is_alive()
+
+
+ANSWER = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 32\r\n\r\n"
+    b'{"status": "ok", "version": "1"}'
+)
+
+
+def _read_request(conn: socket.socket) -> bool:
+    """Read one request head; False at the end of the stream."""
+    seen = b""
+    while b"\r\n\r\n" not in seen:
+        data = conn.recv(4096)
+        if not data:
+            return False
+        seen += data
+    return True
+
+
+def _answer_once_then_close_when_idle(conn: socket.socket) -> None:
+    with conn:
+        if _read_request(conn):
+            conn.sendall(ANSWER)
+            time.sleep(0.05)  # then idle: closed, as a stopping daemon closes its idle ones
+
+
+def _close_without_answering(conn: socket.socket) -> None:
+    with conn:
+        _read_request(conn)
+
+
+def _reset_after_the_request(conn: socket.socket) -> None:
+    _read_request(conn)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()  # with linger 0: an RST, not a FIN
+
+
+def _never_answer(conn: socket.socket) -> None:
+    with conn:
+        _read_request(conn)
+        time.sleep(2)
+
+
+@pytest.mark.parametrize(
+    ("serve", "kind"),
+    [
+        (_close_without_answering, "disconnected without answer"),
+        (_reset_after_the_request, "reset"),
+        (_never_answer, "timeout"),
+    ],
+)
+def test_a_server_that_fails_the_request_is_a_failure_of_its_kind(
+    serve: Callable[[socket.socket], None], kind: str
+) -> None:
+    server = _RawServer(serve)
+    try:
+        load = Load(lambda: server.url, workers=1, interval=0.0, timeout=0.5, max_requests=2)
+        with load.running():
+            _wait_for(load, 2)
+    finally:
+        server.close()
+    assert load.stats().failures == {kind: 2}
+    assert load.stats().sent == 2
+
+
+def test_a_kept_alive_connection_the_server_closed_while_idle_is_replaced_not_failed() -> None:
+    server = _RawServer(_answer_once_then_close_when_idle)
+    try:
+        load = Load(lambda: server.url, workers=1, interval=0.2, keep_alive=True, max_requests=3)
+        with load.running():
+            _wait_for(load, 3)
+    finally:
+        server.close()
+    assert (load.stats().answered, load.stats().failures) == (3, {})
+    assert server.accepted == 3  # each request found the last connection closed
+
+
+def test_a_kept_alive_connection_carries_every_request_while_the_server_keeps_it(
+    server: str,
+) -> None:
+    with Client(keep_alive=True, timeout=5) as client:
+        first = client.get(server + "/health")
+        sock = client._sock
+        assert client.get(server + "/health") == first
+        assert client._sock is sock  # the same connection
+    assert first[0] == 200
+    assert json.loads(first[1])["version"] == "9.9.9"
 
 
 def test_percentile_is_nearest_rank() -> None:
