@@ -21,8 +21,8 @@ and httpx's per request was 1.1-1.4 ms of CPU on a fresh loopback
 connection against 0.53-0.55 ms for this (400 requests each, twice,
 interleaved). At the bench's ~130 fresh connections a second that is a
 tenth of a core of the 2-core host, and a longer tail on every request.
-What the server sees is the same: one GET with Host, on a connection that
-is kept alive or closed after the answer.
+The server sees the same: one GET on an HTTP/1.1 connection that the
+client keeps or closes after the answer.
 
 With own_process the load runs in a child process (forked, so the URL
 function needs no pickling) and its samples come back when running() ends
@@ -107,6 +107,7 @@ _KINDS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str],
     (ConnectionResetError, "reset"),
     (OSError, "read error"),
     (ScaleboxError, "route check failed"),
+    (ValueError, "bad URL"),
 )
 
 
@@ -128,7 +129,7 @@ class Client:
     open; a connection the server closed while idle (a daemon that stops
     closes its idle ones) is replaced before the request, as httpx's pool
     does, and not counted as a failure. Without it, every request opens a
-    connection and asks the server to close it after the answer.
+    connection and closes it after the answer.
     """
 
     def __init__(self, *, keep_alive: bool, timeout: float) -> None:
@@ -150,17 +151,24 @@ class Client:
         self._sock = self._conn = self._where = None
 
     def get(self, url: str) -> tuple[int, bytes]:
-        """The answer's status and body; raises OSError, _ConnectFailed, _Disconnected."""
+        """The answer's status and body; raises OSError, _ConnectFailed, _Disconnected,
+        h11.ProtocolError (ValueError for a URL this client cannot ask)."""
         parts = urlsplit(url)
+        if parts.scheme != "http":
+            raise ValueError(f"{url}: only http:// is spoken here")
         host, port = parts.hostname or "", parts.port or 80
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         sock, conn = self._connection((host, port))
-        headers = [("Host", parts.netloc)]
-        if not self.keep_alive:
-            headers.append(("Connection", "close"))
+        # As httpx asked (less its Accept-Encoding, which /health never uses): an
+        # HTTP/1.1 request keeps the connection, so the server never closes it first;
+        # without keep_alive this client closes it after the answer, as httpx did.
+        headers = [("Host", parts.netloc), ("Accept", "*/*"), ("User-Agent", "scalebox-load")]
+        request = h11.Request(method="GET", target=target, headers=headers)
         try:
-            request = h11.Request(method="GET", target=target, headers=headers)
-            sock.sendall(conn.send(request) + (conn.send(h11.EndOfMessage()) or b""))
+            # A failed send is not the end, as in httpcore: the server may have
+            # answered, or closed; what it did is read below.
+            with contextlib.suppress(OSError):
+                sock.sendall(conn.send(request) + (conn.send(h11.EndOfMessage()) or b""))
             status, body = self._answer(sock, conn)
         except BaseException:
             self.close()
@@ -174,16 +182,17 @@ class Client:
     def _connection(self, where: tuple[str, int]) -> tuple[socket.socket, h11.Connection]:
         sock, conn = self._sock, self._conn
         if sock is not None and conn is not None and where == self._where:
-            readable, _, _ = select.select([sock], [], [], 0)
-            if not readable:  # idle and open: an EOF or stray bytes would be readable
+            idle = select.poll()  # not select(): a descriptor over 1023 is fine
+            idle.register(sock, select.POLLIN)
+            if not idle.poll(0):  # idle and open: an EOF or stray bytes would be readable
                 return sock, conn
         self.close()
         try:
             sock = socket.create_connection(where, timeout=self.timeout)
         except OSError as exc:
             raise _ConnectFailed(str(exc)) from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as httpx's does
         self._sock, self._conn, self._where = sock, h11.Connection(h11.CLIENT), where
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as httpx's does
         return sock, self._conn
 
     @staticmethod
@@ -443,7 +452,7 @@ class Load:
         sent, start = time.time(), time.monotonic()
         try:
             status, body = client.get(url)
-        except (OSError, _ConnectFailed, _Disconnected, h11.ProtocolError) as exc:
+        except Exception as exc:  # noqa: BLE001 - each failure is a sample, never a dead worker
             return Sample(sent, time.monotonic() - start, classify(exc))
         seconds = time.monotonic() - start
         if status != 200:

@@ -7,6 +7,7 @@ import gc
 import json
 import multiprocessing
 import os
+import resource
 import socket
 import struct
 import subprocess
@@ -304,6 +305,37 @@ def test_a_kept_alive_connection_the_server_closed_while_idle_is_replaced_not_fa
         server.close()
     assert (load.stats().answered, load.stats().failures) == (3, {})
     assert server.accepted == 3  # each request found the last connection closed
+
+
+def test_a_request_the_client_cannot_make_is_a_failure_not_a_dead_worker(server: str) -> None:
+    urls = iter(["http://127.0.0.1:99999/health", "https://127.0.0.1/health", server + "/health"])
+    load = Load(lambda: next(urls), workers=1, interval=0.0, max_requests=3)
+    with load.running():
+        _wait_for(load, 3)
+    assert load.stats().failures == {"bad URL": 2}
+    assert load.stats().answered == 1  # the worker went on
+
+
+def test_a_kept_alive_connection_on_a_descriptor_over_1023_is_reused(server: str) -> None:
+    """select() refuses descriptors over 1023; the bench's hosts allow far more."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1200
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"this host allows only {hard} open files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with Client(keep_alive=True, timeout=5) as client:
+            first = client.get(server + "/health")
+            sock = client._sock
+            assert sock is not None
+            assert sock.fileno() > 1023
+            assert client.get(server + "/health") == first
+            assert client._sock is sock
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_a_kept_alive_connection_carries_every_request_while_the_server_keeps_it(
