@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 
 import pytest
 
-from scalebox.update import interrupt
+from scalebox.update import interrupt, process
+from scalebox.update.errors import CommandError
 
 
 def test_sigint_and_sigterm_stop_an_unsettled_transaction() -> None:
@@ -88,3 +91,52 @@ def test_after_the_programs_last_scope_a_signal_cannot_change_the_exit_code() ->
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+def _sleep_with_a_sigint_meanwhile(seconds: float) -> float:
+    """Run a real `sleep` the way the updater runs programs, with a SIGINT 0.2 s in;
+    return how long the program ran."""
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.monotonic()
+    timer.start()
+    try:
+        process.run(["sleep", str(seconds)], "sleep")
+    finally:
+        timer.cancel()
+        ran = time.monotonic() - started
+    return ran
+
+
+def test_a_deferred_program_finishes_before_a_signal_stops_the_run(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """apt-get killed half way leaves dpkg's database for `dpkg --configure -a`."""
+    ran = 0.0
+    with (
+        interrupt.catching(),
+        pytest.raises(interrupt.Interrupted) as caught,
+        interrupt.deferred("sleep"),
+    ):
+        ran = _sleep_with_a_sigint_meanwhile(1.0)
+    assert ran >= 1.0  # not killed
+    assert caught.value.what == "interrupted by SIGINT (after sleep had finished)"
+    assert "stopping once sleep has finished" in capfd.readouterr().err
+
+
+def test_without_deferring_a_signal_stops_the_program_at_once() -> None:
+    started = time.monotonic()
+    with interrupt.catching(), pytest.raises(interrupt.Interrupted):
+        _sleep_with_a_sigint_meanwhile(5.0)
+    assert time.monotonic() - started < 3
+
+
+def test_an_error_of_the_deferred_block_wins_over_a_signal_meanwhile() -> None:
+    with (
+        interrupt.catching(),
+        pytest.raises(CommandError, match="exit 3"),
+        interrupt.deferred("sh"),
+    ):
+        os.kill(os.getpid(), signal.SIGINT)
+        process.run(["sh", "-c", "exit 3"], "sh")
+    with interrupt.catching(), pytest.raises(interrupt.Interrupted):
+        os.kill(os.getpid(), signal.SIGINT)  # nothing was left pending or stopping

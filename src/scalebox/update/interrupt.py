@@ -41,6 +41,8 @@ _settled = False
 _catching_depth = 0
 _noted: set[int] = set()  # signals already reported (once each is enough)
 _stopping = False  # an Interrupted was raised: the run is on its way out
+_deferring: str | None = None  # what runs inside deferred(): a signal waits for it
+_deferred: list[str] = []  # signals that arrived meanwhile, by name
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -74,6 +76,10 @@ def _on_signal(signum: int, _frame: types.FrameType | None) -> None:
         return
     if _stopping:
         _note(signum, f"{name} ignored: already stopping; cleaning up first")
+        return
+    if _deferring is not None:
+        _note(signum, f"{name}: stopping once {_deferring} has finished (it must not be killed)")
+        _deferred.append(name)
         return
     _stopping = True
     raise Interrupted(
@@ -121,6 +127,33 @@ def unsettle() -> None:
     """Signals may stop the program again (a recovery finished; the run goes on to its task)."""
     global _settled  # noqa: PLW0603 - one process-wide flag, read by the signal handler
     _settled = False
+
+
+@contextmanager
+def deferred(what: str) -> Iterator[None]:
+    """Let ``what`` finish even when SIGTERM/SIGINT arrive, then stop as they asked.
+
+    For a program that a kill would leave half done outside our own files (apt
+    and dpkg: packages unpacked and not configured, and every later apt run
+    refusing until `dpkg --configure -a`). A signal meanwhile is noted; once the
+    block ends (also by an error of its own), it is raised as Interrupted.
+    """
+    global _deferring, _stopping  # noqa: PLW0603 - process-wide, read by the signal handler
+    outer, _deferring = _deferring, what
+    arrived: list[str] = []
+    try:
+        yield
+    finally:
+        _deferring = outer
+        if outer is None:
+            arrived, _deferred[:] = list(_deferred), []
+    # Here only when the block ended without an error of its own (that one wins).
+    if arrived and not (_shield_depth or _settled or _stopping):
+        _stopping = True
+        raise Interrupted(
+            f"interrupted by {arrived[0]} (after {what} had finished)",
+            "run scalebox-update again; it finishes any interrupted transaction first",
+        )
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Sequence
 
-from scalebox.update import process
+from scalebox.update import interrupt, process
 from scalebox.update.errors import CommandError, UpdateError
 
 APT_TIMEOUT = 600.0  # one apt-get install; a slow mirror must not hang the update forever
@@ -72,12 +72,15 @@ def ensure(
         "then run scalebox-update again; nothing was switched and scaleboxd keeps running"
     )
     try:
-        process.run(
-            command,
-            f"apt-get install {' '.join(need)}",
-            timeout=timeout,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )
+        # A Ctrl-C waits for apt: killed, dpkg leaves packages half installed and
+        # every later apt-get refuses until `dpkg --configure -a`.
+        with interrupt.deferred("apt-get"):
+            process.run(
+                command,
+                f"apt-get install {' '.join(need)}",
+                timeout=timeout,
+                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            )
     except CommandError as exc:
         raise UpdateError(
             f"release {version} needs the Debian packages {', '.join(need)}, which are not "
