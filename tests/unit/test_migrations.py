@@ -558,6 +558,23 @@ def test_update_applies_the_new_release_migrations_then_rollback_restores_the_co
     assert any("restored the config from before 2.0.0's migrations" in x for x in server.lines)
 
 
+def test_the_migrations_run_away_from_the_terminal(server: Server, tmp_path: Path) -> None:
+    """In the updater's process group, a hang-up of the admin's SSH session killed the
+    migration runner and rolled the update back; the updater itself carries on."""
+    release = server.release("2.0.0", ADD_STEP)
+    python = release / "venv" / "bin" / "python"
+    seen = tmp_path / "session"
+    # /proc/PID/stat's fifth and sixth fields: process group, session ("sh" has no space).
+    record = f"cut -d' ' -f6,5 /proc/$$/stat > {seen}\n"
+    wrapper = python.read_text().replace("exec ", record + "exec ", 1)
+    python.write_text(wrapper)
+    server.install("2.0.0", "1.0.0")
+    group, session = (int(n) for n in seen.read_text().split())
+    assert session != os.getsid(0)
+    assert group != os.getpgrp()
+    assert session == group  # it leads a session of its own
+
+
 def test_rollback_keeps_a_config_edited_after_the_migrations(server: Server) -> None:
     server.release("2.0.0", ADD_STEP)
     server.install("2.0.0", "1.0.0")

@@ -125,7 +125,10 @@ def run(
     ]
     report(f"running {to_version}'s migrations with its own interpreter")
     try:
-        done = run_program(argv, timeout=timeout)
+        # A session of its own, as every program the updater runs: a terminal's
+        # hang-up (SIGHUP to the foreground group) killed it, and the update was
+        # rolled back although the updater itself carries on through a hang-up.
+        done = run_program(argv, timeout=timeout, new_session=True)
     except ProgramError as exc:
         raise MigrationFailed(
             f"running {to_version}'s migrations failed: {exc.detail}",
