@@ -147,3 +147,22 @@ def test_history_appends_and_skips_a_torn_line(tmp_path: Path) -> None:
     ]
     assert history.has(entries, "t2", history.ROLLED_BACK)
     assert not history.has(entries, "t2", history.UPDATED)
+
+
+def test_history_skips_a_line_that_is_not_utf8(tmp_path: Path) -> None:
+    """A damaged sector or a hand edit: one bad byte cost every later read, so a run
+    that had switched could not record its commit (and recovery stopped there too)."""
+    path = tmp_path / "history.jsonl"
+    for number in (1, 2):
+        history.record(
+            path,
+            transaction_id=f"t{number}",
+            action="update",
+            from_version="0.1.0",
+            to_version="0.2.0",
+            result=history.UPDATED,
+        )
+        if number == 1:
+            with path.open("ab") as f:
+                f.write(b'{"at": "2026-12-03", "reason": "caf\xe9"}\n')  # latin-1, not UTF-8
+    assert [e.id for e in history.read(path)] == ["t1", "t2"]

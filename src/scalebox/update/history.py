@@ -100,13 +100,18 @@ def record_refusal(
 
 
 def read(path: Path) -> list[Entry]:
-    """All entries, oldest first; lines that are not whole JSON objects are skipped."""
+    """All entries, oldest first; lines that are not whole JSON objects are skipped.
+
+    Line by line from bytes: one line that is not UTF-8 (a damaged sector, a hand
+    edit) is skipped like any other bad line. Decoded as a whole, it failed every
+    read, and a run that had switched could not record its commit.
+    """
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         return []
     entries = []
-    for line in text.splitlines():
+    for line in data.splitlines():
         try:
             raw = json.loads(line)
             entries.append(
