@@ -292,10 +292,13 @@ def restore_process(warn: Warn) -> None:
     """Undo lower_process(), if it ran; else nothing."""
     with _guard:
         lowered = "given" in _lowered
-        given = _lowered.pop("given", None)
+        if lowered:
+            # Forgotten only once restored: a signal raised in between (the updater
+            # turns SIGINT into an exception) leaves it for the next call to restore,
+            # a rollback's, rather than the process lowered for good.
+            restore(_lowered["given"], warn)
+        _lowered.pop("given", None)
         _expired.clear()
         timers, _timer[:] = list(_timer), []
-        if lowered:
-            restore(given, warn)
     for timer in timers:
         timer.cancel()

@@ -376,6 +376,39 @@ def test_root_runs_ten_steps_nicer_on_every_thread_until_it_goes_back() -> None:
     }
 
 
+INTERRUPTED_RESTORE = """
+import json, os
+from scalebox import priority
+
+real = priority.restore
+calls = []
+
+def stopped_once(given, warn):
+    calls.append(1)
+    if len(calls) == 1:
+        raise KeyboardInterrupt  # a signal the caller turns into an exception, right here
+    real(given, warn)
+
+priority.restore = stopped_once
+priority.lower_process(print)
+try:
+    priority.restore_process(print)
+except KeyboardInterrupt:
+    pass
+stuck = os.getpriority(os.PRIO_PROCESS, 0)
+priority.restore_process(print)  # the rollback's: it must still know what to restore
+print(json.dumps([stuck, os.getpriority(os.PRIO_PROCESS, 0)]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")
+def test_a_restore_stopped_by_a_signal_is_done_by_the_next_one() -> None:
+    """It forgot what to restore before restoring it: a Ctrl-C in between left the
+    process lowered, and every later restore (a rollback's) did nothing."""
+    given = os.getpriority(os.PRIO_PROCESS, 0)
+    assert _in_a_child(INTERRUPTED_RESTORE) == [min(given + 10, 19), given]
+
+
 def test_the_daemon_freezes_what_its_start_made_so_collections_never_walk_it() -> None:
     """freeze_heap() before serving: the ~50,000 objects of FastAPI, pydantic and uvicorn
     leave the collector's generations, which a full collection would walk (a 20-30 ms stop

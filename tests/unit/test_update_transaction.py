@@ -484,6 +484,32 @@ def test_kill_9_at_a_step_is_recovered_by_the_next_run(
     assert transaction.recover(server.ctx()) is None  # idempotent: nothing left to do
 
 
+def test_a_ctrl_c_while_recovery_discards_still_records_it(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The discard removes the journal first: stopped before its history line, that
+    refusal was never recorded by anyone."""
+    make_release(server.paths, "0.2.0")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FAKE_KILL_PARENT_AT_CHECK": "1"}
+    child = run_crashing_child(CHILD, str(server.paths.root), "check-config", env=env)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    discard = transaction._discard
+
+    def interrupted_discard(ctx: Context, j: journal.Journal) -> None:
+        discard(ctx, j)
+        os.kill(os.getpid(), signal.SIGINT)  # the journal is gone; the history is next
+
+    monkeypatch.setattr(transaction, "_discard", interrupted_discard)
+    with interrupt.catching():
+        said = transaction.recover(server.ctx())
+    assert said is not None
+    assert said.startswith("recovered")
+    assert journal.read(server.paths.journal) is None
+    [entry] = history.read(server.paths.history)
+    assert entry.result == "refused"
+    assert "interrupted during stage" in str(entry.reason)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")
 def test_a_recovered_commit_waits_for_the_cpu_too(
     server: Server, monkeypatch: pytest.MonkeyPatch

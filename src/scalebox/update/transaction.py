@@ -129,6 +129,7 @@ def install(
         interrupt.settle()
         j = journal.advance(p.journal, j, "commit")
     except Exception as exc:  # noqa: BLE001 - every failure from migrate on rolls back
+        interrupt.settle()  # first: a Ctrl-C now must not skip the rollback below
         _roll_back(ctx, _as_written(ctx, j), reason_of(exc))  # raises
 
     pruned, left = _commit(ctx, j)
@@ -292,8 +293,9 @@ def recover(ctx: Context) -> str | None:
     action = plan.recovery_action(j.step)
     ctx.report(f"found an unfinished {j.action} {j.from_version} -> {j.to_version} ({j.step})")
     if action is plan.Recovery.DISCARD:
-        _discard(ctx, j)
-        _record(ctx, j, history.REFUSED, f"interrupted during {j.step}; nothing had changed")
+        with interrupt.shielded():  # the journal goes first: its history line must follow
+            _discard(ctx, j)
+            _record(ctx, j, history.REFUSED, f"interrupted during {j.step}; nothing had changed")
         return (
             f"recovered: the interrupted update to {j.to_version} had changed nothing; "
             f"{j.from_version} still runs"
