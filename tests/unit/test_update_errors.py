@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from scalebox.errors import ConfigError
 from scalebox.update.errors import RollbackFailed, reason_of
 
 
@@ -23,3 +24,10 @@ def test_an_update_error_reads_as_its_what_and_anything_else_names_its_kind() ->
         "the old release did not start"
     )
     assert reason_of(ValueError("bad")) == "ValueError: bad"
+
+
+def test_any_error_made_for_a_person_reads_as_its_what() -> None:
+    """A ConfigError from the switch (the socket's port) read "ConfigError: ...\n  hint: ..."
+    in the rollback's message and the history."""
+    error = ConfigError("API_PORT=http is not a port", "set API_PORT to a number")
+    assert reason_of(error) == "API_PORT=http is not a port"

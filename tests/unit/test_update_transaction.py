@@ -368,6 +368,23 @@ def test_a_ctrl_c_during_the_config_check_is_told_as_a_ctrl_c_not_as_a_bad_confi
     assert [e.result for e in entries] == ["refused"]
 
 
+def test_a_config_check_that_was_killed_is_not_blamed_on_the_config(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_release(server.paths, "0.2.0")
+    before = server.fingerprint()
+    monkeypatch.setenv("FAKE_CHECK_KILLED", "1")
+    with pytest.raises(UpdateError) as caught:
+        _install(server, "0.2.0")
+    assert "config check" in caught.value.what
+    assert "(exit -9)" in caught.value.what
+    assert "rejects" not in caught.value.what
+    assert caught.value.hint is not None
+    assert "says nothing about the config" in caught.value.hint
+    assert server.fingerprint() == before
+    assert [e.result for e in history.read(server.paths.history)] == ["refused"]
+
+
 def _state_after_a_sigint(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """Asking systemd for the unit state is where a Ctrl-C lands: it sends one first."""
     ask = server.service.state

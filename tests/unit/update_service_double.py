@@ -37,6 +37,8 @@ args = sys.argv[1:]
 if "--check-config" in args:
     if os.environ.get("FAKE_KILL_PARENT_AT_CHECK") == "1":
         os.kill(os.getppid(), 9)
+    if os.environ.get("FAKE_CHECK_KILLED") == "1":
+        os.kill(os.getpid(), 9)  # the OOM killer, say
     if os.environ.get("FAKE_SIGINT_PARENT_AT_CHECK") == "1":
         os.kill(os.getppid(), 2)  # an admin's Ctrl-C while the check runs
         time.sleep(30)  # the updater must stop the check, not wait it out

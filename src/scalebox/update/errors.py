@@ -10,7 +10,15 @@ class UpdateError(ScaleboxError):
 
 
 class CommandError(UpdateError):
-    """A program the updater ran (systemctl, pip, the new scaleboxd) failed."""
+    """A program the updater ran (systemctl, pip, the new scaleboxd) failed.
+
+    ``exit_status``: what it exited with when it ran to its end and said no
+    (above 0); None when it could not run, was killed or overran.
+    """
+
+    def __init__(self, what: str, hint: str | None = None, *, exit_status: int | None = None):
+        super().__init__(what, hint)
+        self.exit_status = exit_status
 
 
 class VerifyError(UpdateError):
@@ -39,7 +47,7 @@ def os_error(exc: OSError) -> str:
 
 def reason_of(exc: BaseException) -> str:
     """What went wrong, in words for a person: an error's ``what``, an OSError's text."""
-    if isinstance(exc, UpdateError):
+    if isinstance(exc, ScaleboxError):  # an UpdateError, or a config's or release's own
         return exc.what
     if isinstance(exc, OSError):
         return os_error(exc)  # "Read-only file system: /opt/...", never "[Errno 30] ..."

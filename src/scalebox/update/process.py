@@ -39,5 +39,9 @@ def run(
             raise CommandError(f"{description} did not finish: {exc.detail}", hint) from None
         raise CommandError(f"{description} failed: {exc.detail}", hint) from None
     if not done.ok:
-        raise CommandError(f"{description} failed (exit {done.returncode}): {done.output}", hint)
+        raise CommandError(
+            f"{description} failed (exit {done.returncode}): {done.output}",
+            hint,
+            exit_status=done.returncode if done.returncode > 0 else None,
+        )
     return done.stdout

@@ -26,7 +26,7 @@ from scalebox.fsutil import atomic_write, fsync_dir, fsync_tree
 from scalebox.release import manifest
 from scalebox.release.errors import ReleaseError
 from scalebox.update import packages, process
-from scalebox.update.errors import UpdateError
+from scalebox.update.errors import CommandError, UpdateError
 from scalebox.update.interrupt import Interrupted
 from scalebox.update.paths import Paths
 from scalebox.update.plan import ReleaseDir
@@ -406,10 +406,14 @@ def check_config(paths: Paths, name: str) -> None:
             [str(scaleboxd), "--check-config", str(paths.config)],
             f"the new release's config check ({scaleboxd} --check-config {paths.config})",
             timeout=60,
+            hint="nothing was changed and scaleboxd keeps running; run scalebox-update "
+            "again (a check that overran or was killed says nothing about the config)",
         )
     except Interrupted:
         raise  # a Ctrl-C is not the config's fault: keep its own words and hint
-    except UpdateError as exc:
+    except CommandError as exc:
+        if exc.exit_status is None:
+            raise  # it did not run to its end (missing, killed, overran): not the config's fault
         raise UpdateError(
             f"release {name} rejects the live config {paths.config}: {exc.what}",
             "nothing was changed and scaleboxd keeps running; fix the config "
