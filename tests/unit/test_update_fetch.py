@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import pty
+import sys
 import threading
 import time
 import zlib
@@ -16,6 +19,7 @@ import pytest
 
 import scalebox
 from scalebox.errors import UsageError
+from scalebox.update import fetch as fetch_module
 from scalebox.update.fetch import (
     FetchError,
     PlainHttpRefused,
@@ -599,3 +603,36 @@ def test_a_fifo_is_refused_without_blocking(client: httpx.Client, tmp_path: Path
     os.mkfifo(fifo)
     with pytest.raises(FetchError, match=r"is a FIFO \(named pipe\), not a release file"):
         fetch(str(fifo), tmp_path / "dl" / "a.tar.gz", client, progress=False)
+
+
+def test_a_terminal_that_hangs_up_under_the_progress_bar_loses_the_bar_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """rich writes the bar's last frame as it stops: on a terminal that had hung up
+    that raised EIO after the download was complete, and it was reported as the
+    disk's fault ("cannot write the download ... free disk space")."""
+    master, slave = pty.openpty()
+    terminal = os.fdopen(slave, "w", buffering=1)
+
+    def read_the_terminal() -> None:  # as a terminal does, until it is gone
+        with contextlib.suppress(OSError):
+            while os.read(master, 4096):
+                pass
+
+    reader = threading.Thread(target=read_the_terminal, daemon=True)
+    reader.start()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    try:
+        with fetch_module._progress_bar("scalebox-1.0.0-x86_64.tar.gz", True) as bar:
+            bar.start(100, 0)
+            bar.advance(50)
+            time.sleep(0.3)  # a frame or two drawn
+            os.close(master)  # the SSH session drops
+            time.sleep(0.3)
+            bar.advance(50)
+    finally:
+        monkeypatch.undo()
+        with contextlib.suppress(OSError):
+            terminal.close()
+        reader.join(5)
+    assert not reader.is_alive()

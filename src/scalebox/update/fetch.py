@@ -14,6 +14,7 @@ Nothing here trusts the bytes: the caller verifies signature and hashes next.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import ssl
@@ -23,7 +24,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Protocol, cast
 
 import httpx
 from rich.console import Console
@@ -122,6 +123,38 @@ class _NoProgress:
         pass
 
 
+class _LosableStderr(io.TextIOBase):
+    """sys.stderr for the progress bar: a terminal that is gone loses the bar, nothing else.
+
+    rich writes the bar's last frame as it stops; on a terminal that hung up that
+    write failed with EIO, after the download was complete, and the OSError was
+    taken for the disk's ("cannot write the download ... free disk space").
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Taken now: while the bar runs, rich puts a proxy of its own in sys.stderr.
+        self._stream = sys.stderr
+
+    def write(self, text: str) -> int:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+    def isatty(self) -> bool:
+        try:
+            return self._stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+
 @contextlib.contextmanager
 def _progress_bar(name: str, show: bool) -> Iterator[_Progress]:
     if not show:
@@ -133,7 +166,7 @@ def _progress_bar(name: str, show: bool) -> Iterator[_Progress]:
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=Console(file=cast("IO[str]", _LosableStderr())),  # TextIOBase: an IO[str]
         transient=False,
     )
     task = bar.add_task(name, total=None)
