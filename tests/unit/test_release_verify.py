@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import platform
 import subprocess
@@ -303,6 +304,45 @@ def test_a_release_bigger_than_the_limit_is_refused(
     with pytest.raises(ReleaseError, match="unpacks to more than 1000 bytes"):
         open_release(tarball, dest, [pub], max_bytes=1000)
     assert not dest.exists()
+
+
+FULL_DISK = """
+import json, subprocess, sys
+from pathlib import Path
+from scalebox.release.errors import ReleaseError
+from scalebox.release.verify import open_release
+
+tarball, dest, pub = (Path(a) for a in sys.argv[1:4])
+dest.mkdir()
+# A file system with no inode left: the release's top directory cannot be made.
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=1", "full", str(dest)], check=True)
+try:
+    open_release(tarball, dest, [pub])
+except ReleaseError as exc:
+    print(json.dumps([exc.what, exc.hint]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a full file system (root)")
+def test_a_full_disk_is_named_as_such_not_as_a_damaged_archive(
+    tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    """Any OSError from the extraction used to read "the archive is damaged or truncated",
+    with the hint to get the release again: a good release, sent for another copy."""
+    key, pub = key_pair
+    tarball = pack(tmp_path, key)
+    done = subprocess.run(  # in a mount namespace of its own: the mount goes with it
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", FULL_DISK,
+         str(tarball), str(tmp_path / "dest"), str(pub)],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    what, hint = json.loads(done.stdout.splitlines()[-1])
+    assert what.startswith("cannot write ")
+    assert "No space left on device" in what
+    assert "damaged" not in what
+    assert "free disk space" in hint
 
 
 def test_dest_must_be_empty(tmp_path: Path, key_pair: tuple[Ed25519PrivateKey, Path]) -> None:

@@ -28,6 +28,7 @@ tarfile.extractall. On any failure everything written into ``dest`` is removed.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -35,7 +36,7 @@ import re
 import shutil
 import tarfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -391,13 +392,15 @@ class _Unpacker:
                 )
             self.check(parsed)
             root = self.dest / self.top
-            root.mkdir(mode=0o755)
+            with _writing(root):
+                root.mkdir(mode=0o755)
             _write_bytes(root / manifest.MANIFEST, manifest_bytes)
             _write_bytes(root / manifest.SIGNATURE, signature)
             written = set()
             if shipped_key is not None:
                 self._expect_hash(parsed, manifest.SHIPPED_KEY, hashlib.sha256(shipped_key))
-                (root / manifest.SHIPPED_KEY).parent.mkdir(mode=0o755)
+                with _writing(root / manifest.SHIPPED_KEY):
+                    (root / manifest.SHIPPED_KEY).parent.mkdir(mode=0o755)
                 _write_bytes(root / manifest.SHIPPED_KEY, shipped_key)
                 written.add(manifest.SHIPPED_KEY)
             self._rest(archive, members, parsed, root, written)
@@ -496,12 +499,14 @@ class _Unpacker:
                     "files were added after signing; get the release again from a trusted source",
                 )
             target = root / relpath
-            target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            with _writing(target):
+                target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             digest = _write_member(archive, member, target)
             try:
                 self._expect_hash(parsed, relpath, digest)
             except ReleaseError:
-                target.unlink()
+                with _writing(target):
+                    target.unlink()
                 raise
             written.add(relpath)
         missing = sorted(listed - written)
@@ -556,6 +561,17 @@ def _disk_error(target: Path, exc: OSError) -> ReleaseError:
     )
 
 
+@contextlib.contextmanager
+def _writing(target: Path) -> Iterator[None]:
+    """An OSError here is the local disk's (full, read-only, failing), not the archive's:
+    the generic catch in _Unpacker.run would call the archive damaged and send the admin
+    for another copy of a release that was fine."""
+    try:
+        yield
+    except OSError as exc:
+        raise _disk_error(target, exc) from exc
+
+
 def _create(target: Path) -> IO[bytes]:
     """A new file, root-only until its data is complete and its mode is set."""
     try:
@@ -572,7 +588,8 @@ def _write_bytes(target: Path, data: bytes, mode: int = 0o644) -> None:
             out.flush()
         except OSError as exc:
             raise _disk_error(target, exc) from None
-        os.fchmod(out.fileno(), mode)
+        with _writing(target):
+            os.fchmod(out.fileno(), mode)
 
 
 def _write_member(archive: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> Any:
@@ -599,7 +616,8 @@ def _write_member(archive: tarfile.TarFile, member: tarfile.TarInfo, target: Pat
             out.flush()
         except OSError as exc:
             raise _disk_error(target, exc) from None
-        os.fchmod(out.fileno(), mode)
+        with _writing(target):
+            os.fchmod(out.fileno(), mode)
     return digest
 
 
