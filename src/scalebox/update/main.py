@@ -620,12 +620,16 @@ def status_command(click_ctx: click.Context, as_json: bool) -> None:
     current = stage.current_name(p)
     try:
         pending = journal.read(p.journal)
+    except interrupt.Interrupted:
+        raise  # a Ctrl-C, not an unreadable journal
     except UpdateError as exc:
         pending = None
         _report(str(exc))
     try:
         state = Systemctl().state(SERVICE)
         service = f"{state.active}/{state.sub} (main PID {state.main_pid})"
+    except interrupt.Interrupted:
+        raise  # a Ctrl-C, not a missing systemctl
     except UpdateError:
         service = "unknown (systemctl unavailable)"
     try:
