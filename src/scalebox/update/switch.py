@@ -16,6 +16,7 @@ before ``backup.json`` vouches for it (fsutil.durable_copy).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -187,8 +188,11 @@ def _once_more_on_cgroup(
     """
     try:
         attempt()
-    except CommandError:
-        state = service.state(unit)
+    except CommandError as first:
+        try:
+            state = service.state(unit)
+        except CommandError:
+            raise first from None  # why it failed matters more than why we cannot look
         if state.exit_status != EXIT_CGROUP or state.main_pid:
             raise  # not systemd's cgroup: a release's own failure, or one still running
         report(
@@ -206,8 +210,16 @@ def _start_or_stop(service: ServiceManager, timeout: float) -> None:
     try:
         service.start(HANDOVER, timeout)
     except BaseException:
-        service.stop(HANDOVER, timeout)
+        _stop_after_a_failure(service, timeout)
         raise
+
+
+def _stop_after_a_failure(service: ServiceManager, timeout: float) -> None:
+    """Stop the handover instance after another failure, which is the one to tell: a stop
+    that fails too must not take its place (the rollback stops the instance again, and
+    says so if it still cannot)."""
+    with contextlib.suppress(CommandError):
+        service.stop(HANDOVER, timeout)
 
 
 def finish_handover(service: ServiceManager, timeout: float, report: Callable[[str], None]) -> None:
@@ -219,8 +231,10 @@ def finish_handover(service: ServiceManager, timeout: float, report: Callable[[s
     """
     try:
         restart_service(service, timeout, report)
-    finally:
-        service.stop(HANDOVER, timeout)
+    except BaseException:
+        _stop_after_a_failure(service, timeout)
+        raise
+    service.stop(HANDOVER, timeout)
 
 
 def restore(paths: Paths, backup_dir: Path) -> list[str]:

@@ -51,6 +51,14 @@ class ServiceManager(Protocol):
     def restart(self, unit: str, timeout: float) -> None: ...
     def start(self, unit: str, timeout: float) -> None: ...
     def stop(self, unit: str, timeout: float) -> None: ...
+    def _state_for_an_error(self, unit: str) -> UnitState:
+        """The unit's state to describe a failure with; one that cannot be read (a
+        `systemctl show` that overran on a loaded server) must not replace the failure."""
+        try:
+            return self.state(unit)
+        except CommandError:
+            return UnitState("unknown", "unknown (systemctl show failed)", 0, 0)
+
     def reset_failed(self, unit: str) -> None: ...
     def state(self, unit: str) -> UnitState: ...
 
@@ -124,14 +132,14 @@ class Systemctl:
         except ProgramError as exc:
             if exc.kind != "timeout":
                 raise CommandError(f"{verb} {unit} failed: {exc.detail}", _hint(unit)) from None
-            state = self.state(unit)
+            state = self._state_for_an_error(unit)
             raise CommandError(
                 f"{verb} {unit} did not become ready within {budget:g} s "
                 f"(the unit is {state.active}/{state.sub}, main PID {state.main_pid})",
                 _hint(unit),
             ) from None
         if not done.ok:
-            state = self.state(unit)
+            state = self._state_for_an_error(unit)
             status = f" (exit status {state.exit_status})" if state.exit_status else ""
             said = done.output.strip().splitlines()[0]  # "Job for ... failed because ..."
             raise CommandError(
@@ -139,6 +147,14 @@ class Systemctl:
                 f"(systemctl: {said})",
                 _hint(unit),
             )
+
+    def _state_for_an_error(self, unit: str) -> UnitState:
+        """The unit's state to describe a failure with; one that cannot be read (a
+        `systemctl show` that overran on a loaded server) must not replace the failure."""
+        try:
+            return self.state(unit)
+        except CommandError:
+            return UnitState("unknown", "unknown (systemctl show failed)", 0, 0)
 
     def reset_failed(self, unit: str) -> None:
         # Clears the start-rate limit a crashing release may have run into, so
