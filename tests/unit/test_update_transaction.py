@@ -7,6 +7,7 @@ transaction against the real systemd in a machine.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
@@ -383,6 +384,26 @@ def test_a_config_check_that_was_killed_is_not_blamed_on_the_config(
     assert "says nothing about the config" in caught.value.hint
     assert server.fingerprint() == before
     assert [e.result for e in history.read(server.paths.history)] == ["refused"]
+
+
+def test_a_refusal_whose_cleanup_fails_too_is_told_and_recorded(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cleanup's OSError (a disk gone read-only) took the refusal's place, and its
+    history line was skipped."""
+    make_release(server.paths, "0.2.0", behaviour="reject-config")
+
+    def read_only(ctx: Context, j: journal.Journal) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(ctx.paths.journal))
+
+    monkeypatch.setattr(transaction, "_discard", read_only)
+    with pytest.raises(UpdateError) as caught:
+        _install(server, "0.2.0")
+    assert "rejects the live config" in caught.value.what
+    assert any("could not clean up (Read-only file system" in x for x in server.lines)
+    [entry] = history.read(server.paths.history)
+    assert entry.result == "refused"
+    assert "rejects the live config" in str(entry.reason)
 
 
 def _state_after_a_sigint(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:

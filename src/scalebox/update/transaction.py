@@ -100,7 +100,7 @@ def install(
     except BaseException as exc:
         # Shielded: a second Ctrl-C must not stop the cleanup half way.
         with interrupt.shielded():
-            _discard(ctx, j)
+            _discard_or_say(ctx, j)
             if isinstance(exc, UpdateError):
                 _record(ctx, j, history.REFUSED, exc.what)
         raise
@@ -184,7 +184,7 @@ def _begin(ctx: Context, first: Journal, target: Target, new_dir: Path) -> Journ
         # SIGTERM/SIGINT (Interrupted) right after the entry was written: nothing
         # was built yet; end the transaction it began and record it, as later steps do.
         with interrupt.shielded():
-            _discard(ctx, first)
+            _discard_or_say(ctx, first)
             _record(ctx, first, history.REFUSED, exc.what)
         raise
 
@@ -204,12 +204,18 @@ def _refuse(ctx: Context, j: Journal, exc: OSError, step: str) -> UpdateError:
         f"the update to {j.to_version} failed during {step}: {os_error(exc)}; nothing was changed"
     )
     with interrupt.shielded():
-        try:
-            _discard(ctx, j)
-        except OSError as again:
-            ctx.report(f"could not clean up ({os_error(again)}); the next run does")
+        _discard_or_say(ctx, j)
         _record(ctx, j, history.REFUSED, what)
     return UpdateError(what, os_hint(exc))
+
+
+def _discard_or_say(ctx: Context, j: Journal) -> None:
+    """_discard after a refusal, whose own error is the one to tell: a cleanup that
+    fails too (a disk gone read-only) is said in a line and left to the next run."""
+    try:
+        _discard(ctx, j)
+    except OSError as again:
+        ctx.report(f"could not clean up ({os_error(again)}); the next run does")
 
 
 def _commit(ctx: Context, j: Journal) -> tuple[list[str], str | None]:
