@@ -577,7 +577,7 @@ def _create(target: Path) -> IO[bytes]:
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
-        raise _disk_error(target, exc) from None
+        raise _disk_error(target, exc) from exc
     return os.fdopen(fd, "wb")
 
 
@@ -587,7 +587,7 @@ def _write_bytes(target: Path, data: bytes, mode: int = 0o644) -> None:
             out.write(data)
             out.flush()
         except OSError as exc:
-            raise _disk_error(target, exc) from None
+            raise _disk_error(target, exc) from exc
         with _writing(target):
             os.fchmod(out.fileno(), mode)
 
@@ -610,12 +610,12 @@ def _write_member(archive: tarfile.TarFile, member: tarfile.TarInfo, target: Pat
             try:
                 out.write(chunk)
             except OSError as exc:
-                raise _disk_error(target, exc) from None
+                raise _disk_error(target, exc) from exc
             remaining -= len(chunk)
         try:
             out.flush()
         except OSError as exc:
-            raise _disk_error(target, exc) from None
+            raise _disk_error(target, exc) from exc
         with _writing(target):
             os.fchmod(out.fileno(), mode)
     return digest

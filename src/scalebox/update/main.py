@@ -186,20 +186,36 @@ def _refusals_recorded(
         what = f"the {action} failed before it began: {os_error(exc)}; "
         what += "nothing was changed"
         if record:
-            try:
-                from_version = preflight.installed(ctx.paths).version
-            except (UpdateError, OSError):
-                from_version = "unknown"
-            problem = history.record_refusal(
-                ctx.paths.history,
-                action=action,
-                from_version=from_version,
-                to_version=to_version or "unknown",
-                reason=what,
-            )
-            if problem:
-                _report(f"{problem}; the history lacks this refusal")
+            _record_refusal(ctx, action, to_version, what)
         raise UpdateError(what, transaction.os_hint(exc)) from exc
+    except (fetch.FetchError, ReleaseError, UpdateError) as exc:
+        # The download's or the extraction's own words for the server's disk failing
+        # under them ("cannot write ...: No space left on device"): recorded too.
+        inner = exc.__cause__ if isinstance(exc.__cause__, ReleaseError) else exc
+        if (
+            record
+            and isinstance(inner, fetch.FetchError | ReleaseError)
+            and isinstance(inner.__cause__, OSError)
+        ):
+            said = "" if "nothing was changed" in exc.what else "; nothing was changed"
+            _record_refusal(ctx, action, to_version, exc.what + said)
+        raise
+
+
+def _record_refusal(ctx: Context, action: str, to_version: str | None, what: str) -> None:
+    try:
+        from_version = preflight.installed(ctx.paths).version
+    except (UpdateError, OSError):
+        from_version = "unknown"
+    problem = history.record_refusal(
+        ctx.paths.history,
+        action=action,
+        from_version=from_version,
+        to_version=to_version or "unknown",
+        reason=what,
+    )
+    if problem:
+        _report(f"{problem}; the history lacks this refusal")
 
 
 def _emit(result: Result, as_json: bool) -> int:
