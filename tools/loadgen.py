@@ -441,7 +441,7 @@ class Load:
             sender.join(self.timeout + 5)
 
     def _send_one(self) -> None:
-        with Client(keep_alive=False, timeout=self.timeout) as client:
+        with self._client() as client:
             self._record(client)
 
     def _one(self, client: Client) -> Sample:

@@ -136,7 +136,8 @@ def deferred(what: str) -> Iterator[None]:
     For a program that a kill would leave half done outside our own files (apt
     and dpkg: packages unpacked and not configured, and every later apt run
     refusing until `dpkg --configure -a`). A signal meanwhile is noted; once the
-    block ends (also by an error of its own), it is raised as Interrupted.
+    block has ended it is raised as Interrupted, unless the block raised an error
+    of its own, which is then the one told (the run is refused either way).
     """
     global _deferring, _stopping  # noqa: PLW0603 - process-wide, read by the signal handler
     outer, _deferring = _deferring, what

@@ -175,10 +175,12 @@ def _transaction_guard(ctx: Context) -> Iterator[str | None]:
 def _refusals_recorded(
     ctx: Context, action: str, to_version: str | None, *, record: bool
 ) -> Iterator[None]:
-    """An OSError before the transaction began (no journal yet): one line and a history entry.
+    """A disk's failure before the transaction began (no journal yet): a history entry.
 
     The transaction records its own refusals; this covers the steps before
-    it (downloads, the trusted keys, the extracted release).
+    it (downloads, the trusted keys, the extracted release): a bare OSError
+    becomes one line, and a download's or an extraction's error raised from
+    an OSError is recorded and told in its own words.
     """
     try:
         yield
