@@ -63,8 +63,14 @@ def run_program(
     input_text: str | None = None,
     new_session: bool = False,
     shield: bool = False,
+    stop_grace: float = 0.0,
 ) -> Finished:
     """Run ``argv`` and wait for it; raise ProgramError when it cannot run or overruns.
+
+    A program that overruns ``timeout`` is killed (SIGKILL), or with
+    ``stop_grace`` first asked to stop (SIGTERM) and killed only if it has not
+    exited within that many seconds: for a program that must not die half way
+    through its work (apt-get, whose dpkg leaves packages half installed).
 
     ``new_session`` starts it in a session of its own, so a signal sent to the
     caller's process group (a terminal's Ctrl-C or hang-up) does not reach it;
@@ -103,16 +109,33 @@ def run_program(
         try:
             stdout, stderr = proc.communicate(input=input_text, timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+            how = _stop_overrun(proc, stop_grace)
             raise ProgramError(
-                "timeout", args, f"{' '.join(args)} did not finish within {timeout:g} s"
+                "timeout", args, f"{' '.join(args)} did not finish within {timeout:g} s ({how})"
             ) from None
         except BaseException:
             proc.kill()  # an exception here (a signal the caller acts on) ends the child too
             proc.wait()
             raise
     return Finished(tuple(args), proc.returncode, stdout, stderr)
+
+
+def _stop_overrun(proc: subprocess.Popen[str], grace: float) -> str:
+    """Stop a program that overran its time; say how it ended."""
+    if grace > 0:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        else:
+            return "stopped with SIGTERM"
+        proc.kill()
+        proc.communicate()
+        return f"killed: still running {grace:g} s after SIGTERM"
+    proc.kill()
+    proc.communicate()
+    return "killed"
 
 
 @contextlib.contextmanager

@@ -466,6 +466,26 @@ def test_ensure_with_everything_installed_runs_no_apt() -> None:
     assert lines == ["9.9.9 needs Debian packages python3: all installed"]
 
 
+def test_an_apt_get_that_overruns_is_asked_to_stop_and_the_hint_names_dpkg(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stand-in apt-get (first on PATH) that hangs: a real one cannot be made to
+    hang here on cue. The real dpkg-query says the package is missing."""
+    fake = tmp_path / "apt-get"
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(packages, "APT_STOP_GRACE", 30.0)
+    with pytest.raises(UpdateError) as refused:
+        packages.ensure(["scalebox-no-such-package"], "9.9.9", lambda _: None, timeout=1)
+    assert "did not finish within 1 s (stopped with SIGTERM)" in refused.value.what
+    hint = str(refused.value.hint)
+    assert hint.startswith(
+        "if apt-get now says that dpkg was interrupted, run `dpkg --configure -a` first"
+    )
+    assert "nothing was switched" in hint
+
+
 # --- the updater's migrate step -----------------------------------------------------------
 
 

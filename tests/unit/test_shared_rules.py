@@ -8,6 +8,8 @@ from __future__ import annotations
 import random
 import signal
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -102,7 +104,36 @@ def test_a_missing_program_and_an_overrun_are_program_errors() -> None:
     with pytest.raises(ProgramError) as slow:
         run_program([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5)
     assert slow.value.kind == "timeout"
-    assert slow.value.detail.endswith(" did not finish within 0.5 s")
+    assert slow.value.detail.endswith(" did not finish within 0.5 s (killed)")
+
+
+# Exits 7 on SIGTERM after writing a file, as apt-get finishing its step would.
+_STOPS_ON_TERM = (
+    "import signal, sys, time\n"
+    "def stop(*_):\n"
+    "    time.sleep(0.3); open(sys.argv[1], 'w').write('clean'); sys.exit(7)\n"
+    "signal.signal(signal.SIGTERM, stop)\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(30)\n"
+)
+
+
+def test_an_overrun_with_a_grace_is_asked_to_stop_before_it_is_killed(tmp_path: Path) -> None:
+    marker = tmp_path / "stopped"
+    with pytest.raises(ProgramError) as slow:
+        run_program([sys.executable, "-c", _STOPS_ON_TERM, str(marker)], timeout=3, stop_grace=10)
+    assert slow.value.kind == "timeout"
+    assert slow.value.detail.endswith(" did not finish within 3 s (stopped with SIGTERM)")
+    assert marker.read_text() == "clean"
+
+
+def test_an_overrun_that_ignores_sigterm_is_killed_after_the_grace() -> None:
+    ignores = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(30)"
+    started = time.monotonic()
+    with pytest.raises(ProgramError) as slow:
+        run_program([sys.executable, "-c", ignores], timeout=1.0, stop_grace=1.0)
+    assert slow.value.detail.endswith("(killed: still running 1 s after SIGTERM)")
+    assert time.monotonic() - started < 10
 
 
 def _blocked_in_child(shield: bool) -> set[int]:

@@ -16,6 +16,9 @@ from scalebox.update import interrupt, process
 from scalebox.update.errors import CommandError, UpdateError
 
 APT_TIMEOUT = 600.0  # one apt-get install; a slow mirror must not hang the update forever
+# Then apt-get is asked to stop (SIGTERM) and given this long before a SIGKILL:
+# killed while dpkg unpacks, it leaves packages half installed.
+APT_STOP_GRACE = 120.0
 DPKG_STATUS = "${Package}\t${db:Status-Abbrev}\n"
 
 
@@ -80,8 +83,14 @@ def ensure(
                 f"apt-get install {' '.join(need)}",
                 timeout=timeout,
                 env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                stop_grace=APT_STOP_GRACE,
             )
     except CommandError as exc:
+        if exc.exit_status is None:  # stopped or killed: dpkg may not have finished
+            manual = (
+                "if apt-get now says that dpkg was interrupted, run `dpkg --configure -a` "
+                f"first; then {manual}"
+            )
         raise UpdateError(
             f"release {version} needs the Debian packages {', '.join(need)}, which are not "
             f"installed, and installing them failed: {exc.what}",

@@ -16,6 +16,7 @@ def run(
     env: Mapping[str, str] | None = None,
     hint: str | None = None,
     shield: bool = False,
+    stop_grace: float = 0.0,
 ) -> str:
     """Run ``argv`` (never through a shell) and return its stdout.
 
@@ -27,9 +28,17 @@ def run(
     program is stopped (an exception here kills it) or finishes (a shielded
     rollback must not lose its `systemctl restart`). ``shield`` closes the
     short window before the child leaves our session (runner.run_program).
+    ``stop_grace``: an overrun is first asked to stop (runner.run_program).
     """
     try:
-        done = run_program(argv, timeout=timeout, env=env, new_session=True, shield=shield)
+        done = run_program(
+            argv,
+            timeout=timeout,
+            env=env,
+            new_session=True,
+            shield=shield,
+            stop_grace=stop_grace,
+        )
     except ProgramError as exc:
         if exc.kind == "not found":
             raise CommandError(
