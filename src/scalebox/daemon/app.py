@@ -300,6 +300,17 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
         description="Sandbox VMs for AI agents and CI jobs.",
         docs_url=None,
         redoc_url=None,
+        # FastAPI's own OpenTelemetry (since 0.165): off, so that no environment
+        # (FASTAPI_OTEL_AUTO_CONFIGURE, a provider set up by some import) makes the
+        # daemon export requests, their bodies or errors anywhere; and a request
+        # skips the check whether it should.
+        telemetry={
+            "tracing": False,
+            "metrics": False,
+            "logs": False,
+            "operation_spans": False,
+            "auto_configure": False,
+        },
     )
     # Creating, deleting and snapshotting are serialised: each checks and then
     # changes disks, ports and the state file.
