@@ -13,6 +13,8 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -543,3 +545,70 @@ def test_vm_record_round_trips_through_json() -> None:
     )  # fmt: skip
     again = VM.from_record(json.loads(json.dumps(vm.to_record())))
     assert again == VM(**{**vm.__dict__, "status": "unknown"})
+
+
+# In a mount namespace of its own (the mount goes with it): DATA_DIR on a tmpfs
+# that is shrunk to what it holds once the VM exists, so the next write fails.
+FULL_DISK_DELETE = """
+import json, logging, os, subprocess, sys
+from dataclasses import replace
+from pathlib import Path
+from scalebox.config import ServerConfig
+from scalebox.daemon.errors import ApiError
+from scalebox.daemon.vms.backend import ProcessBackend
+from scalebox.daemon.vms.service import VMService
+
+data, low, high, key = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+data.mkdir()
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "data", str(data)], check=True)
+config = ServerConfig(api_token="t" * 32, data_dir=data, port_min=low, port_max=high,
+                      host_ip="127.0.0.1", vm_backend="process")
+service = VMService(config, logging.getLogger("full"), use_systemd=False)
+service.start()
+out = {}
+try:
+    vm = service.create_vm(template="debian-base", ssh_public_key=key, name="kept", disk_size_gib=1)
+    fs = os.statvfs(data)
+    used = (fs.f_blocks - fs.f_bfree) * fs.f_frsize
+    subprocess.run(["mount", "-o", f"remount,size={used}", str(data)], check=True)
+    try:
+        service.delete_vm("kept")
+    except ApiError as exc:
+        out["error"] = [exc.status, exc.what, exc.hint]
+    out["listed"] = [v.name for v in service.list_vms()]
+    out["in_state"] = "kept" in (data / "state.json").read_text()
+    subprocess.run(["mount", "-o", "remount,size=2g", str(data)], check=True)
+    service.delete_vm("kept")
+    out["after_room"] = [v.name for v in service.list_vms()]
+    out["dir_left"] = (data / "vms" / vm.id).exists()
+finally:
+    backend = ProcessBackend(data)
+    for vm_id, pid in backend.list_running().items():
+        backend.stop(vm_id, pid)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a file system (root)")
+def test_a_delete_on_a_full_disk_keeps_the_vm_listed_and_says_so(tmp_path: Path) -> None:
+    """The VM was dropped from memory before the state was saved: on a full disk
+    the client got a 500, the VM vanished from GET /vms (a retry said 404), and
+    came back, running, at the daemon's next start."""
+    low, high = port_block()
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
+         FULL_DISK_DELETE, str(tmp_path / "data"), str(low), str(high), KEY],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    status, what, hint = out["error"]
+    assert status == 507
+    assert what.startswith("VM vm-") and "(kept) is stopped but not deleted" in what
+    assert "No space left on device" in what
+    assert hint == "delete it again once the server's disk has room"
+    assert out["listed"] == ["kept"]
+    assert out["in_state"] is True
+    assert out["after_room"] == []
+    assert out["dir_left"] is False

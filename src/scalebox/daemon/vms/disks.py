@@ -173,11 +173,11 @@ def find_layer(data_dir: Path, template: str, layer: str) -> Path | None:
 
 
 def retire_tree(tree: Path, data_dir: Path) -> None:
-    """Take template directory ``tree`` out of use: moved to layers/, removed if unused."""
+    """Take template directory ``tree`` out of use: moved to layers/, which
+    collect_layers empties of what no VM uses."""
     layers = data_dir / LAYERS_DIR
     layers.mkdir(exist_ok=True)
     tree.rename(layers / f"{tree.name.lstrip('.')}-{os.urandom(4).hex()}")
-    collect_layers(data_dir)
 
 
 def collect_layers(data_dir: Path) -> list[Path]:

@@ -9,6 +9,7 @@ input is rejected before anything changes.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import secrets
@@ -16,6 +17,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,9 +38,10 @@ from scalebox.daemon.vms.backend import (
     SystemdBackend,
     running_under_systemd,
 )
+from scalebox.daemon.vms.command import CommandFailed
 from scalebox.daemon.vms.models import VM, Template, now_iso
 from scalebox.errors import ConfigError
-from scalebox.fsutil import atomic_write
+from scalebox.fsutil import atomic_write, fsync_dir, fsync_tree
 
 __all__ = ["VM", "GuestFailed", "NoFreePort", "Template", "VMService"]
 
@@ -77,6 +80,19 @@ class HandingOver(Unavailable):
     """A change asked of the handover instance, which never changes VMs (see VMService)."""
 
     retry_after = 1
+
+
+def _not_deleted(vm: VM, exc: OSError) -> ApiError:
+    """A VM stopped for its deletion whose state could not be saved without it."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    error = InsufficientStorage if full else ApiError
+    return error(
+        f"VM {vm.id} ({vm.name}) is stopped but not deleted: the server could not save "
+        f"its state ({exc.strerror or exc})",
+        "delete it again once the server's disk has room"
+        if full
+        else "ask the server's operator to check its disk, then delete it again",
+    )
 
 
 class VMService:
@@ -223,6 +239,7 @@ class VMService:
             # A template that VMs still use as their lower layer goes to layers/
             # until the last of them is deleted (disks.retire_tree).
             disks.retire_tree(path, self._data_dir)
+            self._collect_layers(f"template {name} is deleted")
 
     # -- VMs ---------------------------------------------------------------------
 
@@ -365,10 +382,35 @@ class VMService:
             self._backend.stop(vm.id, vm.pid)
             self._backend.release(vm.id)
             del self._vms[vm.id]
-            self._save()
-            disks.remove_vm_dir(self._vms_dir / vm.id)
-            disks.collect_layers(self._data_dir)
+            try:
+                self._save()
+            except BaseException as exc:
+                # Not deleted: the state file still lists it, so it stays listed (stopped)
+                # and a DELETE once the disk takes the write again finishes the job.
+                self._vms[vm.id] = vm
+                if isinstance(exc, OSError):
+                    raise _not_deleted(vm, exc) from exc
+                raise
             self._log.info("deleted VM %s (%s); port %d is free", vm.id, vm.name, vm.ssh_port)
+            self._after_deletion(f"VM {vm.id} is deleted", disks.remove_vm_dir,
+                                 self._vms_dir / vm.id)  # fmt: skip
+            self._collect_layers(f"VM {vm.id} is deleted")
+
+    def _collect_layers(self, done: str) -> None:
+        self._after_deletion(done, disks.collect_layers, self._data_dir)
+
+    def _after_deletion(self, done: str, remove: Callable[[Path], object], path: Path) -> None:
+        """Remove what a deletion left: clutter by now, so an error is logged, not answered
+        (the client's request succeeded); scaleboxd removes it when it next starts."""
+        try:
+            remove(path)
+        except (OSError, CommandFailed) as exc:
+            self._log.warning(
+                "%s, but its files could not all be removed (%s); scaleboxd removes "
+                "them when it next starts",
+                done,
+                exc,
+            )
 
     def snapshot_vm(self, id_or_name: str, template_name: str) -> tuple[Template, VM]:
         """Copy the VM's disk into a new template; VMs made from it start with that disk.
@@ -391,7 +433,11 @@ class VMService:
                 self._backend.copy_for_snapshot(vm, self._vms_dir / vm.id / "disk",
                                                 building / "disk")  # fmt: skip
                 self._write_template_meta(building, template_name, source_vm=vm.id)
+                # On disk before its name says it is whole: a power cut after the answer
+                # must not leave a template of empty files that new VMs boot from.
+                fsync_tree(building)
                 building.rename(target)
+                fsync_dir(self._templates_dir)
             except BaseException:
                 disks.remove_tree(building)
                 raise
@@ -478,7 +524,11 @@ class VMService:
             building.mkdir()
             self._backend.make_disk(vm, template_disk, building)
             state.write_vm_record(building, vm)
+            # Durable before it is named (and listed): after a power cut the state
+            # file must not list a VM whose directory is still a .tmp- one, or empty.
+            fsync_tree(building)
             building.rename(self._vms_dir / vm.id)
+            fsync_dir(self._vms_dir)
         except BaseException:
             disks.remove_vm_dir(building)
             raise

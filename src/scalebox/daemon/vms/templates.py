@@ -239,6 +239,7 @@ def install(tarball: Path, data_dir: Path, name: str = BASE_TEMPLATE) -> int:
         # Running VMs use the old disk as their lower layer: it goes to
         # DATA_DIR/layers/ and is removed when the last of them is deleted.
         disks.retire_tree(old, data_dir)
+        disks.collect_layers(data_dir)
     return version
 
 
