@@ -154,7 +154,9 @@ def test_an_unexpected_failure_is_a_json_500_and_one_traceback(local: Scaleboxd)
         with local.client() as client:
             response = client.get("/templates")
         assert response.status_code == 500
-        assert "scaleboxd log" in response.json()["error"]
+        body = response.json()
+        assert body["error"] == "the server could not read or write a file (Not a directory)"
+        assert "scaleboxd log" in body["hint"]
         assert "Traceback" not in response.text
     finally:
         templates.unlink()

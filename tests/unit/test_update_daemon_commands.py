@@ -19,7 +19,11 @@ def test_a_program_killed_by_a_signal_is_a_retryable_503() -> None:
         run(["sh", "-c", "kill -TERM $$"], "start the unit of VM vm-x")
     assert caught.value.status == 503
     assert caught.value.retry_after > 0
-    assert "stopped by a signal (15)" in caught.value.what
+    assert caught.value.what == (
+        "could not start the unit of VM vm-x: sh was killed by signal 15 (SIGTERM) (the "
+        "server may be restarting, or the program ran out of memory)"
+    )
+    assert "dmesg for the OOM killer" in str(caught.value.hint)
 
 
 def test_a_program_that_fails_is_still_a_500() -> None:

@@ -10,6 +10,7 @@ changes nothing.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import threading
@@ -152,6 +153,35 @@ def _api_error_response(exc: ApiError) -> JSONResponse:
     if isinstance(exc, Unavailable):  # retryable: say when
         answer.headers["Retry-After"] = str(exc.retry_after)
     return answer
+
+
+def _os_error_response(exc: OSError, log: logging.Logger) -> JSONResponse:
+    """A file the daemon could not write: a full or read-only disk said as such.
+
+    The answer names the cause, not the server's paths; the log names both.
+    """
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        log.warning("answered 507: %s", exc)
+        return _error(
+            507,
+            f"the server's disk is full ({reason}); nothing was changed",
+            "delete VMs or templates you no longer need, or ask the server's operator to "
+            "free disk space",
+        )
+    if exc.errno == errno.EROFS:
+        log.error("answered 500: %s", exc)
+        return _error(
+            500,
+            f"the server's data directory is read-only ({reason}); nothing was changed",
+            "ask the server's operator to check its disk (dmesg) and remount it read-write",
+        )
+    log.error("answered 500: %s", exc, exc_info=exc)
+    return _error(
+        500,
+        f"the server could not read or write a file ({reason})",
+        "see the scaleboxd log (journalctl -u scaleboxd)",
+    )
 
 
 def validation_message(errors: Sequence[Any]) -> str:
@@ -336,6 +366,10 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
         if exc.status_code == 400:  # FastAPI's answer to a body json.loads refused
             return _error(400, "body: could not be parsed as JSON")
         return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(OSError)
+    async def _os_error(_request: Request, exc: OSError) -> JSONResponse:
+        return _os_error_response(exc, log)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, _exc: Exception) -> JSONResponse:

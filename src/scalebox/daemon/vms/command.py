@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 from scalebox.daemon.errors import ApiError, Unavailable
 from scalebox.runner import ProgramError, run_program
@@ -47,12 +48,14 @@ def run(
             "check the system's load and the program's logs",
         ) from None
     if done.returncode < 0:
-        # Killed by a signal: the machine or the service is stopping. The
-        # request may be retried; it is no server error.
+        # Killed by a signal: mostly the machine or the service stopping (the request
+        # may be retried), but the kernel's OOM killer also ends programs this way.
         raise Unavailable(
-            f"could not {description}: {argv[0]} was stopped by a signal "
-            f"({-done.returncode}); the server is restarting",
-            "retry in a few seconds",
+            f"could not {description}: {argv[0]} was killed by signal "
+            f"{_signal_name(-done.returncode)} (the server may be restarting, or the "
+            "program ran out of memory)",
+            "retry in a few seconds; if it happens again, see the server's log "
+            "(journalctl -u scaleboxd, and dmesg for the OOM killer)",
         )
     if not done.ok:
         raise CommandFailed(
@@ -60,3 +63,10 @@ def run(
             "see the daemon's log (journalctl -u scaleboxd) for context",
         )
     return done.stdout
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return f"{number} ({signal.Signals(number).name})"
+    except ValueError:
+        return str(number)
