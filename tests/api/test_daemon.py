@@ -144,6 +144,23 @@ def test_the_token_never_appears_in_the_log(local: Scaleboxd) -> None:
     assert "Authorization" not in log and "Bearer" not in log
 
 
+def test_a_path_cannot_forge_a_line_of_the_log(local: Scaleboxd) -> None:
+    """The access log wrote the decoded path: an encoded newline began a line of the
+    caller's choosing (anyone's: no token needed), an escape sequence reached the
+    terminal, and a path of any length was logged whole."""
+    forged = "/nope%0AINFO%20scaleboxd.api:%20deleted%20VM%20vm-000000000000%1b%5B2J"
+    with local.client(token="") as client:
+        assert client.get(forged).status_code == 401
+        assert client.get("/x" * 2000).status_code == 401
+    assert wait_until(lambda: "GET /x/x" in local.stderr_text())
+    log = local.stderr_text()
+    assert f"GET {forged} 401" in log
+    assert not any(line.startswith("INFO scaleboxd.api: deleted") for line in log.splitlines())
+    assert "\x1b" not in log
+    long_line = next(line for line in log.splitlines() if "GET /x/x" in line)
+    assert "/x" * 100 + "... 401" in long_line and len(long_line) < 400
+
+
 def test_an_unexpected_failure_is_a_json_500_and_one_traceback(local: Scaleboxd) -> None:
     """A real fault (DATA_DIR/templates replaced by a file) reaches the client as JSON."""
     assert local.data_dir is not None

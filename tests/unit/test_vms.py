@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -398,6 +399,46 @@ def test_a_vm_made_from_a_snapshot_answers_with_the_same_file(
     # The copy is independent: the source VM's disk changing later does not leak.
     (config.data_dir / "vms" / vm.id / "disk" / "hello.txt").write_text("later\n")
     assert knock(child.ssh_port)["file"] == "changed inside the VM\n"
+
+
+def test_reads_go_on_while_a_snapshot_copies(
+    service: VMService, config: ServerConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VM list's lock was held for a whole snapshot or create (a copy of minutes
+    without reflink, a boot): every read waited, /info and /caddy/check, which anyone
+    may call, too. The test holds the real copy open until the reads are done."""
+    vm = service.create_vm(template="debian-base", ssh_public_key=KEY, name="source")
+    copying, release = threading.Event(), threading.Event()
+    real_copy = service._backend.copy_for_snapshot
+
+    def held_copy(*args: object) -> None:
+        copying.set()
+        assert release.wait(30)
+        real_copy(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service._backend, "copy_for_snapshot", held_copy)
+    result: list[object] = []
+    snapshot = threading.Thread(target=lambda: result.append(service.snapshot_vm(vm.id, "snap")))
+    snapshot.start()
+    try:
+        assert copying.wait(10)
+        reads: list[object] = []
+        reader = threading.Thread(
+            target=lambda: reads.extend(
+                [service.list_vms(), service.get_vm("source"), service.list_templates(),
+                 service.info(), service.has_vm_named("SOURCE")]
+            )
+        )  # fmt: skip
+        reader.start()
+        reader.join(10)
+        assert not reader.is_alive(), "a read waited for the snapshot"
+        assert [v.name for v in reads[0]] == ["source"]  # type: ignore[attr-defined]
+        assert reads[4] is True
+    finally:
+        release.set()
+        snapshot.join(30)
+    assert len(result) == 1
+    assert [t.name for t in service.list_templates()] == ["debian-base", "snap"]
 
 
 def test_snapshot_errors_change_nothing(service: VMService, config: ServerConfig) -> None:

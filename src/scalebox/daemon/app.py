@@ -68,6 +68,7 @@ class VMServiceLike(Protocol):
     def list_templates(self) -> Sequence[TemplateLike]: ...
     def delete_template(self, name: str) -> None: ...
     def list_vms(self) -> Sequence[VMLike]: ...
+    def has_vm_named(self, name: str) -> bool: ...
     def get_vm(self, id_or_name: str) -> VMLike: ...
     def create_vm(
         self,
@@ -288,6 +289,23 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+MAX_LOGGED_PATH = 200  # characters of a request's path in the access log
+
+
+def logged_path(scope: Scope) -> str:
+    """The path as the client sent it (still percent-encoded), cut short: a path
+    with an encoded newline or escape sequence cannot forge a line of the log."""
+    raw = scope.get("raw_path")
+    if isinstance(raw, bytes):
+        path = raw.decode("ascii", "backslashreplace")
+    else:
+        path = str(scope.get("path", "-")).encode("unicode_escape").decode("ascii")
+    path = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in path)
+    if len(path) > MAX_LOGGED_PATH:
+        path = path[:MAX_LOGGED_PATH] + "..."
+    return path
+
+
 class AccessLogMiddleware:
     """One log line per request: method, path (no query, no headers), status, time."""
 
@@ -316,7 +334,7 @@ class AccessLogMiddleware:
                 "%s %s %s %d %.0fms",
                 client[0],
                 scope.get("method", "-"),
-                scope.get("path", "-"),
+                logged_path(scope),
                 status or 500,
                 (time.monotonic() - started) * 1000,
             )
@@ -390,10 +408,13 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
 
     @app.get("/caddy/check", response_class=Response)
     def caddy_check(domain: str = "") -> Response:
-        suffix = f".{config.vm_domain}"
+        # Host names are told apart regardless of case, and may end in a dot; VM names
+        # too. Only the VM list in memory is asked: anyone may call this.
+        suffix = f".{config.vm_domain.lower()}"
+        domain = domain.lower().removesuffix(".")
         if config.vm_domain and domain.endswith(suffix):
             name = domain.removesuffix(suffix)
-            if any(vm.name == name for vm in service.list_vms()):
+            if service.has_vm_named(name):
                 return Response(status_code=200)
         return Response(status_code=404)
 

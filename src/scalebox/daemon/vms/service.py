@@ -9,6 +9,7 @@ input is rejected before anything changes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -134,7 +135,11 @@ class VMService:
         else:
             self._backend = SystemdBackend() if use_systemd else ProcessBackend(self._data_dir)
         self._vms: dict[str, VM] = {}
+        # _lock guards the VM list, briefly; _changes serialises creates, deletes and
+        # snapshots for their whole length (disk copies, boots) without blocking reads.
         self._lock = threading.RLock()
+        self._changes = threading.Lock()
+        self._sizes: dict[tuple[str, int], int] = {}  # (template, its disk's inode) -> bytes
         self._cpu = hostinfo.CpuMeter()
         self._read_only = read_only
         self._state_seen: tuple[int, int] | None = None  # (mtime_ns, inode) last read
@@ -179,7 +184,7 @@ class VMService:
         """Save the state. VMs keep running: they outlive the daemon on purpose."""
         if self._read_only:
             return
-        with self._lock:
+        with self._changes, self._lock:  # a change under way ends first, and is saved
             self._save()
 
     def _refresh(self) -> None:
@@ -213,13 +218,20 @@ class VMService:
     # -- templates -------------------------------------------------------------
 
     def list_templates(self) -> list[Template]:
-        with self._lock:
-            names = sorted(
-                entry.name
-                for entry in self._templates_dir.iterdir()
-                if naming.NAME_RE.fullmatch(entry.name) and (entry / "disk").is_dir()
-            )
-            return [self._template(name) for name in names]
+        # No lock: a template appears and goes by a rename, and one deleted meanwhile
+        # is left out.
+        templates = []
+        for name in self._template_names():
+            with contextlib.suppress(FileNotFoundError):
+                templates.append(self._template(name))
+        return templates
+
+    def _template_names(self) -> list[str]:
+        return sorted(
+            entry.name
+            for entry in self._templates_dir.iterdir()
+            if naming.NAME_RE.fullmatch(entry.name) and (entry / "disk").is_dir()
+        )
 
     def delete_template(self, name: str) -> None:
         self._writable("template deletion")
@@ -228,7 +240,7 @@ class VMService:
             raise Protected(
                 f"template {name} is protected", "only templates made by snapshots can be deleted"
             )
-        with self._lock:
+        with self._changes:
             path = self._templates_dir / name
             if not (path / "disk").is_dir():
                 raise NotFound(
@@ -248,15 +260,24 @@ class VMService:
             self._refresh()
         with self._lock:
             vms = sorted(self._vms.values(), key=lambda vm: (vm.created_at, vm.id))
-            # One query for all: under systemd that is one systemctl call, not one per VM.
-            seen = self._backend.status_many({vm.id: vm.pid for vm in vms})
-            return [self._seen_as(vm, seen[vm.id]) for vm in vms]
+        # One query for all: under systemd that is one systemctl call, not one per VM.
+        seen = self._backend.status_many({vm.id: vm.pid for vm in vms})
+        return [self._seen_as(vm, seen[vm.id]) for vm in vms]
+
+    def has_vm_named(self, name: str) -> bool:
+        """Whether a VM is called ``name`` (names are told apart regardless of case)."""
+        if self._read_only:
+            self._refresh()
+        wanted = name.lower()
+        with self._lock:
+            return any(vm.name.lower() == wanted for vm in self._vms.values())
 
     def get_vm(self, id_or_name: str) -> VM:
         if self._read_only:
             self._refresh()
         with self._lock:
-            return self._with_status(self._find(id_or_name))
+            vm = self._find(id_or_name)
+        return self._with_status(vm)
 
     def create_vm(
         self,
@@ -286,72 +307,79 @@ class VMService:
             cfg.default_disk_size_gib if disk_size_gib is None else disk_size_gib,
             "disk_size_gib", 1, cfg.max_disk_size_gib,
         )  # fmt: skip
-        with self._lock:
-            template_disk = self._templates_dir / template / "disk"
-            if not template_disk.is_dir():
-                raise NotFound(
-                    f"template {template} not found", "list templates: scalebox template list"
-                )
-            if self._nspawn and not templates.is_bootable(template_disk):
-                raise GuestFailed(
-                    f"template {template} is not a root filesystem the nspawn backend can boot "
-                    f"({template_disk} has no usr/lib/systemd/systemd)",
-                    "install the template: python -m scalebox.daemon.vms.templates install FILE",
-                )
-            taken = {vm.name.lower(): vm.id for vm in self._vms.values()}
-            if wanted_name is not None and wanted_name.lower() in taken:
-                raise Conflict(
-                    f"name {wanted_name} is already used by VM {taken[wanted_name.lower()]}",
-                    "choose another name, or leave it out for a generated one",
-                )
-            free = shutil.disk_usage(self._data_dir).free
-            if disk * GIB > free:
-                raise InsufficientStorage(
-                    f"not enough storage for a {disk} GiB disk: {free / GIB:.1f} GiB free "
-                    f"in {self._data_dir}",
-                    "delete VMs or templates, or ask for a smaller disk_size_gib",
-                )
-            used_ports = {vm.ssh_port for vm in self._vms.values()}
-            port = naming.pick_port(used_ports, cfg.port_min, cfg.port_max, port_is_free)
-            if port is None:
-                raise NoFreePort(
-                    f"no free ssh port in PORT_MIN..PORT_MAX ({cfg.port_min}..{cfg.port_max})",
-                    "delete a VM, or widen PORT_MIN/PORT_MAX in the server config",
-                )
-            guest_ip = ""
-            if self._nspawn:
-                used = {vm.guest_ip for vm in self._vms.values()}
-                guest_ip = nspawn.pick_guest_ip(cfg.vm_network, used) or ""
-                if not guest_ip:
-                    raise nspawn.NoFreeAddress(
-                        f"no free VM address in VM_NETWORK {cfg.vm_network} (a /30 per VM)",
-                        "delete a VM, or set a larger VM_NETWORK in the server config",
+        # Serialised with every other change; the VM list is locked only to pick and
+        # to add: reads go on while the disk is made and the guest boots.
+        with self._changes:
+            with self._lock:
+                template_disk = self._templates_dir / template / "disk"
+                if not template_disk.is_dir():
+                    raise NotFound(
+                        f"template {template} not found", "list templates: scalebox template list"
                     )
-            vm = VM(
-                id=naming.new_vm_id(set(self._vms) | self._dir_names(self._vms_dir)),
-                name=wanted_name or naming.random_name(taken),
-                template=template,
-                # nspawn: where users connect (the forwarder); process guests listen on the host.
-                ip=cfg.host_ip if self._nspawn else GUEST_IP,
-                guest_ip=guest_ip,
-                uid_base=self._pick_uid_base(),
-                ssh_port=port,
-                status="starting",
-                created_at=now_iso(),
-                vcpu_count=vcpus,
-                mem_size_mib=mem,
-                disk_size_gib=disk,
-                ssh_public_key=key,
-            )
+                if self._nspawn and not templates.is_bootable(template_disk):
+                    raise GuestFailed(
+                        f"template {template} is not a root filesystem the nspawn backend can boot "
+                        f"({template_disk} has no usr/lib/systemd/systemd)",
+                        "install the template: "
+                        "python -m scalebox.daemon.vms.templates install FILE",
+                    )
+                taken = {vm.name.lower(): vm.id for vm in self._vms.values()}
+                if wanted_name is not None and wanted_name.lower() in taken:
+                    raise Conflict(
+                        f"name {wanted_name} is already used by VM {taken[wanted_name.lower()]}",
+                        "choose another name, or leave it out for a generated one",
+                    )
+                free = shutil.disk_usage(self._data_dir).free
+                if disk * GIB > free:
+                    raise InsufficientStorage(
+                        f"not enough storage for a {disk} GiB disk: {free / GIB:.1f} GiB free "
+                        f"in {self._data_dir}",
+                        "delete VMs or templates, or ask for a smaller disk_size_gib",
+                    )
+                used_ports = {vm.ssh_port for vm in self._vms.values()}
+                port = naming.pick_port(used_ports, cfg.port_min, cfg.port_max, port_is_free)
+                if port is None:
+                    raise NoFreePort(
+                        f"no free ssh port in PORT_MIN..PORT_MAX ({cfg.port_min}..{cfg.port_max})",
+                        "delete a VM, or widen PORT_MIN/PORT_MAX in the server config",
+                    )
+                guest_ip = ""
+                if self._nspawn:
+                    used = {vm.guest_ip for vm in self._vms.values()}
+                    guest_ip = nspawn.pick_guest_ip(cfg.vm_network, used) or ""
+                    if not guest_ip:
+                        raise nspawn.NoFreeAddress(
+                            f"no free VM address in VM_NETWORK {cfg.vm_network} (a /30 per VM)",
+                            "delete a VM, or set a larger VM_NETWORK in the server config",
+                        )
+                vm = VM(
+                    id=naming.new_vm_id(set(self._vms) | self._dir_names(self._vms_dir)),
+                    name=wanted_name or naming.random_name(taken),
+                    template=template,
+                    # nspawn: where users connect (the forwarder); process guests listen
+                    # on the host.
+                    ip=cfg.host_ip if self._nspawn else GUEST_IP,
+                    guest_ip=guest_ip,
+                    uid_base=self._pick_uid_base(),
+                    ssh_port=port,
+                    status="starting",
+                    created_at=now_iso(),
+                    vcpu_count=vcpus,
+                    mem_size_mib=mem,
+                    disk_size_gib=disk,
+                    ssh_public_key=key,
+                )
             started = time.monotonic()
             self._make_vm_dir(vm, template_disk)
             copied = time.monotonic()
             try:
                 vm = self._start_guest(vm)
-                self._vms[vm.id] = vm
-                self._save()
+                with self._lock:
+                    self._vms[vm.id] = vm
+                    self._save()
             except BaseException:
-                self._vms.pop(vm.id, None)
+                with self._lock:
+                    self._vms.pop(vm.id, None)
                 self._backend.stop(vm.id, vm.pid)
                 self._backend.release(vm.id)
                 disks.remove_vm_dir(self._vms_dir / vm.id)
@@ -377,20 +405,22 @@ class VMService:
 
     def delete_vm(self, id_or_name: str) -> None:
         self._writable("VM deletion")
-        with self._lock:
-            vm = self._find(id_or_name)
+        with self._changes:
+            with self._lock:
+                vm = self._find(id_or_name)
             self._backend.stop(vm.id, vm.pid)
             self._backend.release(vm.id)
-            del self._vms[vm.id]
-            try:
-                self._save()
-            except BaseException as exc:
-                # Not deleted: the state file still lists it, so it stays listed (stopped)
-                # and a DELETE once the disk takes the write again finishes the job.
-                self._vms[vm.id] = vm
-                if isinstance(exc, OSError):
-                    raise _not_deleted(vm, exc) from exc
-                raise
+            with self._lock:
+                del self._vms[vm.id]
+                try:
+                    self._save()
+                except BaseException as exc:
+                    # Not deleted: the state file still lists it, so it stays listed
+                    # (stopped) and a DELETE once the disk takes the write again ends it.
+                    self._vms[vm.id] = vm
+                    if isinstance(exc, OSError):
+                        raise _not_deleted(vm, exc) from exc
+                    raise
             self._log.info("deleted VM %s (%s); port %d is free", vm.id, vm.name, vm.ssh_port)
             self._after_deletion(f"VM {vm.id} is deleted", disks.remove_vm_dir,
                                  self._vms_dir / vm.id)  # fmt: skip
@@ -420,8 +450,9 @@ class VMService:
         """
         self._writable("snapshot")
         template_name = naming.check_template_name(template_name, "template_name")
-        with self._lock:
-            vm = self._find(id_or_name)
+        with self._changes:
+            with self._lock:
+                vm = self._find(id_or_name)
             target = self._templates_dir / template_name
             if target.exists():
                 raise Conflict(
@@ -456,7 +487,7 @@ class VMService:
             "host_ip": cfg.host_ip,
             "api_domain": cfg.api_domain,
             "vm_domain": cfg.vm_domain,
-            "templates_count": len(self.list_templates()),
+            "templates_count": len(self._template_names()),
             "vms_count": vms_count,
             "storage": hostinfo.storage(self._data_dir),
             "memory": hostinfo.memory(),
@@ -492,10 +523,18 @@ class VMService:
             created_at = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(path.stat().st_mtime))
         return Template(
             name=name,
-            size_bytes=disks.tree_size(path / "disk"),
+            size_bytes=self._template_size(name, path / "disk"),
             created_at=created_at,
             protected=name in PROTECTED_TEMPLATES,
         )
+
+    def _template_size(self, name: str, disk: Path) -> int:
+        """A template's bytes, walked once: a template's disk never changes (a new one
+        replaces it by a rename, so under another inode)."""
+        key = (name, disk.stat().st_ino)
+        if key not in self._sizes:
+            self._sizes[key] = disks.tree_size(disk)
+        return self._sizes[key]
 
     def _write_template_meta(self, path: Path, name: str, source_vm: str | None) -> None:
         meta = {"name": name, "created_at": now_iso(), "source_vm": source_vm}
