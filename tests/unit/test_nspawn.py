@@ -127,6 +127,20 @@ def test_what_is_not_a_key_is_refused_naming_the_problem(text: str, problem: str
     assert problem in caught.value.what
 
 
+@pytest.mark.parametrize("separator", ["\x0b", "\x0c", "\u2028", "\x85", "\u00a0"])
+def test_whitespace_sshd_does_not_split_on_is_refused(separator: str) -> None:
+    """str.split() split on it and took the key, which sshd then skipped: the
+    user was locked out of a VM made with a 201."""
+    with pytest.raises(InvalidInput) as caught:
+        check_ssh_key(real_key().replace(" ", separator, 1), strict=True)
+    assert f"U+{ord(separator):04X} is not allowed" in caught.value.what
+
+
+def test_tabs_and_a_comment_in_any_script_are_a_key_as_sshd_reads_it() -> None:
+    key = real_key("anna@höst").replace(" ", "\t", 1)
+    assert check_ssh_key(key, strict=True) == key
+
+
 def test_the_second_of_two_keys_is_named_when_it_is_bad() -> None:
     with pytest.raises(InvalidInput, match="key 2 of 2"):
         check_ssh_key(f"{real_key()}\nssh-ed25519 AAAA", strict=True)

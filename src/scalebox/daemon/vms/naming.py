@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import secrets
 from collections.abc import Callable, Collection
 
@@ -94,8 +95,11 @@ KEY_TYPES = frozenset({
 
 
 def _key_problem(line: str, strict: bool) -> str | None:
-    """What is wrong with one authorized_keys line ``type base64 [comment]``, or None."""
-    fields = line.split()
+    """What is wrong with one authorized_keys line ``type base64 [comment]``, or None.
+
+    Fields are split as sshd splits them, on spaces and tabs only (see _odd_character).
+    """
+    fields = [field for field in re.split(r"[ \t]+", line) if field]
     if len(fields) < 2:
         return "expected 'TYPE BASE64 [comment]'"
     kind, blob = fields[0], fields[1]
@@ -112,6 +116,15 @@ def _key_problem(line: str, strict: bool) -> str | None:
     if raw[4 : 4 + length].decode(errors="replace") != kind or len(raw) <= 4 + length:
         return f"the key data is not a {kind} key"
     return None
+
+
+def _odd_character(line: str) -> str | None:
+    """Whitespace or a control character other than space and tab, said as a problem:
+    sshd would read such a line otherwise than _key_problem and skip the key."""
+    odd = next((c for c in line if not c.isprintable() and c != "\t"), None)
+    if odd is None:
+        return None
+    return f"the character U+{ord(odd):04X} is not allowed (only spaces and tabs separate)"
 
 
 def check_ssh_key(value: object, *, strict: bool = False) -> str:
@@ -134,7 +147,10 @@ def check_ssh_key(value: object, *, strict: bool = False) -> str:
     lines = [line.strip() for line in value.replace("\r\n", "\n").split("\n")]
     keys = [line for line in lines if line and not line.startswith("#")]
     for number, line in enumerate(keys, start=1):
-        problem = "a stray carriage return" if "\r" in line else _key_problem(line, strict)
+        if "\r" in line:
+            problem: str | None = "a stray carriage return"
+        else:
+            problem = _odd_character(line) or _key_problem(line, strict)
         if problem is not None:
             where = f"key {number} of {len(keys)}" if len(keys) > 1 else "it"
             raise InvalidInput(
