@@ -6,7 +6,9 @@ for the `systemctl` a restart's SIGTERM would reach.
 
 from __future__ import annotations
 
+import inspect
 import os
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +39,13 @@ def test_the_program_runs_in_a_session_of_its_own() -> None:
     """A terminal's signal to the daemon's process group does not reach it."""
     out = run(["sh", "-c", "ps -o sid= -p $$ 2>/dev/null || cut -d' ' -f6 /proc/$$/stat"], "x")
     assert int(out.split()[0]) != os.getsid(0)
+
+
+def test_a_vm_unit_stops_within_the_time_scaleboxd_waits_for_its_stop() -> None:
+    """systemd's default 90 s outlasted the 60 s scaleboxd waits for `systemctl stop`:
+    a guest ignoring its shutdown made DELETE fail while the stop ran on."""
+    unit = Path(__file__).parents[2] / "units" / "scalebox-vm@.service"
+    stop = [line for line in unit.read_text().splitlines() if line.startswith("TimeoutStopSec=")]
+    waited = inspect.signature(run).parameters["timeout"].default
+    assert len(stop) == 1
+    assert int(stop[0].removeprefix("TimeoutStopSec=")) + 10 <= waited
