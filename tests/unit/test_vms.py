@@ -653,3 +653,51 @@ def test_a_delete_on_a_full_disk_keeps_the_vm_listed_and_says_so(tmp_path: Path)
     assert out["in_state"] is True
     assert out["after_room"] == []
     assert out["dir_left"] is False
+
+
+FULL_DISK_START = """
+import json, logging, os, subprocess, sys
+from pathlib import Path
+from scalebox.config import ServerConfig
+from scalebox.daemon.vms.backend import ProcessBackend
+from scalebox.daemon.vms.service import VMService
+
+data, low, high, key = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+data.mkdir()
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "data", str(data)], check=True)
+config = ServerConfig(api_token="t" * 32, data_dir=data, port_min=low, port_max=high,
+                      host_ip="127.0.0.1", vm_backend="process")
+logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+out = {}
+try:
+    first = VMService(config, logging.getLogger("first"), use_systemd=False)
+    first.start()
+    vm = first.create_vm(template="debian-base", ssh_public_key=key, name="kept", disk_size_gib=1)
+    first.close()
+    fs = os.statvfs(data)
+    used = (fs.f_blocks - fs.f_bfree) * fs.f_frsize
+    subprocess.run(["mount", "-o", f"remount,size={used}", str(data)], check=True)
+    again = VMService(config, logging.getLogger("again"), use_systemd=False)
+    again.start()  # raised: the start's save of the state hit the full disk
+    out["listed"] = [(v.name, v.status) for v in again.list_vms()]
+finally:
+    backend = ProcessBackend(data)
+    for vm_id, pid in backend.list_running().items():
+        backend.stop(vm_id, pid)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a file system (root)")
+def test_a_full_disk_does_not_keep_the_daemon_from_starting(tmp_path: Path) -> None:
+    low, high = port_block()
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
+         FULL_DISK_START, str(tmp_path / "data"), str(low), str(high), KEY],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {"listed": [["kept", "running"]]}
+    assert "could not save the state" in done.stderr
+    assert "No space left on device" in done.stderr

@@ -20,9 +20,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from scalebox.config import ServerConfig
+from scalebox.daemon import systemd
 from scalebox.daemon.errors import (
     ApiError,
     Conflict,
@@ -176,9 +178,10 @@ class VMService:
             self._reconcile(clean_orphans=loaded.problem is None)
             if loaded.problem is None:
                 self._clean_strays()
-                for layer in disks.collect_layers(self._data_dir):
-                    self._log.warning("removed %s, a template layer no VM uses", layer)
-            self._save()
+                self._tolerated("remove template layers no VM uses", self._collect_at_start)
+            # A full disk must not keep the API down: it serves, and each change says
+            # what the disk does (a 507) until the disk has room.
+            self._tolerated("save the state", self._save)
 
     def close(self) -> None:
         """Save the state. VMs keep running: they outlive the daemon on purpose."""
@@ -609,12 +612,15 @@ class VMService:
             for entry in parent.iterdir():
                 if not entry.name.startswith(TMP_PREFIX):
                     continue
-                if parent == self._templates_dir:
-                    # Maybe a replaced template that VMs still use as their lower layer.
-                    disks.retire_tree(entry, self._data_dir)
-                else:
-                    disks.remove_vm_dir(entry)
-                self._log.warning("removed %s, left over by an interrupted operation", entry)
+                # A .tmp- template may be a replaced one that VMs still use as their lower
+                # layer: it is retired (disks.retire_tree), not removed.
+                remove = (
+                    partial(disks.retire_tree, entry, self._data_dir)
+                    if parent == self._templates_dir
+                    else partial(disks.remove_vm_dir, entry)
+                )
+                if self._tolerated(f"remove {entry}", remove):
+                    self._log.warning("removed %s, left over by an interrupted operation", entry)
 
     def _reconcile(self, *, clean_orphans: bool) -> None:
         """Make what runs match the state: adopt, restart, and clean up orphans (logged)."""
@@ -626,15 +632,17 @@ class VMService:
                     "VM %s (%s) is in the state file but its disk %s is missing; "
                     "dropped it from the state", vm.id, vm.name, vm_dir / "disk",
                 )  # fmt: skip
-                self._backend.stop(vm.id, running.get(vm.id, vm.pid))
-                self._backend.release(vm.id)
+                self._tolerated(
+                    f"stop VM {vm.id}, whose disk is missing",
+                    partial(self._stop_and_release, vm.id, running.get(vm.id, vm.pid)),
+                )
                 del self._vms[vm.id]
             elif vm.id in running:
                 pid = running[vm.id]
                 self._vms[vm.id] = replace(vm, pid=pid if pid is not None else vm.pid)
                 try:
                     self._backend.adopt(self._vms[vm.id])
-                except ApiError as exc:
+                except (ApiError, OSError) as exc:
                     self._log.error("VM %s (%s) runs, but %s", vm.id, vm.name, exc)
                 self._log.info("re-adopted VM %s (%s), guest pid %s", vm.id, vm.name, pid)
             else:
@@ -642,9 +650,10 @@ class VMService:
         for vm_id, pid in running.items():
             if vm_id not in self._vms and not clean_orphans:
                 self._log.warning("kept the guest of VM %s (pid %s), not in the state", vm_id, pid)
-            elif vm_id not in self._vms:
-                self._backend.stop(vm_id, pid)
-                self._backend.release(vm_id)
+            elif vm_id not in self._vms and self._tolerated(
+                f"stop the orphan guest of VM {vm_id}",
+                partial(self._stop_and_release, vm_id, pid),
+            ):
                 self._log.warning(
                     "cleaned up orphan guest of VM %s (pid %s): it is not in the state file",
                     vm_id, pid,
@@ -652,23 +661,49 @@ class VMService:
         for entry in sorted(self._vms_dir.iterdir()):
             if entry.name not in self._vms and not clean_orphans:
                 self._log.warning("kept %s, which no VM in the state uses", entry)
-            elif entry.name not in self._vms:
-                disks.remove_vm_dir(entry)
+            elif entry.name not in self._vms and self._tolerated(
+                f"remove the orphan disk {entry}",
+                partial(disks.remove_vm_dir, entry),
+            ):
                 self._log.warning(
                     "cleaned up orphan disk %s: no VM in the state file uses it", entry
                 )
 
+    def _tolerated(self, what: str, action: Callable[[], object]) -> bool:
+        """Do one step of the start's cleanup; a failure is logged and left for the next
+        start, never fatal: one stuck mount or a full disk must not keep the API down."""
+        try:
+            action()
+        except (ApiError, OSError) as exc:
+            self._log.error("could not %s (%s); scaleboxd tries again when it next starts",
+                            what, exc)  # fmt: skip
+            return False
+        return True
+
+    def _stop_and_release(self, vm_id: str, pid: int | None) -> None:
+        self._backend.stop(vm_id, pid)
+        self._backend.release(vm_id)
+
+    def _collect_at_start(self) -> None:
+        for layer in disks.collect_layers(self._data_dir):
+            self._log.warning("removed %s, a template layer no VM uses", layer)
+
     def _clean_strays(self) -> None:
         """Free what VMs not in the state still hold (a crash between delete's steps)."""
         for vm_id, what in sorted(self._backend.strays(set(self._vms)).items()):
-            self._backend.release(vm_id)
+            if not self._tolerated(f"free {what} of VM {vm_id}",
+                                   partial(self._backend.release, vm_id)):  # fmt: skip
+                continue
             self._log.warning("cleaned up orphan %s of VM %s: it is not in the state file",
                               what, vm_id)  # fmt: skip
 
     def _restart(self, vm: VM) -> None:
+        # Each boot may take up to ready_timeout: systemd is told, so that a start that
+        # restarts many VMs (after a reboot) is not killed by TimeoutStartSec.
+        systemd.notify(f"EXTEND_TIMEOUT_USEC={int((self._backend.ready_timeout + 30) * 1e6)}")
         try:
             self._vms[vm.id] = self._start_guest(vm)
-        except ApiError as exc:
+        except (ApiError, OSError) as exc:
             self._vms[vm.id] = replace(vm, pid=None)
             self._log.error("VM %s (%s) is not running and could not be started: %s",
                             vm.id, vm.name, exc)  # fmt: skip
