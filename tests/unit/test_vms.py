@@ -305,13 +305,35 @@ def test_a_guest_that_cannot_start_is_reported_with_its_output_and_not_left_behi
     second.close()
 
 
-def test_after_the_state_file_is_deleted_orphans_are_cleaned_up_with_a_log_line(
+def test_a_missing_state_file_is_rebuilt_from_the_vms_records_not_taken_for_orphans(
     config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Every VM was taken for an orphan, stopped and its disk deleted, for one file."""
+    first = new_service(config, "first")
+    vm = first.create_vm(template="debian-base", ssh_public_key=KEY, name="keep-me")
+    first.close()
+    (config.data_dir / "state.json").unlink()
+
+    second = new_service(config, "second")
+    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "is missing" in line and "rebuilt the list of 1 VM(s)" in line
+    assert "deleted nothing" in line
+    again = second.get_vm("keep-me")
+    assert again.id == vm.id and again.pid == vm.pid and again.status == "running"
+    assert knock(vm.ssh_port)["vm"] == vm.id
+    assert not [r for r in caplog.records if "orphan" in r.getMessage()]
+    assert (config.data_dir / "state.json").exists()
+    second.close()
+
+
+def test_a_vm_deleted_half_way_is_cleaned_up_as_an_orphan_with_a_log_line(
+    config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crash between a delete's save and its cleanup: the state, read, says no VM."""
     first = new_service(config, "first")
     vm = first.create_vm(template="debian-base", ssh_public_key=KEY)
     first.close()
-    (config.data_dir / "state.json").unlink()
+    (config.data_dir / "state.json").write_text('{"format": 1, "vms": []}\n')
 
     second = new_service(config, "second")
     assert vm.pid is not None and wait_dead(vm.pid)

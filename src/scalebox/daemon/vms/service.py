@@ -160,12 +160,26 @@ class VMService:
             self._ensure_base_template()
             loaded = state.load(self._state_path)
             vms = loaded.vms
+            # Cleaned up only what a state file that was read says is not a VM.
+            trusted = loaded.problem is None
             if loaded.problem is not None:
                 vms = self._recover_from_vm_records()
                 self._log.error(
                     "state file %s is corrupt (%s); kept it as %s and rebuilt the list of %d "
                     "VM(s) from %s/*/vm.json",
                     self._state_path, loaded.problem, loaded.kept_as, len(vms), self._vms_dir,
+                )  # fmt: skip
+            elif not self._state_path.exists() and any(
+                naming.VM_ID_RE.fullmatch(entry.name) for entry in self._vms_dir.iterdir()
+            ):
+                # Every start writes it, so VMs without it means it was lost or removed:
+                # all of them taken for orphans would be every VM deleted for one file.
+                trusted = False
+                vms = self._recover_from_vm_records()
+                self._log.error(
+                    "state file %s is missing but %s holds VMs; rebuilt the list of %d VM(s) "
+                    "from %s/*/vm.json and deleted nothing",
+                    self._state_path, self._vms_dir, len(vms), self._vms_dir,
                 )  # fmt: skip
             self._vms = {vm.id: vm for vm in vms}
             if self._nspawn:  # before any VM starts; reapplied on every start (network.py)
@@ -175,8 +189,8 @@ class VMService:
                 self._backend.check_user_namespaces()
             # With a corrupt state file, what could not be recovered is kept,
             # not cleaned up: nothing is deleted because a file was unreadable.
-            self._reconcile(clean_orphans=loaded.problem is None)
-            if loaded.problem is None:
+            self._reconcile(clean_orphans=trusted)
+            if trusted:
                 self._clean_strays()
                 self._tolerated("remove template layers no VM uses", self._collect_at_start)
             # A full disk must not keep the API down: it serves, and each change says
