@@ -374,6 +374,17 @@ def test_is_frozen_reads_cgroup_events(tmp_path: Path) -> None:
     assert not nspawn.is_frozen(tmp_path / "gone")
 
 
+def test_a_freeze_asked_for_is_seen_before_it_is_done(tmp_path: Path) -> None:
+    """adopt() thaws a VM left frozen by a killed snapshot; it looked only at a
+    completed freeze, so one still under way when it looked stayed frozen for good."""
+    (tmp_path / "cgroup.freeze").write_text("1\n")
+    (tmp_path / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    assert nspawn.freeze_asked(tmp_path) and not nspawn.is_frozen(tmp_path)
+    (tmp_path / "cgroup.freeze").write_text("0\n")
+    assert not nspawn.freeze_asked(tmp_path)
+    assert not nspawn.freeze_asked(tmp_path / "gone")
+
+
 def test_forget_identity_removes_nothing_through_a_planted_directory_symlink(
     tmp_path: Path,
 ) -> None:

@@ -249,6 +249,14 @@ def is_frozen(cgroup: Path) -> bool:
         return False
 
 
+def freeze_asked(cgroup: Path) -> bool:
+    """Whether ``cgroup`` is asked to freeze (``1`` in cgroup.freeze), done or not yet."""
+    try:
+        return (cgroup / "cgroup.freeze").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
 def set_frozen(cgroup: Path, frozen: bool, what: str, timeout: float = FREEZE_TIMEOUT) -> None:
     """Freeze or thaw ``cgroup`` (cgroup v2 freezer) and wait until the kernel has done it.
 
@@ -440,7 +448,9 @@ class NspawnBackend:
         A VM left frozen (scaleboxd killed in the middle of a snapshot) is thawed.
         """
         cgroup = self._cgroup(vm.id) if cgroup_v2_root() is not None else None
-        if cgroup is not None and is_frozen(cgroup):
+        # Asked, not only done: a freeze scaleboxd asked for just before it was killed
+        # may complete after this look, and the VM would stay frozen for good.
+        if cgroup is not None and (freeze_asked(cgroup) or is_frozen(cgroup)):
             set_frozen(cgroup, False, f"thaw VM {vm.id} left frozen by a snapshot")
         self._forwarder_up(vm)
 
