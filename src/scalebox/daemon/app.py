@@ -224,7 +224,9 @@ async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
 
 class AuthMiddleware:
     """Checks the bearer token before anything else, so an anonymous request
-    never gets its body parsed or learns which routes exist."""
+    never gets its body parsed or learns of a VM or template. PUBLIC_PATHS are
+    answered to anyone: /health, /info, /caddy/check, and the OpenAPI document,
+    which does say which routes exist."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
