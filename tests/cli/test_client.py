@@ -93,6 +93,17 @@ def test_a_server_that_does_not_answer_times_out_as_unreachable(silent_server: s
     assert exit_code_for(e.value) == EXIT_UNREACHABLE
 
 
+def test_a_change_that_timed_out_is_not_said_to_be_safe_to_retry(silent_server: str) -> None:
+    """'then retry' after a POST /vms that the server may still carry out made a
+    second VM, or a 409 for the first one's name."""
+    timeout = httpx.Timeout(0.3, connect=0.3)
+    with Client(silent_server, "t", timeout=timeout) as client, pytest.raises(Unreachable) as e:
+        client.create_vm({"template": "debian-base", "ssh_public_key": "k"})
+    assert e.value.hint is not None
+    assert e.value.hint.startswith("the request was sent and may still be carried out")
+    assert "then retry" not in e.value.hint
+
+
 def test_ctrl_c_exits_130_not_the_api_error_code() -> None:
     """A real `scalebox status` waiting on a silent server, interrupted with SIGINT."""
     exe = Path(sys.executable).with_name("scalebox")

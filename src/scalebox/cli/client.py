@@ -170,9 +170,15 @@ class Client:
                 waited += pause
                 response = self._http.request(method, path, json=body)
         except httpx.TimeoutException as exc:
+            sent = method != "GET" and not isinstance(exc, httpx.ConnectTimeout)
             raise Unreachable(
                 f"the Scalebox server at {self.url} did not answer in time ({_reason(exc)})",
-                "check that scaleboxd is running and not overloaded, then retry",
+                # A change that was sent may still be made: a blind retry could make a
+                # second VM or find the first one's name taken.
+                "the request was sent and may still be carried out: see `scalebox vm list` "
+                "and `scalebox template list` before you retry"
+                if sent
+                else "check that scaleboxd is running and not overloaded, then retry",
             ) from exc
         except httpx.TransportError as exc:
             raise Unreachable(
