@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from scalebox.config import ServerConfig
 from scalebox.daemon.vms import templates
+from scalebox.daemon.vms.service import VMService
 from scalebox.update import template_notice
 from scalebox.update.paths import Paths
 from tests.unit.test_nspawn import fake_template_tarball
@@ -100,3 +105,52 @@ def test_the_updater_names_the_rebuild_only_when_the_new_release_needs_it(tmp_pa
     assert "scalebox.daemon.vms.templates rebuild" in said
     templates.install(fake_template_tarball(tmp_path, version=NOW, name="new"), data)
     assert template_notice.notice(paths) is None
+
+
+@pytest.fixture
+def lock_held_elsewhere(tmp_path: Path) -> Iterator[Path]:
+    """DATA_DIR's template lock, held by another real process (util-linux flock)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    holder = subprocess.Popen(
+        ["flock", str(data / templates.LOCK_NAME), "sh", "-c", "echo held; exec sleep 60"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        yield data
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_second_install_at_once_is_refused_and_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], lock_held_elsewhere: Path
+) -> None:
+    tarball = fake_template_tarball(tmp_path, version=NOW, name="t")
+    assert templates.main(["install", str(tarball), "--config", str(config(tmp_path))]) == 1
+    err = capsys.readouterr().err
+    assert "another template install or rebuild is running" in err
+    assert not (lock_held_elsewhere / "templates").exists()
+
+
+def test_a_daemon_start_leaves_a_running_install_its_directory(
+    tmp_path: Path, lock_held_elsewhere: Path
+) -> None:
+    """scaleboxd's start moved away the .tmp- directory an install was unpacking into."""
+    unpacking = lock_held_elsewhere / "templates" / ".tmp-debian-base-0123abcd"
+    (unpacking / "disk").mkdir(parents=True)
+    cfg = ServerConfig(api_token="t" * 32, data_dir=lock_held_elsewhere, vm_backend="process")
+    service = VMService(cfg, logging.getLogger("t"), use_systemd=False)
+    service.start()
+    service.close()
+    assert (unpacking / "disk").is_dir()
+
+
+def test_a_rebuild_first_removes_what_a_killed_one_left(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / ".tmp-build-x1y2z3" / "rootfs" / "etc").mkdir(parents=True)
+    (data / ".tmp-debian-base.tar.gz").write_bytes(b"half a tarball")
+    (data / "templates").mkdir()
+    templates._remove_leftovers(data)
+    assert sorted(p.name for p in data.iterdir()) == ["templates"]

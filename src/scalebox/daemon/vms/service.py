@@ -622,19 +622,35 @@ class VMService:
 
     def _remove_unfinished(self) -> None:
         """Remove .tmp- directories left by a create, snapshot or delete that was cut off."""
-        for parent in (self._templates_dir, self._vms_dir):
-            for entry in parent.iterdir():
-                if not entry.name.startswith(TMP_PREFIX):
-                    continue
-                # A .tmp- template may be a replaced one that VMs still use as their lower
-                # layer: it is retired (disks.retire_tree), not removed.
-                remove = (
-                    partial(disks.retire_tree, entry, self._data_dir)
-                    if parent == self._templates_dir
-                    else partial(disks.remove_vm_dir, entry)
-                )
-                if self._tolerated(f"remove {entry}", remove):
-                    self._log.warning("removed %s, left over by an interrupted operation", entry)
+        self._remove_unfinished_in(self._vms_dir)
+        # A template install or rebuild may be unpacking into one right now.
+        try:
+            with templates.exclusive(self._data_dir) as held:
+                if held:
+                    self._remove_unfinished_in(self._templates_dir)
+                else:
+                    self._log.warning(
+                        "a template install or rebuild is running: its directory in %s is "
+                        "left to it",
+                        self._templates_dir,
+                    )
+        except OSError as exc:
+            self._log.error("could not take the template lock (%s); unfinished templates "
+                            "are left for the next start", exc)  # fmt: skip
+
+    def _remove_unfinished_in(self, parent: Path) -> None:
+        for entry in parent.iterdir():
+            if not entry.name.startswith(TMP_PREFIX):
+                continue
+            # A .tmp- template may be a replaced one that VMs still use as their lower
+            # layer: it is retired (disks.retire_tree), not removed.
+            remove = (
+                partial(disks.retire_tree, entry, self._data_dir)
+                if parent == self._templates_dir
+                else partial(disks.remove_vm_dir, entry)
+            )
+            if self._tolerated(f"remove {entry}", remove):
+                self._log.warning("removed %s, left over by an interrupted operation", entry)
 
     def _reconcile(self, *, clean_orphans: bool) -> None:
         """Make what runs match the state: adopt, restart, and clean up orphans (logged)."""

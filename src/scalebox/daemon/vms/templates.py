@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -32,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from scalebox.config import DEFAULT_PATH as DEFAULT_CONFIG_PATH
@@ -92,6 +94,48 @@ MASKED_UNITS = (
     "fstrim.timer",
     "systemd-networkd-wait-online.service",
 )
+
+
+# One template install or rebuild at a time per DATA_DIR; scaleboxd's start removes
+# an unfinished one's .tmp- directory only while it can take this lock itself.
+LOCK_NAME = ".templates.lock"
+
+
+@contextlib.contextmanager
+def exclusive(data_dir: Path) -> Iterator[bool]:
+    """Hold DATA_DIR's template lock for the block; yields False (not held) when
+    another process holds it. OSError when the lock file cannot be opened."""
+    fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
+    finally:
+        os.close(fd)
+
+
+def _only_one(data_dir: Path) -> contextlib.AbstractContextManager[bool]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return exclusive(data_dir)
+
+
+def _refuse_if_busy(held: bool, data_dir: Path) -> None:
+    if not held:
+        raise TemplateError(
+            f"another template install or rebuild is running on {data_dir}",
+            "wait for it to finish, then run this again",
+        )
+
+
+def _remove_leftovers(data_dir: Path) -> None:
+    """What a rebuild killed half way left beside templates/ (its build directory and
+    tarball); nothing else removes them. Only with the lock held."""
+    for entry in data_dir.glob(f"{TMP_PREFIX}build-*"):
+        shutil.rmtree(entry, ignore_errors=True)
+    (data_dir / f"{TMP_PREFIX}{BASE_TEMPLATE}.tar.gz").unlink(missing_ok=True)
 
 
 class TemplateError(ScaleboxError):
@@ -313,21 +357,29 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "rebuild":
             config = load_config(args.config, os.environ)
             # Beside templates/, not in it: nothing half-built is ever listed as a template.
-            config.data_dir.mkdir(parents=True, exist_ok=True)
             out = config.data_dir / f"{TMP_PREFIX}{BASE_TEMPLATE}.tar.gz"
-            try:
-                _build(out, args.mirror)
-                version = install(out, config.data_dir)
-            finally:
-                out.unlink(missing_ok=True)
+            with _only_one(config.data_dir) as held:
+                _refuse_if_busy(held, config.data_dir)
+                _remove_leftovers(config.data_dir)
+                try:
+                    _build(out, args.mirror)
+                    version = install(out, config.data_dir)
+                finally:
+                    out.unlink(missing_ok=True)
             print(f"rebuilt template {BASE_TEMPLATE} version {version} in {config.data_dir}")
         else:
             config = load_config(args.config, os.environ)
-            version = install(args.tarball, config.data_dir, args.name)
+            with _only_one(config.data_dir) as held:
+                _refuse_if_busy(held, config.data_dir)
+                version = install(args.tarball, config.data_dir, args.name)
             print(f"installed template {args.name} version {version} in {config.data_dir}")
     except ScaleboxError as exc:
         print(f"templates: error: {exc}", file=sys.stderr)
         return 1  # refused or failed; this tool has no other outcomes
+    except OSError as exc:
+        print(f"templates: error: {exc}\n  hint: check that the data directory is writable "
+              "and has free space, then run this again", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 
