@@ -53,6 +53,16 @@ def test_unknown_route_and_wrong_method_are_json_errors(scaleboxd: Scaleboxd) ->
         assert_error(client.put("/vms"), 405, "PUT")
 
 
+def test_health_answers_head_and_a_trailing_slash_is_not_redirected(scaleboxd: Scaleboxd) -> None:
+    with scaleboxd.client(token="") as client:
+        head = client.head("/health")
+        assert head.status_code == 200 and head.content == b""
+        # Was a 307 to http://<the request's Host header>/health.
+        slash = client.get("/health/", headers={"Host": "evil.example"})
+        assert slash.status_code == 404 and "location" not in slash.headers
+        assert slash.json()["error"] == "no such route: GET /health/"
+
+
 def test_templates_list_has_the_protected_base(scaleboxd: Scaleboxd) -> None:
     with scaleboxd.client() as client:
         response = client.get("/templates")

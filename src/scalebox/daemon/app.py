@@ -349,6 +349,9 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
         version=scalebox.__version__,
         description="Sandbox VMs for AI agents and CI jobs.",
         docs_url=None,
+        # No redirect from /vms/ to /vms: its Location is built from the request's Host
+        # header, so a forged Host was sent back, and it said http:// behind TLS.
+        redirect_slashes=False,
         redoc_url=None,
         # FastAPI's own OpenTelemetry (since 0.165): off, so that no environment
         # (FASTAPI_OTEL_AUTO_CONFIGURE, a provider set up by some import) makes the
@@ -400,7 +403,8 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
     # On the event loop, not in a worker thread as the handlers that touch VMs: the
     # updater's stability window and load balancers ask it, and it must answer while
     # slow VM requests hold every worker (anyio's 40). Half the CPU of an answer, too.
-    @app.get("/health")
+    # HEAD too: load balancers that check with HEAD got a 405.
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, str]:
         return {"status": "ok", "version": scalebox.__version__}
 
