@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
+import socket
 from typing import Any
+
+import httpx
+import pytest
 
 import scalebox
 from tests.api.conftest import SSH_KEY, assert_error, guest_answer, raw_request, state_of
@@ -51,6 +56,29 @@ def test_unknown_route_and_wrong_method_are_json_errors(scaleboxd: Scaleboxd) ->
         assert_error(client.get("/no-such-route"), 404, "/no-such-route")
         assert_error(client.post("/health"), 405, "POST")
         assert_error(client.put("/vms"), 405, "PUT")
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nno colon in this header\r\n\r\n",
+    ],
+)
+def test_what_is_not_http_gets_a_json_400(scaleboxd: Scaleboxd, request_bytes: bytes) -> None:
+    """uvicorn answered these in plain text ("Invalid HTTP request received.")."""
+    url = httpx.URL(scaleboxd.url)
+    if url.scheme != "http":
+        pytest.skip("sends raw bytes over a plain socket; SCALEBOX_URL is not http://")
+    with socket.create_connection((url.host, url.port or 80), timeout=10) as conn:
+        conn.sendall(request_bytes)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(body)["error"] == "invalid HTTP request: it could not be read as HTTP/1.1"
 
 
 def test_health_answers_head_and_a_trailing_slash_is_not_redirected(scaleboxd: Scaleboxd) -> None:
