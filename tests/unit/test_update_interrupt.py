@@ -19,7 +19,7 @@ def test_sigint_and_sigterm_stop_an_unsettled_transaction() -> None:
             interrupt.catching(),
             pytest.raises(interrupt.Interrupted, match=signal.Signals(sig).name),
         ):
-            os.kill(os.getpid(), sig)
+            signal.raise_signal(sig)
 
 
 def test_once_stopped_later_signals_cannot_cut_the_cleanup_short(
@@ -30,21 +30,21 @@ def test_once_stopped_later_signals_cannot_cut_the_cleanup_short(
     cleaned = False
     with interrupt.catching():
         try:
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
         except interrupt.Interrupted:
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGTERM)
             cleaned = True
     assert cleaned
     assert "SIGINT ignored: already stopping" in capfd.readouterr().err
     # The outermost scope ended: the next run's first signal stops it again.
     with interrupt.catching(), pytest.raises(interrupt.Interrupted):
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
 
 
 def test_a_hang_up_never_stops_it(capfd: pytest.CaptureFixture[str]) -> None:
     with interrupt.catching():
-        os.kill(os.getpid(), signal.SIGHUP)
+        signal.raise_signal(signal.SIGHUP)
     assert "SIGHUP (the terminal hung up): carrying on" in capfd.readouterr().err
 
 
@@ -55,12 +55,12 @@ def test_once_settled_signals_are_noted_until_the_program_ends(
         with interrupt.catching():  # the transaction's own scope, inside main's
             interrupt.settle()
         # Still settled after the inner scope: main's result must not change.
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)  # said once: a held-down Ctrl-C is one line
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # said once: a held-down Ctrl-C is one line
+        signal.raise_signal(signal.SIGTERM)
         interrupt.unsettle()
         with pytest.raises(interrupt.Interrupted):
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
     assert capfd.readouterr().err.count("ignored: the transaction is finishing") == 2
     # The outermost scope ended: the flag is gone with it, the handlers restored.
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -73,7 +73,7 @@ def test_after_a_settled_run_signals_are_ignored_until_exit() -> None:
         with interrupt.catching():
             interrupt.settle()
         assert all(signal.getsignal(s) is signal.SIG_IGN for s in interrupt.HANDLED)
-        os.kill(os.getpid(), signal.SIGINT)  # would raise KeyboardInterrupt otherwise
+        signal.raise_signal(signal.SIGINT)  # would raise KeyboardInterrupt otherwise
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
@@ -84,9 +84,9 @@ def test_after_the_programs_last_scope_a_signal_cannot_change_the_exit_code() ->
     before = {s: signal.getsignal(s) for s in interrupt.HANDLED}
     try:
         with pytest.raises(interrupt.Interrupted), interrupt.catching(last=True):
-            os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)  # would raise KeyboardInterrupt otherwise
-        os.kill(os.getpid(), signal.SIGTERM)  # would end pytest otherwise
+            signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # would raise KeyboardInterrupt otherwise
+        signal.raise_signal(signal.SIGTERM)  # would end pytest otherwise
         assert all(signal.getsignal(s) is signal.SIG_IGN for s in interrupt.HANDLED)
     finally:
         for s, handler in before.items():
@@ -136,7 +136,7 @@ def test_an_error_of_the_deferred_block_wins_over_a_signal_meanwhile() -> None:
         pytest.raises(CommandError, match="exit 3"),
         interrupt.deferred("sh"),
     ):
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
         process.run(["sh", "-c", "exit 3"], "sh")
     with interrupt.catching(), pytest.raises(interrupt.Interrupted):
-        os.kill(os.getpid(), signal.SIGINT)  # nothing was left pending or stopping
+        signal.raise_signal(signal.SIGINT)  # nothing was left pending or stopping

@@ -92,7 +92,7 @@ def test_advance_is_durable_before_it_returns(tmp_path: Path) -> None:
         "    j = journal.advance(p, j, step)\n"
         "    print(step, flush=True)\n"
         "    sys.stdin.readline()\n"
-        "os.kill(os.getpid(), signal.SIGKILL)\n"
+        "signal.raise_signal(signal.SIGKILL)\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", script, str(path)],

@@ -3,7 +3,6 @@ PID 1 on this host; the system tests run the real one)."""
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 
@@ -18,7 +17,7 @@ class _CtrlCWhileAsked:
     """systemctl's part: the admin presses Ctrl-C while `systemctl show` runs."""
 
     def state(self, unit: str) -> UnitState:
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
         raise AssertionError("the signal should have stopped the status here")
 
 

@@ -411,7 +411,7 @@ def _state_after_a_sigint(server: Server, monkeypatch: pytest.MonkeyPatch) -> No
     ask = server.service.state
 
     def interrupted_state(unit: str) -> UnitState:
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
         return ask(unit)
 
     monkeypatch.setattr(server.service, "state", interrupted_state)
@@ -462,7 +462,7 @@ root, kill_at = Path(sys.argv[1]), sys.argv[2]
 
 def die(where):
     if where == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
+        signal.raise_signal(signal.SIGKILL)
 
 class Dying(ProcessService):
     def daemon_reload(self):
@@ -535,7 +535,7 @@ def test_a_ctrl_c_while_recovery_discards_still_records_it(
 
     def interrupted_discard(ctx: Context, j: journal.Journal) -> None:
         discard(ctx, j)
-        os.kill(os.getpid(), signal.SIGINT)  # the journal is gone; the history is next
+        signal.raise_signal(signal.SIGINT)  # the journal is gone; the history is next
 
     monkeypatch.setattr(transaction, "_discard", interrupted_discard)
     with interrupt.catching():
