@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from scalebox import priority
 
 OUTPUT_TAIL = 2000  # characters of a failed program's output kept for the message
+# How long a killed program's output is read before its pipes are closed unread.
+PIPE_SECONDS = 5.0
 # What a terminal or a service manager sends to a whole process group.
 GROUP_SIGNALS = frozenset({signal.SIGINT, signal.SIGHUP, signal.SIGTERM})
 
@@ -121,21 +123,45 @@ def run_program(
 
 
 def _stop_overrun(proc: subprocess.Popen[str], grace: float) -> str:
-    """Stop a program that overran its time; say how it ended."""
+    """Stop a program that overran its time; say how it ended.
+
+    Never waits without a bound: a program it started (dpkg under apt-get) may
+    hold the output pipes open after the program itself has exited.
+    """
+    how = "killed"
     if grace > 0:
         proc.terminate()
         try:
             proc.communicate(timeout=grace)
         except subprocess.TimeoutExpired:
-            pass
+            if proc.poll() is not None:
+                _close_pipes(proc)
+                return "stopped with SIGTERM; a program it started still runs"
+            how = f"killed: still running {grace:g} s after SIGTERM"
+        except BaseException:
+            proc.kill()  # stopped while it was given its grace: no more grace
+            _reap(proc)
+            raise
         else:
             return "stopped with SIGTERM"
-        proc.kill()
-        proc.communicate()
-        return f"killed: still running {grace:g} s after SIGTERM"
     proc.kill()
-    proc.communicate()
-    return "killed"
+    _reap(proc)
+    return how
+
+
+def _reap(proc: subprocess.Popen[str]) -> None:
+    try:
+        proc.communicate(timeout=PIPE_SECONDS)
+    except subprocess.TimeoutExpired:
+        _close_pipes(proc)  # held open by a program it started
+        proc.wait()
+
+
+def _close_pipes(proc: subprocess.Popen[str]) -> None:
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
 
 
 @contextlib.contextmanager

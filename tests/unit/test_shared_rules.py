@@ -5,6 +5,8 @@ the retry schedule (scalebox.retry), the `systemctl show` parser
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import signal
 import sys
@@ -141,6 +143,41 @@ def _blocked_in_child(shield: bool) -> set[int]:
     line = next(x for x in status.stdout.splitlines() if x.startswith("SigBlk:"))
     mask = int(line.split()[1], 16)
     return {sig for sig in range(1, 65) if mask & (1 << (sig - 1))}
+
+
+# Leaves a grandchild holding the output pipes open (as dpkg under apt-get), then waits.
+_WITH_GRANDCHILD = 'sleep 30 & echo $! > "$1"; exec sleep 30'
+
+
+def _kill_pid_in(path: Path) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int(path.read_text()), signal.SIGKILL)
+
+
+def test_an_overrun_whose_grandchild_holds_its_output_is_not_waited_for(tmp_path: Path) -> None:
+    grandchild = tmp_path / "pid"
+    started = time.monotonic()
+    try:
+        with pytest.raises(ProgramError) as slow:
+            run_program(["sh", "-c", _WITH_GRANDCHILD, "sh", str(grandchild)], timeout=1.0)
+        assert slow.value.detail.endswith("(killed)")
+        assert time.monotonic() - started < 20  # was 30: until the grandchild ended
+    finally:
+        _kill_pid_in(grandchild)
+
+
+def test_a_stop_whose_grandchild_still_runs_is_said_as_such(tmp_path: Path) -> None:
+    grandchild = tmp_path / "pid"
+    started = time.monotonic()
+    try:
+        with pytest.raises(ProgramError) as slow:
+            run_program(
+                ["sh", "-c", _WITH_GRANDCHILD, "sh", str(grandchild)], timeout=1.0, stop_grace=3.0
+            )
+        assert slow.value.detail.endswith("(stopped with SIGTERM; a program it started still runs)")
+        assert time.monotonic() - started < 20
+    finally:
+        _kill_pid_in(grandchild)
 
 
 def test_a_shielded_child_starts_with_the_group_signals_blocked() -> None:
