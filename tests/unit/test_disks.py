@@ -29,6 +29,9 @@ def test_a_retired_template_stays_while_a_vm_names_it_and_goes_with_the_last_one
     vm_using(tmp_path, "vm-0123456789ab", used)
     disks.retire_tree(used.parent, tmp_path)
     disks.retire_tree(unused.parent, tmp_path)
+    assert len(list((tmp_path / "layers").iterdir())) == 2  # retired, not yet collected
+    [removed] = disks.collect_layers(tmp_path)
+    assert removed.name.startswith("other-")
     kept = list((tmp_path / "layers").iterdir())
     assert len(kept) == 1 and (kept[0] / "disk/etc").is_dir()  # only the one in use
     found = disks.find_layer(tmp_path, "snap", disks.layer_of(kept[0] / "disk"))
@@ -42,6 +45,7 @@ def test_a_vm_being_made_keeps_its_layer_too(tmp_path: Path) -> None:
     disk = template(tmp_path, "snap")
     vm_using(tmp_path, ".tmp-vm-0123456789ab", disk)
     disks.retire_tree(disk.parent, tmp_path)
+    assert disks.collect_layers(tmp_path) == []
     assert len(list((tmp_path / "layers").iterdir())) == 1
 
 

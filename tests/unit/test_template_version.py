@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -115,13 +117,15 @@ def lock_held_elsewhere(tmp_path: Path) -> Iterator[Path]:
     holder = subprocess.Popen(
         ["flock", str(data / templates.LOCK_NAME), "sh", "-c", "echo held; exec sleep 60"],
         stdout=subprocess.PIPE,
+        start_new_session=True,  # flock forks its command: the group goes at the end
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
         yield data
     finally:
-        holder.kill()
+        os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
+        holder.stdout.close()
 
 
 def test_a_second_install_at_once_is_refused_and_changes_nothing(

@@ -7,6 +7,7 @@ killed in teardown, also when the test fails.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -29,7 +30,10 @@ from scalebox.daemon.errors import (
     InvalidInput,
     NotFound,
     Protected,
+    Unavailable,
 )
+from scalebox.daemon.vms import disks
+from scalebox.daemon.vms import service as service_module
 from scalebox.daemon.vms.backend import ProcessBackend
 from scalebox.daemon.vms.service import VM, VMService
 
@@ -658,12 +662,15 @@ def test_a_delete_on_a_full_disk_keeps_the_vm_listed_and_says_so(tmp_path: Path)
     the client got a 500, the VM vanished from GET /vms (a retry said 404), and
     came back, running, at the daemon's next start."""
     low, high = port_block()
-    done = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
-         FULL_DISK_DELETE, str(tmp_path / "data"), str(low), str(high), KEY],
-        capture_output=True, text=True, timeout=120, check=False,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )  # fmt: skip
+    try:
+        done = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
+             FULL_DISK_DELETE, str(tmp_path / "data"), str(low), str(high), KEY],
+            capture_output=True, text=True, timeout=120, check=False,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )  # fmt: skip
+    finally:  # the script stops its guests; not if it was killed on a timeout
+        _stop_guests_of(tmp_path / "data")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.splitlines()[-1])
     status, what, hint = out["error"]
@@ -713,13 +720,101 @@ print(json.dumps(out))
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a file system (root)")
 def test_a_full_disk_does_not_keep_the_daemon_from_starting(tmp_path: Path) -> None:
     low, high = port_block()
-    done = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
-         FULL_DISK_START, str(tmp_path / "data"), str(low), str(high), KEY],
-        capture_output=True, text=True, timeout=120, check=False,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )  # fmt: skip
+    try:
+        done = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
+             FULL_DISK_START, str(tmp_path / "data"), str(low), str(high), KEY],
+            capture_output=True, text=True, timeout=120, check=False,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )  # fmt: skip
+    finally:  # the script stops its guests; not if it was killed on a timeout
+        _stop_guests_of(tmp_path / "data")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == {"listed": [["kept", "running"]]}
     assert "could not save the state" in done.stderr
     assert "No space left on device" in done.stderr
+
+
+def _stop_guests_of(data_dir: Path) -> None:
+    backend = ProcessBackend(data_dir)
+    for vm_id, pid in backend.list_running().items():
+        backend.stop(vm_id, pid)
+
+
+def test_a_sync_that_fails_after_the_rename_does_not_unmake_the_answer(
+    service: VMService, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The directory's fsync ran inside the cleanup meant for the steps before the
+    rename: the client read "failed, nothing was changed" (a retry: 409) while the
+    template existed. A failing fsync of a directory cannot be made on cue here, so
+    the service's fsync_dir is replaced by one that fails."""
+    vm = service.create_vm(template="debian-base", ssh_public_key=KEY)
+
+    def failing(path: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(service_module, "fsync_dir", failing)
+    template, _ = service.snapshot_vm(vm.id, "kept")
+    other = service.create_vm(template="debian-base", ssh_public_key=KEY, name="other")
+    assert template.name == "kept"
+    assert [t.name for t in service.list_templates()] == ["debian-base", "kept"]
+    assert service.get_vm("other").id == other.id
+    assert "may not survive a power cut" in caplog.text
+
+
+def test_a_template_made_again_under_its_name_reports_its_own_size(
+    service: VMService, config: ServerConfig
+) -> None:
+    """Sizes are cached; the key was the disk's inode, which ext4 hands out again at
+    once: the second template reported the first one's size."""
+    big = service.create_vm(template="debian-base", ssh_public_key=KEY, name="big")
+    (config.data_dir / "vms" / big.id / "disk" / "hello.txt").write_text("x" * 100_000)
+    small = service.create_vm(template="debian-base", ssh_public_key=KEY, name="small")
+    (config.data_dir / "vms" / small.id / "disk" / "hello.txt").write_text("x" * 23)
+    for _ in range(3):
+        first, _ = service.snapshot_vm("big", "snap")
+        assert first.size_bytes == 100_000
+        assert [t.size_bytes for t in service.list_templates() if t.name == "snap"] == [100_000]
+        service.delete_template("snap")
+        second, _ = service.snapshot_vm("small", "snap")
+        assert second.size_bytes == 23
+        assert [t.size_bytes for t in service.list_templates() if t.name == "snap"] == [23]
+        service.delete_template("snap")
+
+
+def test_a_delete_whose_cleanup_is_killed_is_still_a_done_delete(
+    service: VMService, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A umount killed by a signal (Unavailable, 503 "retry") after the state was
+    saved: the client was told to retry a delete that had been done. Stands in for
+    the killed umount: a remove_vm_dir that raises what command.run raises then."""
+    vm = service.create_vm(template="debian-base", ssh_public_key=KEY)
+
+    def killed(path: Path) -> None:
+        raise Unavailable(f"could not unmount {path}: umount was killed by signal 9", "retry")
+
+    monkeypatch.setattr(disks, "remove_vm_dir", killed)
+    service.delete_vm(vm.id)
+    assert service.list_vms() == []
+    assert "is deleted, but its files could not all be removed" in caplog.text
+
+
+def test_an_orphan_whose_guest_cannot_be_stopped_keeps_its_disk(
+    config: ServerConfig, guests: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start logged that it could not stop the orphan's guest, then removed the
+    disk under it. A stop that fails is made by a backend whose stop raises."""
+    first = new_service(config, "first")
+    vm = first.create_vm(template="debian-base", ssh_public_key=KEY)
+    first.close()
+    (config.data_dir / "state.json").write_text('{"format": 1, "vms": []}\n')
+
+    def refused(self: ProcessBackend, vm_id: str, pid: int | None) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ProcessBackend, "stop", refused)
+        second = new_service(config, "second")
+    assert (config.data_dir / "vms" / vm.id / "disk").is_dir()
+    assert vm.pid is not None and alive(vm.pid)
+    second.close()

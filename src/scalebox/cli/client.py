@@ -170,7 +170,8 @@ class Client:
                 waited += pause
                 response = self._http.request(method, path, json=body)
         except httpx.TimeoutException as exc:
-            sent = method != "GET" and not isinstance(exc, httpx.ConnectTimeout)
+            unsent = isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout))
+            sent = method != "GET" and not unsent
             raise Unreachable(
                 f"the Scalebox server at {self.url} did not answer in time ({_reason(exc)})",
                 # A change that was sent may still be made: a blind retry could make a

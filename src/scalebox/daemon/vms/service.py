@@ -41,7 +41,6 @@ from scalebox.daemon.vms.backend import (
     SystemdBackend,
     running_under_systemd,
 )
-from scalebox.daemon.vms.command import CommandFailed
 from scalebox.daemon.vms.models import VM, Template, now_iso
 from scalebox.errors import ConfigError
 from scalebox.fsutil import atomic_write, fsync_dir, fsync_tree
@@ -141,7 +140,7 @@ class VMService:
         # snapshots for their whole length (disk copies, boots) without blocking reads.
         self._lock = threading.RLock()
         self._changes = threading.Lock()
-        self._sizes: dict[tuple[str, int], int] = {}  # (template, its disk's inode) -> bytes
+        self._sizes: dict[tuple[str, int, int], int] = {}  # (name, disk inode, ctime): bytes
         self._cpu = hostinfo.CpuMeter()
         self._read_only = read_only
         self._state_seen: tuple[int, int] | None = None  # (mtime_ns, inode) last read
@@ -268,6 +267,8 @@ class VMService:
             # A template that VMs still use as their lower layer goes to layers/
             # until the last of them is deleted (disks.retire_tree).
             disks.retire_tree(path, self._data_dir)
+            for key in [key for key in self._sizes if key[0] == name]:
+                self._sizes.pop(key, None)
             self._collect_layers(f"template {name} is deleted")
 
     # -- VMs ---------------------------------------------------------------------
@@ -389,24 +390,32 @@ class VMService:
             started = time.monotonic()
             self._make_vm_dir(vm, template_disk)
             copied = time.monotonic()
-            try:
-                vm = self._start_guest(vm)
-                with self._lock:
-                    self._vms[vm.id] = vm
-                    self._save()
-            except BaseException:
-                with self._lock:
-                    self._vms.pop(vm.id, None)
-                self._backend.stop(vm.id, vm.pid)
-                self._backend.release(vm.id)
-                disks.remove_vm_dir(self._vms_dir / vm.id)
-                raise
+            vm = self._boot_and_add(vm)
             self._log.info(
                 "created VM %s (%s) from %s on port %d in %.2f s (disk %.2f s, boot to ssh %.2f s)",
                 vm.id, vm.name, template, port, time.monotonic() - started, copied - started,
                 time.monotonic() - copied,
             )  # fmt: skip
             return vm
+
+    def _boot_and_add(self, vm: VM) -> VM:
+        """Start a new VM's guest and add it to the state; undone whole if anything fails."""
+        try:
+            vm = self._start_guest(vm)
+            state.write_vm_record(self._vms_dir / vm.id, vm)
+            with self._lock:
+                self._vms[vm.id] = vm
+                try:
+                    self._save()
+                except BaseException:
+                    self._vms.pop(vm.id, None)  # no reader sees a VM being rolled back
+                    raise
+        except BaseException:
+            self._backend.stop(vm.id, vm.pid)
+            self._backend.release(vm.id)
+            disks.remove_vm_dir(self._vms_dir / vm.id)
+            raise
+        return vm
 
     def _pick_uid_base(self) -> int:
         """A new VM's own 65536 host UIDs (0: no user namespace); recorded, never picked again."""
@@ -451,7 +460,7 @@ class VMService:
         (the client's request succeeded); scaleboxd removes it when it next starts."""
         try:
             remove(path)
-        except (OSError, CommandFailed) as exc:
+        except (OSError, ApiError) as exc:
             self._log.warning(
                 "%s, but its files could not all be removed (%s); scaleboxd removes "
                 "them when it next starts",
@@ -485,10 +494,10 @@ class VMService:
                 # must not leave a template of empty files that new VMs boot from.
                 fsync_tree(building)
                 building.rename(target)
-                fsync_dir(self._templates_dir)
             except BaseException:
                 disks.remove_tree(building)
                 raise
+            self._sync_dir(self._templates_dir)
             self._log.info(
                 "snapshot of VM %s (%s) saved as template %s", vm.id, vm.name, template_name
             )
@@ -548,10 +557,28 @@ class VMService:
     def _template_size(self, name: str, disk: Path) -> int:
         """A template's bytes, walked once: a template's disk never changes (a new one
         replaces it by a rename, so under another inode)."""
-        key = (name, disk.stat().st_ino)
-        if key not in self._sizes:
-            self._sizes[key] = disks.tree_size(disk)
-        return self._sizes[key]
+        before = disk.stat()
+        # The inode number alone is reused at once by ext4 for the next template.
+        key = (name, before.st_ino, before.st_ctime_ns)
+        if key in self._sizes:
+            return self._sizes[key]
+        size = disks.tree_size(disk)
+        try:
+            still = disk.stat().st_ino == before.st_ino
+        except FileNotFoundError:
+            still = False
+        if still:  # else deleted or replaced during the walk: the total is partial
+            self._sizes[key] = size
+        return size
+
+    def _sync_dir(self, directory: Path) -> None:
+        """Make a rename into ``directory`` durable. Once renamed the thing exists: a
+        failure here is logged, not answered as if nothing had been made."""
+        try:
+            fsync_dir(directory)
+        except OSError as exc:
+            self._log.error("could not sync %s (%s): what was just made there may not "
+                            "survive a power cut", directory, exc)  # fmt: skip
 
     def _write_template_meta(self, path: Path, name: str, source_vm: str | None) -> None:
         meta = {"name": name, "created_at": now_iso(), "source_vm": source_vm}
@@ -584,10 +611,10 @@ class VMService:
             # file must not list a VM whose directory is still a .tmp- one, or empty.
             fsync_tree(building)
             building.rename(self._vms_dir / vm.id)
-            fsync_dir(self._vms_dir)
         except BaseException:
             disks.remove_vm_dir(building)
             raise
+        self._sync_dir(self._vms_dir)
 
     def _start_guest(self, vm: VM) -> VM:
         """Start the guest and wait until it answers on its port."""
@@ -599,7 +626,6 @@ class VMService:
             if seen.status in {"stopped", "failed"}:
                 break
             if seen.status == "running" and self._backend.answers(vm):
-                state.write_vm_record(self._vms_dir / vm.id, replace(vm, pid=seen.pid))
                 return replace(vm, status="running", pid=seen.pid)
             time.sleep(0.02)
         output = self._backend.recent_output(vm.id)
@@ -655,18 +681,25 @@ class VMService:
     def _reconcile(self, *, clean_orphans: bool) -> None:
         """Make what runs match the state: adopt, restart, and clean up orphans (logged)."""
         running = self._backend.list_running()
+        self._adopt_or_restart(running)
+        still_running = self._stop_orphans(running, clean_orphans)
+        self._remove_orphan_disks(clean_orphans, still_running)
+
+    def _adopt_or_restart(self, running: dict[str, int | None]) -> None:
         for vm in list(self._vms.values()):
             vm_dir = self._vms_dir / vm.id
             if not (vm_dir / "disk").is_dir():
-                self._log.error(
-                    "VM %s (%s) is in the state file but its disk %s is missing; "
-                    "dropped it from the state", vm.id, vm.name, vm_dir / "disk",
-                )  # fmt: skip
-                self._tolerated(
+                # Kept in the state while its guest may still run: its address and UID
+                # range must not go to a new VM. The next start tries again.
+                if self._tolerated(
                     f"stop VM {vm.id}, whose disk is missing",
                     partial(self._stop_and_release, vm.id, running.get(vm.id, vm.pid)),
-                )
-                del self._vms[vm.id]
+                ):
+                    self._log.error(
+                        "VM %s (%s) is in the state file but its disk %s is missing; "
+                        "dropped it from the state", vm.id, vm.name, vm_dir / "disk",
+                    )  # fmt: skip
+                    del self._vms[vm.id]
             elif vm.id in running:
                 pid = running[vm.id]
                 self._vms[vm.id] = replace(vm, pid=pid if pid is not None else vm.pid)
@@ -677,10 +710,16 @@ class VMService:
                 self._log.info("re-adopted VM %s (%s), guest pid %s", vm.id, vm.name, pid)
             else:
                 self._restart(vm)
+
+    def _stop_orphans(self, running: dict[str, int | None], clean: bool) -> set[str]:
+        """Stop guests the state does not list; return those that could not be stopped."""
+        still_running = set()  # their disks stay under them
         for vm_id, pid in running.items():
-            if vm_id not in self._vms and not clean_orphans:
+            if vm_id not in self._vms and not clean:
                 self._log.warning("kept the guest of VM %s (pid %s), not in the state", vm_id, pid)
-            elif vm_id not in self._vms and self._tolerated(
+            elif vm_id in self._vms:
+                continue
+            elif self._tolerated(
                 f"stop the orphan guest of VM {vm_id}",
                 partial(self._stop_and_release, vm_id, pid),
             ):
@@ -688,9 +727,16 @@ class VMService:
                     "cleaned up orphan guest of VM %s (pid %s): it is not in the state file",
                     vm_id, pid,
                 )  # fmt: skip
+            else:
+                still_running.add(vm_id)
+        return still_running
+
+    def _remove_orphan_disks(self, clean: bool, still_running: set[str]) -> None:
         for entry in sorted(self._vms_dir.iterdir()):
-            if entry.name not in self._vms and not clean_orphans:
+            if entry.name not in self._vms and not clean:
                 self._log.warning("kept %s, which no VM in the state uses", entry)
+            elif entry.name in still_running:
+                self._log.warning("kept %s: its guest could not be stopped", entry)
             elif entry.name not in self._vms and self._tolerated(
                 f"remove the orphan disk {entry}",
                 partial(disks.remove_vm_dir, entry),
@@ -720,7 +766,14 @@ class VMService:
 
     def _clean_strays(self) -> None:
         """Free what VMs not in the state still hold (a crash between delete's steps)."""
-        for vm_id, what in sorted(self._backend.strays(set(self._vms)).items()):
+        strays: dict[str, str] = {}
+        listed = self._tolerated(
+            "list what VMs not in the state hold",
+            lambda: strays.update(self._backend.strays(set(self._vms))),
+        )
+        if not listed:
+            return
+        for vm_id, what in sorted(strays.items()):
             if not self._tolerated(f"free {what} of VM {vm_id}",
                                    partial(self._backend.release, vm_id)):  # fmt: skip
                 continue
@@ -732,16 +785,19 @@ class VMService:
         # restarts many VMs (after a reboot) is not killed by TimeoutStartSec.
         systemd.notify(f"EXTEND_TIMEOUT_USEC={int((self._backend.ready_timeout + 30) * 1e6)}")
         try:
-            self._vms[vm.id] = self._start_guest(vm)
+            started = self._start_guest(vm)
         except (ApiError, OSError) as exc:
             self._vms[vm.id] = replace(vm, pid=None)
             self._log.error("VM %s (%s) is not running and could not be started: %s",
                             vm.id, vm.name, exc)  # fmt: skip
-        else:
-            self._log.warning(
-                "VM %s (%s) was not running; started its guest again (pid %s)",
-                vm.id, vm.name, self._vms[vm.id].pid,
-            )  # fmt: skip
+            return
+        self._vms[vm.id] = started
+        self._log.warning("VM %s (%s) was not running; started its guest again (pid %s)",
+                          vm.id, vm.name, started.pid)  # fmt: skip
+        # It runs either way: its record (the pid, for a start without a state file) is
+        # written again at the next start if the disk does not take it now.
+        self._tolerated(f"write the record of VM {vm.id}",
+                        partial(state.write_vm_record, self._vms_dir / vm.id, started))  # fmt: skip
 
     @staticmethod
     def _dir_names(path: Path) -> set[str]:
