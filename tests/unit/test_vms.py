@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,6 +130,14 @@ def new_service(config: ServerConfig, name: str = "vms") -> VMService:
     service = VMService(config, logging.getLogger(f"test.{name}"), use_systemd=False)
     service.start()
     return service
+
+
+def made_by_a_daemon_now_gone(config: ServerConfig, **create: Any) -> VM:
+    """A VM a first service made before it stopped (its guest runs on)."""
+    first = new_service(config, "first")
+    vm = first.create_vm(template="debian-base", ssh_public_key=KEY, **create)
+    first.close()
+    return vm
 
 
 @pytest.fixture
@@ -257,9 +266,7 @@ def test_ports_already_in_use_are_skipped(service: VMService, config: ServerConf
 def test_a_new_service_re_adopts_running_guests_with_the_same_pid(
     config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    first = new_service(config, "first")
-    vm = first.create_vm(template="debian-base", ssh_public_key=KEY)
-    first.close()
+    vm = made_by_a_daemon_now_gone(config)
     assert vm.pid is not None and alive(vm.pid)  # close never stops a VM
 
     caplog.set_level(logging.INFO)
@@ -274,9 +281,7 @@ def test_a_new_service_re_adopts_running_guests_with_the_same_pid(
 def test_start_restarts_a_guest_that_died_while_the_daemon_was_down(
     config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    first = new_service(config, "first")
-    vm = first.create_vm(template="debian-base", ssh_public_key=KEY)
-    first.close()
+    vm = made_by_a_daemon_now_gone(config)
     assert vm.pid is not None
     os.killpg(vm.pid, signal.SIGKILL)
     assert wait_dead(vm.pid)
@@ -291,9 +296,7 @@ def test_start_restarts_a_guest_that_died_while_the_daemon_was_down(
 def test_a_guest_that_cannot_start_is_reported_with_its_output_and_not_left_behind(
     config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    first = new_service(config, "first")
-    vm = first.create_vm(template="debian-base", ssh_public_key=KEY)
-    first.close()
+    vm = made_by_a_daemon_now_gone(config)
     assert vm.pid is not None
     os.killpg(vm.pid, signal.SIGKILL)
     assert wait_dead(vm.pid)
@@ -313,9 +316,7 @@ def test_a_missing_state_file_is_rebuilt_from_the_vms_records_not_taken_for_orph
     config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Every VM was taken for an orphan, stopped and its disk deleted, for one file."""
-    first = new_service(config, "first")
-    vm = first.create_vm(template="debian-base", ssh_public_key=KEY, name="keep-me")
-    first.close()
+    vm = made_by_a_daemon_now_gone(config, name="keep-me")
     (config.data_dir / "state.json").unlink()
 
     second = new_service(config, "second")
@@ -334,9 +335,7 @@ def test_a_vm_deleted_half_way_is_cleaned_up_as_an_orphan_with_a_log_line(
     config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A crash between a delete's save and its cleanup: the state, read, says no VM."""
-    first = new_service(config, "first")
-    vm = first.create_vm(template="debian-base", ssh_public_key=KEY)
-    first.close()
+    vm = made_by_a_daemon_now_gone(config)
     (config.data_dir / "state.json").write_text('{"format": 1, "vms": []}\n')
 
     second = new_service(config, "second")
@@ -354,9 +353,7 @@ def test_a_vm_deleted_half_way_is_cleaned_up_as_an_orphan_with_a_log_line(
 def test_a_corrupt_state_file_is_kept_and_the_vms_are_rebuilt_not_deleted(
     config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    first = new_service(config, "first")
-    vm = first.create_vm(template="debian-base", ssh_public_key=KEY, name="keep-me")
-    first.close()
+    vm = made_by_a_daemon_now_gone(config, name="keep-me")
     torn = b'{"format": 1, "vms": [{"id": "vm-'
     (config.data_dir / "state.json").write_bytes(torn)
 
@@ -616,9 +613,8 @@ def test_vm_record_round_trips_through_json() -> None:
 
 # In a mount namespace of its own (the mount goes with it): DATA_DIR on a tmpfs
 # that is shrunk to what it holds once the VM exists, so the next write fails.
-FULL_DISK_DELETE = """
+_ON_A_TMPFS = """
 import json, logging, os, subprocess, sys
-from dataclasses import replace
 from pathlib import Path
 from scalebox.config import ServerConfig
 from scalebox.daemon.errors import ApiError
@@ -630,28 +626,48 @@ data.mkdir()
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "data", str(data)], check=True)
 config = ServerConfig(api_token="t" * 32, data_dir=data, port_min=low, port_max=high,
                       host_ip="127.0.0.1", vm_backend="process")
-service = VMService(config, logging.getLogger("full"), use_systemd=False)
-service.start()
-out = {}
-try:
-    vm = service.create_vm(template="debian-base", ssh_public_key=key, name="kept", disk_size_gib=1)
+
+
+def fill():  # shrink it to what it holds: the next write fails
     fs = os.statvfs(data)
     used = (fs.f_blocks - fs.f_bfree) * fs.f_frsize
     subprocess.run(["mount", "-o", f"remount,size={used}", str(data)], check=True)
+"""
+
+
+def _on_a_full_tmpfs(script: str, tmp_path: Path) -> tuple[dict[str, Any], str]:
+    """Run ``script`` (after _ON_A_TMPFS) as root in a mount namespace of its own; its
+    last line of output as JSON, and its stderr."""
+    low, high = port_block()
     try:
-        service.delete_vm("kept")
-    except ApiError as exc:
-        out["error"] = [exc.status, exc.what, exc.hint]
-    out["listed"] = [v.name for v in service.list_vms()]
-    out["in_state"] = "kept" in (data / "state.json").read_text()
-    subprocess.run(["mount", "-o", "remount,size=2g", str(data)], check=True)
+        done = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
+             _ON_A_TMPFS + script, str(tmp_path / "data"), str(low), str(high), KEY],
+            capture_output=True, text=True, timeout=120, check=False,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )  # fmt: skip
+    finally:  # its guests run on in sessions of their own, as a daemon's do
+        _stop_guests_of(tmp_path / "data")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1]), done.stderr
+
+
+FULL_DISK_DELETE = """
+service = VMService(config, logging.getLogger("full"), use_systemd=False)
+service.start()
+out = {}
+vm = service.create_vm(template="debian-base", ssh_public_key=key, name="kept", disk_size_gib=1)
+fill()
+try:
     service.delete_vm("kept")
-    out["after_room"] = [v.name for v in service.list_vms()]
-    out["dir_left"] = (data / "vms" / vm.id).exists()
-finally:
-    backend = ProcessBackend(data)
-    for vm_id, pid in backend.list_running().items():
-        backend.stop(vm_id, pid)
+except ApiError as exc:
+    out["error"] = [exc.status, exc.what, exc.hint]
+out["listed"] = [v.name for v in service.list_vms()]
+out["in_state"] = "kept" in (data / "state.json").read_text()
+subprocess.run(["mount", "-o", "remount,size=2g", str(data)], check=True)
+service.delete_vm("kept")
+out["after_room"] = [v.name for v in service.list_vms()]
+out["dir_left"] = (data / "vms" / vm.id).exists()
 print(json.dumps(out))
 """
 
@@ -661,18 +677,7 @@ def test_a_delete_on_a_full_disk_keeps_the_vm_listed_and_says_so(tmp_path: Path)
     """The VM was dropped from memory before the state was saved: on a full disk
     the client got a 500, the VM vanished from GET /vms (a retry said 404), and
     came back, running, at the daemon's next start."""
-    low, high = port_block()
-    try:
-        done = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
-             FULL_DISK_DELETE, str(tmp_path / "data"), str(low), str(high), KEY],
-            capture_output=True, text=True, timeout=120, check=False,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        )  # fmt: skip
-    finally:  # the script stops its guests; not if it was killed on a timeout
-        _stop_guests_of(tmp_path / "data")
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout.splitlines()[-1])
+    out, _ = _on_a_full_tmpfs(FULL_DISK_DELETE, tmp_path)
     status, what, hint = out["error"]
     assert status == 507
     assert what.startswith("VM vm-") and "(kept) is stopped but not deleted" in what
@@ -685,54 +690,26 @@ def test_a_delete_on_a_full_disk_keeps_the_vm_listed_and_says_so(tmp_path: Path)
 
 
 FULL_DISK_START = """
-import json, logging, os, subprocess, sys
-from pathlib import Path
-from scalebox.config import ServerConfig
-from scalebox.daemon.vms.backend import ProcessBackend
-from scalebox.daemon.vms.service import VMService
-
-data, low, high, key = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-data.mkdir()
-subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "data", str(data)], check=True)
-config = ServerConfig(api_token="t" * 32, data_dir=data, port_min=low, port_max=high,
-                      host_ip="127.0.0.1", vm_backend="process")
 logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
 out = {}
-try:
-    first = VMService(config, logging.getLogger("first"), use_systemd=False)
-    first.start()
-    vm = first.create_vm(template="debian-base", ssh_public_key=key, name="kept", disk_size_gib=1)
-    first.close()
-    fs = os.statvfs(data)
-    used = (fs.f_blocks - fs.f_bfree) * fs.f_frsize
-    subprocess.run(["mount", "-o", f"remount,size={used}", str(data)], check=True)
-    again = VMService(config, logging.getLogger("again"), use_systemd=False)
-    again.start()  # raised: the start's save of the state hit the full disk
-    out["listed"] = [(v.name, v.status) for v in again.list_vms()]
-finally:
-    backend = ProcessBackend(data)
-    for vm_id, pid in backend.list_running().items():
-        backend.stop(vm_id, pid)
+first = VMService(config, logging.getLogger("first"), use_systemd=False)
+first.start()
+vm = first.create_vm(template="debian-base", ssh_public_key=key, name="kept", disk_size_gib=1)
+first.close()
+fill()
+again = VMService(config, logging.getLogger("again"), use_systemd=False)
+again.start()  # raised: the start's save of the state hit the full disk
+out["listed"] = [(v.name, v.status) for v in again.list_vms()]
 print(json.dumps(out))
 """
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a file system (root)")
 def test_a_full_disk_does_not_keep_the_daemon_from_starting(tmp_path: Path) -> None:
-    low, high = port_block()
-    try:
-        done = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
-             FULL_DISK_START, str(tmp_path / "data"), str(low), str(high), KEY],
-            capture_output=True, text=True, timeout=120, check=False,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        )  # fmt: skip
-    finally:  # the script stops its guests; not if it was killed on a timeout
-        _stop_guests_of(tmp_path / "data")
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == {"listed": [["kept", "running"]]}
-    assert "could not save the state" in done.stderr
-    assert "No space left on device" in done.stderr
+    out, stderr = _on_a_full_tmpfs(FULL_DISK_START, tmp_path)
+    assert out == {"listed": [["kept", "running"]]}
+    assert "could not save the state" in stderr
+    assert "No space left on device" in stderr
 
 
 def _stop_guests_of(data_dir: Path) -> None:
@@ -804,9 +781,7 @@ def test_an_orphan_whose_guest_cannot_be_stopped_keeps_its_disk(
 ) -> None:
     """The start logged that it could not stop the orphan's guest, then removed the
     disk under it. A stop that fails is made by a backend whose stop raises."""
-    first = new_service(config, "first")
-    vm = first.create_vm(template="debian-base", ssh_public_key=KEY)
-    first.close()
+    vm = made_by_a_daemon_now_gone(config)
     (config.data_dir / "state.json").write_text('{"format": 1, "vms": []}\n')
 
     def refused(self: ProcessBackend, vm_id: str, pid: int | None) -> None:
