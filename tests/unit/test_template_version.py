@@ -158,3 +158,15 @@ def test_a_rebuild_first_removes_what_a_killed_one_left(tmp_path: Path) -> None:
     (data / "templates").mkdir()
     templates._remove_leftovers(data)
     assert sorted(p.name for p in data.iterdir()) == ["templates"]
+
+
+def test_a_daemon_start_adds_no_lock_file_to_data_dir(tmp_path: Path) -> None:
+    """It did: `./do check-update` found DATA_DIR changed across an update."""
+    data = tmp_path / "data"
+    (data / "templates" / ".tmp-debian-base-0123abcd" / "disk").mkdir(parents=True)
+    cfg = ServerConfig(api_token="t" * 32, data_dir=data, vm_backend="process")
+    service = VMService(cfg, logging.getLogger("t"), use_systemd=False)
+    service.start()
+    service.close()
+    assert not (data / templates.LOCK_NAME).exists()
+    assert not (data / "templates" / ".tmp-debian-base-0123abcd").exists()  # no install ran

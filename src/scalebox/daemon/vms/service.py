@@ -651,7 +651,7 @@ class VMService:
         self._remove_unfinished_in(self._vms_dir)
         # A template install or rebuild may be unpacking into one right now.
         try:
-            with templates.exclusive(self._data_dir) as held:
+            with templates.exclusive(self._data_dir, create=False) as held:
                 if held:
                     self._remove_unfinished_in(self._templates_dir)
                 else:

@@ -102,10 +102,22 @@ LOCK_NAME = ".templates.lock"
 
 
 @contextlib.contextmanager
-def exclusive(data_dir: Path) -> Iterator[bool]:
+def exclusive(data_dir: Path, *, create: bool = True) -> Iterator[bool]:
     """Hold DATA_DIR's template lock for the block; yields False (not held) when
-    another process holds it. OSError when the lock file cannot be opened."""
-    fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    another process holds it. OSError when the lock file cannot be opened.
+
+    ``create=False`` (scaleboxd, which must not add a file to DATA_DIR: an update
+    leaves it as it was) takes a missing lock file for a free lock: no install or
+    rebuild has run, and one starting now makes its directory after the file.
+    """
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(data_dir / LOCK_NAME, flags, 0o600)
+    except FileNotFoundError:
+        if create:
+            raise
+        yield True
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
