@@ -51,10 +51,12 @@ def started(request):
 
 
 def test_waits(started):
+    (HERE / "running-test_waits").write_text("")  # set up whole: a signal now tears down
     time.sleep(60)
 
 
 def test_waits_too(started):
+    (HERE / "running-test_waits_too").write_text("")
     time.sleep(60)
 """
 
@@ -73,9 +75,11 @@ def test_a_run_stopped_by_sigterm_tears_down_its_fixtures(tmp_path: Path, handle
     )
     try:
         deadline = time.monotonic() + 30
-        while not (tmp_path / "up-test_waits").exists() and time.monotonic() < deadline:
+        # The test's own marker, not the fixture's: a signal that lands while the
+        # fixture is still setting up skips its teardown (seen once in CI).
+        while not (tmp_path / "running-test_waits").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert (tmp_path / "up-test_waits").exists(), "the inner test never started"
+        assert (tmp_path / "running-test_waits").exists(), "the inner test never started"
         run.send_signal(signal.SIGTERM)
         code = run.wait(30)
     finally:
@@ -115,7 +119,7 @@ def test_xdist_workers_in_sessions_of_their_own_still_tear_down(
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not all(
-            (tmp_path / f"up-{name}").exists() for name in names
+            (tmp_path / f"running-{name}").exists() for name in names
         ):
             time.sleep(0.05)
         for name in names:
