@@ -5,14 +5,18 @@ test_update_stage.py, on the real release.)"""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import importlib.util
 import io
 import json
 import os
 import platform
+import signal
+import subprocess
 import sys
 import threading
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -297,3 +301,54 @@ def test_the_donors_place_of_a_file_is_the_same_place_below_its_venv(
     assert found == (None if theirs is None else str(tmp_path / "donor" / "venv" / theirs))
     if found is not None:
         assert donor.recorded(found) == "sha256:x"
+
+
+# A parent that starts the install's stand-in (die_with, then a long sleep), says its
+# pid, and waits; the test kills the parent as a SIGKILL kills the updater.
+_PARENT = """
+import os, subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(os.getpid())],
+                         stdout=subprocess.PIPE, start_new_session=True)
+print(child.pid, child.stdout.readline().decode().strip(), flush=True)
+child.wait()
+"""
+_CHILD = """
+import sys, time
+from scalebox.update import wheel_install
+wheel_install.die_with(int(sys.argv[1]))
+print("armed", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_install_dies_with_the_updater_that_started_it() -> None:
+    """An updater SIGKILLed mid-stage left its wheel install writing into releases/<v>
+    for up to a minute, while a next run removed and rebuilt that directory."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, _CHILD],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert parent.stdout is not None
+    child_pid, said = parent.stdout.readline().decode().split()
+    child = int(child_pid)
+    try:
+        assert said == "armed"
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.02)
+        assert not _alive(child), "the install outlived the updater"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        parent.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

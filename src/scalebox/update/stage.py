@@ -367,6 +367,9 @@ def _install(
             "--hashes",
             str(hashes),
             *(["--workers", "1"] if priority.lowered() else []),
+            # Killed with this updater, not left writing into the release it builds.
+            "--parent",
+            str(os.getpid()),
             str(wheels),
             f"scalebox=={version}",
             *([str(donor), str(donor.parent / STAGED_FILES)] if donor is not None else []),

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import hashlib
 import importlib.util
 import io
@@ -50,6 +51,7 @@ import json
 import marshal
 import os
 import platform
+import signal
 import stat
 import sys
 import sysconfig
@@ -468,9 +470,25 @@ def resolve(root: Requirement, wheels: dict[str, tuple[Version, Path]]) -> list[
 _donor: Donor | None = None
 
 
-def _use_donor(donor: Donor | None) -> None:
+def _use_donor(donor: Donor | None, parent: int) -> None:
     global _donor  # noqa: PLW0603 -- one per worker process, set by its initializer
     _donor = donor
+    die_with(parent)
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with(parent: int) -> None:
+    """Be killed (SIGKILL) when ``parent`` dies: an updater killed mid-stage must not
+    leave this install writing into releases/<v> while its next run removes that
+    directory and builds it again at the same path. Best effort: without prctl the
+    next run's removal still wins in the end."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent:  # it died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def install_one(path: Path, requested: bool) -> tuple[list[tuple[str, str]], dict[str, str]]:
@@ -525,7 +543,9 @@ def install_all(
     chosen.sort(key=lambda path: path.stat().st_size, reverse=True)
     wanted = canonicalize_name(root.name)
     with ProcessPoolExecutor(
-        max_workers=workers or os.cpu_count(), initializer=_use_donor, initargs=(donor,)
+        max_workers=workers or os.cpu_count(),
+        initializer=_use_donor,
+        initargs=(donor, os.getpid()),
     ) as pool:
         unpacked = [
             pool.submit(install_one, path, parse_wheel_filename(path.name)[0] == wanted)
@@ -556,18 +576,22 @@ def install_all(
 
 def main(argv: list[str]) -> int:
     hashes_file, workers = None, None
-    while argv[:1] in (["--hashes"], ["--workers"]) and len(argv) > 1:
+    while argv[:1] in (["--hashes"], ["--workers"], ["--parent"]) and len(argv) > 1:
         if argv[0] == "--hashes":
             hashes_file = Path(argv[1])
-        elif argv[1].isdigit() and int(argv[1]) > 0:
+        elif argv[0] == "--parent" and argv[1].isdigit():
+            die_with(int(argv[1]))
+        elif argv[0] == "--workers" and argv[1].isdigit() and int(argv[1]) > 0:
             workers = int(argv[1])
         else:
-            print(f"--workers wants a number of processes, not {argv[1]!r}", file=sys.stderr)
+            wanted = "a number of processes" if argv[0] == "--workers" else "a process id"
+            print(f"{argv[0]} wants {wanted}, not {argv[1]!r}", file=sys.stderr)
             return 2
         argv = argv[2:]
     if len(argv) not in (2, 4):
         print(
-            "usage: wheel_install.py [--hashes FILE] [--workers N] WHEELS_DIR REQUIREMENT "
+            "usage: wheel_install.py [--hashes FILE] [--workers N] [--parent PID] "
+            "WHEELS_DIR REQUIREMENT "
             "[DONOR_VENV DONOR_RECORD]",
             file=sys.stderr,
         )
