@@ -26,6 +26,7 @@ from installer import install
 
 from scalebox.update import wheel_install
 from scalebox.update.wheel_install import CollectingDestination, Donor
+from tests.unit.test_vms import alive
 
 
 def _destination(root: Path, donor: Donor | None) -> CollectingDestination:
@@ -337,18 +338,10 @@ def test_the_install_dies_with_the_updater_that_started_it() -> None:
         parent.kill()
         parent.wait()
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _alive(child):
+        while time.monotonic() < deadline and alive(child):
             time.sleep(0.02)
-        assert not _alive(child), "the install outlived the updater"
+        assert not alive(child), "the install outlived the updater"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
         parent.stdout.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state != "Z"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from datetime import datetime
@@ -365,9 +364,7 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
             "auto_configure": False,
         },
     )
-    # Creating, deleting and snapshotting are serialised: each checks and then
-    # changes disks, ports and the state file.
-    changes = threading.Lock()
+    # Creates, deletes and snapshots are serialised by the VM service itself.
 
     def vm_json(vm: VMLike) -> dict[str, Any]:
         return vm.to_api(config.host_ip, config.vm_domain)
@@ -437,8 +434,7 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
     def delete_template(name: str) -> Response:
         if (problem := names.template_name_problem(name)) is not None:
             raise InvalidInput(problem)
-        with changes:
-            service.delete_template(name)
+        service.delete_template(name)
         log.info("deleted template %s", name)
         return Response(status_code=204)
 
@@ -448,23 +444,21 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
 
     @api.post("/vms", status_code=201)
     def create_vm(body: CreateVMBody) -> dict[str, Any]:
-        with changes:
-            vm = service.create_vm(
-                template=body.template,
-                ssh_public_key=body.ssh_public_key,
-                name=body.name,
-                vcpu_count=body.vcpu_count,
-                mem_size_mib=body.mem_size_mib,
-                disk_size_gib=body.disk_size_gib,
-            )
+        vm = service.create_vm(
+            template=body.template,
+            ssh_public_key=body.ssh_public_key,
+            name=body.name,
+            vcpu_count=body.vcpu_count,
+            mem_size_mib=body.mem_size_mib,
+            disk_size_gib=body.disk_size_gib,
+        )
         log.info("created VM %s (%s) from template %s", vm.id, vm.name, body.template)
         return vm_json(vm)
 
     @api.post("/vms/{ref:path}/snapshot", status_code=201)
     def snapshot_vm(ref: str, body: SnapshotBody) -> dict[str, Any]:
         _check_ref(ref)
-        with changes:
-            template, vm = service.snapshot_vm(ref, body.template_name)
+        template, vm = service.snapshot_vm(ref, body.template_name)
         log.info("snapshot of VM %s saved as template %s", vm.id, template.name)
         return {
             "template": template.name,
@@ -481,8 +475,7 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
     @api.delete("/vms/{ref:path}", status_code=204, response_class=Response)
     def delete_vm(ref: str) -> Response:
         _check_ref(ref)
-        with changes:
-            service.delete_vm(ref)
+        service.delete_vm(ref)
         log.info("deleted VM %s", ref)
         return Response(status_code=204)
 

@@ -650,19 +650,20 @@ class VMService:
         """Remove .tmp- directories left by a create, snapshot or delete that was cut off."""
         self._remove_unfinished_in(self._vms_dir)
         # A template install or rebuild may be unpacking into one right now.
-        try:
-            with templates.exclusive(self._data_dir, create=False) as held:
-                if held:
-                    self._remove_unfinished_in(self._templates_dir)
-                else:
-                    self._log.warning(
-                        "a template install or rebuild is running: its directory in %s is "
-                        "left to it",
-                        self._templates_dir,
-                    )
-        except OSError as exc:
-            self._log.error("could not take the template lock (%s); unfinished templates "
-                            "are left for the next start", exc)  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            try:
+                held = stack.enter_context(templates.exclusive(self._data_dir, create=False))
+            except OSError as exc:
+                self._log.error("could not take the template lock (%s); unfinished templates "
+                                "are left for the next start", exc)  # fmt: skip
+                return
+            if held:
+                self._remove_unfinished_in(self._templates_dir)
+            else:
+                self._log.warning(
+                    "a template install or rebuild is running: its directory in %s is left to it",
+                    self._templates_dir,
+                )
 
     def _remove_unfinished_in(self, parent: Path) -> None:
         for entry in parent.iterdir():
