@@ -32,6 +32,7 @@ import pytest
 
 from scalebox import priority
 from scalebox.config import KEYS
+from scalebox.update import interrupt
 from tests.interrupt import WORKER, forward_to_workers, tear_down_on_sigterm
 
 # A test run started in the background by a script (`./do test &`) inherits SIGINT
@@ -97,6 +98,45 @@ def _session_priority_kept() -> Iterator[None]:
             "a child that shares the session was killed while lowered; start it with "
             "start_new_session=True"
         )
+
+
+@pytest.fixture(autouse=True)
+def _signals_kept() -> Iterator[None]:
+    """No test leaves the updater's signal handling changed for the next test.
+
+    A test that runs ``transaction.install`` without main's ``interrupt.catching``
+    scope leaves the outcome settled (main's scope would clear it). The next
+    test's scope then ended as a settled run's does, ignoring SIGINT, SIGTERM
+    and SIGHUP for the rest of the worker's life: a later signal test failed
+    now and then under xdist, depending on which tests shared its worker. The
+    settled flag is cleared here, as a new run starts with it clear; any other
+    leftover (a scope, a shield or a deferral not ended, a changed handler) is
+    put back and fails the test that left it.
+    """
+    handlers = {s: signal.getsignal(s) for s in interrupt.HANDLED}
+    interrupt.unsettle()
+    yield
+    interrupt.unsettle()
+    left = [
+        what
+        for what, at_rest in (
+            ("a catching() scope not ended", interrupt._catching_depth == 0),
+            ("a shielded() block not ended", interrupt._shield_depth == 0),
+            ("a deferred() block not ended", interrupt._deferring is None),
+            ("a stop under way", not interrupt._stopping and not interrupt._deferred),
+        )
+        if not at_rest
+    ]
+    for s, handler in handlers.items():
+        if signal.getsignal(s) is not handler:
+            left.append(f"the {signal.Signals(s).name} handler changed")
+            signal.signal(s, handler)
+    if left:
+        interrupt._catching_depth = interrupt._shield_depth = 0
+        interrupt._deferring, interrupt._stopping = None, False
+        interrupt._deferred.clear()
+        interrupt._noted.clear()
+        pytest.fail(f"this test left the updater's signal handling changed: {'; '.join(left)}")
 
 
 STARTUP_SECONDS = 30

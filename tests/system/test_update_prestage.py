@@ -74,7 +74,9 @@ def test_a_tampered_prestaged_release_is_rebuilt_not_trusted(server: Server) -> 
 
 
 # Inside the machine: start a pre-stage, SIGKILL it once the venv is being filled,
-# then wait for the installer it had started (its own session) to end too.
+# then wait for the installer it had started to end too (PR_SET_PDEATHSIG: at once).
+# The pattern's brackets keep pgrep from matching this script's own shell, whose
+# command line holds the pattern: it matched that before, and waited out its 60 s.
 KILL_DURING_STAGE = f"""
 {URL_B} scalebox-update --stage </dev/null >/tmp/stage.log 2>&1 &
 pid=$!
@@ -88,7 +90,8 @@ fi
 kill -9 $pid
 wait $pid
 echo "exit $?"
-for _ in $(seq 1 600); do pgrep -f wheel_install.py >/dev/null || break; sleep 0.1; done
+for _ in $(seq 1 600); do pgrep -f '[w]heel_install[.]py' >/dev/null || break; sleep 0.1; done
+if pgrep -f '[w]heel_install[.]py' >/dev/null; then echo "the install outlived its updater"; fi
 test -e /opt/scalebox/releases/{B}/.complete && echo "complete after the kill"
 true
 """
@@ -100,6 +103,7 @@ def test_a_prestage_killed_midway_leaves_nothing_a_later_update_trusts(server: S
     assert killed.returncode == 0, killed.stdout + killed.stderr
     assert "exit 137" in killed.stdout, killed.stdout
     assert "complete after the kill" not in killed.stdout
+    assert "the install outlived its updater" not in killed.stdout
     assert server.health() == A
     assert server.main_pid("scaleboxd.service") == before.daemon_pid
 

@@ -77,16 +77,6 @@ class Server:
         return out
 
 
-@pytest.fixture(autouse=True)
-def _unsettled() -> Iterator[None]:
-    """The tests call transaction.install without main's ``interrupt.catching`` scope,
-    whose end would clear what a commit settled; clear it here instead, so a signal
-    in the next test of this process stops it as it would stop a new run."""
-    interrupt.unsettle()
-    yield
-    interrupt.unsettle()
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
     """A server with release 0.1.0 installed and running, and 0.2.0 staged next to it."""
