@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -259,6 +260,25 @@ def test_a_main_process_that_ends_in_the_window_is_seen_at_once(server: Server) 
     finally:
         killer.wait()
     assert time.monotonic() - started < 2.0  # not the window's 30 s
+
+
+@pytest.mark.parametrize("queued", [False, True])
+def test_a_unit_stopped_before_it_is_healthy_is_judged_without_waiting_out_the_timeout(
+    server: Server, monkeypatch: pytest.MonkeyPatch, queued: bool
+) -> None:
+    """Another admin's `systemctl stop` between the restart and the first answer: nothing
+    starts the unit again, so the verdict comes after STOPPED_GRACE, not after the whole
+    timeout (60 s in an update). A start queued behind another job is waited for.
+    systemd's answer is stood in for here; tests/system/test_update_faults_more.py
+    stops the real scaleboxd."""
+    stopped = UnitState("inactive", "dead", 0, 0, queued=queued)
+    monkeypatch.setattr(server.service, "state", lambda unit: stopped)
+    monkeypatch.setattr(health, "STOPPED_GRACE", 0.5)
+    check = replace(_health_check(server, 1.0), timeout=2.0)
+    expected = "was not healthy within 2 s" if queued else "stopped before it was healthy"
+    with pytest.raises(VerifyError, match=expected) as caught:
+        health.verify(server.service, server.http, check, print)
+    assert ("no start queued" in caught.value.what) is not queued
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority again")

@@ -41,6 +41,12 @@ from scalebox.update.systemd import SERVICE, ServiceManager, UnitState
 
 POLL = 0.2
 WRONG_VERSION_GRACE = 1.0  # seconds of a wrong answer before giving up
+# Seconds of "inactive, nothing queued" before giving up. Every caller has just
+# started the unit (or seen it serve), so nothing will start it again: somebody
+# stopped it, or its process exited with status 0. Waiting out the whole timeout
+# (60 s) for that told the operator nothing new. A client's connection to the
+# socket would start it within this grace (socket activation).
+STOPPED_GRACE = 2.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,7 @@ def verify(
     clock = time.monotonic
     deadline = clock() + check.timeout
     wrong_since: float | None = None
+    stopped_since: float | None = None
     last = "no answer yet"
     while True:
         try:
@@ -136,11 +143,9 @@ def verify(
             raise
         except UpdateError as exc:
             raise VerifyError(f"cannot read the state of scaleboxd: {exc.what}") from None
-        if state.active == "failed":
-            raise VerifyError(
-                f"scaleboxd {check.expected_version} failed to start ({_describe(state)})",
-                "see `journalctl -u scaleboxd -n 50`",
-            )
+        stopped = state.active == "inactive" and not state.queued
+        stopped_since = (stopped_since or clock()) if stopped else None
+        _refuse_ended(state, check, clock() - (stopped_since or clock()))
         if state.running:
             version = probe(client, check.health_url)
             if version == check.expected_version:
@@ -173,6 +178,23 @@ def verify(
         give_way()
     _stays_healthy(service, client, check, state, report)
     return state
+
+
+def _refuse_ended(state: UnitState, check: Check, stopped_for: float) -> None:
+    """Raise VerifyError when the unit will not come up by itself: it failed, or it has
+    been inactive with nothing queued for ``stopped_for`` >= STOPPED_GRACE seconds."""
+    if state.active == "failed":
+        raise VerifyError(
+            f"scaleboxd {check.expected_version} failed to start ({_describe(state)})",
+            "see `journalctl -u scaleboxd -n 50`",
+        )
+    if stopped_for >= STOPPED_GRACE:
+        raise VerifyError(
+            f"scaleboxd {check.expected_version} stopped before it was healthy "
+            f"({_describe(state)}, no start queued): something else stopped it "
+            f"(`systemctl stop`), or its process exited with status {state.exit_status}",
+            "see `journalctl -u scaleboxd -n 50`",
+        )
 
 
 def _stays_healthy(

@@ -24,7 +24,7 @@ HANDOVER = "scaleboxd-handover.service"
 # start takes a few seconds; waiting for the unit's TimeoutStartSec=30 made a
 # release that hangs at start cost 30 s of downtime before the rollback began.
 READY_TIMEOUT = 15.0
-STATE_PROPERTIES = "ActiveState,SubState,MainPID,NRestarts,ExecMainStatus"
+STATE_PROPERTIES = "ActiveState,SubState,MainPID,NRestarts,ExecMainStatus,Job"
 # The exit status systemd gives a start it could not set up the cgroup for.
 EXIT_CGROUP = 219
 HINT = "see `systemctl status scaleboxd` and `journalctl -u scaleboxd -n 50`"
@@ -39,6 +39,7 @@ class UnitState:
     main_pid: int
     restarts: int  # NRestarts: systemd's own restarts (Restart=on-failure)
     exit_status: int = 0  # ExecMainStatus: the main process's exit status (or systemd's)
+    queued: bool = False  # Job: a start, stop or restart of the unit is queued or running
 
     @property
     def running(self) -> bool:
@@ -171,6 +172,7 @@ def parse_show(text: str) -> UnitState:
         main_pid=unitprops.number(props, "MainPID"),
         restarts=unitprops.number(props, "NRestarts"),
         exit_status=unitprops.number(props, "ExecMainStatus"),
+        queued=bool(props.get("Job")),  # "Job=" when none, "Job=133" when one is queued
     )
 
 
