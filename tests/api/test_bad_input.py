@@ -160,6 +160,8 @@ def test_missing_wrong_or_malformed_token(
         response = raw_request(scaleboxd, method, path, body=body, headers=headers, token="")
         assert_error(response, status, word)
         assert response.headers["content-type"] == "application/json"
+        # A 401 names the scheme it wants (RFC 9110).
+        assert response.headers.get("www-authenticate") == ("Bearer" if status == 401 else None)
 
 
 def test_auth_is_checked_before_the_body(scaleboxd: Scaleboxd, unchanged: None) -> None:
@@ -202,3 +204,18 @@ def test_a_request_head_that_never_ends_is_a_400_once_over_16_kib(
     assert sent <= 64 * 1024, f"the daemon took {sent} bytes of one header before refusing"
     with scaleboxd.client() as client:
         assert client.get("/health").status_code == 200
+
+
+def test_whole_number_floats_are_the_numbers_they_name(scaleboxd: Scaleboxd, make_vm: Any) -> None:
+    """2.0 is 2 in JSON and to the old daemon (JavaScript has one number type); clients
+    that compute sizes send it. 2.5, "2" and true stay 400s (above)."""
+    vm = make_vm(vcpu_count=2.0, mem_size_mib=256.0, disk_size_gib=1.0)
+    scaleboxd.require_local("reads the VM's record in DATA_DIR")
+    assert scaleboxd.data_dir is not None
+    [saved] = [
+        v
+        for v in json.loads((scaleboxd.data_dir / "state.json").read_text())["vms"]
+        if v["id"] == vm["id"]
+    ]
+    assert (saved["vcpu_count"], saved["mem_size_mib"], saved["disk_size_gib"]) == (2, 256, 1)
+    assert all(type(saved[k]) is int for k in ("vcpu_count", "mem_size_mib", "disk_size_gib"))

@@ -56,6 +56,9 @@ def test_unknown_route_and_wrong_method_are_json_errors(scaleboxd: Scaleboxd) ->
         assert_error(client.get("/no-such-route"), 404, "/no-such-route")
         assert_error(client.post("/health"), 405, "POST")
         assert_error(client.put("/vms"), 405, "PUT")
+        # A 405 says which methods the route takes (RFC 9110).
+        assert client.post("/info").headers["allow"] == "GET"
+        assert set(client.put("/vms").headers["allow"].split(", ")) == {"GET", "POST"}
 
 
 @pytest.mark.parametrize(
@@ -131,6 +134,8 @@ def test_vm_lifecycle_create_get_list_snapshot_delete(scaleboxd: Scaleboxd, make
     with scaleboxd.client() as client:
         assert client.get(f"/vms/{vm['id']}").json()["id"] == vm["id"]
         assert client.get("/vms/api-test-vm").json()["id"] == vm["id"]
+        # Names are unique regardless of case (as in DNS): any case finds the VM.
+        assert client.get("/vms/API-Test-VM").json()["id"] == vm["id"]
         assert vm["id"] in [v["id"] for v in client.get("/vms").json()["vms"]]
 
         snap = client.post(f"/vms/{vm['id']}/snapshot", json={"template_name": "api-test-snap"})

@@ -132,8 +132,9 @@ def test_a_snapshot_that_fails_on_a_full_disk_thaws_the_vm_and_leaves_nothing(
     try:
         with open_session(s, port, "/root/one") as session:
             failed = s.api("POST", f"/vms/{src_id}/snapshot", json={"template_name": "too-big"})
-            assert failed.status_code == 500, failed.text
-            assert "No space left on device" in failed.json()["error"]
+            assert failed.status_code == 507, failed.text
+            assert "the server's disk is full" in failed.json()["error"]
+            assert "/var/lib/scalebox" not in failed.text  # the cause, not the server's paths
             assert unit_props(s, src_id) == before  # same PID, active, thawed
             assert ask(session, "echo still running") == "still running"
             assert s.sh(f"ls -A {TEMPLATES}").stdout == ""  # nothing half-made

@@ -712,6 +712,34 @@ def test_a_full_disk_does_not_keep_the_daemon_from_starting(tmp_path: Path) -> N
     assert "No space left on device" in stderr
 
 
+FULL_DISK_SNAPSHOT = """
+service = VMService(config, logging.getLogger("full"), use_systemd=False)
+service.start()
+vm = service.create_vm(template="debian-base", ssh_public_key=key, name="kept", disk_size_gib=1)
+fill()
+out = {}
+try:
+    service.snapshot_vm("kept", "too-big")
+except OSError as exc:
+    out["errno"] = exc.errno
+out["templates"] = sorted(p.name for p in (data / "templates").iterdir())
+out["vm"] = [(v.name, v.status) for v in service.list_vms()]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a file system (root)")
+def test_a_snapshot_copy_that_fills_the_disk_is_told_as_a_full_disk(tmp_path: Path) -> None:
+    """cp's failure was a CommandFailed (500) quoting cp and the server's paths; as an
+    OSError of ENOSPC the API answers it 507, as every other full-disk write."""
+    out, _ = _on_a_full_tmpfs(FULL_DISK_SNAPSHOT, tmp_path)
+    assert out == {
+        "errno": errno.ENOSPC,
+        "templates": ["debian-base"],  # nothing half-made
+        "vm": [["kept", "running"]],
+    }
+
+
 def _stop_guests_of(data_dir: Path) -> None:
     backend = ProcessBackend(data_dir)
     for vm_id, pid in backend.list_running().items():

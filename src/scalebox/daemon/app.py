@@ -16,14 +16,15 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 import scalebox
 from scalebox import names
@@ -89,6 +90,17 @@ def _valid(problem: str | None, value: str) -> str:
     return value
 
 
+def _whole_number(value: object) -> object:
+    """2.0 is 2: in JSON, and to the old daemon (JavaScript has one number type), they are
+    the same, and clients that compute sizes send 2.0. 2.5, "2" and true stay refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
+
+
 class CreateVMBody(BaseModel):
     # strict: "2" is not 2 and true is not 1; a client sending the wrong type gets a 400.
     model_config = ConfigDict(strict=True)
@@ -96,9 +108,9 @@ class CreateVMBody(BaseModel):
     template: str = Field(max_length=names.MAX_TEMPLATE_NAME_LEN)
     ssh_public_key: str = Field(min_length=1, max_length=16 * 1024)
     name: str | None = Field(default=None, max_length=names.MAX_VM_NAME_LEN)
-    vcpu_count: int | None = Field(default=None, ge=1, le=256)
-    mem_size_mib: int | None = Field(default=None, ge=64, le=1048576)
-    disk_size_gib: int | None = Field(default=None, ge=1, le=65536)
+    vcpu_count: WholeNumber | None = Field(default=None, ge=1, le=256)
+    mem_size_mib: WholeNumber | None = Field(default=None, ge=64, le=1048576)
+    disk_size_gib: WholeNumber | None = Field(default=None, ge=1, le=65536)
 
     @field_validator("template")
     @classmethod
@@ -206,7 +218,27 @@ def validation_message(errors: Sequence[Any]) -> str:
     return f"{'.'.join(loc)}: {message}"
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods some route takes at the request's path (for a 405's Allow header).
+
+    Starlette's own header names only the first route that matched (GET /vms, not
+    POST /vms), so each method is asked of the routes, through their public matches().
+    """
+    routes = request.app.router.routes
+
+    def taken(method: str) -> bool:
+        scope = {**request.scope, "method": method}
+        return any(route.matches(scope)[0] is Match.FULL for route in routes)
+
+    return [method for method in _METHODS if taken(method)]
+
+
+async def _send_json(
+    send: Send, status: int, body: dict[str, Any], extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
     payload = json.dumps(body).encode()
     await send(
         {
@@ -215,6 +247,7 @@ async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),
+                *extra,
             ],
         }
     )
@@ -243,7 +276,9 @@ class AuthMiddleware:
         try:
             check_bearer(header, self.token)
         except ApiError as exc:
-            await _send_json(send, exc.status, {"error": exc.what})
+            # A 401 names the scheme it wants (RFC 9110 asks for it; some clients read it).
+            challenge = ((b"www-authenticate", b"Bearer"),) if exc.status == 401 else ()
+            await _send_json(send, exc.status, {"error": exc.what}, challenge)
             return
         await self.app(scope, receive, send)
 
@@ -382,7 +417,9 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
         if exc.status_code == 404:
             return _error(404, f"no such route: {request.method} {request.url.path}")
         if exc.status_code == 405:
-            return _error(405, f"method {request.method} is not allowed on {request.url.path}")
+            answer = _error(405, f"method {request.method} is not allowed on {request.url.path}")
+            answer.headers["Allow"] = ", ".join(_allowed_methods(request))
+            return answer
         if exc.status_code == 400:  # FastAPI's answer to a body json.loads refused
             return _error(400, "body: could not be parsed as JSON")
         return _error(exc.status_code, str(exc.detail))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -18,11 +19,34 @@ def copy_tree(source: Path, target: Path) -> None:
     ``cp --reflink=auto`` clones extents on btrfs/XFS and falls back to a
     plain copy elsewhere; ``-a`` keeps modes, owners and times.
     """
-    run(
-        ["cp", "-a", "--reflink=auto", "--no-target-directory", "--", str(source), str(target)],
-        f"copy the disk {source} to {target}",
-        timeout=3600,  # a real disk image without reflink support is gigabytes of copying
-    )
+    try:
+        run(
+            ["cp", "-a", "--reflink=auto", "--no-target-directory", "--", str(source), str(target)],
+            f"copy the disk {source} to {target}",
+            timeout=3600,  # a real disk image without reflink support is gigabytes of copying
+        )
+    except CommandFailed as exc:
+        if _ran_out_of_space(exc.what, target.parent):
+            # The disk filled up, as a write of the daemon's own would say: answered 507
+            # (the caller removes the partial copy), not a 500 quoting cp and its paths.
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from exc
+        raise
+
+
+# Less free space than this after a failed copy: the copy is what filled the disk.
+NEARLY_FULL_BYTES = 1024 * 1024
+
+
+def _ran_out_of_space(message: str, where: Path) -> bool:
+    """Whether cp failed for want of space: its words (in English) or, in any language,
+    a file system left nearly full."""
+    if "No space left on device" in message or "Disk quota exceeded" in message:
+        return True
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < NEARLY_FULL_BYTES
 
 
 def tree_size(path: Path) -> int:

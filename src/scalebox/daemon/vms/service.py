@@ -351,7 +351,7 @@ class VMService:
                 if disk * GIB > free:
                     raise InsufficientStorage(
                         f"not enough storage for a {disk} GiB disk: {free / GIB:.1f} GiB free "
-                        f"in {self._data_dir}",
+                        "on the server's data disk",
                         "delete VMs or templates, or ask for a smaller disk_size_gib",
                     )
                 used_ports = {vm.ssh_port for vm in self._vms.values()}
@@ -528,6 +528,12 @@ class VMService:
         for vm in self._vms.values():
             if vm.name == id_or_name:
                 return vm
+        # Names are told apart regardless of case (at create, and in /caddy/check, as
+        # in DNS), so MY-BOX finds my-box; only when one VM alone has that name.
+        wanted = id_or_name.lower()
+        [*alike] = (vm for vm in self._vms.values() if vm.name.lower() == wanted)
+        if len(alike) == 1:
+            return alike[0]
         raise NotFound("VM not found", "list VMs: scalebox vm list")
 
     def _with_status(self, vm: VM) -> VM:
