@@ -57,8 +57,8 @@ def test_unknown_route_and_wrong_method_are_json_errors(scaleboxd: Scaleboxd) ->
         assert_error(client.post("/health"), 405, "POST")
         assert_error(client.put("/vms"), 405, "PUT")
         # A 405 says which methods the route takes (RFC 9110).
-        assert client.post("/info").headers["allow"] == "GET"
-        assert set(client.put("/vms").headers["allow"].split(", ")) == {"GET", "POST"}
+        assert client.post("/info").headers["allow"] == "GET, HEAD"
+        assert set(client.put("/vms").headers["allow"].split(", ")) == {"GET", "HEAD", "POST"}
 
 
 @pytest.mark.parametrize(
@@ -88,6 +88,13 @@ def test_health_answers_head_and_a_trailing_slash_is_not_redirected(scaleboxd: S
     with scaleboxd.client(token="") as client:
         head = client.head("/health")
         assert head.status_code == 200 and head.content == b""
+        # Every route that reads answers HEAD as GET, without the body (HTTP asks it).
+        for path in ("/info", "/caddy/check?domain=x"):
+            assert client.head(path).status_code == client.get(path).status_code
+    with scaleboxd.client() as client:
+        for path in ("/templates", "/vms", "/vms/no-such-vm"):
+            head, get = client.head(path), client.get(path)
+            assert (head.status_code, head.content) == (get.status_code, b""), path
         # Was a 307 to http://<the request's Host header>/health.
         slash = client.get("/health/", headers={"Host": "evil.example"})
         assert slash.status_code == 404 and "location" not in slash.headers

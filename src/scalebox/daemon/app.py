@@ -219,6 +219,7 @@ def validation_message(errors: Sequence[Any]) -> str:
 
 
 _METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+READ = ["GET", "HEAD"]  # the methods of a route that reads
 
 
 def _allowed_methods(request: Request) -> list[str]:
@@ -437,16 +438,17 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
     # On the event loop, not in a worker thread as the handlers that touch VMs: the
     # updater's stability window and load balancers ask it, and it must answer while
     # slow VM requests hold every worker (anyio's 40). Half the CPU of an answer, too.
-    # HEAD too: load balancers that check with HEAD got a 405.
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    # HEAD too, on every GET route (HTTP asks it of every server): load balancers that
+    # check with HEAD got a 405. The server sends HEAD's answer without its body.
+    @app.api_route("/health", methods=READ)
     async def health() -> dict[str, str]:
         return {"status": "ok", "version": scalebox.__version__}
 
-    @app.get("/info")
+    @app.api_route("/info", methods=READ)
     def info() -> dict[str, Any]:
         return service.info()
 
-    @app.get("/caddy/check", response_class=Response)
+    @app.api_route("/caddy/check", methods=READ, response_class=Response)
     def caddy_check(domain: str = "") -> Response:
         # Host names are told apart regardless of case, and may end in a dot; VM names
         # too. Only the VM list in memory is asked: anyone may call this.
@@ -463,7 +465,7 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API_TOKEN>")
     api = APIRouter(dependencies=[Security(bearer)])
 
-    @api.get("/templates")
+    @api.api_route("/templates", methods=READ)
     def list_templates() -> dict[str, Any]:
         return {"templates": [template_json(t) for t in service.list_templates()]}
 
@@ -475,7 +477,7 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
         log.info("deleted template %s", name)
         return Response(status_code=204)
 
-    @api.get("/vms")
+    @api.api_route("/vms", methods=READ)
     def list_vms() -> dict[str, Any]:
         return {"vms": [vm_json(vm) for vm in service.list_vms()]}
 
@@ -504,7 +506,7 @@ def create_app(config: ServerConfig, service: VMServiceLike, log: logging.Logger
             "created_at": _timestamp(template.created_at),
         }
 
-    @api.get("/vms/{ref:path}")
+    @api.api_route("/vms/{ref:path}", methods=READ)
     def get_vm(ref: str) -> dict[str, Any]:
         _check_ref(ref)
         return vm_json(service.get_vm(ref))
