@@ -9,6 +9,7 @@ migrations appended to steps.py, as a release built from changed sources would.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ from scalebox.migrations.errors import MigrationError, MigrationFailed
 from scalebox.migrations.registry import Migration
 from scalebox.release import manifest
 from scalebox.release.errors import ReleaseError
-from scalebox.update import history, journal, packages, stage, transaction
+from scalebox.update import history, interrupt, journal, packages, stage, transaction
 from scalebox.update.context import Context
 from scalebox.update.errors import RolledBack, UpdateError
 from scalebox.update.paths import Paths
@@ -342,6 +343,20 @@ def power_cut(config: ConfigFile) -> None:
 """
 )
 
+# The admin presses Ctrl-C (SIGINT to the updater, its parent) after the first
+# migration was saved, then the step waits to be stopped.
+INTERRUPTED_STEP = (
+    ADD_STEP
+    + """
+
+@migration("0002-ctrl-c", since="{since}", description="the admin presses Ctrl-C here")
+def ctrl_c(config: ConfigFile) -> None:
+    import os, signal, time
+    os.kill(os.getppid(), signal.SIGINT)
+    time.sleep(30)
+"""
+)
+
 
 def _sources(tmp: Path, name: str, steps: str, since: str) -> Path:
     """A copy of src/ whose steps.py has ``steps`` appended (a release's own code)."""
@@ -618,6 +633,55 @@ def test_a_failing_migration_rolls_back_with_the_config_byte_identical(server: S
     assert journal.read(server.paths.journal) is None
     last = history.read(server.paths.history)[-1]
     assert (last.to_version, last.result) == ("2.0.0", history.ROLLED_BACK)
+
+
+def test_a_ctrl_c_while_the_migrations_run_refuses_with_the_config_as_it_was(
+    server: Server,
+) -> None:
+    """Before the switch, as the docs say of any signal there: refused (exit 1), not
+    "2.0.0 failed ... rolled back" (exit 3), which blamed the release and marked it
+    failed for the pruning; the half-migrated config goes back byte for byte."""
+    digest = server.digest()
+    server.release("2.0.0", INTERRUPTED_STEP)
+    pid = server.service.state(SERVICE).main_pid
+    with interrupt.catching(), pytest.raises(interrupt.Interrupted) as stopped:
+        server.install("2.0.0", "1.0.0")
+    assert stopped.value.what == (
+        "interrupted by SIGINT; nothing was changed (the config is as it was)"
+    )
+    assert server.digest() == digest
+    assert str(server.paths.current.readlink()) == "releases/1.0.0"
+    assert server.service.state(SERVICE).main_pid == pid  # never restarted
+    assert journal.read(server.paths.journal) is None
+    last = history.read(server.paths.history)[-1]
+    assert (last.to_version, last.result) == ("2.0.0", history.REFUSED)
+
+
+def test_a_full_disk_after_the_migrations_refuses_with_the_config_as_it_was(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal write that names the switch fails: a full disk of this server's,
+    refused with its errno and a hint to free space. The write fails by a stand-in
+    here (a disk that fills at that moment cannot be had on cue); the system tests
+    fill a real one."""
+    digest = server.digest()
+    server.release("2.0.0", ADD_STEP)
+    advance = journal.advance
+
+    def full_at_the_switch(path: Path, j: journal.Journal, step: str, **kw: object) -> object:
+        if step == "switch":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return advance(path, j, step, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(journal, "advance", full_at_the_switch)
+    with pytest.raises(UpdateError) as refused:
+        server.install("2.0.0", "1.0.0")
+    assert not isinstance(refused.value, RolledBack)
+    assert "failed during migrate: No space left on device" in refused.value.what
+    assert refused.value.hint is not None and "free space" in refused.value.hint
+    assert server.digest() == digest
+    assert str(server.paths.current.readlink()) == "releases/1.0.0"
+    assert history.read(server.paths.history)[-1].result == history.REFUSED
 
 
 CHILD = """

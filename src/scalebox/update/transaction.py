@@ -61,8 +61,10 @@ def install(
     """Run the whole transaction to ``target``; raise RolledBack or RollbackFailed on failure.
 
     Faults (design of issue 9): before the switch, any failure (an OSError
-    too: a full disk, a read-only releases/) refuses the update with nothing
-    changed. From the switch on, any failure, including a journal write that
+    too: a full disk, a read-only releases/; a signal) refuses the update with
+    nothing changed, the config put back from the backup once the migrations
+    may have changed it. A migration that fails is the release's failure and
+    rolls back. From the switch on, any failure, including a journal write that
     fails, rolls back from what is kept in memory. Once the commit begins the
     outcome is "updated": a failure there leaves only bookkeeping, said so.
     """
@@ -107,8 +109,18 @@ def install(
 
     try:
         applied = migrate.step(p, j, ctx.report)
-        j = replace(j, migrations=applied)
-        j = _switch(ctx, journal.advance(p.journal, j, "switch"), new_dir)
+        j = journal.advance(p.journal, replace(j, migrations=applied), "switch")
+    except (OSError, interrupt.Interrupted) as exc:
+        # Ours, not the release's: a signal, or this server's disk. Nothing live has
+        # moved yet, so the update is refused like any before the switch, once the
+        # config is back as it was. (A migration that fails is the release's: below.)
+        raise _refuse_migrated(ctx, j, exc) from None
+    except Exception as exc:  # noqa: BLE001 - the release's migration failed: roll back
+        interrupt.settle()
+        _roll_back(ctx, _as_written(ctx, j), reason_of(exc))  # raises
+
+    try:
+        j = _switch(ctx, j, new_dir)
         j = journal.advance(p.journal, j, "verify")
         health.verify(
             ctx.service,
@@ -128,7 +140,7 @@ def install(
         # would roll back, so a journal that cannot say so rolls back now.
         interrupt.settle()
         j = journal.advance(p.journal, j, "commit")
-    except Exception as exc:  # noqa: BLE001 - every failure from migrate on rolls back
+    except Exception as exc:  # noqa: BLE001 - every failure from the switch on rolls back
         interrupt.settle()  # first: a Ctrl-C now must not skip the rollback below
         _roll_back(ctx, _as_written(ctx, j), reason_of(exc))  # raises
 
@@ -206,6 +218,30 @@ def _refuse(ctx: Context, j: Journal, exc: OSError, step: str) -> UpdateError:
     with interrupt.shielded():
         _discard_or_say(ctx, j)
         _record(ctx, j, history.REFUSED, what)
+    return UpdateError(what, os_hint(exc))
+
+
+def _refuse_migrated(ctx: Context, j: Journal, exc: OSError | UpdateError) -> UpdateError:
+    """The migrate step stopped by a signal or a disk: the config (and units) back from
+    the backup, then refused as before the switch. If they cannot be put back, the
+    rollback takes over, and its own outcome (and exit code) is the one told."""
+    what = exc.what if isinstance(exc, UpdateError) else (
+        f"the update to {j.to_version} failed during migrate: {os_error(exc)}"
+    )  # fmt: skip
+    try:
+        with interrupt.shielded():
+            switch.restore(ctx.paths, ctx.paths.backup_dir(j.id))
+            migrate.forget(ctx.paths, j.to_release)
+    except (OSError, ValueError, KeyError) as again:
+        ctx.report(f"could not put the config back from the backup ({reason_of(again)})")
+        interrupt.settle()
+        _roll_back(ctx, _as_written(ctx, j), what)
+    what += "; nothing was changed (the config is as it was)"
+    with interrupt.shielded():
+        _discard_or_say(ctx, j)
+        _record(ctx, j, history.REFUSED, what)
+    if isinstance(exc, UpdateError):
+        return type(exc)(what, exc.hint)
     return UpdateError(what, os_hint(exc))
 
 
