@@ -106,8 +106,8 @@ def test_unparsable_directory_sorts_as_oldest() -> None:
     assert plan.to_prune(releases, current="0.4.0", previous="0.3.0", failed=set()) == ["junk"]
 
 
-def _entry(frm: str, to: str, result: str) -> Entry:
-    return Entry("2026-01-01T00:00:00Z", f"id-{frm}-{to}-{result}", "update", frm, to, result)
+def _entry(frm: str, to: str, result: str, action: str = "update") -> Entry:
+    return Entry("2026-01-01T00:00:00Z", f"id-{frm}-{to}-{result}", action, frm, to, result)
 
 
 def test_failed_versions_are_those_last_rolled_back() -> None:
@@ -118,6 +118,21 @@ def test_failed_versions_are_those_last_rolled_back() -> None:
         _entry("0.3.0", "0.4.0", REFUSED),
     ]
     assert plan.failed_versions(entries) == {"0.2.0"}
+
+
+def test_an_interrupted_operator_rollback_does_not_mark_its_target_failed() -> None:
+    """A power cut in a --rollback's verify: recovery brings 0.3.0 back and records the
+    rollback to 0.2.0 as rolled back. 0.2.0 ran before and never failed: it keeps its
+    place among the releases kept."""
+    entries = [
+        _entry("0.1.0", "0.2.0", UPDATED),
+        _entry("0.2.0", "0.3.0", UPDATED),
+        _entry("0.3.0", "0.2.0", ROLLED_BACK, action="rollback"),
+    ]
+    assert plan.failed_versions(entries) == set()
+    releases = _dirs("0.1.0", "0.2.0", "0.3.0", "0.4.0")
+    failed = plan.failed_versions(entries)
+    assert plan.to_prune(releases, current="0.4.0", previous="0.3.0", failed=failed) == ["0.1.0"]
 
 
 def test_previous_comes_from_the_update_that_installed_current() -> None:

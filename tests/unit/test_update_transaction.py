@@ -459,6 +459,20 @@ def test_commit_prunes_to_three_and_never_the_failed_one(server: Server) -> None
 
 # --- kill -9 at step boundaries, then recovery -------------------------------------
 
+
+def test_recovery_names_what_was_interrupted_an_update_or_a_rollback(server: Server) -> None:
+    """A power cut early in `--rollback` was told as "the interrupted update"."""
+    j = journal.Journal(
+        id=journal.new_id(), action="rollback", from_version="0.1.0", from_release="0.1.0",
+        to_version="0.2.0", to_release="0.2.0", step="stage", built_release=False,
+    )  # fmt: skip
+    journal.begin(server.paths.journal, j)
+    said = transaction.recover(server.ctx())
+    assert (
+        said == "recovered: the interrupted rollback to 0.2.0 had changed nothing; 0.1.0 still runs"
+    )
+
+
 CHILD = """
 import os, signal, sys
 from pathlib import Path

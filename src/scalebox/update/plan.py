@@ -80,10 +80,15 @@ class ReleaseDir:
 
 
 def failed_versions(entries: Iterable[Entry]) -> set[str]:
-    """Versions whose last attempt ended in a rollback (and never installed since)."""
+    """Versions whose last update to them ended in a rollback (and never installed since).
+
+    An operator's ``--rollback`` that was itself rolled back (a power cut in its
+    verify: recovery brings the release it left back) says nothing against the
+    release it went to, which ran before: it is not counted.
+    """
     last: dict[str, str] = {}
     for entry in entries:
-        if entry.result in (UPDATED, ROLLED_BACK):
+        if entry.result == UPDATED or (entry.result == ROLLED_BACK and entry.action == "update"):
             last[entry.to_version] = entry.result
     return {version for version, result in last.items() if result == ROLLED_BACK}
 

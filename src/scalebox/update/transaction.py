@@ -339,7 +339,7 @@ def recover(ctx: Context) -> str | None:
             _discard(ctx, j)
             _record(ctx, j, history.REFUSED, f"interrupted during {j.step}; nothing had changed")
         return (
-            f"recovered: the interrupted update to {j.to_version} had changed nothing; "
+            f"recovered: the interrupted {j.action} to {j.to_version} had changed nothing; "
             f"{j.from_version} still runs"
         )
     if action is plan.Recovery.COMMIT:
@@ -355,7 +355,7 @@ def recover(ctx: Context) -> str | None:
         _roll_back(ctx, j, reason)
     interrupt.unsettle()  # that transaction is over; what this run does next may be stopped
     return (
-        f"recovered: rolled back the interrupted update to {j.to_version}; "
+        f"recovered: rolled back the interrupted {j.action} to {j.to_version}; "
         f"{j.from_version} is healthy"
     )
 
