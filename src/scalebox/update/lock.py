@@ -42,3 +42,28 @@ def held(path: Path) -> Iterator[None]:
                 os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+LOCKS = Path("/proc/locks")
+
+
+def holder(path: Path) -> int | None:
+    """The PID of the scalebox-update holding the lock now, or None.
+
+    Read from the kernel's table of locks (/proc/locks), not by trying the lock:
+    an update starting in that instant would find it taken and refuse, and
+    `status` may be run in a loop by monitoring. A PID in another PID namespace
+    reads as 0 there.
+    """
+    try:
+        st = path.stat()
+        table = LOCKS.read_text()
+    except OSError:
+        return None
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:123456 0 EOF"; "->" marks a waiter
+        fields = line.split()
+        if fields[1:4] == ["FLOCK", "ADVISORY", "WRITE"] and fields[5:6] == [where]:
+            return int(fields[4]) if fields[4].isdigit() else 0
+    return None

@@ -654,6 +654,8 @@ def status_command(click_ctx: click.Context, as_json: bool) -> None:
         version_file = p.version_file.read_text().strip()
     except OSError:
         version_file = ""
+    # A journal with an updater at work is its transaction in progress, not one to recover.
+    running = lock.holder(p.lock)
     info: Result = {
         "current": current,
         "version": stage.manifest_version(p.release_dir(current)) if current else None,
@@ -663,6 +665,7 @@ def status_command(click_ctx: click.Context, as_json: bool) -> None:
         "unfinished": None
         if pending is None
         else {"step": pending.step, "from": pending.from_version, "to": pending.to_version},
+        "updater_pid": running,  # a scalebox-update running now, else null
     }
     if as_json or click_ctx.obj:
         click.echo(json.dumps(info, sort_keys=True))
@@ -672,9 +675,16 @@ def status_command(click_ctx: click.Context, as_json: bool) -> None:
     click.echo(f"/etc/scaleboxd/version: {info['version_file'] or 'missing'}")
     click.echo(f"kept releases: {', '.join(info['releases']) or 'none'}")
     click.echo(f"scaleboxd: {service}")
-    if pending is not None:
+    if running is not None and pending is not None:
         click.echo(
-            f"UNFINISHED update {pending.from_version} -> {pending.to_version} "
+            f"IN PROGRESS: {pending.action} {pending.from_version} -> {pending.to_version} "
+            f"at step {pending.step} (scalebox-update PID {running}): wait for it to finish"
+        )
+    elif running is not None:
+        click.echo(f"scalebox-update is running (PID {running}); it has not begun a transaction")
+    elif pending is not None:
+        click.echo(
+            f"UNFINISHED {pending.action} {pending.from_version} -> {pending.to_version} "
             f"at step {pending.step}: run `scalebox-update recover`"
         )
 
