@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -140,3 +143,34 @@ def test_an_error_of_the_deferred_block_wins_over_a_signal_meanwhile() -> None:
         process.run(["sh", "-c", "exit 3"], "sh")
     with interrupt.catching(), pytest.raises(interrupt.Interrupted):
         signal.raise_signal(signal.SIGINT)  # nothing was left pending or stopping
+
+
+# The real entry point, with a SIGTERM sent to itself right after it lowered its
+# priority, while the ~0.4 s of imports that follow run.
+EARLY_SIGTERM = """
+import os, signal, sys
+from scalebox import priority
+from scalebox.update import entry
+
+lower = priority.lower
+
+def lower_then_signalled(*args, **kwargs):
+    given = lower(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return given
+
+priority.lower = lower_then_signalled
+sys.exit(entry.main())
+"""
+
+
+def test_a_sigterm_during_the_entry_points_imports_is_an_interrupted_run() -> None:
+    """Python's default SIGTERM ended the updater with 143 while it imported, before
+    main() handled signals: no --json result, and its session left lowered."""
+    done = subprocess.run(
+        [sys.executable, "-c", EARLY_SIGTERM, "--json", "status"],
+        capture_output=True, text=True, timeout=60, start_new_session=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert (result["exit_code"], result["message"]) == (1, "interrupted by SIGTERM")

@@ -6,14 +6,20 @@ third of a stage, and it happens before any step. So it
 runs at the lower priority of the steps before the switch (scalebox.priority),
 before those imports are made; main() then starts at the priority it was
 given, and an update lowers it again before its first step, until the switch.
+
+Signals come first of all: a SIGTERM or Ctrl-C during those imports is kept
+(interrupt.keep_early) and told once main() handles signals, as an
+interrupted run (exit 1), with the priority put back on the way out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 
 from scalebox import priority
+from scalebox.update import interrupt
 
 
 def _warn(message: str) -> None:
@@ -22,6 +28,9 @@ def _warn(message: str) -> None:
 
 
 def main() -> int:
+    # First: a signal during the imports is kept and told once main() handles signals.
+    for signum in interrupt.HANDLED:
+        signal.signal(signum, interrupt.keep_early)
     given = priority.lower(_warn, priority.Session.SHARED)
     try:
         # httpx imports httpcore only at its first Client(): ~70 ms of CPU, lowered here too.

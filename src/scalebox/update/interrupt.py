@@ -44,6 +44,7 @@ _stopping = False  # an Interrupted was raised: the run is on its way out
 _deferring: str | None = None  # what runs inside deferred(): a signal waits for it
 _deferred: list[str] = []  # signals that arrived meanwhile, by name
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_early: list[int] = []  # signals that arrived before the first catching() (entry.py)
 
 
 class Interrupted(UpdateError):
@@ -86,6 +87,19 @@ def _on_signal(signum: int, _frame: types.FrameType | None) -> None:
         f"interrupted by {name}",
         "run scalebox-update again; it finishes any interrupted transaction first",
     )
+
+
+def keep_early(signum: int, _frame: types.FrameType | None) -> None:
+    """The handler from the program's first line until catching() takes over (entry.py):
+    the imports before it take ~0.4 s, and Python's default ended the program with 143
+    meanwhile, its --json result unprinted and its session left lowered."""
+    _early.append(signum)
+
+
+def replay_early() -> None:
+    """Raise again, once catching() handles them, the signals keep_early kept."""
+    while _early:
+        signal.raise_signal(_early.pop(0))
 
 
 @contextmanager

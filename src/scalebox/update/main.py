@@ -699,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         # One signal scope for the whole run: once a transaction's outcome is
         # settled, no later signal can change the exit code (interrupt.py).
         with interrupt.catching(last=True):
+            interrupt.replay_early()  # a SIGTERM while the entry point imported: stop here
             # standalone_mode=False: click returns the code of ctx.exit() instead of exiting.
             code = cli.main(args=args, prog_name="scalebox-update", standalone_mode=False)
     except click.exceptions.Exit as exc:
