@@ -684,6 +684,65 @@ def test_a_full_disk_after_the_migrations_refuses_with_the_config_as_it_was(
     assert history.read(server.paths.history)[-1].result == history.REFUSED
 
 
+# In a mount namespace of its own: /etc/scaleboxd on a tmpfs shrunk to what it holds,
+# so the migration's save of the config fails with ENOSPC, then the update runs.
+FULL_ETC = """
+import json, os, subprocess, sys
+from pathlib import Path
+import httpx
+from scalebox.update import transaction
+from scalebox.update.context import Context
+from scalebox.update.errors import UpdateError
+from scalebox.update.paths import Paths
+from tests.unit.update_service_double import ProcessService
+
+root = Path(sys.argv[1])
+paths = Paths(root)
+saved = paths.config.read_bytes()
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "etc", str(paths.config.parent)],
+               check=True)
+paths.config.write_bytes(saved)
+paths.config.chmod(0o600)
+fs = os.statvfs(paths.config.parent)
+used = (fs.f_blocks - fs.f_bfree) * fs.f_frsize
+subprocess.run(["mount", "-o", f"remount,size={used}", str(paths.config.parent)], check=True)
+ctx = Context(paths=paths, service=ProcessService(paths, root),
+              http=httpx.Client(trust_env=False), report=print, stability_window=0.5,
+              restart_timeout=10, verify_timeout=5)
+out = {}
+try:
+    transaction.install(ctx, action="update", from_version="1.0.0", from_release="1.0.0",
+                        target=transaction.Target("2.0.0", None))
+except UpdateError as exc:
+    out = {"error": type(exc).__name__, "what": exc.what, "hint": exc.hint}
+out["config_kept"] = paths.config.read_bytes() == saved
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a file system (root)")
+def test_a_full_etc_under_the_migrations_refuses_as_a_full_disk(server: Server) -> None:
+    """The runner's save of the config hit ENOSPC: an OSError it did not catch, a
+    traceback, and the updater rolled back blaming the release (exit 3). The runner
+    now says the errno, and a disk's refusal before the switch refuses (exit 1)."""
+    server.release("2.0.0", ADD_STEP)
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", FULL_ETC,
+         str(server.paths.root)],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, start_new_session=True,
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out["error"] == "UpdateError", out
+    assert "failed during migrate: No space left on device" in out["what"]
+    assert out["what"].endswith("nothing was changed (the config is as it was)")
+    assert "free space" in out["hint"]
+    assert out["config_kept"] is True
+    assert "Traceback" not in done.stdout
+    assert history.read(server.paths.history)[-1].result == history.REFUSED
+
+
 CHILD = """
 import sys
 from pathlib import Path

@@ -4,8 +4,10 @@
     run --config PATH --from VERSION --to VERSION --state FILE [--json]
 
 Exit codes: 0 done (or nothing pending), 1 the config or the state file
-cannot be used, 2 usage error, 3 a migration failed (its id and message are
-printed; with --json: ``{"result": "failed", "failed": {"id", "message"}}``).
+cannot be used (a disk that refused a write too: with --json, ``{"result":
+"error", "errno", "filename"}``), 2 usage error, 3 a migration failed (its id
+and message are printed; with --json: ``{"result": "failed", "failed": {"id",
+"message"}}``).
 """
 
 from __future__ import annotations
@@ -95,12 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _list(args.json) if args.command == "list" else _run(args)
+    except OSError as exc:
+        # This server's disk (a full or read-only /etc), not the release: said with its
+        # errno, so that the updater refuses the update instead of blaming the release.
+        what = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
+        print(f"migrations: error: {what}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"result": "error", "message": what, "errno": exc.errno,
+                              "filename": exc.filename}, sort_keys=True))  # fmt: skip
+        return EXIT_UNUSABLE
     except ScaleboxError as exc:
         print(f"migrations: error: {exc.what}", file=sys.stderr)
         if exc.hint:
             print(f"  hint: {exc.hint}", file=sys.stderr)
         if args.json:
             out: dict[str, object] = {"result": "error", "message": exc.what, "hint": exc.hint}
+            if isinstance(exc.__cause__, OSError):  # the disk refused a write: its errno
+                out["errno"], out["filename"] = exc.__cause__.errno, exc.__cause__.filename
             if isinstance(exc, MigrationFailed):
                 out["result"] = "failed"
                 out["failed"] = {"id": exc.migration_id, "message": exc.message}

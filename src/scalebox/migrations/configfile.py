@@ -123,5 +123,5 @@ class ConfigFile:
             raise MigrationError(
                 f"cannot write the config {self.path}: {exc.strerror}",
                 "check the disk and permissions; the update is rolled back",
-            ) from None
+            ) from exc  # its errno tells the updater a full disk from a bad release
         self.original = self.text

@@ -20,6 +20,7 @@ release ignores keys it does not know).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -37,6 +38,8 @@ from scalebox.update.journal import Journal
 from scalebox.update.paths import Paths
 
 RUN_TIMEOUT = 120.0
+# A write the server's disk refused (the runner says its errno): full, over quota, read-only.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 STATE = "migrations.json"  # in the transaction's backup directory
 BEFORE = "config.before"
 RECORD = "record.json"
@@ -140,6 +143,11 @@ def run(
     applied = result.get("applied")
     if done.returncode == 0 and result.get("result") == "ok" and isinstance(applied, list):
         return [str(i) for i in applied]
+    code = result.get("errno")
+    if result.get("result") == "error" and code in DISK_ERRNOS and isinstance(code, int):
+        # This server's disk refused the config's write, not the release: the update is
+        # refused as any full or read-only disk before the switch (transaction.py).
+        raise OSError(code, os.strerror(code), str(result.get("filename") or paths.config))
     failed = result.get("failed")
     if isinstance(failed, dict):
         raise MigrationFailed(
