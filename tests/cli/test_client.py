@@ -13,14 +13,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from rich.console import Console
 
+from scalebox.cli import output
 from scalebox.cli.client import Client
 from scalebox.cli.errors import EXIT_UNREACHABLE, ApiError, Unreachable, exit_code_for
+from scalebox.cli.main import listed, ssh_argv
 
 URL = "http://127.0.0.1:8080"
 
@@ -134,3 +138,54 @@ def test_ctrl_c_exits_130_not_the_api_error_code() -> None:
             child.wait()
     assert child.returncode == 130, err
     assert "scalebox: interrupted" in err
+
+
+def test_an_answer_cut_off_after_a_change_was_sent_is_not_called_unreachable() -> None:
+    """A real loopback server reads the whole POST, sends 9 bytes of its answer and
+    closes: "cannot reach the server ... check that scaleboxd is running" invited a
+    blind retry of a create that may have been made."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+
+        def answer_in_part() -> None:
+            conn, _ = server.accept()
+            with conn:
+                request = b""
+                while b"\r\n\r\n" not in request or not request.endswith(b"}"):
+                    request += conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 ")
+
+        threading.Thread(target=answer_in_part, daemon=True).start()
+        with Client(url, "t") as client, pytest.raises(Unreachable) as e:
+            client.create_vm({"template": "debian-base", "ssh_public_key": "k"})
+    assert e.value.what.startswith(f"the connection to the Scalebox server at {url} broke")
+    assert e.value.hint is not None
+    assert e.value.hint.startswith("the request was sent and may still be carried out")
+
+
+@pytest.mark.parametrize(
+    "vm", [{"ip": "evil@10.0.0.1", "ssh_port": 22}, {"ip": "a b", "ssh_port": 22},
+           {"ip": "10.0.0.1", "ssh_port": 70000}, {"ip": "-oProxyCommand=x", "ssh_port": 22}],
+)  # fmt: skip
+def test_ssh_fields_from_the_server_must_be_an_address_and_a_port(vm: dict[str, object]) -> None:
+    """ "evil@host" chose the login user; the server's text is not an argument of ours."""
+    with pytest.raises(ApiError, match=r"has no (valid address|SSH port)"):
+        ssh_argv(vm, None, (), ())
+    assert ssh_argv({"ip": "::1", "ssh_port": 22}, None, (), ())[-1] == "user@::1"
+
+
+def test_server_text_reaches_the_terminal_as_text_not_as_controls_or_markup() -> None:
+    """An escape sequence in a VM's name set the terminal's title; "[link=...]" in a
+    table cell drew a link and "[/oops]" raised a traceback (rich markup)."""
+    console = Console(record=True, force_terminal=True, width=200)
+    cells = ["\x1b]0;PWNED\x07name", "[link=http://evil.example]click[/link]", "[/oops]"]
+    output.render_rich_table(("A", "B", "C"), [cells], console)
+    shown = console.export_text()
+    assert "\\x1b]0;PWNED\\x07name" in shown
+    assert "[link=http://evil.example]click[/link]" in shown and "[/oops]" in shown
+    assert "\x1b]0;" not in shown
+    assert output.text("a\u202eb\x00") == "a\\u202eb\\x00"
+    with pytest.raises(ApiError, match="no list of objects under 'vms'"):
+        listed({"vms": ["abc"]}, "vms")

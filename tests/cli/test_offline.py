@@ -13,8 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from scalebox import __version__
 from scalebox.cli.main import save_login
+from scalebox.errors import ConfigError
 
 from .conftest import Cli
 
@@ -63,7 +66,7 @@ def test_unreachable_server_is_one_line_and_exit_3(scalebox: Cli, dead_url: str)
     result = scalebox("status", SCALEBOX_URL=dead_url)
     assert result.exit_code == 3
     assert result.stdout == ""
-    assert_one_error_line(result.stderr, f"cannot reach the Scalebox server at {dead_url}: ")
+    assert_one_error_line(result.stderr, f"cannot reach the Scalebox server at {dead_url} (")
     assert "Connection refused" in result.stderr
     assert "scaleboxd is running" in result.stderr
 
@@ -297,3 +300,44 @@ def test_snapshot_needs_exactly_one_template_name(scalebox: Cli, dead_url: str) 
     assert both.exit_code == 2
     assert_one_error_line(both.stderr, "the template name was given twice")
     assert scalebox("vm", "snapshot", "box", "-n", "two", **env).exit_code == 3
+
+
+def test_vm_ssh_options_after_vm_are_refused_not_sent_as_the_command(
+    scalebox: Cli, dead_url: str
+) -> None:
+    """`vm ssh box --print` ran ssh with "--print" as the VM's command; exit 2 proves
+    nothing was sent. After `--` the same words are the command."""
+    for option in ("--print", "-i", "-o", "-oBatchMode=yes", "--identity=/k"):
+        result = scalebox("vm", "ssh", "box", option, SCALEBOX_URL=dead_url, SCALEBOX_TOKEN=TOKEN)
+        assert result.exit_code == 2, (option, result.output)
+        assert_one_error_line(result.stderr, f"{option} comes after VM")
+    result = scalebox(
+        "vm", "ssh", "box", "--", "--print", SCALEBOX_URL=dead_url, SCALEBOX_TOKEN=TOKEN
+    )
+    assert result.exit_code == 3, result.output  # tried the server: a command, not an option
+
+
+def test_a_key_file_that_is_too_big_is_refused_without_reading_it_all(
+    scalebox: Cli, dead_url: str
+) -> None:
+    """/dev/zero as the key took 2.7 GB of memory in 4 s."""
+    result = scalebox(
+        "vm", "create", "--ssh-key", "/dev/zero", SCALEBOX_URL=dead_url, SCALEBOX_TOKEN=TOKEN
+    )
+    assert result.exit_code == 2, result.output
+    assert_one_error_line(result.stderr, "/dev/zero is larger than 64 KiB")
+
+
+def test_login_whose_prompt_gets_no_input_is_a_usage_error(scalebox: Cli) -> None:
+    """click's "Aborted!" and exit 1, which the table calls an API error."""
+    result = scalebox("login", input="")
+    assert result.exit_code == 2, result.output
+    assert_one_error_line(result.stderr, "no answer to the prompt")
+
+
+def test_login_that_cannot_save_says_so_in_one_line(tmp_path: Path) -> None:
+    """A read-only or full HOME raised an OSError traceback after the server said yes."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="the server accepted the token, but it cannot be"):
+        save_login(blocker / "scalebox" / "config", "http://127.0.0.1:1", TOKEN)

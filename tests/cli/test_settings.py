@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,46 @@ def test_unknown_key_is_a_warning_not_an_error(tmp_path: Path, system_file: Path
     found = settings.load({"HOME": str(tmp_path)}, system_file)
     assert found.url == "http://127.0.0.1:8080"
     assert any("unknown key SCALEBOX_TOKNE" in w for w in found.warnings)
+
+
+def test_the_environment_wins_over_a_broken_file(tmp_path: Path, system_file: Path) -> None:
+    """First found wins: one admin's typo in /etc/scalebox/config broke every user and CI
+    job that set both variables."""
+    write(system_file, "this is not a setting\n")
+    env = {"HOME": str(tmp_path), "SCALEBOX_URL": "http://127.0.0.1:9", "SCALEBOX_TOKEN": "t"}
+    assert settings.load(env, system_file).url == "http://127.0.0.1:9"
+    # Still told when the search needs that file: the token is missing.
+    with pytest.raises(ConfigError, match="line 1: expected KEY=VALUE"):
+        settings.load({**env, "SCALEBOX_TOKEN": ""}, system_file)
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://[::1", "is not a server URL"),
+        ("http://127.0.0.1:abc", "is not a server URL"),
+        ("http://127.0.0.1:99999", "is not a server URL"),
+        ("http://me:s3cret@127.0.0.1:8080", "holds a user name or password"),
+    ],
+)
+def test_a_url_that_cannot_be_used_is_a_config_error(tmp_path: Path, url: str, words: str) -> None:
+    """They raised ValueError or httpx.InvalidURL (a traceback), or sent the password as
+    Basic auth in place of the token."""
+    with pytest.raises(ConfigError, match=words) as caught:
+        settings.load({"HOME": str(tmp_path), "SCALEBOX_URL": url}, tmp_path / "none")
+    assert "s3cret" not in caught.value.what
+
+
+def test_config_paths_that_are_not_files_are_said_not_raised(tmp_path: Path) -> None:
+    """HOME=/dev/null raised NotADirectoryError; a FIFO waited for a writer for good."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        settings.read_config_file(fifo)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(ConfigError, match="cannot read"):
+        settings.read_config_file(loop)
+    found = settings.load({"HOME": "/dev/null"}, tmp_path / "none")
+    assert found.url is None
+    assert any("a folder on its path is a file" in place for place in found.searched)

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import httpx
 
+from scalebox.cli import output
 from scalebox.cli.errors import ApiError, AuthRefused, NotFound, Unreachable
 
 # Connecting to a live server takes milliseconds; creating a VM copies a disk.
@@ -44,9 +45,12 @@ def _reason(exc: httpx.TransportError) -> str:
 
 
 def _one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(text.split())
+    line = output.printable(" ".join(text.split()))  # no escape sequence from a server
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
+
+# Transport errors that mean the request never reached the server.
+UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 
 # How long, in all, the client waits on answers that ask it to retry (503 + Retry-After).
 RETRY_BUDGET = 10
@@ -169,23 +173,29 @@ class Client:
                 self._sleep(pause)
                 waited += pause
                 response = self._http.request(method, path, json=body)
-        except httpx.TimeoutException as exc:
-            unsent = isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout))
-            sent = method != "GET" and not unsent
-            raise Unreachable(
-                f"the Scalebox server at {self.url} did not answer in time ({_reason(exc)})",
-                # A change that was sent may still be made: a blind retry could make a
-                # second VM or find the first one's name taken.
-                "the request was sent and may still be carried out: see `scalebox vm list` "
-                "and `scalebox template list` before you retry"
-                if sent
-                else "check that scaleboxd is running and not overloaded, then retry",
-            ) from exc
         except httpx.TransportError as exc:
-            raise Unreachable(
-                f"cannot reach the Scalebox server at {self.url}: {_reason(exc)}",
-                "check the URL (SCALEBOX_URL or `scalebox login`) and that scaleboxd is running",
-            ) from exc
+            # A change that was sent may still be made (a timeout, or a connection cut
+            # in the answer): a blind retry could make a second VM or find the first
+            # one's name taken.
+            unsent = isinstance(exc, UNSENT)
+            if method != "GET" and not unsent:
+                next_step = (
+                    "the request was sent and may still be carried out: see `scalebox vm "
+                    "list` and `scalebox template list` before you retry"
+                )
+            elif isinstance(exc, httpx.TimeoutException):
+                next_step = "check that scaleboxd is running and not overloaded, then retry"
+            else:
+                next_step = (
+                    "check the URL (SCALEBOX_URL or `scalebox login`) and that scaleboxd is running"
+                )
+            if isinstance(exc, httpx.TimeoutException):
+                what = f"the Scalebox server at {self.url} did not answer in time"
+            elif unsent:
+                what = f"cannot reach the Scalebox server at {self.url}"
+            else:
+                what = f"the connection to the Scalebox server at {self.url} broke"
+            raise Unreachable(f"{what} ({_reason(exc)})", next_step) from exc
         if response.is_success:
             return response
         message = self._error_text(response)

@@ -7,6 +7,7 @@ exception keeps its traceback, because it is a bug.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shlex
 import shutil
@@ -59,6 +60,17 @@ class ScaleboxGroup(click.Group):
             # click would print "Aborted!" and exit 1, which means "API error" here.
             click.echo("scalebox: interrupted", err=True)
             raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+        except click.exceptions.Abort as exc:
+            # A prompt's own Abort: Ctrl-C (interrupted) or the end of its input.
+            if isinstance(exc.__context__, KeyboardInterrupt):
+                click.echo("scalebox: interrupted", err=True)
+                raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+            raise ReportedError(
+                UsageError(
+                    "no answer to the prompt (its input ended)",
+                    "pass the value as an option, e.g. `scalebox login --url URL --token-stdin`",
+                )
+            ) from None
 
 
 def json_option(func: F) -> F:
@@ -88,6 +100,18 @@ def connect(*, auth: bool = True) -> Client:
 
 # The API's rules (scalebox.names) are checked here too, so that a bad name is
 # refused before anything is sent.
+
+
+def listed(answer: Json, key: str) -> list[Json]:
+    """``answer[key]``, a list of objects, as scaleboxd sends it; a clear error otherwise
+    (a list of strings made the table raise a traceback)."""
+    items = answer.get(key) or []
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ApiError(
+            f"the server's answer has no list of objects under '{key}'",
+            "check that the URL (SCALEBOX_URL) points at scaleboxd",
+        )
+    return items
 
 
 def check_vm_ref(value: str) -> str:
@@ -196,7 +220,7 @@ def vm_list(as_json: bool) -> None:
     if as_json:
         output.print_json(answer)
         return
-    vms = answer.get("vms") or []
+    vms = listed(answer, "vms")
     if not vms:
         click.echo("No VMs. Create one with `scalebox vm create`.")
         return
@@ -269,8 +293,9 @@ def vm_create(
     if as_json:
         output.print_json(answer)
         return
-    click.echo(f"Created VM {answer.get('name')} ({answer.get('id')}). Connect with:")
-    click.echo(f"  {answer.get('ssh')}")
+    name, vm_id = output.text(answer.get("name")), output.text(answer.get("id"))
+    click.echo(f"Created VM {name} ({vm_id}). Connect with:")
+    click.echo(f"  {output.text(answer.get('ssh'))}")
     print_vm(answer)
 
 
@@ -317,7 +342,7 @@ def vm_snapshot(
         output.print_json(answer)
         return
     click.echo(
-        f"Saved VM {vm_ref} as template {answer.get('template')} "
+        f"Saved VM {vm_ref} as template {output.text(answer.get('template'))} "
         f"({output.size(answer.get('size_bytes'))})."
     )
 
@@ -330,13 +355,20 @@ def ssh_argv(
 ) -> list[str]:
     """The ssh command line into ``vm`` (a VM as the API shows it) that runs ``command``."""
     port, host = vm.get("ssh_port"), vm.get("ip")
-    label = vm.get("name") or vm.get("id")
-    if not isinstance(port, int) or isinstance(port, bool) or port <= 0:
+    label = output.text(vm.get("name") or vm.get("id"))
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
         raise ApiError(
             f"VM {label} has no SSH port", "`scalebox vm get` shows what the server says"
         )
-    if not isinstance(host, str) or not host:
-        raise ApiError(f"VM {label} has no address (ip)", "set HOST_IP in the server's config")
+    try:
+        # An address and nothing else: "evil@host" chose the login user, "a b" an argument.
+        host = str(ipaddress.ip_address(host)) if isinstance(host, str) else None
+    except ValueError:
+        host = None
+    if host is None:
+        raise ApiError(
+            f"VM {label} has no valid address (ip)", "set HOST_IP in the server's config"
+        )
     argv = ["ssh", "-p", str(port)]
     if identity is not None:
         argv += ["-i", str(identity)]
@@ -344,6 +376,14 @@ def ssh_argv(
         argv += ["-o", option]
     # `--`: the destination and the command are never read as ssh options.
     return [*argv, "--", f"{SSH_USER}@{host}", *command]
+
+
+def _is_own_ssh_option(word: str) -> bool:
+    """Whether ``word`` is one of `vm ssh`'s own options (-i, -o, --print and long forms)."""
+    if word in {"-i", "-o", "--identity", "--ssh-option", "--print"}:
+        return True
+    glued = word[:2] in {"-i", "-o"} and not word.startswith("--")  # -i~/.ssh/k, -oOpt=1
+    return glued or word.startswith(("--identity=", "--ssh-option="))
 
 
 @vm.command(
@@ -375,6 +415,14 @@ def vm_ssh(
     check_vm_ref(vm_ref)
     if command[:1] == ("--",):  # click keeps the `--` that follows VM: it is ours, not CMD's
         command = command[1:]
+    elif command and _is_own_ssh_option(command[0]):
+        # Everything after VM is the VM's command: `vm ssh box --print` would have run
+        # ssh with "--print" as the command, not printed the line.
+        raise UsageError(
+            f"{command[0]} comes after VM, where it would be sent to the VM as its command",
+            f"put the options before VM (`scalebox vm ssh {command[0]} ... {vm_ref}`); to run "
+            "a command that begins with it, put -- before the command",
+        )
     with connect() as client:
         answer = client.get_vm(vm_ref)
     argv = ssh_argv(answer, identity, options, command)
@@ -410,7 +458,7 @@ def template_list(as_json: bool) -> None:
     if as_json:
         output.print_json(answer)
         return
-    templates = answer.get("templates") or []
+    templates = listed(answer, "templates")
     if not templates:
         click.echo("No templates.")
         return
@@ -492,14 +540,22 @@ def login(url: str | None, token: str | None, token_stdin: bool, as_json: bool) 
 
 
 def save_login(path: Path, url: str, token: str) -> None:
-    # The directory holds a secret too: create it private (mkdir honours umask too).
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     text = (
         "# Written by `scalebox login`. KEY=VALUE lines.\n"
         f"{settings.URL_KEY}={url}\n"
         f"{settings.TOKEN_KEY}={token}\n"
     )
-    fsutil.atomic_write(path, text, mode=0o600)
+    try:
+        # The directory holds a secret too: create it private (mkdir honours umask too).
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fsutil.atomic_write(path, text, mode=0o600)
+    except OSError as exc:  # a read-only or full HOME, a file where a folder should be
+        raise ConfigError(
+            f"the server accepted the token, but it cannot be saved to {path}: "
+            f"{exc.strerror or exc}",
+            f"make that folder writable, or set {settings.URL_KEY} and {settings.TOKEN_KEY} "
+            "in the environment instead",
+        ) from None
 
 
 def main() -> None:

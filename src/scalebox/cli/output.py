@@ -16,6 +16,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 def is_terminal() -> bool:
@@ -36,11 +37,14 @@ def render_rich_table(
             # The first column is the identifier people copy: keep it on one line.
             column.min_width = max(len(str(row[0])) for row in [headers, *rows])
     for row in rows:
-        table.add_row(*row)
+        # Text, not markup: a cell is the server's text, and "[link=...]" in a VM's
+        # status drew a link, "[/oops]" raised a traceback.
+        table.add_row(*(Text(printable(cell)) for cell in row))
     console.print(table)
 
 
 def render_plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
@@ -62,19 +66,32 @@ def print_fields(fields: Sequence[tuple[str, str]]) -> None:
     """``label  value`` lines, labels aligned, for one object."""
     width = max((len(label) for label, _ in fields), default=0)
     for label, value in fields:
-        click.echo(f"{label.ljust(width)}  {value}")
+        click.echo(f"{label.ljust(width)}  {printable(value)}")
+
+
+def printable(value: str) -> str:
+    """``value`` with every character a terminal could act on written as an escape.
+
+    What the server sends is shown to a person: an escape sequence in a VM's name
+    or status set the terminal's title, cleared the screen or hid text. Control,
+    format (bidi overrides) and separator characters other than the space become
+    ``\x1b``, ``\u202e``, ...
+    """
+    if value.isprintable():
+        return value
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in value)
 
 
 def text(value: object) -> str:
-    """A cell: None is shown as '-', everything else as str()."""
-    return "-" if value is None or value == "" else str(value)
+    """A cell: None is shown as '-', everything else as str(), printable."""
+    return "-" if value is None or value == "" else printable(str(value))
 
 
 def timestamp(value: object) -> str:
     """An API time such as 2026-01-02T03:04:05.678Z shown to the second."""
     if not isinstance(value, str):
         return text(value)
-    return re.sub(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.\d+", r"\1", value)
+    return printable(re.sub(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.\d+", r"\1", value))
 
 
 def size(num_bytes: object) -> str:

@@ -76,12 +76,21 @@ def user_config_path(environ: Mapping[str, str]) -> Path:
 def normalize_url(raw: str, where: str) -> str:
     """Check that ``raw`` is an http(s) URL with a host; drop a trailing slash."""
     url = raw.strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
+    form = "use the form http://HOST:PORT or https://HOST, e.g. http://127.0.0.1:8080"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - read for its check: a port that is not a number raises
+    except ValueError as exc:  # "http://[::1", "http://host:abc"
+        raise ConfigError(f"{where}: {raw!r} is not a server URL ({exc})", form) from None
+    if parts.username is not None or parts.password is not None:
+        # Not echoed: it may hold a password. httpx would send it as Basic auth in place
+        # of the token, and the server would answer "malformed Authorization header".
         raise ConfigError(
-            f"{where}: {raw!r} is not a server URL",
-            "use the form http://HOST:PORT or https://HOST, e.g. http://127.0.0.1:8080",
+            f"{where}: the URL holds a user name or password",
+            "remove the 'user:password@' part; the API token is the credential",
         )
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ConfigError(f"{where}: {raw!r} is not a server URL", form)
     if parts.query or parts.fragment:
         raise ConfigError(
             f"{where}: {raw!r} has a query or fragment", "give only scheme, host, port and path"
@@ -111,6 +120,7 @@ def resolve(environ: Mapping[str, str], files: Sequence[ConfigFile]) -> Settings
     ]
     searched = [f"environment ({URL_KEY}, {TOKEN_KEY})"]
     warnings: list[str] = []
+    broken: ConfigError | None = None  # a file that cannot be read ends the search there
     for file in files:
         if file.problem:
             searched.append(f"{file.path} ({file.problem})")
@@ -119,13 +129,24 @@ def resolve(environ: Mapping[str, str], files: Sequence[ConfigFile]) -> Settings
         if file.text is None:
             sources.append({})
             continue
-        found = parse_lines(file.text, str(file.path))
+        try:
+            found = parse_lines(file.text, str(file.path))
+        except ConfigError as exc:
+            broken = exc
+            break
         warnings.extend(
             f"{where}: unknown key {key} is ignored (the keys are {URL_KEY} and {TOKEN_KEY})"
             for key, (_, where) in found.items()
             if key not in KNOWN_KEYS
         )
         sources.append({k: v for k, v in found.items() if k in KNOWN_KEYS and v[0]})
+
+    # First found wins, so a broken file matters only when a key is still missing when
+    # the search reaches it: SCALEBOX_URL and SCALEBOX_TOKEN in the environment are
+    # enough whatever an admin's typo in /etc/scalebox/config says.
+    needed = [key for key in KNOWN_KEYS if not any(key in source for source in sources)]
+    if broken is not None and needed:
+        raise broken
 
     url: str | None = None
     url_source = "not set"
@@ -162,17 +183,21 @@ def resolve(environ: Mapping[str, str], files: Sequence[ConfigFile]) -> Settings
 
 
 def read_config_file(path: Path) -> ConfigFile:
+    fix = "make it a text file of KEY=VALUE lines or remove it"
     try:
+        if path.exists() and not path.is_file():  # a FIFO would wait for a writer for good
+            raise ConfigError(f"cannot read {path}: it is not a regular file", fix)
         return ConfigFile(path, path.read_text())
     except FileNotFoundError:
         return ConfigFile(path, None)
+    except NotADirectoryError:  # HOME or XDG_CONFIG_HOME names a file: no config there
+        return ConfigFile(path, None, "a folder on its path is a file")
     except PermissionError:
         # /etc/scalebox/config may be readable by root only; the user's own file still counts.
         return ConfigFile(path, None, "permission denied")
-    except (IsADirectoryError, UnicodeDecodeError) as exc:
-        raise ConfigError(
-            f"cannot read {path}: {exc}", "make it a text file of KEY=VALUE lines or remove it"
-        ) from None
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, a symlink loop, an I/O error
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"cannot read {path}: {reason}", fix) from None
 
 
 def load(environ: Mapping[str, str] | None = None, system_path: Path = SYSTEM_PATH) -> Settings:

@@ -46,9 +46,21 @@ def check_public_key(text: str, where: str) -> str:
     return lines[0]
 
 
+# Public keys are a few hundred bytes, and the API takes 16 KiB of them: more is not a
+# key file (/dev/zero filled the memory).
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+
 def read_public_key(path: Path) -> str:
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            data = f.read(MAX_KEY_FILE_BYTES + 1)
+        if len(data) > MAX_KEY_FILE_BYTES:
+            raise UsageError(
+                f"{path} is larger than {MAX_KEY_FILE_BYTES // 1024} KiB: not an SSH public key",
+                "pass --ssh-key FILE with a .pub file",
+            )
+        text = data.decode()
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(
             f"cannot read SSH public key {path}: {exc}", "pass --ssh-key FILE with a .pub file"
