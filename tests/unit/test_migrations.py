@@ -329,33 +329,26 @@ def add_metrics_port(config: ConfigFile) -> None:
     config.add("METRICS_PORT", "9100", comment="Port of the metrics endpoint (default 9100).")
 """
 
-# Kills the updater (its parent) and itself after the first migration was saved:
-# a crash in the middle of the migrate step.
-DYING_STEP = (
-    ADD_STEP
-    + """
 
-@migration("0002-power-cut", since="{since}", description="the power fails here")
-def power_cut(config: ConfigFile) -> None:
-    import os, signal
-    os.kill(os.getppid(), signal.SIGKILL)
-    os._exit(9)
-"""
-)
+def _then(step_id: str, description: str, *body: str) -> str:
+    """ADD_STEP, then a second migration running ``body`` (the first one saved by then)."""
+    lines = "".join(f"    {line}\n" for line in body)
+    return ADD_STEP + (
+        f'\n@migration("{step_id}", since="{{since}}", description="{description}")\n'
+        f"def second(config: ConfigFile) -> None:\n{lines}"
+    )
 
-# The admin presses Ctrl-C (SIGINT to the updater, its parent) after the first
-# migration was saved, then the step waits to be stopped.
-INTERRUPTED_STEP = (
-    ADD_STEP
-    + """
 
-@migration("0002-ctrl-c", since="{since}", description="the admin presses Ctrl-C here")
-def ctrl_c(config: ConfigFile) -> None:
-    import os, signal, time
-    os.kill(os.getppid(), signal.SIGINT)
-    time.sleep(30)
-"""
-)
+# Kills the updater (its parent) and itself: a crash in the middle of the migrate step.
+DYING_STEP = _then(
+    "0002-power-cut", "the power fails here",
+    "import os, signal", "os.kill(os.getppid(), signal.SIGKILL)", "os._exit(9)",
+)  # fmt: skip
+# The admin presses Ctrl-C (SIGINT to the updater, its parent); the step waits to be stopped.
+INTERRUPTED_STEP = _then(
+    "0002-ctrl-c", "the admin presses Ctrl-C here",
+    "import os, signal, time", "os.kill(os.getppid(), signal.SIGINT)", "time.sleep(30)",
+)  # fmt: skip
 
 
 def _sources(tmp: Path, name: str, steps: str, since: str) -> Path:
