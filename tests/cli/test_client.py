@@ -23,7 +23,13 @@ from rich.console import Console
 
 from scalebox.cli import output
 from scalebox.cli.client import Client
-from scalebox.cli.errors import EXIT_UNREACHABLE, ApiError, Unreachable, exit_code_for
+from scalebox.cli.errors import (
+    EXIT_UNREACHABLE,
+    ApiError,
+    AuthRefused,
+    Unreachable,
+    exit_code_for,
+)
 from scalebox.cli.main import listed, ssh_argv
 
 URL = "http://127.0.0.1:8080"
@@ -189,3 +195,16 @@ def test_server_text_reaches_the_terminal_as_text_not_as_controls_or_markup() ->
     assert output.text("a\u202eb\x00") == "a\\u202eb\\x00"
     with pytest.raises(ApiError, match="no list of objects under 'vms'"):
         listed({"vms": ["abc"]}, "vms")
+
+
+def test_a_401_to_a_request_without_a_token_says_the_url_leads_elsewhere() -> None:
+    """`scalebox status` sends no token (/health and /info are public): a 401 there came
+    from a URL with a path too many, and "the server refused the token" misled."""
+    public = answering(401, json={"error": "missing"})
+    with Client(URL, transport=public) as client, pytest.raises(ApiError) as e:
+        client.health()
+    assert "asks for a token for /health, which scaleboxd answers without one" in e.value.what
+    assert e.value.hint is not None and "no path after the port" in e.value.hint
+    private = answering(401, json={"error": "bad"})
+    with Client(URL, "t", transport=private) as client, pytest.raises(AuthRefused):
+        client.list_vms()

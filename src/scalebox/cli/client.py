@@ -78,6 +78,7 @@ class Client:
         self.url = url
         self._sleep = sleep
         self._token_source = token_source
+        self._sends_token = token is not None
         headers = {"Accept": "application/json"}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
@@ -174,32 +175,21 @@ class Client:
                 waited += pause
                 response = self._http.request(method, path, json=body)
         except httpx.TransportError as exc:
-            # A change that was sent may still be made (a timeout, or a connection cut
-            # in the answer): a blind retry could make a second VM or find the first
-            # one's name taken.
-            unsent = isinstance(exc, UNSENT)
-            if method != "GET" and not unsent:
-                next_step = (
-                    "the request was sent and may still be carried out: see `scalebox vm "
-                    "list` and `scalebox template list` before you retry"
-                )
-            elif isinstance(exc, httpx.TimeoutException):
-                next_step = "check that scaleboxd is running and not overloaded, then retry"
-            else:
-                next_step = (
-                    "check the URL (SCALEBOX_URL or `scalebox login`) and that scaleboxd is running"
-                )
-            if isinstance(exc, httpx.TimeoutException):
-                what = f"the Scalebox server at {self.url} did not answer in time"
-            elif unsent:
-                what = f"cannot reach the Scalebox server at {self.url}"
-            else:
-                what = f"the connection to the Scalebox server at {self.url} broke"
-            raise Unreachable(f"{what} ({_reason(exc)})", next_step) from exc
+            raise self._unreachable(method, exc) from exc
         if response.is_success:
             return response
         message = self._error_text(response)
         status = response.status_code
+        if status == 401 and not self._sends_token:
+            # /health and /info need no token on scaleboxd: a 401 for them says the URL
+            # leads elsewhere (a path too many: scaleboxd answers 401 to any unknown route).
+            raise ApiError(
+                f"the server at {self.url} asks for a token for {path}, which scaleboxd "
+                "answers without one",
+                "check that the URL (SCALEBOX_URL or `scalebox login`) points at scaleboxd "
+                "itself, with no path after the port",
+                status,
+            )
         if status == 401:
             source = f" from {self._token_source}" if self._token_source else ""
             raise AuthRefused(
@@ -215,6 +205,31 @@ class Client:
             status, _SERVER_FAULT_HINT if status >= 500 else None
         )
         raise ApiError(f"{message} (HTTP {status})", hint, status)
+
+    def _unreachable(self, method: str, exc: httpx.TransportError) -> Unreachable:
+        """What a transport error means, and whether a retry is safe to suggest."""
+        # A change that was sent may still be made (a timeout, or a connection cut
+        # in the answer): a blind retry could make a second VM or find the first
+        # one's name taken.
+        unsent = isinstance(exc, UNSENT)
+        if method != "GET" and not unsent:
+            next_step = (
+                "the request was sent and may still be carried out: see `scalebox vm "
+                "list` and `scalebox template list` before you retry"
+            )
+        elif isinstance(exc, httpx.TimeoutException):
+            next_step = "check that scaleboxd is running and not overloaded, then retry"
+        else:
+            next_step = (
+                "check the URL (SCALEBOX_URL or `scalebox login`) and that scaleboxd is running"
+            )
+        if isinstance(exc, httpx.TimeoutException):
+            what = f"the Scalebox server at {self.url} did not answer in time"
+        elif unsent:
+            what = f"cannot reach the Scalebox server at {self.url}"
+        else:
+            what = f"the connection to the Scalebox server at {self.url} broke"
+        return Unreachable(f"{what} ({_reason(exc)})", next_step)
 
     def _error_text(self, response: httpx.Response) -> str:
         try:
