@@ -279,7 +279,7 @@ echo "exit $?"
 """
 
 
-def test_updater_killed_at_migrate_is_rolled_back_by_the_boot_unit(server: Server) -> None:
+def test_updater_killed_at_migrate_is_undone_by_the_boot_unit(server: Server) -> None:
     config, stat = server.config(), server.config_stat()
     killed = server.sh(STOP_AND_KILL.format(url=tarball(MIGRATES)))
     assert killed.stdout.strip() == "exit 137"  # SIGKILL

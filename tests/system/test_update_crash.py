@@ -32,14 +32,15 @@ JOURNAL = "/var/lib/scalebox-update/journal.json"
 
 # What recovery must do after a kill at each step, written by hand from the
 # design (docs/architecture.md), not computed by the code under test:
-# before anything live changed the update is dropped; from the config
-# migration until the new release is verified it is rolled back; once
-# verified only the bookkeeping is finished; a rollback is run again.
+# before the switch the update is dropped (a half-migrated config put back
+# from the backup first); from the switch until the new release is verified
+# it is rolled back; once verified only the bookkeeping is finished; a
+# rollback is run again.
 DISCARDED, ROLLED_BACK, COMMITTED = "discarded", "rolled back", "committed"
 EXPECTED = {
     "stage": DISCARDED,
     "backup": DISCARDED,
-    "migrate": ROLLED_BACK,
+    "migrate": DISCARDED,
     "switch": ROLLED_BACK,
     "handover": ROLLED_BACK,  # two daemons serve: the new release's handover instance goes
     "verify": ROLLED_BACK,
@@ -96,7 +97,12 @@ def _recovered_message(journal: dict[str, object]) -> str:
     if outcome == COMMITTED:
         return f"recovered: finished committing the verified update to {to}"
     if outcome == DISCARDED:
-        return f"recovered: the interrupted update to {to} had changed nothing; {old} still runs"
+        undone = " (its migrations were undone: the config is as it was)"
+        undone = undone if journal["step"] == "migrate" else ""
+        return (
+            f"recovered: the interrupted update to {to} had changed nothing{undone}; "
+            f"{old} still runs"
+        )
     return f"recovered: rolled back the interrupted update to {to}; {old} is healthy"
 
 

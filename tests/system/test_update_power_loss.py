@@ -6,7 +6,8 @@ the whole machine loses power: its init and nspawn are killed together.
 The same disk boots again, and scalebox-update-recover.service finishes the
 transaction at boot. Expected by hand: cut during migrate (after the backup
 said it was complete) -> the old version, its config byte for byte from the
-backup; cut during commit (verified) -> the new version.
+backup, the update refused (not the release's failure); cut during commit
+(verified) -> the new version.
 
 What this cannot prove: the host keeps the machine's unsynced writes in its
 page cache, so a missing fsync would not lose data here (see
@@ -54,7 +55,7 @@ def test_power_loss_mid_update_is_finished_at_the_next_boot(
     start_stopped(s, "migrate", B)
     _reboot_after_power_cut(s)
     s.assert_intact(A)
-    assert history(s)[-1]["result"] == "rolled back"
+    assert history(s)[-1]["result"] == "refused"
 
     start_stopped(s, "commit", B)
     _reboot_after_power_cut(s)

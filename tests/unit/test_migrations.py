@@ -764,12 +764,20 @@ def test_a_crash_during_migrate_is_recovered_with_the_config_restored(server: Se
     assert crashed.step == "migrate"
     assert b"METRICS_PORT=9100" in server.paths.config.read_bytes()  # half migrated
 
+    pid = server.service.state(SERVICE).main_pid
     said = transaction.recover(server.ctx())
-    assert said is not None
-    assert said.startswith("recovered: rolled back")
+    # Before the switch: the config is put back and the update dropped, not rolled back
+    # (no restart, no verify; the release is not blamed for a power cut).
+    assert said == (
+        "recovered: the interrupted update to 2.0.0 had changed nothing (its migrations were "
+        "undone: the config is as it was); 1.0.0 still runs"
+    )
     assert server.digest() == digest
     assert str(server.paths.current.readlink()) == "releases/1.0.0"
     assert journal.read(server.paths.journal) is None
+    assert server.service.state(SERVICE).main_pid == pid
+    last = history.read(server.paths.history)[-1]
+    assert (last.to_version, last.result) == ("2.0.0", history.REFUSED)
 
 
 def test_a_release_that_needs_an_unknown_package_is_refused_before_anything(

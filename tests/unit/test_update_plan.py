@@ -42,12 +42,13 @@ def test_prerelease_sorts_before_its_release() -> None:
 
 
 # Written by hand from the design, not derived from plan.recovery_action:
-# nothing live changed before migrate; the config may be half migrated or the
-# switch half done until verify passed; after that only bookkeeping is left.
+# nothing live moved before the switch (a half-migrated config is put back from
+# the backup); the switch may be half done until verify passed; after that only
+# bookkeeping is left.
 RECOVERY_BY_HAND = {
     "stage": Recovery.DISCARD,
     "backup": Recovery.DISCARD,
-    "migrate": Recovery.ROLL_BACK,
+    "migrate": Recovery.DISCARD,
     "switch": Recovery.ROLL_BACK,
     "handover": Recovery.ROLL_BACK,
     "verify": Recovery.ROLL_BACK,

@@ -53,17 +53,18 @@ def recovery_action(step: str) -> Recovery:
     """The one way to finish a transaction whose journal says ``step`` had begun.
 
     - stage, backup: the running release, units and config were not touched yet.
-    - migrate: the config may be half migrated: roll back (restores it from the
-      backup, byte for byte).
+    - migrate: nothing live has moved, but the config may be half migrated: put
+      back from the backup, byte for byte, then dropped as above (the release is
+      not blamed for a power cut: its history line says refused).
     - switch, handover, verify: the switch may be half done (a handover instance
       of the new release may still run beside scaleboxd), or the new release was
       not yet seen stable: roll back. (An interrupted verify proves nothing.)
     - commit: the new release passed verification; only bookkeeping is left.
     - rollback: run the rollback again; each of its steps is idempotent.
     """
-    if step in ("stage", "backup"):
+    if step in ("stage", "backup", "migrate"):
         return Recovery.DISCARD
-    if step in ("migrate", "switch", "handover", "verify", "rollback"):
+    if step in ("switch", "handover", "verify", "rollback"):
         return Recovery.ROLL_BACK
     if step == "commit":
         return Recovery.COMMIT

@@ -335,12 +335,21 @@ def recover(ctx: Context) -> str | None:
     action = plan.recovery_action(j.step)
     ctx.report(f"found an unfinished {j.action} {j.from_version} -> {j.to_version} ({j.step})")
     if action is plan.Recovery.DISCARD:
+        undone = ""
         with interrupt.shielded():  # the journal goes first: its history line must follow
+            backup = ctx.paths.backup_dir(j.id)
+            if j.step == "migrate" and (backup / switch.BACKUP_INDEX).is_file():
+                # The config may be half migrated: put back first (as a rollback would).
+                switch.restore(ctx.paths, backup)
+                migrate.forget(ctx.paths, j.to_release)
+                undone = " (its migrations were undone: the config is as it was)"
             _discard(ctx, j)
-            _record(ctx, j, history.REFUSED, f"interrupted during {j.step}; nothing had changed")
+            _record(
+                ctx, j, history.REFUSED, f"interrupted during {j.step}; nothing had changed{undone}"
+            )
         return (
-            f"recovered: the interrupted {j.action} to {j.to_version} had changed nothing; "
-            f"{j.from_version} still runs"
+            f"recovered: the interrupted {j.action} to {j.to_version} had changed nothing"
+            f"{undone}; {j.from_version} still runs"
         )
     if action is plan.Recovery.COMMIT:
         _, left = _commit(ctx, j)
