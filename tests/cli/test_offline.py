@@ -341,3 +341,29 @@ def test_login_that_cannot_save_says_so_in_one_line(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(ConfigError, match="the server accepted the token, but it cannot be"):
         save_login(blocker / "scalebox" / "config", "http://127.0.0.1:1", TOKEN)
+
+
+# The real entry point, with a Ctrl-C (SIGINT to itself) as it imports the CLI.
+CTRL_C_WHILE_IMPORTING = """
+import builtins, os, signal
+from scalebox.cli import entry
+
+real_import = builtins.__import__
+
+def importing(name, *args, **kwargs):
+    if name == "scalebox.cli.main":
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_import(name, *args, **kwargs)
+
+builtins.__import__ = importing
+entry.main()
+"""
+
+
+def test_a_ctrl_c_while_the_cli_imports_is_an_interruption_not_a_traceback() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CTRL_C_WHILE_IMPORTING, "status"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "scalebox: interrupted\n"
