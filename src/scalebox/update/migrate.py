@@ -144,7 +144,7 @@ def run(
     if done.returncode == 0 and result.get("result") == "ok" and isinstance(applied, list):
         return [str(i) for i in applied]
     code = result.get("errno")
-    if result.get("result") == "error" and code in DISK_ERRNOS and isinstance(code, int):
+    if result.get("result") == "error" and isinstance(code, int) and code in DISK_ERRNOS:
         # This server's disk refused the config's write, not the release: the update is
         # refused as any full or read-only disk before the switch (transaction.py).
         raise OSError(code, os.strerror(code), str(result.get("filename") or paths.config))

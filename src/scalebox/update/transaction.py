@@ -230,8 +230,7 @@ def _refuse_migrated(ctx: Context, j: Journal, exc: OSError | UpdateError) -> Up
     )  # fmt: skip
     try:
         with interrupt.shielded():
-            switch.restore(ctx.paths, ctx.paths.backup_dir(j.id))
-            migrate.forget(ctx.paths, j.to_release)
+            _put_config_back(ctx, j)
     except (OSError, ValueError, KeyError) as again:
         ctx.report(f"could not put the config back from the backup ({reason_of(again)})")
         interrupt.settle()
@@ -243,6 +242,13 @@ def _refuse_migrated(ctx: Context, j: Journal, exc: OSError | UpdateError) -> Up
     if isinstance(exc, UpdateError):
         return type(exc)(what, exc.hint)
     return UpdateError(what, os_hint(exc))
+
+
+def _put_config_back(ctx: Context, j: Journal) -> None:
+    """Undo what the migrate step may have done before the switch: units and config as
+    backed up, and no record of the new release's migrations."""
+    switch.restore(ctx.paths, ctx.paths.backup_dir(j.id))
+    migrate.forget(ctx.paths, j.to_release)
 
 
 def _discard_or_say(ctx: Context, j: Journal) -> None:
@@ -340,8 +346,7 @@ def recover(ctx: Context) -> str | None:
             backup = ctx.paths.backup_dir(j.id)
             if j.step == "migrate" and (backup / switch.BACKUP_INDEX).is_file():
                 # The config may be half migrated: put back first (as a rollback would).
-                switch.restore(ctx.paths, backup)
-                migrate.forget(ctx.paths, j.to_release)
+                _put_config_back(ctx, j)
                 undone = " (its migrations were undone: the config is as it was)"
             _discard(ctx, j)
             _record(

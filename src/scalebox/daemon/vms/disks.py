@@ -29,7 +29,8 @@ def copy_tree(source: Path, target: Path) -> None:
         if _ran_out_of_space(exc.what, target.parent):
             # The disk filled up, as a write of the daemon's own would say: answered 507
             # (the caller removes the partial copy), not a 500 quoting cp and its paths.
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from exc
+            # The file name reaches the log only (the answer names the cause, not paths).
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target)) from exc
         raise
 
 
