@@ -60,7 +60,7 @@ def test_failing_release_is_rolled_back(server: Server, version: str, why: str) 
     assert f"Rolled back to {A}, which is healthy" in str(result["message"])
     server.assert_intact(A)
     last = json.loads(server.sh("scalebox-update history --json").stdout.strip().splitlines()[-1])
-    assert (last["to"], last["result"]) == (version, "rolled back")
+    assert (last["to"], last["result"], last["release_failed"]) == (version, "rolled back", True)
 
 
 def test_release_that_rejects_the_config_is_refused_before_any_change(server: Server) -> None:

@@ -93,7 +93,12 @@ def test_sigterm_before_the_switch_refuses_and_after_it_rolls_back(server: Serve
     code, result, err = finish(server)
     assert_no_traceback(err)
     assert (code, result["result"], result["exit_code"]) == (3, "rolled back", 3), err
-    assert history(server)[-1]["result"] == "rolled back"
+    # The signal stopped it, not B: said so, and B is not held failed in the pruning.
+    assert f"stopped before {B} was judged" in str(result["message"]), result
+    assert (history(server)[-1]["result"], history(server)[-1]["release_failed"]) == (
+        "rolled back",
+        False,
+    )
     server.assert_intact(A)
 
 
@@ -123,6 +128,7 @@ def test_a_read_only_opt_at_the_switch_rolls_back_with_nothing_moved(server: Ser
     assert (code, result["result"], result["exit_code"]) == (3, "rolled back", 3), err
     assert "Read-only file system" in str(result["message"])
     assert history(server)[-1]["result"] == "rolled back"
+    assert history(server)[-1]["release_failed"] is False  # this server's disk, not B
     server.assert_intact(A)
 
 

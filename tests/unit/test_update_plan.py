@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from scalebox.update import plan, systemd
@@ -134,6 +136,17 @@ def test_an_interrupted_operator_rollback_does_not_mark_its_target_failed() -> N
     releases = _dirs("0.1.0", "0.2.0", "0.3.0", "0.4.0")
     failed = plan.failed_versions(entries)
     assert plan.to_prune(releases, current="0.4.0", previous="0.3.0", failed=failed) == ["0.1.0"]
+
+
+def test_a_rollback_the_release_did_not_cause_does_not_mark_it_failed() -> None:
+    """A SIGTERM or a power cut after the switch rolls back before 0.3.0 was judged
+    (release_failed false): it stays as good or as bad as it was before."""
+    stopped = replace(_entry("0.2.0", "0.3.0", ROLLED_BACK), release_failed=False)
+    assert plan.failed_versions([stopped]) == set()
+    failed_before = [_entry("0.1.0", "0.3.0", ROLLED_BACK), replace(stopped, id="again")]
+    assert plan.failed_versions(failed_before) == {"0.3.0"}
+    # An older line says nothing of it (None): a rollback counts, as it always did.
+    assert plan.failed_versions([replace(stopped, release_failed=None)]) == {"0.3.0"}
 
 
 def test_previous_comes_from_the_update_that_installed_current() -> None:

@@ -28,6 +28,7 @@ from scalebox.update import (
     history,
     interrupt,
     journal,
+    plan,
     preflight,
     stage,
     switch,
@@ -544,6 +545,8 @@ def test_kill_9_at_a_step_is_recovered_by_the_next_run(
     if ends_on == "0.1.0":
         assert server.fingerprint() == before
     assert transaction.recover(server.ctx()) is None  # idempotent: nothing left to do
+    # A crash of the updater after the switch judged nothing: 0.2.0 is not held failed.
+    assert plan.failed_versions(history.read(server.paths.history)) == set()
 
 
 def test_a_ctrl_c_while_recovery_discards_still_records_it(
@@ -630,6 +633,7 @@ def test_a_crash_during_rollback_is_finished_by_the_next_run(server: Server) -> 
     assert server.health() == "0.1.0"
     [entry] = history.read(server.paths.history)
     assert (entry.result, entry.reason) == ("rolled back", "health check failed")
+    assert entry.release_failed is True  # the release's own failure: counted in the pruning
 
 
 SIGTERM_CHILD = """
@@ -682,7 +686,12 @@ def test_sigterm_during_the_switch_rolls_back_before_exiting(server: Server) -> 
         child.kill()
         child.wait()
     assert child.returncode == 3, out
-    assert "interrupted by SIGTERM" in out
+    said = "RESULT the update to 0.2.0 was stopped before 0.2.0 was judged (interrupted by SIGTERM"
+    assert said in out
     assert server.fingerprint() == before
     assert server.health() == "0.1.0"
     assert journal.read(server.paths.journal) is None
+    # The signal stopped it, not the release: the pruning holds nothing against 0.2.0.
+    [entry] = history.read(server.paths.history)
+    assert (entry.result, entry.release_failed) == ("rolled back", False)
+    assert plan.failed_versions([entry]) == set()

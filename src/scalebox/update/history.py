@@ -5,7 +5,11 @@ Append-only. Each line: ``at`` (UTC), ``id`` (transaction id), ``action``
 rolled back, rollback failed, refused), ``reason`` and ``step_times``
 (when each step began, Unix seconds, plus ``end``: when the result was
 recorded; absent in lines written before it existed) and ``migrations``
-(the ids of the migrations the update applied; absent in older lines).
+(the ids of the migrations the update applied; absent in older lines) and,
+on a ``rolled back`` line, ``release_failed``: false when the rollback was
+not the release's doing (a signal, the updater's disk, a crash or power cut
+of the updater before the release was judged), so that the release does not
+count among the failed ones in the pruning (absent in older lines: true).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class Entry:
     reason: str | None = None
     step_times: dict[str, float] | None = None
     migrations: list[str] | None = None
+    release_failed: bool | None = None  # on "rolled back" lines; None: not said (older lines)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -47,6 +52,7 @@ class Entry:
             "reason": self.reason,
             "step_times": self.step_times,
             "migrations": self.migrations,
+            "release_failed": self.release_failed,
         }
 
 
@@ -66,11 +72,21 @@ def record(
     reason: str | None = None,
     step_times: dict[str, float] | None = None,
     migrations: list[str] | None = None,
+    release_failed: bool | None = None,
 ) -> Entry:
     """Append the result of a transaction; ``step_times`` gains ``end``: now."""
     times = None if step_times is None else {**step_times, "end": stamp()}
     entry = Entry(
-        now(), transaction_id, action, from_version, to_version, result, reason, times, migrations
+        now(),
+        transaction_id,
+        action,
+        from_version,
+        to_version,
+        result,
+        reason,
+        times,
+        migrations,
+        release_failed,
     )
     append(path, entry)
     return entry
@@ -125,11 +141,17 @@ def read(path: Path) -> list[Entry]:
                     reason=raw.get("reason"),
                     step_times=raw.get("step_times"),
                     migrations=raw.get("migrations"),
+                    release_failed=_flag(raw.get("release_failed")),
                 )
             )
         except (ValueError, KeyError, TypeError):
             continue
     return entries
+
+
+def _flag(value: object) -> bool | None:
+    """A true/false field as written; anything else (absent, a hand edit) is not said."""
+    return value if isinstance(value, bool) else None
 
 
 def has(entries: Sequence[Entry], transaction_id: str, result: str) -> bool:

@@ -85,11 +85,14 @@ def failed_versions(entries: Iterable[Entry]) -> set[str]:
 
     An operator's ``--rollback`` that was itself rolled back (a power cut in its
     verify: recovery brings the release it left back) says nothing against the
-    release it went to, which ran before: it is not counted.
+    release it went to, which ran before: it is not counted. Nor is a rollback that
+    was not the release's doing (``release_failed`` false: a signal, the updater's
+    own disk, a crash or power cut of the updater before the release was judged).
     """
     last: dict[str, str] = {}
     for entry in entries:
-        if entry.result == UPDATED or (entry.result == ROLLED_BACK and entry.action == "update"):
+        judged = entry.action == "update" and entry.release_failed is not False
+        if entry.result == UPDATED or (entry.result == ROLLED_BACK and judged):
             last[entry.to_version] = entry.result
     return {version for version, result in last.items() if result == ROLLED_BACK}
 

@@ -142,7 +142,9 @@ def install(
         j = journal.advance(p.journal, j, "commit")
     except Exception as exc:  # noqa: BLE001 - every failure from the switch on rolls back
         interrupt.settle()  # first: a Ctrl-C now must not skip the rollback below
-        _roll_back(ctx, _as_written(ctx, j), reason_of(exc))  # raises
+        # A signal or this server's disk stopped the update: the release was not judged.
+        judged = not isinstance(exc, (OSError, interrupt.Interrupted))
+        _roll_back(ctx, _as_written(ctx, j), reason_of(exc), release_failed=judged)  # raises
 
     pruned, left = _commit(ctx, j)
     message = f"updated {from_version} -> {target.version}; scaleboxd {target.version} is healthy"
@@ -234,7 +236,7 @@ def _refuse_migrated(ctx: Context, j: Journal, exc: OSError | UpdateError) -> Up
     except (OSError, ValueError, KeyError) as again:
         ctx.report(f"could not put the config back from the backup ({reason_of(again)})")
         interrupt.settle()
-        _roll_back(ctx, _as_written(ctx, j), what)
+        _roll_back(ctx, _as_written(ctx, j), what, release_failed=False)
     what += "; nothing was changed (the config is as it was)"
     with interrupt.shielded():
         _discard_or_say(ctx, j)
@@ -305,7 +307,11 @@ def _as_written(ctx: Context, j: Journal) -> Journal:
     return written if written is not None and written.id == j.id else j
 
 
-def _roll_back(ctx: Context, j: Journal, reason: str) -> NoReturn:
+def _roll_back(ctx: Context, j: Journal, reason: str, *, release_failed: bool = True) -> NoReturn:
+    """Roll back and raise RolledBack (or RollbackFailed). ``release_failed``: whether
+    the new release itself failed (its migration, start or verification), or the update
+    was stopped before it was judged (a signal, the updater's disk, a crash), which the
+    message and the history say, and which the pruning does not hold against it."""
     # Whatever the terminal sends from now on, the rollback finishes and its
     # outcome is the one the exit code reports.
     interrupt.settle()
@@ -317,7 +323,7 @@ def _roll_back(ctx: Context, j: Journal, reason: str) -> NoReturn:
     except RollbackFailed as exc:
         _record(ctx, j, history.ROLLBACK_FAILED, f"{reason}; then {exc.what}")
         raise  # the journal stays: the next run or the boot unit tries again
-    _record(ctx, j, history.ROLLED_BACK, reason)
+    _record(ctx, j, history.ROLLED_BACK, reason, release_failed=release_failed)
     try:
         _finish(ctx, j)
     except OSError as exc:
@@ -325,10 +331,18 @@ def _roll_back(ctx: Context, j: Journal, reason: str) -> NoReturn:
             f"could not remove the journal ({os_error(exc)}); the next run repeats the "
             "rollback, which changes nothing more, and ends it"
         )
-    rolled_back = RolledBack(
-        f"{j.to_version} failed: {reason}. Rolled back to {j.from_version}, which is healthy",
-        "nothing else changed; see `scalebox-update history` and `journalctl -u scaleboxd`",
-    )
+    if release_failed:
+        rolled_back = RolledBack(
+            f"{j.to_version} failed: {reason}. Rolled back to {j.from_version}, which is healthy",
+            "nothing else changed; see `scalebox-update history` and `journalctl -u scaleboxd`",
+        )
+    else:
+        rolled_back = RolledBack(
+            f"the {j.action} to {j.to_version} was stopped before {j.to_version} was judged "
+            f"({reason}). Rolled back to {j.from_version}, which is healthy",
+            f"nothing else changed, and nothing was found wrong with {j.to_version}: "
+            "run scalebox-update again once the cause above is dealt with",
+        )
     rolled_back.step_times = {**j.step_times, "end": journal.stamp()}
     raise rolled_back
 
@@ -364,9 +378,12 @@ def recover(ctx: Context) -> str | None:
                 "nothing else was done in this run",
             )
         return f"recovered: finished committing the verified update to {j.to_version}"
+    # A rollback already under way goes on as it began (its reason may be the release's
+    # failure; which one is not in the journal, so it counts as one, as before). A crash
+    # in the switch, handover or verify stopped the update before the release was judged.
     reason = j.reason or f"the updater was interrupted during {j.step}"
     with contextlib.suppress(RolledBack):
-        _roll_back(ctx, j, reason)
+        _roll_back(ctx, j, reason, release_failed=j.step == "rollback")
     interrupt.unsettle()  # that transaction is over; what this run does next may be stopped
     return (
         f"recovered: rolled back the interrupted {j.action} to {j.to_version}; "
@@ -390,10 +407,12 @@ def _finish(ctx: Context, j: Journal) -> None:
     shutil.rmtree(ctx.paths.backup_dir(j.id), ignore_errors=True)
 
 
-def _record(ctx: Context, j: Journal, result: str, reason: str | None) -> None:
+def _record(
+    ctx: Context, j: Journal, result: str, reason: str | None, *, release_failed: bool | None = None
+) -> None:
     """Append the outcome to the history; an unwritable history is said, never raised."""
     try:
-        _append_once(ctx, j, result, reason)
+        _append_once(ctx, j, result, reason, release_failed)
     except OSError as exc:
         ctx.report(
             f"could not record '{result}' in {ctx.paths.history} ({os_error(exc)}); "
@@ -401,7 +420,9 @@ def _record(ctx: Context, j: Journal, result: str, reason: str | None) -> None:
         )
 
 
-def _append_once(ctx: Context, j: Journal, result: str, reason: str | None) -> None:
+def _append_once(
+    ctx: Context, j: Journal, result: str, reason: str | None, release_failed: bool | None
+) -> None:
     entries = history.read(ctx.paths.history)
     if not history.has(entries, j.id, result):
         history.record(
@@ -413,6 +434,7 @@ def _append_once(ctx: Context, j: Journal, result: str, reason: str | None) -> N
             result=result,
             reason=reason,
             step_times=j.step_times,
+            release_failed=release_failed,
         )
 
 
