@@ -180,12 +180,16 @@ def test_config_paths_that_are_not_files_are_said_not_raised(tmp_path: Path) -> 
     """HOME=/dev/null raised NotADirectoryError; a FIFO waited for a writer for good."""
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    with pytest.raises(ConfigError, match="not a regular file"):
-        settings.read_config_file(fifo)
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
-    with pytest.raises(ConfigError, match="cannot read"):
-        settings.read_config_file(loop)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for path, words in ((fifo, "not a regular file"), (loop, "cannot read"), (folder, "regular")):
+        with pytest.raises(ConfigError, match=words):
+            settings.load({"HOME": str(tmp_path)}, path)
+        # The environment wins over it, as over a file that cannot be parsed.
+        env = {"HOME": str(tmp_path), "SCALEBOX_URL": "http://127.0.0.1:9", "SCALEBOX_TOKEN": "t"}
+        assert settings.load(env, path).token == "t"
     found = settings.load({"HOME": "/dev/null"}, tmp_path / "none")
     assert found.url is None
     assert any("a folder on its path is a file" in place for place in found.searched)

@@ -34,6 +34,9 @@ class ConfigFile:
     path: Path
     text: str | None
     problem: str | None = None  # e.g. "permission denied"; None when missing or read
+    # It exists but cannot be read as a config (a directory, a FIFO, a symlink loop, not
+    # UTF-8): told like a file that cannot be parsed, when the search needs it.
+    error: ConfigError | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,9 @@ def resolve(environ: Mapping[str, str], files: Sequence[ConfigFile]) -> Settings
             searched.append(f"{file.path} ({file.problem})")
         else:
             searched.append(str(file.path))
+        if file.error is not None:
+            broken = file.error
+            break
         if file.text is None:
             sources.append({})
             continue
@@ -183,10 +189,13 @@ def resolve(environ: Mapping[str, str], files: Sequence[ConfigFile]) -> Settings
 
 
 def read_config_file(path: Path) -> ConfigFile:
+    """The file as found; never raises (what cannot be read is in ``error``, for resolve
+    to tell only if the search needs this file: the environment wins over it)."""
     fix = "make it a text file of KEY=VALUE lines or remove it"
     try:
         if path.exists() and not path.is_file():  # a FIFO would wait for a writer for good
-            raise ConfigError(f"cannot read {path}: it is not a regular file", fix)
+            error = ConfigError(f"cannot read {path}: it is not a regular file", fix)
+            return ConfigFile(path, None, "not a regular file", error)
         return ConfigFile(path, path.read_text())
     except FileNotFoundError:
         return ConfigFile(path, None)
@@ -197,7 +206,7 @@ def read_config_file(path: Path) -> ConfigFile:
         return ConfigFile(path, None, "permission denied")
     except (OSError, UnicodeDecodeError) as exc:  # a directory, a symlink loop, an I/O error
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(f"cannot read {path}: {reason}", fix) from None
+        return ConfigFile(path, None, reason, ConfigError(f"cannot read {path}: {reason}", fix))
 
 
 def load(environ: Mapping[str, str] | None = None, system_path: Path = SYSTEM_PATH) -> Settings:
