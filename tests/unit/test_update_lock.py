@@ -66,3 +66,40 @@ def test_lock_is_released_after_the_block(tmp_path: Path) -> None:
     with lock.held(path):
         pass
     assert path.read_text() == ""
+
+
+def test_holder_names_the_running_updater_without_taking_the_lock(tmp_path: Path) -> None:
+    path = tmp_path / "lock"
+    assert lock.holder(path) is None  # no file yet
+    holder = _start_holder(path)
+    try:
+        assert lock.holder(path) == holder.pid
+        assert lock.holder(path) == holder.pid  # asking twice took nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock.holder(path) is None  # the kernel dropped it with its holder
+
+
+def test_holder_is_found_where_stat_and_the_kernel_disagree_on_the_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On btrfs a subvolume's stat() device is not the one /proc/locks names. Stand-in
+    (no btrfs here): the kernel's real table, its device rewritten. The same inode held
+    by the PID written in the file is the holder; by another PID it is not."""
+    path = tmp_path / "lock"
+    holder = _start_holder(path)
+    try:
+        st = path.stat()
+        where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        real = Path("/proc/locks").read_text()
+        assert where in real
+        table = tmp_path / "locks"
+        table.write_text(real.replace(where, f"00:99:{st.st_ino}"))
+        monkeypatch.setattr(lock, "LOCKS", table)
+        assert lock.holder(path) == holder.pid
+        path.write_text("1\n")  # not the PID that holds it: another file's lock
+        assert lock.holder(path) is None
+    finally:
+        holder.kill()
+        holder.wait()

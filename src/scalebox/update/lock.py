@@ -54,16 +54,28 @@ def holder(path: Path) -> int | None:
     an update starting in that instant would find it taken and refuse, and
     `status` may be run in a loop by monitoring. A PID in another PID namespace
     reads as 0 there.
+
+    On btrfs a subvolume's files stat() with a device number of their own while
+    the kernel's table names the file system's, so where no lock matches the
+    device and inode, a lock on the same inode held by the PID the holder wrote
+    into the file is taken as it (two matches by chance would need both).
     """
     try:
         st = path.stat()
         table = LOCKS.read_text()
+        written = path.read_text(encoding="ascii", errors="replace").strip()
     except OSError:
         return None
     where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    same_inode: int | None = None
     for line in table.splitlines():
         # "1: FLOCK  ADVISORY  WRITE 1234 08:01:123456 0 EOF"; "->" marks a waiter
         fields = line.split()
-        if fields[1:4] == ["FLOCK", "ADVISORY", "WRITE"] and fields[5:6] == [where]:
-            return int(fields[4]) if fields[4].isdigit() else 0
-    return None
+        if fields[1:4] != ["FLOCK", "ADVISORY", "WRITE"] or len(fields) < 6:
+            continue
+        pid = int(fields[4]) if fields[4].isdigit() else 0
+        if fields[5] == where:
+            return pid
+        if fields[5].rpartition(":")[2] == str(st.st_ino) and fields[4] == written:
+            same_inode = pid
+    return same_inode
