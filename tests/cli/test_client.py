@@ -71,6 +71,17 @@ def test_a_redirect_is_not_followed_so_the_token_stays_here() -> None:
         client.list_vms()
     assert seen == [f"{URL}/vms"]
     assert "(HTTP 302)" in caught.value.what
+    assert "to http://203.0.113.9/vms" in caught.value.what
+    assert "token was not sent there" in str(caught.value.hint)
+
+
+def test_a_503_that_outlasts_the_retries_says_nothing_changed() -> None:
+    # No Retry-After: not retried, and the hint says a retry is safe.
+    transport = answering(503, json={"error": "scaleboxd is stopping"})
+    with Client(URL, "t", transport=transport) as client, pytest.raises(ApiError) as caught:
+        client.create_vm({"template": "debian-base", "ssh_public_key": "k"})
+    assert caught.value.what == "scaleboxd is stopping (HTTP 503)"
+    assert "changed nothing" in str(caught.value.hint)
 
 
 def test_every_request_carries_the_bearer_token_and_quotes_names() -> None:

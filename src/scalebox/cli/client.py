@@ -28,6 +28,8 @@ _HINTS = {
     400: "check the command's options (see `scalebox COMMAND --help`)",
     403: "the server does not allow this",
     409: "choose another name; `scalebox template list` shows the names in use",
+    503: "the server changed nothing: retry in a minute (it may be restarting or being "
+    "updated), or, if it ran out of ports or addresses, delete VMs you no longer need",
     507: "free space on the server: delete VMs or templates you no longer need",
 }
 _SERVER_FAULT_HINT = "the server failed; its log says why (journalctl -u scaleboxd)"
@@ -201,6 +203,15 @@ class Client:
             raise NotFound(not_found[0], not_found[1], status)
         if status == 404:
             raise NotFound(f"{method} {path}: {message}", "check SCALEBOX_URL", status)
+        if response.is_redirect:
+            # Not followed: the token would go wherever the Location says.
+            where = _one_line(response.headers.get("Location", ""), 200) or "elsewhere"
+            raise ApiError(
+                f"the server at {self.url} redirects {path} to {where} (HTTP {status})",
+                "scaleboxd does not redirect: if you trust the new address, point "
+                "SCALEBOX_URL (or `scalebox login`) at it; the token was not sent there",
+                status,
+            )
         hint = (hints or {}).get(status) or _HINTS.get(
             status, _SERVER_FAULT_HINT if status >= 500 else None
         )
