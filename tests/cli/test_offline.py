@@ -252,6 +252,20 @@ def test_saved_login_replaces_a_world_readable_file_with_a_private_one(tmp_path:
     assert [p.name for p in tmp_path.iterdir()] == ["config"]  # no temp file left behind
 
 
+def test_saved_login_writes_through_a_symlinked_config(tmp_path: Path) -> None:
+    """A config kept in a dotfiles checkout stays there: the link is not replaced."""
+    real = tmp_path / "dotfiles" / "scalebox-config"
+    real.parent.mkdir()
+    real.write_text("SCALEBOX_URL=http://old\n")
+    link = tmp_path / "cfg" / "config"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    save_login(link, "http://127.0.0.1:8080", TOKEN)
+    assert link.is_symlink()
+    assert f"SCALEBOX_TOKEN={TOKEN}" in real.read_text()
+    assert stat.S_IMODE(real.stat().st_mode) == 0o600
+
+
 def test_key_at_a_missing_file_is_refused_before_sending(scalebox: Cli, dead_url: str) -> None:
     result = scalebox(
         "vm", "create", "-k", "@/nonexistent/k.pub", SCALEBOX_URL=dead_url, SCALEBOX_TOKEN=TOKEN

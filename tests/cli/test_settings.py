@@ -59,6 +59,27 @@ def test_user_file_beats_system_file(tmp_path: Path, system_file: Path) -> None:
     assert found.token_source == f"{user} line 3"
 
 
+def test_a_token_file_others_can_read_is_warned_about(tmp_path: Path, system_file: Path) -> None:
+    user = write(tmp_path / ".config/scalebox/config", f"SCALEBOX_TOKEN={TOKEN_B}\n")
+    user.chmod(0o644)
+    found = settings.load({"HOME": str(tmp_path)}, system_file)
+    assert found.token == TOKEN_B
+    assert found.warnings == (
+        f"{user} holds the API token and other users may read it (mode 0644): "
+        f"run `chmod 600 {user}`",
+    )
+    user.chmod(0o600)
+    assert settings.load({"HOME": str(tmp_path)}, system_file).warnings == ()
+
+
+def test_a_system_token_file_may_be_shared_with_a_group(tmp_path: Path, system_file: Path) -> None:
+    write(system_file, f"SCALEBOX_TOKEN={TOKEN_A}\n").chmod(0o640)
+    assert settings.load({"HOME": str(tmp_path)}, system_file).warnings == ()
+    system_file.chmod(0o644)
+    (warning,) = settings.load({"HOME": str(tmp_path)}, system_file).warnings
+    assert warning.startswith(f"{system_file} holds the API token and other users may read")
+
+
 def test_environment_beats_both_files(tmp_path: Path, system_file: Path) -> None:
     write(system_file, f"SCALEBOX_URL=http://10.9.9.9:8080\nSCALEBOX_TOKEN={TOKEN_A}\n")
     write(tmp_path / ".config/scalebox/config", "SCALEBOX_URL=http://127.0.0.5:9000\n")

@@ -548,7 +548,8 @@ def save_login(path: Path, url: str, token: str) -> None:
     try:
         # The directory holds a secret too: create it private (mkdir honours umask too).
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fsutil.atomic_write(path, text, mode=0o600)
+        # Through a symlink (a dotfiles checkout), not over it.
+        fsutil.atomic_write(path.resolve() if path.is_symlink() else path, text, mode=0o600)
     except OSError as exc:  # a read-only or full HOME, a file where a folder should be
         raise ConfigError(
             f"the server accepted the token, but it cannot be saved to {path}: "

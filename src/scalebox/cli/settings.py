@@ -13,6 +13,7 @@ the files is the only side effect and lives in ``load``.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ class ConfigFile:
     # It exists but cannot be read as a config (a directory, a FIFO, a symlink loop, not
     # UTF-8): told like a file that cannot be parsed, when the search needs it.
     error: ConfigError | None = None
+    mode: int | None = None  # permission bits of the file read (None when not read)
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,7 @@ def resolve(environ: Mapping[str, str], files: Sequence[ConfigFile]) -> Settings
             token_skipped = f"the token in {where} is for {own_url[0]}, not {url}"
             continue
         token, token_source = check_token(raw, where), where
+        warnings.extend(_open_to_others(files, index))
         break
 
     return Settings(
@@ -188,6 +191,22 @@ def resolve(environ: Mapping[str, str], files: Sequence[ConfigFile]) -> Settings
     )
 
 
+def _open_to_others(files: Sequence[ConfigFile], source: int) -> list[str]:
+    """A warning if others may read the file the token came from (source 0 is the
+    environment, 1 the user's own file, which is theirs alone; a system file may be
+    shared with a group)."""
+    if source == 0:
+        return []
+    file = files[source - 1]
+    others = 0o077 if source == 1 else 0o007
+    if file.mode is None or not file.mode & others:
+        return []
+    return [
+        f"{file.path} holds the API token and other users may read it (mode "
+        f"{file.mode:04o}): run `chmod 600 {file.path}`"
+    ]
+
+
 def read_config_file(path: Path) -> ConfigFile:
     """The file as found; never raises (what cannot be read is in ``error``, for resolve
     to tell only if the search needs this file: the environment wins over it)."""
@@ -196,7 +215,8 @@ def read_config_file(path: Path) -> ConfigFile:
         if path.exists() and not path.is_file():  # a FIFO would wait for a writer for good
             error = ConfigError(f"cannot read {path}: it is not a regular file", fix)
             return ConfigFile(path, None, "not a regular file", error)
-        return ConfigFile(path, path.read_text())
+        with path.open(encoding="utf-8") as f:
+            return ConfigFile(path, f.read(), mode=stat.S_IMODE(os.fstat(f.fileno()).st_mode))
     except FileNotFoundError:
         return ConfigFile(path, None)
     except NotADirectoryError:  # HOME or XDG_CONFIG_HOME names a file: no config there
