@@ -31,6 +31,16 @@ def test_update_a_to_b_from_a_tarball_then_rollback_to_a(server: Server) -> None
     code, result, err = server.update(env=f"SCALEBOX_RELEASE_URL={tarball(B)}")
     assert (code, result["result"]) == (0, "up to date"), err
 
+    # Only says: --dry-run changes nothing with --rollback either.
+    code, result, err = server.update("--rollback", "--dry-run")
+    assert (code, result["result"], result["target"]) == (0, "dry run", A), err
+    assert result["message"].startswith(f"would roll back {B} -> {A} (releases/")
+    server.assert_intact(B)
+    code, result, err = server.update("--rollback", "--check")
+    assert code == 2, err
+    assert "cannot be combined with --rollback" in err
+    server.assert_intact(B)
+
     code, result, err = server.update("--rollback")
     assert code == 0, err
     assert (result["installed"], result["target"]) == (B, A)

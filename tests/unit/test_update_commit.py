@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from scalebox.update import commit, migrate
+from scalebox.update import commit, history, migrate
 from scalebox.update.context import Context
 from scalebox.update.paths import Paths
 from scalebox.update.systemd import Systemctl
@@ -53,6 +53,24 @@ def test_migration_records_are_pruned_with_their_releases(tmp_path: Path) -> Non
     ]
     assert "pruning the migration record of 0.9.0" in said
     assert "pruning the migration record of 1.1.0" in said
+
+
+def test_a_reinstall_keeps_the_release_rollback_goes_back_to(tmp_path: Path) -> None:
+    """`--force` of 1.1.0 with 1.7.0 and 1.8.0 pre-staged: the transaction came from
+    1.1.0 itself, and 1.0.0, what 1.1.0 was installed from, stays the way back."""
+    paths = Paths(tmp_path)
+    for version in ("1.0.0", "1.1.0", "1.7.0", "1.8.0"):
+        _release(paths, version)
+    paths.current.symlink_to("releases/1.1.0")  # releases/ exists: made by _release
+    entries = [
+        history.Entry("t", "a", "update", "1.0.0", "1.1.0", history.UPDATED),
+        history.Entry("t", "b", "update", "1.1.0", "1.1.0", history.UPDATED),
+    ]
+    with httpx.Client() as http:
+        ctx = Context(paths, Systemctl(), http, print)
+        pruned = commit.prune(ctx, previous="1.1.0", entries=entries)
+    assert pruned == ["1.7.0"]
+    assert sorted(d.name for d in paths.releases.iterdir()) == ["1.0.0", "1.1.0", "1.8.0"]
 
 
 def test_no_migrated_directory_is_fine(tmp_path: Path) -> None:

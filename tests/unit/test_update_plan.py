@@ -158,6 +158,32 @@ def test_previous_falls_back_to_newest_older_kept_release() -> None:
     assert plan.choose_previous([], "0.3.0", ["0.1.0", "0.2.0", "0.3.0", "0.4.0"]) == "0.2.0"
 
 
+def test_a_reinstall_does_not_hide_the_release_before_it() -> None:
+    """After `--force` (0.3.0 -> 0.3.0) the way back is still 0.2.0."""
+    entries = [_entry("0.2.0", "0.3.0", UPDATED), _entry("0.3.0", "0.3.0", UPDATED)]
+    assert plan.previous_release(entries, "0.3.0", {"0.2.0", "0.3.0"}) == "0.2.0"
+    assert plan.choose_previous(entries, "0.3.0", ["0.2.0", "0.3.0"]) == "0.2.0"
+
+
+def test_the_fallback_never_picks_a_release_that_never_ran_here() -> None:
+    """0.2.0 was only pre-staged (--stage --allow-downgrade): not a way back. With
+    history naming a source no longer kept, the fallback takes what ran here."""
+    entries = [_entry("0.1.0", "0.3.0", UPDATED), _entry("0.3.0", "0.4.0", UPDATED)]
+    kept = ["0.1.0", "0.2.0", "0.4.0"]
+    assert plan.choose_previous(entries, "0.4.0", kept) == "0.1.0"
+    assert plan.choose_previous(entries, "0.4.0", ["0.2.0", "0.4.0"]) is None
+    # With no history at all there is nothing to tell them apart by.
+    assert plan.choose_previous([], "0.4.0", ["0.2.0", "0.4.0"]) == "0.2.0"
+
+
+def test_the_rollback_target_is_never_pruned() -> None:
+    releases = [ReleaseDir(v, v, True) for v in ("1.0.0", "1.1.0", "1.7.0", "1.8.0")]
+    doomed = plan.to_prune(
+        releases, current="1.1.0", previous="1.1.0", failed=set(), rollback_target="1.0.0"
+    )
+    assert doomed == ["1.7.0"]
+
+
 def test_no_previous_when_nothing_older_is_kept() -> None:
     assert plan.choose_previous([], "0.1.0", ["0.1.0"]) is None
 

@@ -41,18 +41,32 @@ def prune(ctx: Context, *, previous: str | None, entries: list[history.Entry]) -
     current = stage.current_name(p)
     if current is None:
         return []
+    releases = stage.list_releases(p)
+    # What `--rollback` goes back to stays too, also when ``previous`` (the release this
+    # transaction came from) is the current one: a reinstall with --force.
+    target = rollback_target(releases, current, entries)
     doomed = plan.to_prune(
-        stage.list_releases(p),
+        releases,
         current=current,
         previous=previous,
         failed=plan.failed_versions(entries),
+        rollback_target=target,
     )
     for name in doomed:
         ctx.report(f"pruning releases/{name}")
         shutil.rmtree(p.release_dir(name), ignore_errors=True)
     # The running release's and the rollback target's records always stay.
-    kept = (
-        {r.name for r in stage.list_releases(p)} | {current} | ({previous} if previous else set())
-    )
+    kept = {r.name for r in stage.list_releases(p)} | {current}
+    kept |= {name for name in (previous, target) if name}
     migrate.prune_records(p, kept, ctx.report)
     return doomed
+
+
+def rollback_target(
+    releases: list[plan.ReleaseDir], current: str, entries: list[history.Entry]
+) -> str | None:
+    """The directory of the release `--rollback` would go back to now."""
+    version = next((r.version for r in releases if r.name == current), current)
+    kept = {r.version: r.name for r in releases if r.complete}
+    target = plan.choose_previous(entries, version, list(kept))
+    return kept[target] if target else None

@@ -239,7 +239,12 @@ def _emit(result: Result, as_json: bool) -> int:
 @click.option("--allow-downgrade", is_flag=True, help="Allow installing an older version.")
 @click.option("--allow-http", is_flag=True, help="Allow plain-http release URLs.")
 @click.option("--check", is_flag=True, help="Only say whether an update is available (exit 10).")
-@click.option("--dry-run", is_flag=True, help="Resolve, download and verify; change nothing.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Resolve, download and verify; change nothing (with --rollback: name the release "
+    "it would go back to).",
+)
 @click.option(
     "--stage",
     "stage_only",
@@ -300,6 +305,12 @@ def cli(  # noqa: PLR0917 - click passes every option as an argument
         )
     if check and dry_run:
         raise UsageError("--check and --dry-run are separate modes", "choose one")
+    if rollback and check:
+        raise UsageError(
+            "--check asks whether an update is available; it cannot be combined with --rollback",
+            "`scalebox-update --rollback --dry-run` says what a rollback would do, "
+            "`scalebox-update status` lists the kept releases",
+        )
     if stage_only and (check or rollback):
         raise UsageError("--stage cannot be combined with --check or --rollback", "choose one")
     preflight.require_root()
@@ -312,7 +323,7 @@ def cli(  # noqa: PLR0917 - click passes every option as an argument
         ),
     ):
         if rollback:
-            result = _rollback(ctx)
+            result = _rollback(ctx, dry_run=dry_run)
         else:
             result = _update(
                 ctx,
@@ -531,7 +542,7 @@ def _open(ctx: Context, tarball: Path) -> Release:
         raise UpdateError(f"{exc.what}; nothing was changed", exc.hint) from exc
 
 
-def _rollback(ctx: Context) -> Result:
+def _rollback(ctx: Context, *, dry_run: bool = False) -> Result:
     installed = preflight.check(ctx)
     kept = {r.version: r.name for r in stage.list_releases(ctx.paths) if r.complete}
     previous = plan.choose_previous(history.read(ctx.paths.history), installed.version, list(kept))
@@ -539,6 +550,14 @@ def _rollback(ctx: Context) -> Result:
         raise UpdateError(
             f"there is no earlier release kept to roll back to from {installed.version}",
             "install a specific version with `scalebox-update --to VERSION --allow-downgrade`",
+        )
+    if dry_run:
+        return _result(
+            "dry run",
+            installed.version,
+            previous,
+            f"would roll back {installed.version} -> {previous} (releases/{kept[previous]}); "
+            "nothing was changed",
         )
     _report(f"rolling back {installed.version} -> {previous} (releases/{kept[previous]})")
     outcome = transaction.install(

@@ -104,15 +104,16 @@ def to_prune(
     previous: str | None,
     failed: set[str],
     keep: int = KEEP_RELEASES,
+    rollback_target: str | None = None,
 ) -> list[str]:
     """Names of release directories to delete.
 
-    Keeps the ``keep`` newest good releases, always including ``current`` and
-    ``previous`` (by directory name). Failed releases (rolled back) never take
-    one of those places and are removed unless current or previous.
-    Unfinished directories are removed too.
+    Keeps the ``keep`` newest good releases, always including ``current``,
+    ``previous`` and ``rollback_target`` (by directory name). Failed releases
+    (rolled back) never take one of those places and are removed unless
+    protected. Unfinished directories are removed too.
     """
-    protected = {current} | ({previous} if previous else set())
+    protected = {current} | {name for name in (previous, rollback_target) if name}
     kept = {r.name for r in releases if r.name in protected and r.complete}
     candidates = sorted(
         (r for r in releases if r.complete and r.name not in kept and r.version not in failed),
@@ -140,25 +141,34 @@ def previous_release(
     """The version that ``--rollback`` returns to: what ``current`` was updated from.
 
     Walks history newest first for the update that installed the current
-    version, and returns its ``from`` if that release is still kept.
+    version, and returns its ``from`` if that release is still kept. A
+    reinstall of the same version (``--force``) is passed over: the release
+    to go back to is still the one before it.
     """
     for entry in reversed(entries):
         if entry.result == UPDATED and entry.to_version == current_version:
-            if entry.from_version in available and entry.from_version != current_version:
-                return entry.from_version
-            return None
+            if entry.from_version == current_version:
+                continue
+            return entry.from_version if entry.from_version in available else None
     return None
 
 
 def choose_previous(
     entries: Sequence[Entry], current_version: str, available: Sequence[str]
 ) -> str | None:
-    """History's answer when it has one, else the newest kept release older than current."""
+    """History's answer when it has one, else the newest kept release older than
+    current that ran on this server (a pre-staged release never ran: it is no
+    release to go back to). With no history at all, the newest kept older one."""
     from_history = previous_release(entries, current_version, set(available))
     if from_history:
         return from_history
+    ran = {e.from_version for e in entries} | {e.to_version for e in entries if e.result == UPDATED}
     try:
-        older = [v for v in available if versions.compare(v, current_version) < 0]
+        older = [
+            v
+            for v in available
+            if versions.compare(v, current_version) < 0 and (not entries or v in ran)
+        ]
     except versions.InvalidVersion:
         return None
     return max(older, key=versions.parse) if older else None
