@@ -63,6 +63,17 @@ def test_a_tampered_prestaged_release_is_rebuilt_not_trusted(server: Server) -> 
     code, result, err = server.update("--stage", env=URL_B)
     assert (code, result["result"]) == (0, "staged"), err
     site = f"/opt/scalebox/releases/{B}/venv/lib/python3*/site-packages"
+    # A mode is part of what was staged: a daemon script no longer executable (it would
+    # fail every update's config check) and a world-writable package are rebuilt too.
+    server.sh(f"chmod 644 /opt/scalebox/releases/{B}/venv/bin/scaleboxd")
+    server.sh(f"chmod 777 {site}/scalebox/cli")
+    code, result, err = server.update("--stage", env=URL_B)
+    assert (code, result["result"]) == (0, "staged"), err
+    assert f"releases/{B} is not exactly what this release builds; rebuilding it" in err
+    modes = server.sh(
+        f"stat -c %a /opt/scalebox/releases/{B}/venv/bin/scaleboxd {site}/scalebox/cli"
+    ).stdout.split()
+    assert modes == ["755", "755"]
     server.sh(f"echo 'raise SystemExit(3)' >> {site}/scalebox/daemon/main.py")
     code, result, err = server.update(env=URL_B)
     assert (code, result["result"]) == (0, "updated"), err

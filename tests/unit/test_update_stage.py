@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -78,11 +79,12 @@ def test_the_installer_hands_over_the_sha256_of_every_file_it_wrote(
     venv = tmp_path / "release" / "venv"
     known = stage._install(venv, release.root / "wheels", VERSION, "python3")
     on_disk = stage.file_record(venv.parent)
-    site = {rel for rel in on_disk if "/site-packages/" in rel}
+    site = {rel for rel in on_disk if "/site-packages/" in rel and not rel.endswith("/")}
     assert any(rel.endswith(".pyc") for rel in site)
     assert site <= known.keys()  # every file of site-packages, its .pyc included
     assert "venv/bin/scaleboxd" in known  # and the scripts installer made
-    assert {rel: on_disk.get(rel) for rel in known} == known
+    # The record adds each file's mode and owner to the installer's sha256.
+    assert {rel: on_disk[rel].split(" ")[0] for rel in known} == known
     assert not (venv.parent / ".install-hashes.json").exists()
 
 
@@ -313,6 +315,23 @@ def test_a_complete_release_whose_files_changed_is_rebuilt_not_reused(
     # A staged file removed, or one added, counts as changed too.
     (built / "venv" / "extra").write_text("x")
     assert not stage.unchanged(built)
+    (built / "venv" / "extra").unlink()
+    assert stage.unchanged(built)
+    # And so does a file's or a directory's mode or owner (a setuid bit, a script no
+    # longer executable, a world-writable package, a file given to another user).
+    script, package = built / "venv" / "bin" / "scaleboxd", cli.parent
+    changes: list[tuple[Path, Callable[[Path], None], Callable[[Path], None]]] = [
+        (script, lambda p: p.chmod(0o644), lambda p: p.chmod(0o755)),
+        (cli, lambda p: p.chmod(0o4644), lambda p: p.chmod(0o644)),
+        (package, lambda p: p.chmod(0o777), lambda p: p.chmod(0o755)),
+    ]
+    if os.geteuid() == 0:  # only root gives a file away (CI runs as root)
+        changes.append((cli, lambda p: os.chown(p, 65534, -1), lambda p: os.chown(p, 0, -1)))
+    for path, change, undo in changes:
+        change(path)
+        assert not stage.unchanged(built), path
+        undo(path)
+        assert stage.unchanged(built), path
 
 
 def test_the_record_names_every_kind_of_entry_and_never_opens_a_fifo(tmp_path: Path) -> None:
@@ -336,18 +355,33 @@ def test_the_record_names_every_kind_of_entry_and_never_opens_a_fifo(tmp_path: P
         with (tree / "venv" / "pipe").open("wb"):
             pass
         pytest.fail("file_record opened the FIFO and waited for a writer")
+
+    def meta(rel: str) -> str:
+        st = (tree / rel).lstat()
+        return f"{stat.S_IMODE(st.st_mode):04o} {st.st_uid}:{st.st_gid}"
+
     assert found == [
         {
-            "venv/lib/a.py": "sha256:" + hashlib.sha256(b"print(1)\n").hexdigest(),
+            "venv/": "dir " + meta("venv"),
+            "venv/lib/": "dir " + meta("venv/lib"),
+            "venv/bin/": "dir " + meta("venv/bin"),
+            "venv/lib/a.py": "sha256:"
+            + hashlib.sha256(b"print(1)\n").hexdigest()
+            + " "
+            + meta("venv/lib/a.py"),
             "venv/bin/python": "symlink:/usr/bin/python3",
             "venv/lib64": "symlink:lib",
             "venv/pipe": "special",
             f"venv/{stage.COMPLETE}": "sha256:"
-            + hashlib.sha256(b"not the marker: below the top\n").hexdigest(),
+            + hashlib.sha256(b"not the marker: below the top\n").hexdigest()
+            + " "
+            + meta(f"venv/{stage.COMPLETE}"),
         }
     ]
     known = {"venv/lib/a.py": "sha256:from-the-installer"}
-    assert stage.file_record(tree, known)["venv/lib/a.py"] == "sha256:from-the-installer"
+    assert stage.file_record(tree, known)["venv/lib/a.py"] == (
+        "sha256:from-the-installer " + meta("venv/lib/a.py")
+    )
 
 
 # --- a build next to the running release links the files it shares with it ---------------

@@ -213,7 +213,10 @@ def write_record(directory: Path, known: dict[str, str] | None = None) -> None:
 
 def file_record(directory: Path, known: dict[str, str] | None = None) -> dict[str, str]:
     """sha256 of every regular file under ``directory`` (from ``known`` where it names
-    the file), the target of every symlink, and the kind of anything else."""
+    the file), the target of every symlink, the kind of anything else; and the mode
+    and owner of every file and directory (``dir/``): a chmod or chown of a staged
+    file (a setuid bit, a world-writable module, a script no longer executable) is a
+    change like any other."""
     known = known or {}
     record: dict[str, str] = {}
     for rel, entry in _entries(os.fspath(directory)):
@@ -221,13 +224,19 @@ def file_record(directory: Path, known: dict[str, str] | None = None) -> dict[st
             continue
         if entry.is_symlink():
             record[rel] = "symlink:" + str(Path(entry.path).readlink())
+            continue
+        meta = _mode_and_owner(entry.stat(follow_symlinks=False))
+        if entry.is_dir(follow_symlinks=False):
+            record[rel + "/"] = "dir " + meta
         elif not entry.is_file(follow_symlinks=False):
             record[rel] = "special"  # a FIFO or device node is never opened (nor waited on)
-        elif rel in known:
-            record[rel] = known[rel]
         else:
-            record[rel] = _sha256(entry.path)
+            record[rel] = f"{known.get(rel) or _sha256(entry.path)} {meta}"
     return record
+
+
+def _mode_and_owner(st: os.stat_result) -> str:
+    return f"{stat.S_IMODE(st.st_mode):04o} {st.st_uid}:{st.st_gid}"
 
 
 def _sha256(path: str) -> str:
@@ -242,11 +251,11 @@ def _sha256(path: str) -> str:
 
 
 def _entries(top: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
-    """Every entry under ``top`` but directories, by its /-path; symlinks to directories
-    are entries, never followed. scandir's entries carry their type, so the walk costs
-    no stat per file: for 6,050 files with every hash known, 0.025 s of CPU against
-    0.24 s with a Path, a relative_to and an lstat per file. An explicit stack, not
-    recursion: no tree is too deep for it."""
+    """Every entry under ``top``, by its /-path; symlinks to directories are entries,
+    never followed. scandir's entries carry their type, and the one lstat each takes
+    is a syscall, not a Path: for 6,050 files with every hash known, ~0.06 s of CPU
+    against 0.24 s with a Path, a relative_to and an lstat per file. An explicit stack,
+    not recursion: no tree is too deep for it."""
     stack = [(top, "")]
     while stack:
         directory, prefix = stack.pop()
@@ -255,8 +264,7 @@ def _entries(top: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
                 rel = prefix + entry.name
                 if entry.is_dir(follow_symlinks=False):
                     stack.append((entry.path, rel + "/"))
-                else:
-                    yield rel, entry
+                yield rel, entry
 
 
 def unchanged(directory: Path) -> bool:

@@ -116,7 +116,8 @@ class Donor:
     """The running release's venv, and what its staging recorded it wrote."""
 
     venv: Path
-    # "venv/<path>" -> "sha256:<hex>", as stage.file_record wrote it (empty: no record)
+    # "venv/<path>" -> "sha256:<hex> <mode> <uid>:<gid>", as stage.file_record wrote it
+    # (an older updater's record: "sha256:<hex>" alone; empty: no record)
     record: dict[str, str]
 
     @classmethod
@@ -144,14 +145,15 @@ class Donor:
         return os.path.join(self.venv, relative)  # noqa: PTH118 -- hot path
 
     def recorded(self, theirs: str) -> str | None:
-        """The record's value for the donor's file ``theirs`` (a path from ``path()``)."""
+        """The sha256 the record holds for the donor's file ``theirs`` (a path from
+        ``path()``), as "sha256:<hex>"."""
         top = os.fspath(self.venv.parent) + os.sep
         if theirs.startswith(top):
             relative = theirs[len(top) :]
         else:
             relative = os.path.relpath(theirs, self.venv.parent)
         value = self.record.get(relative.replace(os.sep, "/"))
-        return value if isinstance(value, str) else None
+        return value.split(" ", 1)[0] if isinstance(value, str) else None
 
 
 def link_if(
