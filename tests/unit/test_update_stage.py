@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
+import signal
 import stat
 import subprocess
 import threading
@@ -20,7 +22,7 @@ from tools import keygen
 from scalebox import fsutil
 from scalebox.release.verify import Release, open_release
 from scalebox.update import stage
-from scalebox.update.errors import UpdateError
+from scalebox.update.errors import CommandError, UpdateError
 from scalebox.update.paths import Paths
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -332,6 +334,29 @@ def test_a_complete_release_whose_files_changed_is_rebuilt_not_reused(
         assert not stage.unchanged(built), path
         undo(path)
         assert stage.unchanged(built), path
+
+
+def test_a_disk_that_fails_under_the_install_is_blamed_on_the_disk_not_the_release(
+    release: Release, tmp_path: Path
+) -> None:
+    """A write the file system refuses (here RLIMIT_FSIZE's EFBIG: a real failed write,
+    as a full disk's ENOSPC would be) names the file and says what to do about the disk;
+    the release's wheels are not blamed."""
+    paths = Paths(tmp_path / "server")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, limit[1]))
+    try:
+        with pytest.raises(CommandError) as caught:
+            stage.build(paths, release.root, VERSION, python="python3", report=lambda _: None)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert caught.value.exit_status == stage.EXIT_DISK
+    assert f"cannot install scalebox=={VERSION}: File too large: " in caught.value.what
+    assert str(paths.release_dir(VERSION) / "venv") in caught.value.what
+    assert caught.value.hint == stage.DISK_HINT
+    assert "do not install" not in caught.value.what + str(caught.value.hint)
 
 
 def test_the_record_names_every_kind_of_entry_and_never_opens_a_fifo(tmp_path: Path) -> None:

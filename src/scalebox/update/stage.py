@@ -35,6 +35,11 @@ COMPLETE = ".complete"
 # What staging wrote (sha256 per file, target per symlink): a pre-staged release is
 # re-checked against it before an update reuses it.
 STAGED_FILES = ".staged-files.json"
+EXIT_DISK = 3  # wheel_install.py's exit when writing the venv failed (its EXIT_DISK)
+DISK_HINT = (
+    "nothing was changed; if the message says the disk is full or read-only, free space "
+    "on that file system (`df -h`) or remount it read-write, then run scalebox-update again"
+)
 # Run by the new venv's interpreter, so it imports nothing of the running release.
 INSTALL_SCRIPT = Path(__file__).with_name("wheel_install.py")
 MANIFEST = "RELEASE.json"
@@ -363,29 +368,39 @@ def _install(
             hint=hint,
         )
         return {}
-    process.run([python, "-m", "venv", "--without-pip", str(venv)], "create the release venv")
+    process.run(
+        [python, "-m", "venv", "--without-pip", str(venv)],
+        "create the release venv",
+        hint=DISK_HINT,
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     # Beside the venv, inside the unfinished release: gone with it if this run dies.
     hashes = venv.parent / ".install-hashes.json"
-    process.run(
-        [
-            str(venv / "bin" / "python"),
-            "-s",
-            str(INSTALL_SCRIPT),
-            "--hashes",
-            str(hashes),
-            *(["--workers", "1"] if priority.lowered() else []),
-            # Killed with this updater, not left writing into the release it builds.
-            "--parent",
-            str(os.getpid()),
-            str(wheels),
-            f"scalebox=={version}",
-            *([str(donor), str(donor.parent / STAGED_FILES)] if donor is not None else []),
-        ],
-        f"install scalebox {version} from the release's wheels",
-        env={**env, "PYTHONPATH": os.pathsep.join(str(t) for t in tools)},
-        hint=hint,
-    )
+    try:
+        process.run(
+            [
+                str(venv / "bin" / "python"),
+                "-s",
+                str(INSTALL_SCRIPT),
+                "--hashes",
+                str(hashes),
+                *(["--workers", "1"] if priority.lowered() else []),
+                # Killed with this updater, not left writing into the release it builds.
+                "--parent",
+                str(os.getpid()),
+                str(wheels),
+                f"scalebox=={version}",
+                *([str(donor), str(donor.parent / STAGED_FILES)] if donor is not None else []),
+            ],
+            f"install scalebox {version} from the release's wheels",
+            env={**env, "PYTHONPATH": os.pathsep.join(str(t) for t in tools)},
+            hint=hint,
+        )
+    except CommandError as exc:
+        if exc.exit_status != EXIT_DISK:
+            raise
+        # The server's disk failed under the install, not the release's wheels.
+        raise CommandError(exc.what, DISK_HINT, exit_status=exc.exit_status) from None
     try:
         written = json.loads(hashes.read_bytes())
     except (OSError, ValueError):

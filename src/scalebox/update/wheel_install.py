@@ -328,6 +328,18 @@ class CollectingDestination(SchemeDictionaryDestination):
     def write_to_fs(
         self, scheme: Scheme, path: str, stream: BinaryIO, is_executable: bool
     ) -> RecordEntry:
+        try:
+            return self._write_to_fs(scheme, path, stream, is_executable)
+        except OSError as exc:
+            if exc.filename is not None or exc.errno is None:
+                raise
+            # A failed write(2) names no file (No space left on device); the admin needs it.
+            where = os.path.join(self.scheme_dict[scheme], path)  # noqa: PTH118
+            raise OSError(exc.errno, exc.strerror, os.path.normpath(where)) from exc
+
+    def _write_to_fs(
+        self, scheme: Scheme, path: str, stream: BinaryIO, is_executable: bool
+    ) -> RecordEntry:
         site = self.sites.get(scheme)
         if site is None:
             site = self.sites[scheme] = os.path.abspath(self.scheme_dict[scheme])  # noqa: PTH100
@@ -576,6 +588,9 @@ def install_all(
     }
 
 
+EXIT_DISK = 3  # writing the venv failed (No space left on device, Read-only file system)
+
+
 def main(argv: list[str]) -> int:
     hashes_file, workers = None, None
     while argv[:1] in (["--hashes"], ["--workers"], ["--parent"]) and len(argv) > 1:
@@ -604,6 +619,10 @@ def main(argv: list[str]) -> int:
         hashes = install_all(wheels, root, donor, workers)
         if hashes_file is not None:
             hashes_file.write_text(json.dumps(hashes, sort_keys=True))
+    except OSError as exc:  # the server's disk, not the wheels: a full or read-only fs
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"cannot install {root}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_DISK
     except Exception as exc:  # noqa: BLE001 -- one line, whatever failed (a worker killed, a bad wheel)
         print(f"cannot install {root}: {str(exc) or type(exc).__name__}", file=sys.stderr)
         return 1
