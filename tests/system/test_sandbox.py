@@ -225,6 +225,10 @@ def test_a_vm_whose_container_powers_off_is_reported_stopped_and_deletes_cleanly
     )
     assert created.status_code == 201, created.text
     vm_id, port = created.json()["id"], created.json()["ssh_port"]
+    # Its user also makes sure it never answers ssh again: at scaleboxd's next start its
+    # boot fails after a minute, and that minute kept the API down (longer than systemd
+    # waits: scaleboxd never started at all).
+    s.ssh(port, "/root/one", "sudo systemctl mask ssh.service ssh.socket")
     s.ssh(port, "/root/one", "sudo systemctl poweroff")  # the session ends with the VM
     deadline = time.monotonic() + 60
     status = ""
@@ -234,8 +238,19 @@ def test_a_vm_whose_container_powers_off_is_reported_stopped_and_deletes_cleanly
     assert status == "stopped"
     listed = {vm["id"]: vm["status"] for vm in s.api("GET", "/vms").json()["vms"]}
     assert listed[vm_id] == "stopped"
+
+    started = time.monotonic()
+    s.sh("systemctl restart scaleboxd")
+    assert time.monotonic() - started < 20
+    assert s.api("GET", "/health").status_code == 200
+    # The boot goes on in the background; reads answer meanwhile.
+    assert s.api("GET", f"/vms/{vm_id}").json()["status"] in {"stopped", "starting", "running"}
+    # A delete waits for that boot to give up (up to a minute), then deletes.
     assert s.api("DELETE", f"/vms/{vm_id}").status_code == 204
+    assert s.api("GET", f"/vms/{vm_id}").status_code == 404
     assert s.leftovers(vm_id, port) == []
+    logged = s.sh("journalctl -u scaleboxd -o cat --no-pager").stdout
+    assert "starting the guests of 1 stopped VM(s) while serving" in logged
 
 
 def _update(s: Sandbox, args: str = "", env: str = "") -> dict[str, object]:

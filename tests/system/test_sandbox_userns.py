@@ -120,6 +120,12 @@ def test_each_vm_keeps_its_own_range_across_restarts(sandbox: Sandbox) -> None:
         # A VM that stopped is started again by scaleboxd with the same range.
         s.sh(f"systemctl stop scalebox-vm@{ids[0]}.service")
         s.sh("systemctl restart scaleboxd")
+        # Booted in the background once the API serves (VMService.boot_stopped).
+        started_again = f"VM {ids[0]} ({vms[0]['name']}) was not running; started its guest again"
+        deadline = time.monotonic() + 60
+        while started_again not in s.sh("journalctl -u scaleboxd --no-pager -o cat").stdout:
+            assert time.monotonic() < deadline, "the stopped VM was not started again"
+            time.sleep(0.5)
         assert s.api("GET", f"/vms/{ids[0]}").json()["status"] == "running"
         assert main_pid(s, ids[0]) not in ("0", pids[0])
         assert uid_base(s, ids[0]) == bases[0]
@@ -127,7 +133,7 @@ def test_each_vm_keeps_its_own_range_across_restarts(sandbox: Sandbox) -> None:
         # Its forwarder outlived the container and is kept, not made twice.
         logged = s.sh("journalctl -u scaleboxd --since=-2min --no-pager -o cat").stdout
         assert "could not be started" not in logged, logged
-        assert f"VM {ids[0]} ({vms[0]['name']}) was not running; started its guest again" in logged
+        assert started_again in logged
         deadline = time.monotonic() + 30
         while True:
             done = s.ssh(int(str(vms[0]["ssh_port"])), KEY, "sudo -n id -u")

@@ -287,10 +287,18 @@ def test_start_restarts_a_guest_that_died_while_the_daemon_was_down(
     assert wait_dead(vm.pid)
 
     second = new_service(config, "second")
+    # start() boots nothing itself (a guest that never comes up kept the API down):
+    # the boot comes after, in the background, while the API serves.
+    assert second.get_vm(vm.id).status == "stopped"
+    booting = second.boot_stopped()
+    assert booting is not None
+    booting.join(60)
     again = second.get_vm(vm.id)
     assert again.status == "running" and again.pid != vm.pid
     assert knock(vm.ssh_port)["vm"] == vm.id
     assert f"VM {vm.id} ({vm.name}) was not running; started its guest again" in caplog.text
+    assert second.boot_stopped() is None  # nothing left to boot
+    second.close()
 
 
 def test_a_guest_that_cannot_start_is_reported_with_its_output_and_not_left_behind(
@@ -303,6 +311,9 @@ def test_a_guest_that_cannot_start_is_reported_with_its_output_and_not_left_behi
     # Someone took the port while the daemon was down (the same address the guest binds).
     with socket.create_server(("0.0.0.0", vm.ssh_port)):
         second = new_service(config, "second")
+        booting = second.boot_stopped()
+        assert booting is not None
+        booting.join(60)
         again = second.get_vm(vm.id)
     assert again.status == "stopped"
     assert ProcessBackend(config.data_dir).list_running() == {}

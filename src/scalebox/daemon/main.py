@@ -203,6 +203,7 @@ def serve(config: ServerConfig, config_path: Path, bind: str, *, handover: bool 
             log.info("stopping before serving: received signal %d", stop_requested[0])
             systemd.notify("STOPPING=1")
             return 0
+        service.boot_stopped()  # VMs found stopped boot while the API serves
         draining = threading.Event()
         app = CloseWhenDraining(create_app(config, service, log.getChild("api")), draining)
         uv_config = uvicorn.Config(

@@ -24,7 +24,6 @@ from functools import partial
 from pathlib import Path
 
 from scalebox.config import ServerConfig
-from scalebox.daemon import systemd
 from scalebox.daemon.errors import (
     ApiError,
     Conflict,
@@ -144,6 +143,9 @@ class VMService:
         self._cpu = hostinfo.CpuMeter()
         self._read_only = read_only
         self._state_seen: tuple[int, int] | None = None  # (mtime_ns, inode) last read
+        # VMs found stopped at start: booted by boot_stopped() while the API serves.
+        self._to_boot: list[str] = []
+        self._closing = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -196,10 +198,45 @@ class VMService:
             # what the disk does (a 507) until the disk has room.
             self._tolerated("save the state", self._save)
 
+    def boot_stopped(self) -> threading.Thread | None:
+        """Start, in the background, the guests of the VMs start() found stopped (after a
+        reboot, or a guest that powered itself off).
+
+        Not in start(): one boot takes up to the backend's ready_timeout, and a guest
+        that never comes up (its user masked sshd and powered it off) kept the API down
+        for a minute at every start, longer than systemd waits, so scaleboxd never
+        started at all. One VM at a time, each as a change of its own (a create or a
+        delete waits for it, reads do not); a stop ends the boots after the current one.
+        """
+        if not self._to_boot:
+            return None
+        thread = threading.Thread(target=self._boot_each, name="boot-stopped-vms", daemon=True)
+        thread.start()
+        return thread
+
+    def _boot_each(self) -> None:
+        pending, self._to_boot = self._to_boot, []
+        self._log.info("starting the guests of %d stopped VM(s) while serving", len(pending))
+        for vm_id in pending:
+            if self._closing.is_set():
+                self._log.info("stopping: the stopped VMs not started yet start at the next start")
+                return
+            with self._changes:
+                with self._lock:
+                    vm = self._vms.get(vm_id)
+                if vm is None:  # deleted meanwhile
+                    continue
+                if self._backend.status(vm.id, vm.pid).status in {"running", "starting"}:
+                    continue  # started meanwhile
+                self._restart(vm)
+                with self._lock:
+                    self._tolerated("save the state", self._save)
+
     def close(self) -> None:
         """Save the state. VMs keep running: they outlive the daemon on purpose."""
         if self._read_only:
             return
+        self._closing.set()  # no further background boot begins
         with self._changes, self._lock:  # a change under way ends first, and is saved
             self._save()
 
@@ -622,12 +659,16 @@ class VMService:
             raise
         self._sync_dir(self._vms_dir)
 
-    def _start_guest(self, vm: VM) -> VM:
-        """Start the guest and wait until it answers on its port."""
+    def _start_guest(self, vm: VM, cancel: threading.Event | None = None) -> VM:
+        """Start the guest and wait until it answers on its port. ``cancel`` set (the
+        daemon stops) ends the wait: the guest goes on booting, and the next start
+        adopts it."""
         pid = self._backend.start(vm.id)
         vm = replace(vm, pid=pid)
         deadline = time.monotonic() + self._backend.ready_timeout
         while time.monotonic() < deadline:
+            if cancel is not None and cancel.is_set():
+                return vm
             seen = self._backend.status(vm.id, vm.pid)
             if seen.status in {"stopped", "failed"}:
                 break
@@ -716,7 +757,9 @@ class VMService:
                     self._log.error("VM %s (%s) runs, but %s", vm.id, vm.name, exc)
                 self._log.info("re-adopted VM %s (%s), guest pid %s", vm.id, vm.name, pid)
             else:
-                self._restart(vm)
+                # Not running: booted once the API serves (boot_stopped), not here.
+                self._vms[vm.id] = replace(vm, pid=None)
+                self._to_boot.append(vm.id)
 
     def _stop_orphans(self, running: dict[str, int | None], clean: bool) -> set[str]:
         """Stop guests the state does not list; return those that could not be stopped."""
@@ -788,17 +831,18 @@ class VMService:
                               what, vm_id)  # fmt: skip
 
     def _restart(self, vm: VM) -> None:
-        # Each boot may take up to ready_timeout: systemd is told, so that a start that
-        # restarts many VMs (after a reboot) is not killed by TimeoutStartSec.
-        systemd.notify(f"EXTEND_TIMEOUT_USEC={int((self._backend.ready_timeout + 30) * 1e6)}")
+        """Start a stopped VM's guest again (boot_stopped's thread, holding _changes)."""
         try:
-            started = self._start_guest(vm)
+            started = self._start_guest(vm, cancel=self._closing)
         except (ApiError, OSError) as exc:
-            self._vms[vm.id] = replace(vm, pid=None)
+            with self._lock:
+                if vm.id in self._vms:
+                    self._vms[vm.id] = replace(vm, pid=None)
             self._log.error("VM %s (%s) is not running and could not be started: %s",
                             vm.id, vm.name, exc)  # fmt: skip
             return
-        self._vms[vm.id] = started
+        with self._lock:
+            self._vms[vm.id] = started
         self._log.warning("VM %s (%s) was not running; started its guest again (pid %s)",
                           vm.id, vm.name, started.pid)  # fmt: skip
         # It runs either way: its record (the pid, for a start without a state file) is
