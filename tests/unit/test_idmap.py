@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import stat
+import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,6 +114,59 @@ def test_a_copy_seen_through_a_vm_is_shifted_back_keeping_setuid_bits(tmp_path: 
     assert stranger.stat().st_uid == 4242
     assert tree.stat().st_uid == 0
     assert Path("/etc/passwd").stat().st_uid == before.st_uid
+
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """A POSIX ACL xattr: version 2, then (tag, perm, id) entries."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+
+
+# A journal directory's ACL as systemd sets it: group adm (4) may read, as the host sees
+# a VM's group 4.
+UNDEFINED = 0xFFFFFFFF
+JOURNAL_ACL = [(0x01, 7, UNDEFINED), (0x04, 5, UNDEFINED), (0x08, 5, 4), (0x10, 5, UNDEFINED),
+               (0x20, 5, UNDEFINED)]  # fmt: skip
+
+
+def _caps(revision: int, rootid: int | None = None) -> bytes:
+    # cap_net_raw (13) permitted, effective flag set.
+    body = struct.pack("<I", revision | 0x1) + struct.pack("<IIII", 1 << 13, 0, 0, 0)
+    return body + (struct.pack("<I", rootid) if rootid is not None else b"")
+
+
+def test_acl_and_capability_values_are_shifted_back() -> None:
+    shifted = [(t, p, BASE + i if i != UNDEFINED else i) for t, p, i in JOURNAL_ACL]
+    assert idmap.unshifted_acl(_acl(*shifted), BASE) == _acl(*JOURNAL_ACL)
+    assert idmap.unshifted_acl(_acl(*JOURNAL_ACL), BASE) is None  # nothing of the range
+    assert idmap.unshifted_acl(b"\x02\x00\x00", BASE) is None  # not an ACL: left alone
+    # A capability a VM's root set (v3, its root as the host sees it) is a plain v2 one.
+    assert idmap.unshifted_caps(_caps(0x03000000, BASE), BASE) == _caps(0x02000000)
+    assert idmap.unshifted_caps(_caps(0x03000000, BASE + 1000), BASE) == _caps(0x03000000, 1000)
+    assert idmap.unshifted_caps(_caps(0x02000000), BASE) == _caps(0x02000000)
+
+
+@pytest.mark.skipif(not ROOT, reason="chowns files and sets capabilities (needs root)")
+def test_a_copy_keeps_its_acls_and_file_capabilities_shifted_back(tmp_path: Path) -> None:
+    """A snapshot's template kept ACLs naming the VM's host ids (a VM made from it could
+    not be snapshotted: cp failed on them), and lost every file capability to the chown."""
+    tree = tmp_path / "copy"
+    journal = tree / "var/log/journal"
+    journal.mkdir(parents=True)
+    shifted = [(t, p, BASE + i if i != UNDEFINED else i) for t, p, i in JOURNAL_ACL]
+    for name in idmap.ACL_XATTRS:
+        os.setxattr(journal, name, _acl(*shifted))
+    ping = tree / "ping"
+    ping.write_text("")
+    os.chown(ping, BASE, BASE)
+    os.setxattr(ping, idmap.CAPS_XATTR, _caps(0x02000000))
+    for path in (tree, tree / "var", tree / "var/log", journal):
+        os.chown(path, BASE, BASE)
+
+    assert idmap.unshift_tree(tree, BASE) == 5
+    for name in idmap.ACL_XATTRS:
+        assert os.getxattr(journal, name) == _acl(*JOURNAL_ACL)
+    assert ping.stat().st_uid == 0
+    assert os.getxattr(ping, idmap.CAPS_XATTR) == _caps(0x02000000)
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ import os
 import platform
 import shutil
 import stat
+import struct
 import subprocess
 import time
 from collections.abc import Iterable, Iterator
@@ -230,8 +231,11 @@ def unshift_tree(root: Path, base: int) -> int:
 
     For a copy made through a VM's overlay, which shows its files as the
     host sees the VM's UIDs. Symlinks are not followed; setuid and setgid
-    bits, which the kernel clears on a chown, are put back. Returns how
-    many files changed.
+    bits and file capabilities, which the kernel clears on a chown, are put
+    back (a capability's root id shifted too); the users and groups named in
+    POSIX ACLs are shifted like owners (left as they were, a VM made from the
+    template could not even copy them: they map to no one in its range).
+    Returns how many files changed.
     """
     changed = 0
 
@@ -240,17 +244,73 @@ def unshift_tree(root: Path, base: int) -> int:
         st = os.lstat(path)
         uid = st.st_uid - base if base <= st.st_uid < base + RANGE else st.st_uid
         gid = st.st_gid - base if base <= st.st_gid < base + RANGE else st.st_gid
+        names = [] if stat.S_ISLNK(st.st_mode) else os.listxattr(path, follow_symlinks=False)
+        acls_changed = _unshift_acls(path, names, base)
         if (uid, gid) == (st.st_uid, st.st_gid):
+            changed += acls_changed
             return
+        caps = os.getxattr(path, CAPS_XATTR, follow_symlinks=False) if CAPS_XATTR in names else None
         os.lchown(path, uid, gid)
         if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
             Path(path).chmod(stat.S_IMODE(st.st_mode))
+        if caps is not None:
+            os.setxattr(path, CAPS_XATTR, unshifted_caps(caps, base), follow_symlinks=False)
         changed += 1
 
     unshift(str(root))
     for parent, dirs, files in os.walk(root):
         for name in (*dirs, *files):
             unshift(f"{parent}/{name}")
+    return changed
+
+
+CAPS_XATTR = "security.capability"
+ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
+ACL_USER, ACL_GROUP = 0x02, 0x08  # the ACL entries that name an id (uapi posix_acl_xattr.h)
+VFS_CAP_REVISION_2, VFS_CAP_REVISION_3 = 0x02000000, 0x03000000
+VFS_CAP_REVISION_MASK = 0xFF000000
+
+
+def unshifted_acl(value: bytes, base: int) -> bytes | None:
+    """An ACL xattr (a u32 version, then u16 tag, u16 perm, u32 id per entry) with the
+    ids of base..base+65535 made id - base; None when it names none of them."""
+    if len(value) < 4 or (len(value) - 4) % 8:
+        return None
+    out = bytearray(value)
+    for offset in range(4, len(value), 8):
+        tag, _perm, ident = struct.unpack_from("<HHI", value, offset)
+        if tag in (ACL_USER, ACL_GROUP) and base <= ident < base + RANGE:
+            struct.pack_into("<I", out, offset + 4, ident - base)
+    return bytes(out) if out != value else None
+
+
+def unshifted_caps(value: bytes, base: int) -> bytes:
+    """A security.capability value as the template holds it: a namespaced (v3) one made
+    in the VM names its root as the host sees it (base); for root that is a plain v2
+    capability again, as the template's own files (ping) have."""
+    if len(value) != 24:  # v1 (12 bytes) and v2 (20) name no root id
+        return value
+    (magic,) = struct.unpack_from("<I", value, 0)
+    if magic & VFS_CAP_REVISION_MASK != VFS_CAP_REVISION_3:
+        return value
+    (rootid,) = struct.unpack_from("<I", value, 20)
+    if base <= rootid < base + RANGE:
+        rootid -= base
+    if rootid == 0:
+        flags = magic & ~VFS_CAP_REVISION_MASK & 0xFFFFFFFF
+        return struct.pack("<I", VFS_CAP_REVISION_2 | flags) + value[4:20]
+    return value[:20] + struct.pack("<I", rootid)
+
+
+def _unshift_acls(path: str, names: list[str], base: int) -> int:
+    """Shift the ids the file's ACLs name; 1 if any changed, else 0."""
+    changed = 0
+    for name in ACL_XATTRS:
+        if name in names:
+            value = unshifted_acl(os.getxattr(path, name, follow_symlinks=False), base)
+            if value is not None:
+                os.setxattr(path, name, value, follow_symlinks=False)
+                changed = 1
     return changed
 
 
