@@ -34,6 +34,10 @@ def test_stage_builds_b_beside_a_then_the_update_only_switches(server: Server) -
     code, result, err = server.update("--stage", env=URL_B)
     assert (code, result["result"]) == (0, "staged"), err
     assert (result["installed"], result["target"]) == (A, B)
+    # It came from SCALEBOX_RELEASE_URL: the command it names finds it there again.
+    assert "`scalebox-update` with the same SCALEBOX_RELEASE_URL switches to it" in str(
+        result["message"]
+    )
     staged = f"/opt/scalebox/releases/{B}"
     assert (
         server.sh(f"test -f {staged}/.complete && test -x {staged}/venv/bin/scaleboxd").returncode

@@ -148,3 +148,19 @@ def test_an_update_gives_way_before_it_makes_its_http_client_and_a_rollback_does
     assert result.exit_code != 0, result.output
     assert seen == [lowered]
     assert not priority.lowered()
+
+
+def test_a_prestage_names_the_command_that_switches_to_what_it_staged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--to 0.9.0` alone is refused for an older release, and a release found through
+    SCALEBOX_RELEASE_URL may have no GitHub tag to find it by."""
+    monkeypatch.delenv("SCALEBOX_RELEASE_URL", raising=False)
+    assert main._switch_command("1.0.0", "1.1.0") == "`scalebox-update --to 1.1.0`"
+    assert main._switch_command("1.0.0", "0.9.0") == (
+        "`scalebox-update --to 0.9.0 --allow-downgrade`"
+    )
+    monkeypatch.setenv("SCALEBOX_RELEASE_URL", "/srv/scalebox-0.9.0-x86_64.tar.gz")
+    assert main._switch_command("1.0.0", "0.9.0") == (
+        "`scalebox-update --allow-downgrade` with the same SCALEBOX_RELEASE_URL"
+    )

@@ -69,7 +69,11 @@ def _note(signum: int, text: str) -> None:
 def _on_signal(signum: int, _frame: types.FrameType | None) -> None:
     name = signal.Signals(signum).name
     if signum == signal.SIGHUP:
-        _note(signum, f"{name} (the terminal hung up): carrying on; see `scalebox-update history`")
+        _note(
+            signum,
+            f"{name} (the terminal hung up): carrying on; `scalebox-update history` (or, "
+            "for --stage, `scalebox-update status`) shows how it ended",
+        )
         return
     global _stopping  # noqa: PLW0603 - one process-wide flag, read by this handler
     if _shield_depth or _settled:

@@ -469,8 +469,19 @@ def _pre_stage(ctx: Context, installed: str, release: Release) -> Result:
         release.version,
         f"staged {release.version} in {ctx.paths.release_dir(name)} ({how}, verified, "
         f"accepts the live config); scaleboxd {installed} keeps running; "
-        f"`scalebox-update --to {release.version}` switches to it",
+        f"{_switch_command(installed, release.version)} switches to it",
     )
+
+
+def _switch_command(installed: str, version: str) -> str:
+    """The command that switches to a pre-staged ``version``, as this one found it."""
+    older = False
+    with contextlib.suppress(versions.InvalidVersion):
+        older = versions.compare(version, installed) < 0
+    flag = " --allow-downgrade" if older else ""
+    if os.environ.get("SCALEBOX_RELEASE_URL"):
+        return f"`scalebox-update{flag}` with the same SCALEBOX_RELEASE_URL"
+    return f"`scalebox-update --to {version}{flag}`"
 
 
 def _dry_run(installed: str, release: Release, *, stage_only: bool = False) -> Result:
