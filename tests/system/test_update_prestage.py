@@ -92,6 +92,9 @@ def test_a_tampered_prestaged_release_is_rebuilt_not_trusted(server: Server) -> 
 # then wait for the installer it had started to end too (PR_SET_PDEATHSIG: at once).
 # The pattern's brackets keep pgrep from matching this script's own shell, whose
 # command line holds the pattern: it matched that before, and waited out its 60 s.
+# Gone means gone for 2 s in a row: an install forked just before the kill still
+# carries the updater's command line, and only takes the installer's (then sees its
+# parent gone, and kills itself) a moment later; a single look missed it once (CI).
 KILL_DURING_STAGE = f"""
 {URL_B} scalebox-update --stage </dev/null >/tmp/stage.log 2>&1 &
 pid=$!
@@ -105,7 +108,12 @@ fi
 kill -9 $pid
 wait $pid
 echo "exit $?"
-for _ in $(seq 1 600); do pgrep -f '[w]heel_install[.]py' >/dev/null || break; sleep 0.1; done
+gone=0
+for _ in $(seq 1 600); do
+  if pgrep -f '[w]heel_install[.]py' >/dev/null; then gone=0; else gone=$((gone + 1)); fi
+  test "$gone" -ge 20 && break
+  sleep 0.1
+done
 if pgrep -f '[w]heel_install[.]py' >/dev/null; then echo "the install outlived its updater"; fi
 test -e /opt/scalebox/releases/{B}/.complete && echo "complete after the kill"
 true
