@@ -146,6 +146,7 @@ class VMService:
         # VMs found stopped at start: booted by boot_stopped() while the API serves.
         self._to_boot: list[str] = []
         self._closing = threading.Event()
+        self._boot_thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -205,12 +206,15 @@ class VMService:
         Not in start(): one boot takes up to the backend's ready_timeout, and a guest
         that never comes up (its user masked sshd and powered it off) kept the API down
         for a minute at every start, longer than systemd waits, so scaleboxd never
-        started at all. One VM at a time, each as a change of its own (a create or a
-        delete waits for it, reads do not); a stop ends the boots after the current one.
+        started at all. One VM at a time. Starting a guest is a change (a create or a
+        delete waits for it); waiting for it to answer is not, so a delete of a VM whose
+        guest never comes up does not wait out the boot's minute. A stop ends the boots at
+        once; a guest already booting goes on, and the next start adopts it.
         """
         if not self._to_boot:
             return None
         thread = threading.Thread(target=self._boot_each, name="boot-stopped-vms", daemon=True)
+        self._boot_thread = thread
         thread.start()
         return thread
 
@@ -221,22 +225,61 @@ class VMService:
             if self._closing.is_set():
                 self._log.info("stopping: the stopped VMs not started yet start at the next start")
                 return
-            with self._changes:
-                with self._lock:
-                    vm = self._vms.get(vm_id)
-                if vm is None:  # deleted meanwhile
-                    continue
-                if self._backend.status(vm.id, vm.pid).status in {"running", "starting"}:
-                    continue  # started meanwhile
-                self._restart(vm)
-                with self._lock:
-                    self._tolerated("save the state", self._save)
+            try:
+                self._boot_one(vm_id)
+            except Exception:  # noqa: BLE001 -- one VM's unforeseen failure must not leave the rest stopped
+                self._log.exception("VM %s: starting its guest failed unexpectedly", vm_id)
+
+    def _boot_one(self, vm_id: str) -> None:
+        with self._changes:
+            if self._closing.is_set():
+                return
+            with self._lock:
+                vm = self._vms.get(vm_id)
+            if vm is None:  # deleted meanwhile
+                return
+            if self._backend.status(vm.id, vm.pid).status in {"running", "starting"}:
+                return  # started meanwhile
+            try:
+                pid = self._backend.start(vm.id)
+            except (ApiError, OSError) as exc:
+                self._not_started(vm, exc)
+                return
+            vm = replace(vm, pid=pid)
+            with self._lock:  # a delete from now on stops this guest
+                self._vms[vm.id] = vm
+        try:
+            started = self._await_guest(vm, cancel=self._closing)
+            failed = None
+        except GuestFailed as exc:
+            started, failed = None, exc
+        with self._changes:
+            with self._lock:
+                now = self._vms.get(vm.id)
+            if now is None or now.pid != pid:
+                return  # deleted while it booted: the delete stopped it
+            if failed is not None:
+                self._tolerated(f"stop the guest of VM {vm.id}",
+                                partial(self._stop_and_release, vm.id, pid))  # fmt: skip
+                self._not_started(vm, failed)
+            elif started is None:
+                self._log.info("stopping: VM %s (%s) goes on booting; the next start adopts it",
+                               vm.id, vm.name)  # fmt: skip
+                return
+            else:
+                self._started_again(started)
+            with self._lock:
+                self._tolerated("save the state", self._save)
 
     def close(self) -> None:
         """Save the state. VMs keep running: they outlive the daemon on purpose."""
         if self._read_only:
             return
         self._closing.set()  # no further background boot begins
+        booting = self._boot_thread
+        if booting is not None:
+            # Its wait ends within a poll: joined so that it writes nothing after this save.
+            booting.join(timeout=10)
         with self._changes, self._lock:  # a change under way ends first, and is saved
             self._save()
 
@@ -659,16 +702,29 @@ class VMService:
             raise
         self._sync_dir(self._vms_dir)
 
-    def _start_guest(self, vm: VM, cancel: threading.Event | None = None) -> VM:
-        """Start the guest and wait until it answers on its port. ``cancel`` set (the
-        daemon stops) ends the wait: the guest goes on booting, and the next start
-        adopts it."""
+    def _start_guest(self, vm: VM) -> VM:
+        """Start the guest and wait until it answers on its port."""
         pid = self._backend.start(vm.id)
         vm = replace(vm, pid=pid)
+        try:
+            started = self._await_guest(vm)
+        except GuestFailed:
+            self._backend.stop(vm.id, pid)  # a guest that never came up must not linger
+            self._backend.release(vm.id)
+            raise
+        if started is None:  # only a cancel returns None, and there is none here
+            raise RuntimeError(f"the wait for VM {vm.id} ended without an answer")
+        return started
+
+    def _await_guest(self, vm: VM, cancel: threading.Event | None = None) -> VM | None:
+        """Wait until the started guest answers on its port: the VM running, or None
+        once ``cancel`` is set (the daemon stops; the guest goes on booting, and the
+        next start adopts it). GuestFailed, with its output, if it stops or never
+        answers; the caller stops it."""
         deadline = time.monotonic() + self._backend.ready_timeout
         while time.monotonic() < deadline:
             if cancel is not None and cancel.is_set():
-                return vm
+                return None
             seen = self._backend.status(vm.id, vm.pid)
             if seen.status in {"stopped", "failed"}:
                 break
@@ -676,8 +732,6 @@ class VMService:
                 return replace(vm, status="running", pid=seen.pid)
             time.sleep(0.02)
         output = self._backend.recent_output(vm.id)
-        self._backend.stop(vm.id, pid)  # a guest that never came up must not linger
-        self._backend.release(vm.id)
         raise GuestFailed(
             f"the guest of VM {vm.id} did not start listening on port {vm.ssh_port}: {output}",
             "fix what its output says, then create the VM again",
@@ -830,25 +884,24 @@ class VMService:
             self._log.warning("cleaned up orphan %s of VM %s: it is not in the state file",
                               what, vm_id)  # fmt: skip
 
-    def _restart(self, vm: VM) -> None:
-        """Start a stopped VM's guest again (boot_stopped's thread, holding _changes)."""
-        try:
-            started = self._start_guest(vm, cancel=self._closing)
-        except (ApiError, OSError) as exc:
-            with self._lock:
-                if vm.id in self._vms:
-                    self._vms[vm.id] = replace(vm, pid=None)
-            self._log.error("VM %s (%s) is not running and could not be started: %s",
-                            vm.id, vm.name, exc)  # fmt: skip
-            return
+    def _not_started(self, vm: VM, exc: Exception) -> None:
+        """A stopped VM whose guest could not start (boot_stopped's thread, holding _changes)."""
         with self._lock:
-            self._vms[vm.id] = started
+            if vm.id in self._vms:
+                self._vms[vm.id] = replace(vm, pid=None)
+        self._log.error("VM %s (%s) is not running and could not be started: %s",
+                        vm.id, vm.name, exc)  # fmt: skip
+
+    def _started_again(self, vm: VM) -> None:
+        """A stopped VM whose guest answers again (boot_stopped's thread, holding _changes)."""
+        with self._lock:
+            self._vms[vm.id] = vm
         self._log.warning("VM %s (%s) was not running; started its guest again (pid %s)",
-                          vm.id, vm.name, started.pid)  # fmt: skip
+                          vm.id, vm.name, vm.pid)  # fmt: skip
         # It runs either way: its record (the pid, for a start without a state file) is
         # written again at the next start if the disk does not take it now.
         self._tolerated(f"write the record of VM {vm.id}",
-                        partial(state.write_vm_record, self._vms_dir / vm.id, started))  # fmt: skip
+                        partial(state.write_vm_record, self._vms_dir / vm.id, vm))  # fmt: skip
 
     @staticmethod
     def _dir_names(path: Path) -> set[str]:
