@@ -575,3 +575,44 @@ def test_an_edit_of_a_shared_file_is_named_as_an_edit_of_the_running_release_too
     theirs = _site(paths.release_dir(DONOR) / "venv") / "scalebox" / "daemon" / "main.py"
     assert theirs.read_text().endswith("raise SystemExit(3)\n")
     assert stage.unchanged(paths.release_dir(VERSION))
+
+
+def _as_an_older_updater_recorded(directory: Path) -> None:
+    """Rewrite the record as updaters before 95ad77a wrote it: a sha256 per file, no
+    mode or owner, no directories."""
+    record = json.loads((directory / stage.STAGED_FILES).read_text())
+    older = {
+        rel: value.split(" ", 1)[0] if value.startswith("sha256:") else value
+        for rel, value in record.items()
+        if not rel.endswith("/")
+    }
+    (directory / stage.STAGED_FILES).write_text(json.dumps(older))
+
+
+def test_a_release_an_older_updater_staged_is_rebuilt_for_its_modes_without_a_false_alarm(
+    release: Release, tmp_path: Path
+) -> None:
+    # Staged next to the running release (sharing its files), by an updater whose
+    # record held only hashes: every file looked changed, and each shared one was
+    # reported as an edit of the running release too, though nothing was edited.
+    paths = _next_to_a_donor(release, tmp_path / "server", lambda _: None)
+    built = paths.release_dir(VERSION)
+    _as_an_older_updater_recorded(built)
+    assert stage.changed_files(built) == []  # held to what it recorded: nothing changed
+    lines: list[str] = []
+    assert stage.build(paths, release.root, VERSION, python="python3", report=lines.append)
+    assert f"releases/{VERSION} was staged by an older updater" in "\n".join(lines), lines
+    assert not [line for line in lines if line.startswith("warning:")], lines
+    assert stage.unchanged(built)
+    assert stage._has_modes(built)  # rebuilt: this updater's record
+    # An older record still tells an edit from none, and the shared edit is named.
+    _as_an_older_updater_recorded(built)
+    edited = _site(built / "venv") / "scalebox" / "daemon" / "main.py"
+    with edited.open("a") as f:
+        f.write("raise SystemExit(3)\n")
+    assert stage.changed_files(built) == [edited.relative_to(built).as_posix()]
+    lines = []
+    assert stage.build(paths, release.root, VERSION, python="python3", report=lines.append)
+    assert any("is not exactly what this release builds" in line for line in lines), lines
+    warning = next(line for line in lines if line.startswith("warning:"))
+    assert edited.relative_to(built).as_posix() in warning

@@ -153,7 +153,8 @@ def build(paths: Paths, release_root: Path, version: str, *, python: str, report
         same = (target / MANIFEST).is_file() and (target / MANIFEST).read_bytes() == new_manifest
         running = current_name(paths) == name
         changed = changed_files(target) if is_complete(target) and same and not running else None
-        if is_complete(target) and same and (running or changed == []):
+        older = changed == [] and not _has_modes(target)
+        if is_complete(target) and same and (running or (changed == [] and not older)):
             report(f"releases/{name} is already built from this release; reusing it")
             return False
         if running:
@@ -162,8 +163,14 @@ def build(paths: Paths, release_root: Path, version: str, *, python: str, report
                 f"{MANIFEST}; it cannot be rebuilt while it runs",
                 "install another version first, or publish this build under a new version",
             )
-        report(f"releases/{name} is not exactly what this release builds; rebuilding it")
-        _report_shared_changes(paths, target, changed or [], report)
+        if older:  # its files are as staged, but no mode or owner of them was recorded
+            report(
+                f"releases/{name} was staged by an older updater, whose record holds no file "
+                "modes or owners; rebuilding it"
+            )
+        else:
+            report(f"releases/{name} is not exactly what this release builds; rebuilding it")
+            _report_shared_changes(paths, target, changed or [], report)
         shutil.rmtree(target)
 
     wanted = _supported_pythons(new_manifest)
@@ -279,15 +286,46 @@ def unchanged(directory: Path) -> bool:
 
 def changed_files(directory: Path) -> list[str] | None:
     """The files of ``directory`` that differ from staging's record, or are new or gone
-    (None: no readable record, as when an old updater or pip staged it)."""
+    (None: no readable record, as when pip staged it). An older updater's record (a
+    sha256 per file, no modes, owners or directories) is held to what it recorded: an
+    unchanged release it staged has no changed file, not every file changed."""
+    recorded = _read_record(directory)
+    if recorded is None:
+        return None
+    try:
+        now = file_record(directory)
+    except OSError:
+        return None
+    if not _record_has_modes(recorded):
+        now = {
+            rel: value.split(" ", 1)[0] if value.startswith("sha256:") else value
+            for rel, value in now.items()
+            if not rel.endswith("/")
+        }
+    return sorted(rel for rel in recorded.keys() | now.keys() if recorded.get(rel) != now.get(rel))
+
+
+def _read_record(directory: Path) -> dict[str, object] | None:
     try:
         recorded = json.loads((directory / STAGED_FILES).read_text())
-        now = file_record(directory)
     except (OSError, ValueError):
         return None
-    if not isinstance(recorded, dict):
-        return None
-    return sorted(rel for rel in recorded.keys() | now.keys() if recorded.get(rel) != now.get(rel))
+    return recorded if isinstance(recorded, dict) else None
+
+
+def _record_has_modes(recorded: dict[str, object]) -> bool:
+    """Whether this updater wrote the record: every directory is in it (``dir/``), and a
+    file's sha256 comes with its mode and owner. An older one's holds neither."""
+    return any(
+        rel.endswith("/")
+        or (isinstance(value, str) and value.startswith("sha256:") and " " in value)
+        for rel, value in recorded.items()
+    )
+
+
+def _has_modes(directory: Path) -> bool:
+    recorded = _read_record(directory)
+    return recorded is not None and _record_has_modes(recorded)
 
 
 def shared_with_current(paths: Paths, directory: Path, files: list[str]) -> list[str]:
