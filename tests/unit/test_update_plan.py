@@ -188,6 +188,12 @@ def test_no_previous_when_nothing_older_is_kept() -> None:
     assert plan.choose_previous([], "0.1.0", ["0.1.0"]) is None
 
 
+def test_a_directory_that_is_no_version_hides_no_release_to_go_back_to() -> None:
+    """One stray name under releases/ made the whole fallback give up."""
+    assert plan.choose_previous([], "0.3.0", ["0.1.0", "backup", "0.2.0", "0.3.0"]) == "0.2.0"
+    assert plan.choose_previous([], "0.3.0", ["backup", "0.3.0"]) is None
+
+
 LOADED = "LoadState=loaded\nNeedDaemonReload=no\n"
 
 

@@ -163,12 +163,14 @@ def choose_previous(
     if from_history:
         return from_history
     ran = {e.from_version for e in entries} | {e.to_version for e in entries if e.result == UPDATED}
-    try:
-        older = [
-            v
-            for v in available
-            if versions.compare(v, current_version) < 0 and (not entries or v in ran)
-        ]
-    except versions.InvalidVersion:
-        return None
+    older = [v for v in available if (not entries or v in ran) and _older(v, current_version)]
     return max(older, key=versions.parse) if older else None
+
+
+def _older(version: str, than: str) -> bool:
+    """Whether ``version`` is older than ``than``; a name that is no version (a stray
+    directory under releases/) is not a release to go back to, and hides no other."""
+    try:
+        return versions.compare(version, than) < 0
+    except versions.InvalidVersion:
+        return False
