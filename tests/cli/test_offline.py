@@ -266,6 +266,26 @@ def test_saved_login_writes_through_a_symlinked_config(tmp_path: Path) -> None:
     assert stat.S_IMODE(real.stat().st_mode) == 0o600
 
 
+def test_saved_login_through_a_symlink_loop_or_into_a_missing_folder(tmp_path: Path) -> None:
+    """A loop was a RuntimeError traceback; a link into a folder not made yet failed."""
+    loop = tmp_path / "config"
+    loop.symlink_to(tmp_path / "other")
+    (tmp_path / "other").symlink_to(loop)
+    with pytest.raises(ConfigError) as caught:
+        save_login(loop, "http://127.0.0.1:8080", TOKEN)
+    assert f"cannot be saved to {loop}: it is a symlink that leads back to itself" in str(
+        caught.value
+    )
+    assert loop.is_symlink() and (tmp_path / "other").is_symlink()  # neither written over
+    dangling = tmp_path / "cfg" / "config"
+    dangling.parent.mkdir()
+    real = tmp_path / "dotfiles" / "scalebox" / "config"
+    dangling.symlink_to(real)
+    save_login(dangling, "http://127.0.0.1:8080", TOKEN)
+    assert dangling.is_symlink() and f"SCALEBOX_TOKEN={TOKEN}" in real.read_text()
+    assert stat.S_IMODE(real.parent.stat().st_mode) == 0o700
+
+
 def test_key_at_a_missing_file_is_refused_before_sending(scalebox: Cli, dead_url: str) -> None:
     result = scalebox(
         "vm", "create", "-k", "@/nonexistent/k.pub", SCALEBOX_URL=dead_url, SCALEBOX_TOKEN=TOKEN

@@ -28,8 +28,8 @@ _HINTS = {
     400: "check the command's options (see `scalebox COMMAND --help`)",
     403: "the server does not allow this",
     409: "choose another name; `scalebox template list` shows the names in use",
-    503: "the server changed nothing: retry in a minute (it may be restarting or being "
-    "updated), or, if it ran out of ports or addresses, delete VMs you no longer need",
+    503: "the server most likely changed nothing: retry in a minute (it may be restarting "
+    "or being updated), or, if it ran out of ports or addresses, delete VMs you no longer need",
     507: "free space on the server: delete VMs or templates you no longer need",
 }
 _SERVER_FAULT_HINT = "the server failed; its log says why (journalctl -u scaleboxd)"

@@ -7,6 +7,7 @@ exception keeps its traceback, because it is a bug.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import shlex
@@ -539,6 +540,15 @@ def login(url: str | None, token: str | None, token_stdin: bool, as_json: bool) 
             warn(f"{key} is set in your environment and overrides the saved value")
 
 
+def _write_target(path: Path) -> Path:
+    """Where saving ``path`` writes: through a symlink (a dotfiles checkout), not over
+    it. realpath, not resolve(): a loop is an OSError here, not a RuntimeError."""
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    if target.is_symlink():  # a loop: realpath stops at it; never written over
+        raise OSError(errno.ELOOP, "it is a symlink that leads back to itself")
+    return target
+
+
 def save_login(path: Path, url: str, token: str) -> None:
     text = (
         "# Written by `scalebox login`. KEY=VALUE lines.\n"
@@ -546,10 +556,10 @@ def save_login(path: Path, url: str, token: str) -> None:
         f"{settings.TOKEN_KEY}={token}\n"
     )
     try:
+        target = _write_target(path)
         # The directory holds a secret too: create it private (mkdir honours umask too).
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Through a symlink (a dotfiles checkout), not over it.
-        fsutil.atomic_write(path.resolve() if path.is_symlink() else path, text, mode=0o600)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fsutil.atomic_write(target, text, mode=0o600)
     except OSError as exc:  # a read-only or full HOME, a file where a folder should be
         raise ConfigError(
             f"the server accepted the token, but it cannot be saved to {path}: "
