@@ -331,20 +331,12 @@ def a_guest_that_never_answers(service: VMService, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(service._backend, "ready_timeout", 120.0)
 
 
-def booted_pid(service: VMService, vm_id: str, old: int | None) -> int:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        pid = service.get_vm(vm_id).pid
-        if pid is not None and pid != old:
-            return pid
-        time.sleep(0.02)
-    raise AssertionError(f"VM {vm_id} was never started again")
-
-
-def test_a_delete_does_not_wait_for_the_background_boot_of_its_vm(
-    config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+def booting_in_the_background(
+    config: ServerConfig, monkeypatch: pytest.MonkeyPatch
+) -> tuple[VM, VMService, threading.Thread, int]:
+    """A VM whose guest died while the daemon was down, booting again in a second
+    service's background thread and never answering: the VM, the service, the
+    thread, and the new guest's pid."""
     vm = made_by_a_daemon_now_gone(config)
     assert vm.pid is not None
     os.killpg(vm.pid, signal.SIGKILL)
@@ -353,7 +345,20 @@ def test_a_delete_does_not_wait_for_the_background_boot_of_its_vm(
     a_guest_that_never_answers(second, monkeypatch)
     booting = second.boot_stopped()
     assert booting is not None
-    pid = booted_pid(second, vm.id, vm.pid)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        pid = second.get_vm(vm.id).pid
+        if pid is not None and pid != vm.pid:
+            return vm, second, booting, pid
+        time.sleep(0.02)
+    raise AssertionError(f"VM {vm.id} was never started again")
+
+
+def test_a_delete_does_not_wait_for_the_background_boot_of_its_vm(
+    config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    vm, second, booting, pid = booting_in_the_background(config, monkeypatch)
     began = time.monotonic()
     second.delete_vm(vm.id)  # it held the change lock for the whole boot: 120 s here
     assert time.monotonic() - began < 60
@@ -370,16 +375,8 @@ def test_a_stop_during_a_background_boot_leaves_the_guest_to_the_next_start(
     config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    vm = made_by_a_daemon_now_gone(config)
-    assert vm.pid is not None
-    os.killpg(vm.pid, signal.SIGKILL)
-    assert wait_dead(vm.pid)
     caplog.set_level(logging.INFO)
-    second = new_service(config, "second")
-    a_guest_that_never_answers(second, monkeypatch)
-    booting = second.boot_stopped()
-    assert booting is not None
-    pid = booted_pid(second, vm.id, vm.pid)
+    vm, second, booting, pid = booting_in_the_background(config, monkeypatch)
     second.close()  # ends the wait, and writes nothing after its own save
     assert not booting.is_alive()
     assert f"VM {vm.id} ({vm.name}) goes on booting; the next start adopts it" in caplog.text
@@ -406,7 +403,7 @@ def test_one_vm_whose_boot_fails_unexpectedly_does_not_keep_the_others_stopped(
     second = new_service(config, "second")
     start = second._backend.start
 
-    def start_but_not_broken(vm_id: str) -> int:
+    def start_but_not_broken(vm_id: str) -> int | None:
         if vm_id == broken.id:  # a bug no except clause foresaw
             raise KeyError(vm_id)
         return start(vm_id)
