@@ -59,6 +59,15 @@ def test_an_answer_that_is_not_json_is_an_api_error_naming_the_url() -> None:
     assert "points at scaleboxd" in str(caught.value.hint)
 
 
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_an_answer_with_a_number_json_has_not_is_malformed(constant: str) -> None:
+    """Python's parser takes them; --json passed them on and broke jq downstream."""
+    transport = answering(200, text=f'{{"vms": [], "total": {constant}}}')
+    with Client(URL, "t", transport=transport) as client, pytest.raises(ApiError) as caught:
+        client.list_vms()
+    assert "is not a JSON object" in caught.value.what
+
+
 def test_a_redirect_is_not_followed_so_the_token_stays_here() -> None:
     seen: list[str] = []
 

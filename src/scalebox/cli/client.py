@@ -255,7 +255,7 @@ class Client:
 
     def _json(self, response: httpx.Response) -> Json:
         try:
-            payload = response.json()
+            payload = response.json(parse_constant=_not_json)
         except ValueError:
             payload = None
         if not isinstance(payload, dict):
@@ -266,6 +266,12 @@ class Client:
                 response.status_code,
             )
         return payload
+
+
+def _not_json(constant: str) -> object:
+    """Python's parser takes NaN and Infinity, which are not JSON: passed on by --json,
+    they broke the program reading it (jq refuses them). Such an answer is malformed."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _vm_gone(id_or_name: str) -> tuple[str, str]:
