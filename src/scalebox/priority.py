@@ -47,6 +47,9 @@ MAX_NICE = 19
 MIN_NICE = -20
 AUTOGROUP = "/proc/self/autogroup"
 AUTOGROUP_ENABLED = "/proc/sys/kernel/sched_autogroup_enabled"
+# A shared session's nice from before it was lowered, one file per session (autogroup),
+# while lowered: what the next run in that session goes back to if this one is killed.
+SESSION_MEMOS = "/run/scalebox-priority"
 
 Warn = Callable[[str], None]
 
@@ -62,11 +65,12 @@ class Session(enum.Enum):
 class Given:
     """What restore() goes back to."""
 
-    __slots__ = ("nice", "session")
+    __slots__ = ("memo", "nice", "session")
 
-    def __init__(self, nice: int, session: int | None = None) -> None:
+    def __init__(self, nice: int, session: int | None = None, memo: str | None = None) -> None:
         self.nice = nice  # every thread's
         self.session = session  # the session's (autogroup); None: it was not changed
+        self.memo = memo  # the session's memo (SESSION_MEMOS), removed once restored
 
     def __repr__(self) -> str:
         return f"Given(nice={self.nice}, session={self.session})"
@@ -97,17 +101,23 @@ def _set(nice: int) -> None:
 
 def session_nice() -> int | None:
     """The nice of this process's session (its autogroup); None without autogroup scheduling."""
+    return _autogroup()[1]
+
+
+def _autogroup() -> tuple[str, int | None]:
+    """This process's autogroup, by name ("autogroup-123", unique while the system
+    runs), and its nice; None without autogroup scheduling."""
     try:
         if _read(AUTOGROUP_ENABLED).strip() != "1":
-            return None
+            return "", None
         # "/autogroup-123 nice 0"
         fields = _read(AUTOGROUP).split()
     except OSError:
-        return None  # a kernel without CONFIG_SCHED_AUTOGROUP
+        return "", None  # a kernel without CONFIG_SCHED_AUTOGROUP
     if len(fields) == 3 and fields[1] == "nice":
         with contextlib.suppress(ValueError):
-            return int(fields[2])
-    return None
+            return fields[0].strip("/"), int(fields[2])
+    return "", None
 
 
 def set_session_nice(nice: int) -> None:
@@ -179,9 +189,13 @@ def lower(warn: Warn, session: Session = Session.LEAVE) -> Given | None:
         with contextlib.suppress(OSError):
             _set(given)  # the threads changed before the failure
         return None
-    before = None if session is Session.LEAVE else session_nice()
+    group, before = ("", None) if session is Session.LEAVE else _autogroup()
     if before is None:
         return Given(given)
+    memo = None
+    if session is Session.SHARED and group:
+        memo = os.path.join(SESSION_MEMOS, group)  # noqa: PTH118 -- no pathlib: see the imports
+        before = _left_lowered(memo, before)
     base = given if session is Session.OWN else before
     try:
         set_session_nice(_waiting(base))
@@ -191,7 +205,32 @@ def lower(warn: Warn, session: Session = Session.LEAVE) -> Given | None:
             "process's own is lower, which orders it only within its session"
         )
         return Given(given)
-    return Given(given, base)
+    if memo is not None:
+        _remember(memo, base, _waiting(base))
+    return Given(given, base, memo)
+
+
+def _left_lowered(memo: str, now: int) -> int:
+    """The session nice to go back to: the one a run killed while it had the session
+    lowered found (its memo, if the session is still at the nice it set), else ``now``.
+    A SIGKILL skips every restore: the admin's root shell stayed at nice 10, and the
+    next run lowered it from there, to 19, and gave back 10."""
+    try:
+        found, lowered = (int(field) for field in _read(memo).split())
+    except (OSError, ValueError):
+        return now
+    return found if lowered == now else now
+
+
+def _remember(memo: str, before: int, lowered: int) -> None:
+    """Best effort: without the memo a killed run leaves its session lowered, as before."""
+    with contextlib.suppress(OSError):
+        os.makedirs(SESSION_MEMOS, mode=0o700, exist_ok=True)  # noqa: PTH103
+        fd = os.open(memo, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, f"{before} {lowered}\n".encode("ascii"))
+        finally:
+            os.close(fd)
 
 
 def restore(given: Given | None, warn: Warn) -> None:
@@ -215,6 +254,10 @@ def restore(given: Given | None, warn: Warn) -> None:
             f"{exc.strerror}; it stays lower until the session ends (restart the service, "
             f"or as root run `echo {given.session} > /proc/$$/autogroup` in a shell of it)"
         )
+        return
+    if given.memo is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(given.memo)  # noqa: PTH108
 
 
 # What lower_process() found, until restore_process(); the timer that ends the giving

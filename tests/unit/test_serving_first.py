@@ -113,6 +113,40 @@ def test_the_session_is_lowered_too_for_nice_orders_nothing_across_sessions(
     }
 
 
+KILLED_PROBE = """
+import json, os, subprocess, sys
+from scalebox import priority
+
+priority.SESSION_MEMOS = sys.argv[1]
+# An updater run killed (SIGKILL: no restore) while it had this session lowered.
+killed = subprocess.Popen(
+    [sys.executable, "-c", "import sys, time; from scalebox import priority; "
+     "priority.SESSION_MEMOS = sys.argv[1]; priority.lower(print, priority.Session.SHARED); "
+     "print('lowered', flush=True); time.sleep(60)", sys.argv[1]],
+    stdout=subprocess.PIPE, text=True,
+)
+assert killed.stdout.readline().strip() == "lowered"
+killed.kill()
+killed.wait()
+left = priority.session_nice()
+warnings = []
+given = priority.lower(warnings.append, priority.Session.SHARED)
+inside = priority.session_nice()
+priority.restore(given, warnings.append)
+print(json.dumps({"left": left, "inside": inside, "after": priority.session_nice(),
+                  "memos": os.listdir(sys.argv[1]), "warnings": warnings}))
+"""
+
+
+@needs_autogroup
+def test_the_next_run_gives_back_what_a_killed_run_left_lowered(tmp_path: Path) -> None:
+    """A SIGKILL skips every restore: a root shell's session stayed at nice 10, and the
+    next run in it lowered from there (to 19) and gave back 10. The nice it found is
+    kept beside the session while lowered, so the next run goes back to that."""
+    seen = _in_a_child(KILLED_PROBE, str(tmp_path / "memos"))
+    assert seen == {"left": 10, "inside": 10, "after": 0, "memos": [], "warnings": []}
+
+
 CHILD_PROBE = """
 import json
 from scalebox import priority, runner
