@@ -388,6 +388,70 @@ def test_a_stop_during_a_background_boot_leaves_the_guest_to_the_next_start(
     third.close()
 
 
+def test_a_snapshot_that_freezes_a_booting_guest_past_its_wait_does_not_stop_it(
+    config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """nspawn freezes a guest for a snapshot's copy while its boot's wait runs on; the
+    wait ran out, and the boot stopped a guest that answered by then. The process
+    backend freezes nothing: the freeze is stood in by answers() saying no during a
+    copy made longer than the wait (the guest and the copy are real)."""
+    vm = made_by_a_daemon_now_gone(config)
+    assert vm.pid is not None
+    os.killpg(vm.pid, signal.SIGKILL)
+    assert wait_dead(vm.pid)
+    second = new_service(config, "second")
+    backend = second._backend
+    frozen = threading.Event()
+    answers, copy = backend.answers, backend.copy_for_snapshot
+
+    def frozen_copy(*args: Any) -> None:
+        frozen.set()
+        try:
+            time.sleep(2.0)  # longer than the wait below
+            copy(*args)
+        finally:
+            frozen.clear()
+
+    monkeypatch.setattr(backend, "answers", lambda v: not frozen.is_set() and answers(v))
+    monkeypatch.setattr(backend, "copy_for_snapshot", frozen_copy)
+    monkeypatch.setattr(backend, "ready_timeout", 1.0)
+    frozen.set()  # from the start: the boot's wait sees no answer before the copy
+    booting = second.boot_stopped()
+    assert booting is not None
+    deadline = time.monotonic() + 30
+    while second.get_vm(vm.id).pid in (None, vm.pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    second.snapshot_vm(vm.id, "snap1")
+    booting.join(30)
+    assert second.get_vm(vm.id).status == "running"
+    assert "could not be started" not in caplog.text
+    second.close()
+
+
+def test_a_status_that_fails_during_a_background_boot_stops_that_guest_cleanly(
+    config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A systemctl that fails to answer (here: an OSError stood in for it) skipped the
+    boot's clean-up: the guest was left running, unrecorded, behind a traceback."""
+    vm, second, booting, pid = booting_in_the_background(config, monkeypatch)
+
+    def broken(*_args: Any) -> Any:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(second._backend, "status", broken)
+    booting.join(30)
+    assert not booting.is_alive()
+    assert wait_dead(pid)
+    assert f"VM {vm.id} ({vm.name}) is not running and could not be started" in caplog.text
+    assert "failed unexpectedly" not in caplog.text
+    monkeypatch.undo()
+    assert second.get_vm(vm.id).status == "stopped"
+    second.close()
+
+
 def test_one_vm_whose_boot_fails_unexpectedly_does_not_keep_the_others_stopped(
     config: ServerConfig, guests: None, caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,

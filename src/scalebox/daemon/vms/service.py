@@ -248,16 +248,21 @@ class VMService:
             vm = replace(vm, pid=pid)
             with self._lock:  # a delete from now on stops this guest
                 self._vms[vm.id] = vm
+        failed: Exception | None = None
         try:
             started = self._await_guest(vm, cancel=self._closing)
-            failed = None
-        except GuestFailed as exc:
+        except (ApiError, OSError) as exc:  # GuestFailed, or systemctl failing to answer
             started, failed = None, exc
         with self._changes:
             with self._lock:
                 now = self._vms.get(vm.id)
             if now is None or now.pid != pid:
                 return  # deleted while it booted: the delete stopped it
+            if failed is not None and not self._closing.is_set():
+                # A snapshot froze the guest for its copy while the wait ran out: it
+                # may answer by now. One more look before it is stopped for good.
+                started = self._answering(vm)
+                failed = None if started is not None else failed
             if failed is not None:
                 self._tolerated(f"stop the guest of VM {vm.id}",
                                 partial(self._stop_and_release, vm.id, pid))  # fmt: skip
@@ -523,7 +528,8 @@ class VMService:
                 except BaseException as exc:
                     # Not deleted: the state file still lists it, so it stays listed
                     # (stopped) and a DELETE once the disk takes the write again ends it.
-                    self._vms[vm.id] = vm
+                    # No pid: its guest is stopped (a background boot of it ends there).
+                    self._vms[vm.id] = replace(vm, pid=None)
                     if isinstance(exc, OSError):
                         raise _not_deleted(vm, exc) from exc
                     raise
@@ -883,6 +889,16 @@ class VMService:
                 continue
             self._log.warning("cleaned up orphan %s of VM %s: it is not in the state file",
                               what, vm_id)  # fmt: skip
+
+    def _answering(self, vm: VM) -> VM | None:
+        """The VM running, if its guest runs and answers now; else None."""
+        try:
+            seen = self._backend.status(vm.id, vm.pid)
+            if seen.status == "running" and self._backend.answers(vm):
+                return replace(vm, status="running", pid=seen.pid)
+        except (ApiError, OSError):
+            pass
+        return None
 
     def _not_started(self, vm: VM, exc: Exception) -> None:
         """A stopped VM whose guest could not start (boot_stopped's thread, holding _changes)."""
