@@ -59,7 +59,7 @@ def test_an_answer_that_is_not_json_is_an_api_error_naming_the_url() -> None:
     assert "points at scaleboxd" in str(caught.value.hint)
 
 
-@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e400", "-1E+999"])
 def test_an_answer_with_a_number_json_has_not_is_malformed(constant: str) -> None:
     """Python's parser takes them; --json passed them on and broke jq downstream."""
     transport = answering(200, text=f'{{"vms": [], "total": {constant}}}')

@@ -8,6 +8,7 @@ an httpx transport; the CLI uses the real network.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable
@@ -255,7 +256,7 @@ class Client:
 
     def _json(self, response: httpx.Response) -> Json:
         try:
-            payload = response.json(parse_constant=_not_json)
+            payload = response.json(parse_constant=_not_json, parse_float=_finite)
         except ValueError:
             payload = None
         if not isinstance(payload, dict):
@@ -272,6 +273,14 @@ def _not_json(constant: str) -> object:
     """Python's parser takes NaN and Infinity, which are not JSON: passed on by --json,
     they broke the program reading it (jq refuses them). Such an answer is malformed."""
     raise ValueError(f"{constant} is not JSON")
+
+
+def _finite(text: str) -> float:
+    """A float, which a number too large for one (1e400) is not: it became Infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large a number")
+    return value
 
 
 def _vm_gone(id_or_name: str) -> tuple[str, str]:
