@@ -197,6 +197,8 @@ def lower(warn: Warn, session: Session = Session.LEAVE) -> Given | None:
         memo = os.path.join(SESSION_MEMOS, group)  # noqa: PTH118 -- no pathlib: see the imports
         before = _left_lowered(memo, before)
     base = given if session is Session.OWN else before
+    if memo is not None:  # first: a kill right after the lowering finds it written
+        memo = _remember(memo, base, _waiting(base))
     try:
         set_session_nice(_waiting(base))
     except OSError as exc:
@@ -204,9 +206,8 @@ def lower(warn: Warn, session: Session = Session.LEAVE) -> Given | None:
             f"cannot lower the CPU priority of this session ({exc.strerror}); only the "
             "process's own is lower, which orders it only within its session"
         )
+        _forget(memo)
         return Given(given)
-    if memo is not None:
-        _remember(memo, base, _waiting(base))
     return Given(given, base, memo)
 
 
@@ -216,21 +217,36 @@ def _left_lowered(memo: str, now: int) -> int:
     A SIGKILL skips every restore: the admin's root shell stayed at nice 10, and the
     next run lowered it from there, to 19, and gave back 10."""
     try:
-        found, lowered = (int(field) for field in _read(memo).split())
+        found, lowered = (int(field) for field in _read(memo).split()[:2])
     except (OSError, ValueError):
         return now
     return found if lowered == now else now
 
 
-def _remember(memo: str, before: int, lowered: int) -> None:
-    """Best effort: without the memo a killed run leaves its session lowered, as before."""
-    with contextlib.suppress(OSError):
+def _remember(memo: str, before: int, lowered: int) -> str | None:
+    """Write the memo (best effort: without it a killed run leaves its session lowered,
+    as before); the memo, if written. Its last field is this process's: restore removes
+    only a memo that is still its own, never a later run's."""
+    try:
         os.makedirs(SESSION_MEMOS, mode=0o700, exist_ok=True)  # noqa: PTH103
         fd = os.open(memo, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, f"{before} {lowered}\n".encode("ascii"))
+            os.write(fd, f"{before} {lowered} {os.getpid()}\n".encode("ascii"))
         finally:
             os.close(fd)
+    except OSError:
+        return None
+    return memo
+
+
+def _forget(memo: str | None) -> None:
+    """Remove the memo if this process wrote it (a later run in the session may have
+    written its own since, which must stay)."""
+    if memo is None:
+        return
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        if int(_read(memo).split()[2]) == os.getpid():
+            os.unlink(memo)  # noqa: PTH108
 
 
 def restore(given: Given | None, warn: Warn) -> None:
@@ -255,9 +271,7 @@ def restore(given: Given | None, warn: Warn) -> None:
             f"or as root run `echo {given.session} > /proc/$$/autogroup` in a shell of it)"
         )
         return
-    if given.memo is not None:
-        with contextlib.suppress(OSError):
-            os.unlink(given.memo)  # noqa: PTH108
+    _forget(given.memo)
 
 
 # What lower_process() found, until restore_process(); the timer that ends the giving
