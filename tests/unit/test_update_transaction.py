@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -34,6 +35,7 @@ from scalebox.update import (
     switch,
     transaction,
 )
+from scalebox.update import main as update_main
 from scalebox.update.context import Context
 from scalebox.update.errors import RolledBack, UpdateError, VerifyError
 from scalebox.update.paths import Paths
@@ -602,6 +604,43 @@ def test_a_recovered_commit_waits_for_the_cpu_too(
     assert said == "recovered: finished committing the verified update to 0.2.0"
     assert committing == [min(max(given, 0) + priority.NICER, priority.MAX_NICE)]
     assert os.getpriority(os.PRIO_PROCESS, 0) == given
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="scalebox-update recover runs as root only")
+def test_recover_that_cannot_finish_a_verified_commit_says_so_and_exits_0(
+    server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It answered 1, "refused before any change: nothing was changed", for an update that
+    stands; an update whose own commit meets the same disk says "updated" (exit 0)."""
+    make_release(server.paths, "0.0.7")
+    make_release(server.paths, "0.0.8")  # something to prune: the child dies pruning
+    make_release(server.paths, "0.2.0")
+    child = run_crashing_child(CHILD, str(server.paths.root), "commit")
+    assert child.returncode == -signal.SIGKILL, child.stderr
+
+    def read_only(ctx: Context, j: journal.Journal) -> list[str]:
+        raise OSError(errno.EROFS, "Read-only file system", str(ctx.paths.history))
+
+    monkeypatch.setattr(commit_step, "commit", read_only)
+    monkeypatch.setattr(update_main, "_paths", lambda: server.paths)
+    # main() ends ignoring every signal (only its exit is left): not this test runner.
+    handlers = {s: signal.getsignal(s) for s in interrupt.HANDLED}
+    try:
+        code = update_main.main(["recover", "--json"])
+    finally:
+        priority.restore_process(print)  # never leave the test runner lowered
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (code, out["result"], out["exit_code"]) == (0, "recovered", 0), out
+    assert out["message"].startswith("recovered: 0.2.0 runs, verified, but its bookkeeping")
+    assert "Read-only file system" in out["unfinished"]
+    assert "scalebox-update recover" in out["unfinished"]
+    assert journal.read(server.paths.journal) is not None  # the next run finishes it
+    monkeypatch.undo()
+    assert transaction.recover(server.ctx()) == (
+        "recovered: finished committing the verified update to 0.2.0"
+    )
 
 
 def test_a_crash_during_rollback_is_finished_by_the_next_run(server: Server) -> None:

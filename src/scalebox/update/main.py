@@ -623,14 +623,26 @@ def recover_command(click_ctx: click.Context, as_json: bool) -> None:
     """Finish an update a crash or power loss interrupted (run at boot by a unit)."""
     as_json = as_json or bool(click_ctx.obj)
     preflight.require_root()
-    with _context(None) as ctx, _transaction_guard(ctx) as recovered:
-        pass
+    try:
+        with _context(None) as ctx, _transaction_guard(ctx) as recovered:
+            pass
+    except transaction.CommitUnfinished as exc:
+        # The update stands, as an update whose bookkeeping failed says "updated" (exit
+        # 0) with what is left: not "refused ... nothing was changed", which it is not.
+        result: Result = {
+            "result": "recovered",
+            "message": f"recovered: {exc.what}",
+            "unfinished": exc.left,
+            "exit_code": 0,
+        }
+        click_ctx.exit(_emit(result, as_json))
     message = recovered or "no interrupted update; nothing to do"
     click_ctx.exit(
         _emit(
             {
                 "result": "recovered" if recovered else "nothing to recover",
                 "message": message,
+                "unfinished": None,
                 "exit_code": 0,
             },
             as_json,

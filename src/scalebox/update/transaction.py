@@ -35,6 +35,15 @@ from scalebox.update.errors import RollbackFailed, RolledBack, UpdateError, os_e
 from scalebox.update.journal import Journal
 
 
+class CommitUnfinished(UpdateError):
+    """A recovery found a verified update and could not finish its bookkeeping: the
+    update stands (its release runs), only the records lag. ``left`` says what."""
+
+    def __init__(self, what: str, hint: str | None, left: str) -> None:
+        super().__init__(what, hint)
+        self.left = left
+
+
 @dataclass(frozen=True)
 class Target:
     """What to install: a verified, extracted release, or (root None) an already-built one."""
@@ -373,9 +382,8 @@ def recover(ctx: Context) -> str | None:
     if action is plan.Recovery.COMMIT:
         _, left = _commit(ctx, j)
         if left:
-            raise UpdateError(
-                f"{j.to_version} runs, verified, {left}",
-                "nothing else was done in this run",
+            raise CommitUnfinished(
+                f"{j.to_version} runs, verified, {left}", "nothing else was done in this run", left
             )
         return f"recovered: finished committing the verified update to {j.to_version}"
     # A rollback already under way goes on as it began (its reason may be the release's
