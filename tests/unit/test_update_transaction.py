@@ -643,6 +643,47 @@ def test_recover_that_cannot_finish_a_verified_commit_says_so_and_exits_0(
     )
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="scalebox-update runs as root only")
+def test_a_dry_run_tells_an_interrupted_update_and_leaves_it(
+    server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--dry-run promises to change nothing, yet it finished (here: committed, and
+    pruned two releases) whatever a crash had left, before saying what it would do."""
+    make_release(server.paths, "0.0.7")
+    make_release(server.paths, "0.0.8")  # something to prune: the child dies pruning
+    make_release(server.paths, "0.2.0")
+    child = run_crashing_child(CHILD, str(server.paths.root), "commit")
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    p = server.paths
+
+    def state() -> tuple[object, ...]:
+        history_text = p.history.read_text() if p.history.exists() else ""
+        return sorted(x.name for x in p.releases.iterdir()), p.current.readlink(), history_text
+
+    before = state()
+    pending = journal.read(p.journal)
+    monkeypatch.setattr(update_main, "_paths", lambda: p)
+    # systemd's part stood in for, as in every test here (systemd is not PID 1 on this host).
+    monkeypatch.setattr(update_main, "Systemctl", lambda: server.service)
+    handlers = {s: signal.getsignal(s) for s in interrupt.HANDLED}
+    try:
+        code = update_main.main(["--rollback", "--dry-run", "--json"])
+    finally:
+        priority.restore_process(print)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert (code, result["result"], result.get("recovered")) == (0, "dry run", None), (result, err)
+    assert "an interrupted update 0.1.0 -> 0.2.0 (commit) is not finished" in err
+    assert "`scalebox-update recover`" in err
+    assert journal.read(p.journal) == pending
+    assert state() == before
+    assert transaction.recover(server.ctx()) == (
+        "recovered: finished committing the verified update to 0.2.0"
+    )
+
+
 def test_a_crash_during_rollback_is_finished_by_the_next_run(server: Server) -> None:
     make_release(server.paths, "0.2.0")
     before = server.fingerprint()

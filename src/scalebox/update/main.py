@@ -158,9 +158,17 @@ def _context(window: float | None) -> Iterator[Context]:
 
 
 @contextmanager
-def _transaction_guard(ctx: Context) -> Iterator[str | None]:
-    """Hold the lock, catch SIGTERM as an exception, and finish any interrupted transaction."""
+def _transaction_guard(ctx: Context, *, change: bool = True) -> Iterator[str | None]:
+    """Hold the lock, catch SIGTERM as an exception, and finish any interrupted transaction.
+
+    ``change`` False (--dry-run promises to change nothing): an interrupted
+    transaction is only told, and left for a run that may change things. (--check
+    finishes it, as every other run does: a timer asking hourly is a recovery too.)"""
     with lock.held(ctx.paths.lock), interrupt.catching():
+        if not change:
+            _tell_unfinished(ctx)
+            yield None
+            return
         recovered = transaction.recover(ctx)
         if recovered:
             _report(recovered)
@@ -169,6 +177,21 @@ def _transaction_guard(ctx: Context) -> Iterator[str | None]:
             yield recovered
         finally:
             shutil.rmtree(ctx.paths.work, ignore_errors=True)  # the extracted release
+
+
+def _tell_unfinished(ctx: Context) -> None:
+    try:
+        pending = journal.read(ctx.paths.journal)
+    except UpdateError as exc:
+        _report(f"warning: {exc.what}")
+        return
+    if pending is not None:
+        _report(
+            f"warning: an interrupted {pending.action} {pending.from_version} -> "
+            f"{pending.to_version} ({pending.step}) is not finished; this run changes "
+            "nothing, so it is left as it is: `scalebox-update recover` (or the next update) "
+            "finishes it, and what is installed may change then"
+        )
 
 
 @contextmanager
@@ -317,7 +340,7 @@ def cli(  # noqa: PLR0917 - click passes every option as an argument
     with (
         _giving_way(not rollback),
         _context(stability_window) as ctx,
-        _transaction_guard(ctx) as recovered,
+        _transaction_guard(ctx, change=not dry_run) as recovered,
         _refusals_recorded(
             ctx, "rollback" if rollback else "update", to_version, record=not (check or dry_run)
         ),
