@@ -658,9 +658,15 @@ def test_a_dry_run_tells_an_interrupted_update_and_leaves_it(
 
     def state() -> tuple[object, ...]:
         history_text = p.history.read_text() if p.history.exists() else ""
-        return sorted(x.name for x in p.releases.iterdir()), p.current.readlink(), history_text
+        backups = sorted(x.name for x in p.backups.iterdir()) if p.backups.is_dir() else []
+        releases = sorted(x.name for x in p.releases.iterdir())
+        return releases, p.current.readlink(), history_text, backups
 
     before = state()
+    # An earlier run's scratch (an extracted release) is this run's to clear: a second
+    # dry run found the first's and refused to extract (CI run 39).
+    (p.work / "release").mkdir(parents=True, exist_ok=True)
+    (p.work / "release" / "left").write_text("x")
     pending = journal.read(p.journal)
     monkeypatch.setattr(update_main, "_paths", lambda: p)
     # systemd's part stood in for, as in every test here (systemd is not PID 1 on this host).
@@ -679,6 +685,7 @@ def test_a_dry_run_tells_an_interrupted_update_and_leaves_it(
     assert "`scalebox-update recover`" in err
     assert journal.read(p.journal) == pending
     assert state() == before
+    assert not p.work.exists()
     assert transaction.recover(server.ctx()) == (
         "recovered: finished committing the verified update to 0.2.0"
     )

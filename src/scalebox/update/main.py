@@ -165,26 +165,26 @@ def _transaction_guard(ctx: Context, *, change: bool = True) -> Iterator[str | N
     transaction is only told, and left for a run that may change things. (--check
     finishes it, as every other run does: a timer asking hourly is a recovery too.)"""
     with lock.held(ctx.paths.lock), interrupt.catching():
-        if not change:
-            _tell_unfinished(ctx)
-            yield None
-            return
-        recovered = transaction.recover(ctx)
+        recovered = transaction.recover(ctx) if change else None
         if recovered:
             _report(recovered)
-        transaction.clean_leftovers(ctx)
+        if change or not _told_unfinished(ctx):
+            transaction.clean_leftovers(ctx)
+        else:  # only this run's scratch: the interrupted transaction's backup stays
+            shutil.rmtree(ctx.paths.work, ignore_errors=True)
         try:
             yield recovered
         finally:
             shutil.rmtree(ctx.paths.work, ignore_errors=True)  # the extracted release
 
 
-def _tell_unfinished(ctx: Context) -> None:
+def _told_unfinished(ctx: Context) -> bool:
+    """Say so if a transaction is unfinished (or its journal unreadable): whether it is."""
     try:
         pending = journal.read(ctx.paths.journal)
     except UpdateError as exc:
         _report(f"warning: {exc.what}")
-        return
+        return True
     if pending is not None:
         _report(
             f"warning: an interrupted {pending.action} {pending.from_version} -> "
@@ -192,6 +192,7 @@ def _tell_unfinished(ctx: Context) -> None:
             "nothing, so it is left as it is: `scalebox-update recover` (or the next update) "
             "finishes it, and what is installed may change then"
         )
+    return pending is not None
 
 
 @contextmanager
