@@ -168,18 +168,19 @@ def _transaction_guard(ctx: Context, *, change: bool = True) -> Iterator[str | N
         recovered = transaction.recover(ctx) if change else None
         if recovered:
             _report(recovered)
-        if change or not _told_unfinished(ctx):
-            transaction.clean_leftovers(ctx)
-        else:  # only this run's scratch: the interrupted transaction's backup stays
+        unfinished = not change and _tell_unfinished(ctx)
+        if unfinished:  # only this run's scratch: the interrupted transaction's backup stays
             shutil.rmtree(ctx.paths.work, ignore_errors=True)
+        else:
+            transaction.clean_leftovers(ctx)
         try:
             yield recovered
         finally:
             shutil.rmtree(ctx.paths.work, ignore_errors=True)  # the extracted release
 
 
-def _told_unfinished(ctx: Context) -> bool:
-    """Say so if a transaction is unfinished (or its journal unreadable): whether it is."""
+def _tell_unfinished(ctx: Context) -> bool:
+    """Say so if a transaction is unfinished (or its journal unreadable); whether it is."""
     try:
         pending = journal.read(ctx.paths.journal)
     except UpdateError as exc:
